@@ -1,0 +1,148 @@
+"""What every kernel module shares: the kernel registry, autotuning by runtime mode, output allocation.
+
+The registry is the single list of kernels tritonkit can launch. Each entry names the raw
+``@triton.jit`` function, the autotune configs it may pick on a GPU, and how to build its compile
+signature per dtype, so the AOT compile gate (``tritonkit.aot``) compiles exactly what can run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import triton
+
+from tritonkit.runtime import INTERPRET
+
+# torch dtype -> Triton pointer element type name used in compile signatures.
+TRITON_TYPE = {
+    torch.float32: "fp32",
+    torch.float16: "fp16",
+    torch.bfloat16: "bf16",
+    torch.int64: "i64",
+    torch.int32: "i32",
+    torch.int8: "i8",
+    torch.uint8: "u8",
+    torch.bool: "i1",
+}
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """One launchable kernel, as the AOT gate compiles it.
+
+    ``signature(dtype)`` maps every argument of ``fn`` to a Triton type string (``"*fp16"``,
+    ``"i32"``, ``"fp32"``, ``"constexpr"``); ``constexprs(dtype)`` gives the constexpr arguments that
+    autotune configs do not set (the values a typical launch uses).
+    """
+
+    name: str
+    fn: object  # the @triton.jit function (JITFunction, or InterpretedFunction in interpreter mode)
+    gpu_configs: tuple
+    signature: Callable[[torch.dtype], dict]
+    constexprs: Callable[[torch.dtype], dict]
+    dtypes: tuple = FLOAT_DTYPES
+    tensor_core: bool = False  # GEMM-class: half-precision SASS must use HMMA / HGMMA
+    notes: str = ""
+    spill_ok: str = ""  # non-empty: documented reason why this kernel may spill registers
+
+
+REGISTRY: dict[str, KernelSpec] = {}
+
+
+def tuned_kernel(
+    name: str,
+    *,
+    gpu_configs: list,
+    interp_configs: list,
+    key: list[str],
+    signature: Callable[[torch.dtype], dict],
+    constexprs: Callable[[torch.dtype], dict] = lambda dtype: {},
+    dtypes: tuple = FLOAT_DTYPES,
+    tensor_core: bool = False,
+    spill_ok: str = "",
+    **autotune_kwargs,
+):
+    """Register a ``@triton.jit`` kernel and wrap it in ``triton.autotune``.
+
+    On a GPU the autotuner picks among ``gpu_configs``; in the interpreter, where cost is per program
+    instance, it uses ``interp_configs`` (large blocks, a single config so nothing is benchmarked).
+    """
+
+    def wrap(fn):
+        if name in REGISTRY:
+            raise ValueError(f"kernel {name!r} registered twice")
+        REGISTRY[name] = KernelSpec(
+            name=name,
+            fn=fn,
+            gpu_configs=tuple(gpu_configs),
+            signature=signature,
+            constexprs=constexprs,
+            dtypes=dtypes,
+            tensor_core=tensor_core,
+            spill_ok=spill_ok,
+        )
+        configs = interp_configs if INTERPRET else gpu_configs
+        return triton.autotune(configs=configs, key=key, **autotune_kwargs)(fn)
+
+    return wrap
+
+
+# --- output allocation -----------------------------------------------------------------------------
+# Tests turn poisoning on so that any element a kernel fails to write shows up as NaN (or as the
+# integer sentinel below) instead of as whatever torch.empty happened to return.
+_POISON = os.environ.get("TRITONKIT_POISON", "0") == "1"
+INT_POISON = -(2**31) + 7
+
+
+def empty(shape, *, dtype, device, memory_format=torch.contiguous_format) -> torch.Tensor:
+    """``torch.empty`` for kernel outputs; NaN-filled (ints: ``INT_POISON``) while poisoning is on."""
+    out = torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
+    if _POISON:
+        out.fill_(float("nan") if dtype.is_floating_point else INT_POISON)
+    return out
+
+
+def empty_strided(shape, stride, *, dtype, device) -> torch.Tensor:
+    out = torch.empty_strided(shape, stride, dtype=dtype, device=device)
+    if _POISON:
+        out.fill_(float("nan") if dtype.is_floating_point else INT_POISON)
+    return out
+
+
+@contextlib.contextmanager
+def poison_outputs(enabled: bool = True):
+    """Within this block every kernel output is filled with NaN before its launch."""
+    global _POISON
+    previous, _POISON = _POISON, enabled
+    try:
+        yield
+    finally:
+        _POISON = previous
+
+
+def dot_precision(dtype: torch.dtype, allow_tf32: bool) -> str:
+    """``tl.dot`` input precision: ``"tf32"`` only for float32 inputs where PyTorch's switch allows it."""
+    return "tf32" if (dtype == torch.float32 and allow_tf32 and not INTERPRET) else "ieee"
+
+
+def cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+__all__ = [
+    "KernelSpec",
+    "REGISTRY",
+    "tuned_kernel",
+    "empty",
+    "empty_strided",
+    "poison_outputs",
+    "dot_precision",
+    "cdiv",
+    "TRITON_TYPE",
+    "FLOAT_DTYPES",
+]

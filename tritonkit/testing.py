@@ -1,0 +1,77 @@
+"""Numerical checks shared by every test: the per-dtype tolerances, in one place, and their reasons.
+
+Each kernel is compared with eager PyTorch evaluated in float32 on the *same* (already rounded)
+inputs, so the only differences are (a) summation order inside the kernel and (b) the final rounding
+of the output to its dtype.
+
+* float32: tritonkit accumulates in float32 like eager; reductions of K terms reorder sums, giving a
+  relative error that grows like sqrt(K) * 2**-24. For the K <= ~5000 in the tests that is < 1e-5;
+  1e-4 relative plus 1e-5 absolute leaves a margin of 10 for cancellation. Tests turn TF32 off.
+* float16: the output is rounded once to fp16 (half an ulp, 2**-11 ~ 4.9e-4 relative) on top of the
+  float32 error above; eager's own fp16 result rounds too, so two roundings apart: 2e-3 relative,
+  and 1e-3 absolute for the values near zero where relative error means little.
+* bfloat16: the same argument with bf16's 8-bit mantissa (2**-8 ~ 3.9e-3 per rounding): 1.6e-2
+  relative, 1e-2 absolute.
+
+Optimizer trajectories compound error over steps; their tests use ``OPTIM_TOLERANCES``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+TOLERANCES: dict[torch.dtype, dict[str, float]] = {
+    torch.float32: {"rtol": 1e-4, "atol": 1e-5},
+    torch.float16: {"rtol": 2e-3, "atol": 1e-3},
+    torch.bfloat16: {"rtol": 1.6e-2, "atol": 1e-2},
+}
+
+# Gradients are sums over the batch and spatial positions of products of two rounded values, so
+# they get the same relative bound scaled by the magnitude of the summed terms: an atol that is 10x
+# the forward's keeps checks tight without flagging summation-order noise on near-zero sums.
+GRAD_TOLERANCES: dict[torch.dtype, dict[str, float]] = {
+    torch.float32: {"rtol": 1e-4, "atol": 1e-4},
+    torch.float16: {"rtol": 4e-3, "atol": 1e-2},
+    torch.bfloat16: {"rtol": 3e-2, "atol": 1e-1},
+}
+
+# Optimizers: float32 updates follow torch's formulas operation by operation, but fused
+# multiply-adds and a different evaluation order differ in the last bit per step; over 50 steps
+# that stays below 1e-5 relative. Half-precision parameters are updated in float32 and rounded once
+# per step, like torch's fused implementations, so they drift by about one ulp per step at most.
+OPTIM_TOLERANCES: dict[torch.dtype, dict[str, float]] = {
+    torch.float32: {"rtol": 1e-5, "atol": 1e-6},
+    torch.float16: {"rtol": 1e-2, "atol": 1e-3},
+    torch.bfloat16: {"rtol": 5e-2, "atol": 1e-2},
+}
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, grad: bool = False, msg: str = "") -> None:
+    """Compare a tritonkit result with eager PyTorch at the tolerance of ``actual``'s dtype.
+
+    NaN in ``actual`` where ``expected`` has none fails, which is how unwritten (poisoned) output
+    elements show up.
+    """
+    table = GRAD_TOLERANCES if grad else TOLERANCES
+    tol = table[actual.dtype] if actual.dtype in table else {"rtol": 0.0, "atol": 0.0}
+    assert actual.shape == expected.shape, f"{msg} shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert actual.dtype == expected.dtype, f"{msg} dtype {actual.dtype} != {expected.dtype}"
+    torch.testing.assert_close(actual, expected, equal_nan=True, msg=lambda m: f"{msg}\n{m}", **tol)
+
+
+def reference_dtype_cast(fn, *tensors: torch.Tensor, **kwargs):
+    """Run eager ``fn`` in float32 on half-precision inputs and cast float results back.
+
+    Eager PyTorch has no half-precision conv/matmul on the CPU for every op, and where it has one it
+    may accumulate in lower precision; evaluating in float32 on the same rounded inputs is the exact
+    answer the kernel must approach.
+    """
+    dtypes = {t.dtype for t in tensors if isinstance(t, torch.Tensor) and t.is_floating_point()}
+    if dtypes <= {torch.float32}:
+        return fn(*tensors, **kwargs)
+    (dtype,) = dtypes
+    up = [t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors]
+    out = fn(*up, **kwargs)
+    if isinstance(out, tuple):
+        return tuple(o.to(dtype) if o.is_floating_point() else o for o in out)
+    return out.to(dtype)
