@@ -1,0 +1,1 @@
+"""``torch.ops.tritonkit.*``: the custom ops that wrap tritonkit's kernels, each with a fake impl."""
