@@ -58,7 +58,8 @@ def tuned_kernel(
     name: str,
     *,
     gpu_configs: list,
-    interp_configs: list,
+    interp_configs: list | None = None,
+    interp_heuristics: dict | None = None,
     key: list[str],
     signature: Callable[[torch.dtype], dict],
     constexprs: Callable[[torch.dtype], dict] = lambda dtype: {},
@@ -69,9 +70,13 @@ def tuned_kernel(
 ):
     """Register a ``@triton.jit`` kernel and wrap it in ``triton.autotune``.
 
-    On a GPU the autotuner picks among ``gpu_configs``; in the interpreter, where cost is per program
-    instance, it uses ``interp_configs`` (large blocks, a single config so nothing is benchmarked).
+    On a GPU the autotuner picks among ``gpu_configs``. In the interpreter, where cost is per program
+    instance, either ``interp_configs`` (large blocks, a single config so nothing is benchmarked) or
+    ``interp_heuristics`` (``triton.heuristics`` values: block sizes computed from the launch's
+    arguments, so one program covers as much of the problem as numpy handles well).
     """
+    if (interp_configs is None) == (interp_heuristics is None):
+        raise ValueError(f"kernel {name!r}: give exactly one of interp_configs and interp_heuristics")
 
     def wrap(fn):
         if name in REGISTRY:
@@ -86,6 +91,8 @@ def tuned_kernel(
             tensor_core=tensor_core,
             spill_ok=spill_ok,
         )
+        if INTERPRET and interp_heuristics is not None:
+            return triton.heuristics(interp_heuristics)(fn)
         configs = interp_configs if INTERPRET else gpu_configs
         return triton.autotune(configs=configs, key=key, **autotune_kwargs)(fn)
 
@@ -130,8 +137,26 @@ def dot_precision(dtype: torch.dtype, allow_tf32: bool) -> str:
     return "tf32" if (dtype == torch.float32 and allow_tf32 and not INTERPRET) else "ieee"
 
 
-def cdiv(a: int, b: int) -> int:
-    return (a + b - 1) // b
+def interp_block(n: int, lo: int, hi: int) -> int:
+    """A power-of-two block size covering ``n`` (at least ``lo``, at most ``hi``): interpreter heuristics."""
+    return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
+
+
+# Interpreter tiles: ~2**20 elements per 2-D tile keeps numpy busy and the per-op Python cost small.
+INTERP_TILE = 2**20
+
+
+def check_int32_indexing(*tensors: torch.Tensor) -> None:
+    """Kernels index with int32 offsets; refuse (before launch) tensors whose extent would overflow."""
+    for t in tensors:
+        if t is None:
+            continue
+        extent = 1 + sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride()) if s > 0)
+        if extent >= 2**31:
+            raise RuntimeError(
+                f"tritonkit kernels index with 32-bit offsets; a tensor of shape {tuple(t.shape)} "
+                f"spans {extent} elements (limit 2**31 - 1). Split the batch."
+            )
 
 
 __all__ = [
@@ -142,7 +167,9 @@ __all__ = [
     "empty_strided",
     "poison_outputs",
     "dot_precision",
-    "cdiv",
+    "check_int32_indexing",
+    "interp_block",
+    "INTERP_TILE",
     "TRITON_TYPE",
     "FLOAT_DTYPES",
 ]

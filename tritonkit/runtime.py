@@ -13,6 +13,7 @@ first).
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -45,8 +46,28 @@ def _decide() -> tuple[bool, str]:
     return True, "no CUDA device found"
 
 
+def _reinterpret_triton_language() -> None:
+    """Turn ``triton.language``'s own ``@jit`` helpers (``tl.zeros``, ``tl.cdiv``, ``tl.sum``...) into
+    interpreter functions when Triton was imported before interpreter mode was chosen.
+
+    ``import torch._dynamo`` (so any ``torch.compile``) imports Triton; its helpers are then compiled-mode
+    ``JITFunction`` objects that refuse to run inside an interpreted kernel.
+    """
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    for name, module in list(sys.modules.items()):
+        if module is None or not (name == "triton.language" or name.startswith("triton.language.")):
+            continue
+        for attr, obj in list(vars(module).items()):
+            if isinstance(obj, JITFunction):
+                setattr(module, attr, InterpretedFunction(obj.fn))
+
+
 INTERPRET, _REASON = _decide()
 os.environ["TRITON_INTERPRET"] = "1" if INTERPRET else "0"
+if INTERPRET and "triton.language" in sys.modules:
+    _reinterpret_triton_language()
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,412 @@
+"""conv2d forward, input gradient and weight gradient as implicit GEMMs (no im2col buffer in memory).
+
+Shapes: input x (N, C, H, W), weight w (OC, C/G, KH, KW), output y (N, OC, OH, OW), G groups with
+Cg = C/G input and OCg = OC/G output channels each. All tensors are addressed through their four
+strides, so NCHW, channels_last and strided views are read in place.
+
+forward, per group g (the grid's second axis):
+    y[n, oc, oh, ow] = act( bias[oc] + sum_{c, kh, kw} x[n, c, oh*sh - ph + kh*dh, ow*sw - pw + kw*dw]
+                                                      * w[oc, c, kh, kw] )
+    GEMM rows (n, oh, ow), columns oc, reduction k = (kh, kw, c), c fastest: contiguous in channels_last.
+    The input offset of (row, k) splits into row_part[row] + k_part[k], so only the padding mask is
+    computed per element.
+
+input gradient (dy' = dy * (y > 0) when the forward fused ReLU, applied while loading dy):
+    dx[n, c, h, w] = sum_{oc, kh, kw} dy'[n, oc, oh, ow] * w[oc, c, kh, kw]
+        where oh = (h + ph - kh*dh) / sh and ow = (w + pw - kw*dw) / sw are whole and in range.
+    GEMM rows (n, h, w), columns c, reduction k = (kh, kw, oc).
+
+weight gradient:
+    dw[oc, c, kh, kw] = sum_{n, oh, ow} dy'[n, oc, oh, ow] * x[n, c, oh*sh - ph + kh*dh, ow*sw - pw + kw*dw]
+    GEMM rows oc, columns (kh, kw, c), reduction over the N*OH*OW output positions, optionally split
+    across programs (split-K, float32 partial sums reduced afterwards) when the GEMM has few tiles.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from tritonkit.kernels.common import (
+    TRITON_TYPE,
+    check_int32_indexing,
+    dot_precision,
+    INTERP_TILE,
+    empty,
+    interp_block,
+    tuned_kernel,
+)
+from tritonkit.runtime import INTERPRET
+
+
+def _cfg(bm, bn, bk, warps, stages):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
+
+
+# Rows are output pixels (many), columns are channels (often few): tall tiles first.
+GPU_CONFIGS = [
+    _cfg(128, 128, 32, 8, 3),
+    _cfg(128, 64, 32, 4, 3),
+    _cfg(64, 128, 32, 4, 3),
+    _cfg(64, 64, 32, 4, 4),
+    _cfg(128, 32, 32, 4, 3),
+    _cfg(64, 32, 32, 2, 4),
+    _cfg(128, 16, 32, 4, 3),
+]
+# Weight gradient: rows are output channels, columns (kh, kw, c), reduction over pixels.
+WGRAD_GPU_CONFIGS = [
+    _cfg(64, 64, 64, 4, 3),
+    _cfg(64, 128, 32, 4, 3),
+    _cfg(128, 64, 32, 8, 3),
+    _cfg(32, 64, 64, 4, 3),
+    _cfg(16, 64, 128, 4, 3),
+    _cfg(16, 128, 64, 4, 3),
+]
+
+# Interpreter: one tile spans all columns and up to 128 reduction steps; rows fill INTERP_TILE.
+def _gemm_heuristics(rows, cols, red):
+    def block_k(a):
+        return interp_block(red(a), 16, 128)
+
+    return {
+        "BLOCK_N": lambda a: interp_block(cols(a), 16, 64),
+        "BLOCK_K": block_k,
+        "BLOCK_M": lambda a: interp_block(rows(a), 16, INTERP_TILE // block_k(a)),
+    }
+
+
+FWD_INTERP = _gemm_heuristics(lambda a: a["N"] * a["OH"] * a["OW"], lambda a: a["OCg"],
+                              lambda a: a["KH"] * a["KW"] * a["Cg"])
+DGRAD_INTERP = _gemm_heuristics(lambda a: a["N"] * a["H"] * a["W"], lambda a: a["Cg"],
+                                lambda a: a["KH"] * a["KW"] * a["OCg"])
+WGRAD_INTERP = {
+    "BLOCK_M": lambda a: interp_block(a["OCg"], 16, 64),
+    "BLOCK_N": lambda a: interp_block(a["KH"] * a["KW"] * a["Cg"], 16, 256),
+    "BLOCK_K": lambda a: interp_block(
+        a["N"] * a["OH"] * a["OW"], 16, INTERP_TILE // interp_block(a["KH"] * a["KW"] * a["Cg"], 16, 256)
+    ),
+}
+
+_SHAPE_ARGS = ("N", "C", "H", "W", "OC", "OH", "OW", "KH", "KW", "Cg", "OCg")
+_CONV_ARGS = ("stride_h", "stride_w", "pad_h", "pad_w", "dil_h", "dil_w")
+
+
+def _strides(*names):
+    return [f"s{n}{d}" for n in names for d in "nchw"]
+
+
+def _signature(pointers, strides, constexprs):
+    def signature(dtype):
+        t = "*" + TRITON_TYPE[dtype]
+        sig = {p: ("*fp32" if p == "partial_ptr" else t) for p in pointers}
+        sig.update({a: "i32" for a in (*_SHAPE_ARGS, *_CONV_ARGS, *strides)})
+        sig.update({c: "constexpr" for c in (*constexprs, "BLOCK_M", "BLOCK_N", "BLOCK_K")})
+        return sig
+
+    return signature
+
+
+# ---------------------------------------------------------------------------------------------- forward
+@tuned_kernel(
+    "conv2d_fwd",
+    gpu_configs=GPU_CONFIGS,
+    interp_heuristics=FWD_INTERP,
+    key=["N", "C", "H", "W", "OC", "KH", "KW", "Cg"],
+    signature=_signature(("x_ptr", "w_ptr", "b_ptr", "y_ptr"), _strides("x", "w", "y"),
+                         ("HAS_BIAS", "RELU", "PRECISION")),
+    constexprs=lambda dtype: {"HAS_BIAS": True, "RELU": True, "PRECISION": "ieee"},
+    tensor_core=True,
+)
+@triton.jit
+def conv2d_fwd_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr,
+    N, C, H, W, OC, OH, OW, KH, KW, Cg, OCg,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    sxn, sxc, sxh, sxw, swn, swc, swh, sww, syn, syc, syh, syw,
+    HAS_BIAS: tl.constexpr, RELU: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    group = tl.program_id(2)
+    M = N * OH * OW
+    K = KH * KW * Cg
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    ow = rm % OW
+    oh = (rm // OW) % OH
+    n = rm // (OW * OH)
+    ih0 = oh * stride_h - pad_h
+    iw0 = ow * stride_w - pad_w
+    x_row = x_ptr + n * sxn + ih0 * sxh + iw0 * sxw + group * Cg * sxc
+    m_ok = rm < M
+
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    oc = group * OCg + rn
+    n_ok = rn < OCg
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        c = rk % Cg
+        kw = (rk // Cg) % KW
+        kh = rk // (Cg * KW)
+        k_ok = rk < K
+        ih = ih0[:, None] + (kh * dil_h)[None, :]
+        iw = iw0[:, None] + (kw * dil_w)[None, :]
+        a_mask = m_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        x_col = c * sxc + kh * dil_h * sxh + kw * dil_w * sxw
+        a = tl.load(x_row[:, None] + x_col[None, :], mask=a_mask, other=0.0)
+        w_off = oc[None, :] * swn + (c * swc + kh * swh + kw * sww)[:, None]
+        b = tl.load(w_ptr + w_off, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + oc, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if RELU:
+        acc = tl.maximum(acc, 0.0)
+    y_off = (n * syn + oh * syh + ow * syw)[:, None] + (oc * syc)[None, :]
+    tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+# ------------------------------------------------------------------------------------- input gradient
+@tuned_kernel(
+    "conv2d_input_grad",
+    gpu_configs=GPU_CONFIGS,
+    interp_heuristics=DGRAD_INTERP,
+    key=["N", "C", "H", "W", "OC", "KH", "KW", "Cg", "UNIT_STRIDE"],
+    signature=_signature(("g_ptr", "r_ptr", "w_ptr", "dx_ptr"), _strides("g", "r", "w", "dx"),
+                         ("HAS_MASK", "UNIT_STRIDE", "PRECISION")),
+    constexprs=lambda dtype: {"HAS_MASK": True, "UNIT_STRIDE": False, "PRECISION": "ieee"},
+    tensor_core=True,
+)
+@triton.jit
+def conv2d_input_grad_kernel(
+    g_ptr, r_ptr, w_ptr, dx_ptr,
+    N, C, H, W, OC, OH, OW, KH, KW, Cg, OCg,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    sgn, sgc, sgh, sgw, srn, src, srh, srw, swn, swc, swh, sww, sdxn, sdxc, sdxh, sdxw,
+    HAS_MASK: tl.constexpr, UNIT_STRIDE: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    group = tl.program_id(2)
+    M = N * H * W
+    K = KH * KW * OCg
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    iw = rm % W
+    ih = (rm // W) % H
+    n = rm // (W * H)
+    m_ok = rm < M
+
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    c = group * Cg + rn
+    n_ok = rn < Cg
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        oc = group * OCg + rk % OCg
+        kw = (rk // OCg) % KW
+        kh = rk // (OCg * KW)
+        k_ok = rk < K
+        th = (ih + pad_h)[:, None] - (kh * dil_h)[None, :]
+        tw = (iw + pad_w)[:, None] - (kw * dil_w)[None, :]
+        if UNIT_STRIDE:
+            oh = th
+            ow = tw
+            hit = (th >= 0) & (th < OH) & (tw >= 0) & (tw < OW)
+        else:
+            oh = th // stride_h
+            ow = tw // stride_w
+            hit = (th >= 0) & (tw >= 0) & (th % stride_h == 0) & (tw % stride_w == 0) & (oh < OH) & (ow < OW)
+        a_mask = m_ok[:, None] & k_ok[None, :] & hit
+        a = tl.load(g_ptr + (n * sgn)[:, None] + (oc * sgc)[None, :] + oh * sgh + ow * sgw, mask=a_mask, other=0.0)
+        if HAS_MASK:
+            r = tl.load(r_ptr + (n * srn)[:, None] + (oc * src)[None, :] + oh * srh + ow * srw, mask=a_mask, other=0.0)
+            a = tl.where(r > 0, a, tl.zeros_like(a))
+        w_off = (oc * swn + kh * swh + kw * sww)[:, None] + (rn * swc)[None, :]
+        b = tl.load(w_ptr + w_off, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+
+    dx_off = (n * sdxn + ih * sdxh + iw * sdxw)[:, None] + (c * sdxc)[None, :]
+    tl.store(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+# ------------------------------------------------------------------------------------ weight gradient
+@tuned_kernel(
+    "conv2d_weight_grad",
+    gpu_configs=WGRAD_GPU_CONFIGS,
+    interp_heuristics=WGRAD_INTERP,
+    key=["N", "C", "H", "W", "OC", "KH", "KW", "Cg", "SPLIT_K"],
+    signature=_signature(("g_ptr", "r_ptr", "x_ptr", "dw_ptr", "partial_ptr"), _strides("g", "r", "x", "dw"),
+                         ("HAS_MASK", "SPLIT_K", "PRECISION")),
+    constexprs=lambda dtype: {"HAS_MASK": True, "SPLIT_K": 4, "PRECISION": "ieee"},
+    tensor_core=True,
+)
+@triton.jit
+def conv2d_weight_grad_kernel(
+    g_ptr, r_ptr, x_ptr, dw_ptr, partial_ptr,
+    N, C, H, W, OC, OH, OW, KH, KW, Cg, OCg,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    sgn, sgc, sgh, sgw, srn, src, srh, srw, sxn, sxc, sxh, sxw, sdwn, sdwc, sdwh, sdww,
+    HAS_MASK: tl.constexpr, SPLIT_K: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_mn = tl.program_id(0)
+    group = tl.program_id(1)
+    split = tl.program_id(2)
+    KK = KH * KW * Cg  # GEMM columns
+    P = N * OH * OW  # reduction length
+    num_n = tl.cdiv(KK, BLOCK_N)
+    pid_m = pid_mn // num_n
+    pid_n = pid_mn % num_n
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    oc = group * OCg + rm
+    m_ok = rm < OCg
+
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    c = rn % Cg
+    kw = (rn // Cg) % KW
+    kh = rn // (Cg * KW)
+    n_ok = rn < KK
+    x_col = (group * Cg + c) * sxc + kh * dil_h * sxh + kw * dil_w * sxw
+
+    # This program's slice of the reduction, in whole BLOCK_K steps.
+    steps = tl.cdiv(P, BLOCK_K)
+    per_split = tl.cdiv(steps, SPLIT_K)
+    p_begin = split * per_split * BLOCK_K
+    p_end = tl.minimum(p_begin + per_split * BLOCK_K, P)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for p0 in range(p_begin, p_end, BLOCK_K):
+        rp = p0 + tl.arange(0, BLOCK_K)
+        ow = rp % OW
+        oh = (rp // OW) % OH
+        n = rp // (OW * OH)
+        p_ok = rp < p_end
+        a_mask = m_ok[:, None] & p_ok[None, :]
+        g_col = n * sgn + oh * sgh + ow * sgw
+        a = tl.load(g_ptr + (oc * sgc)[:, None] + g_col[None, :], mask=a_mask, other=0.0)
+        if HAS_MASK:
+            r_col = n * srn + oh * srh + ow * srw
+            r = tl.load(r_ptr + (oc * src)[:, None] + r_col[None, :], mask=a_mask, other=0.0)
+            a = tl.where(r > 0, a, tl.zeros_like(a))
+        ih = (oh * stride_h - pad_h)[:, None] + (kh * dil_h)[None, :]
+        iw = (ow * stride_w - pad_w)[:, None] + (kw * dil_w)[None, :]
+        b_mask = p_ok[:, None] & n_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        x_row = n * sxn + (oh * stride_h - pad_h) * sxh + (ow * stride_w - pad_w) * sxw
+        b = tl.load(x_ptr + x_row[:, None] + x_col[None, :], mask=b_mask, other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+
+    out_mask = m_ok[:, None] & n_ok[None, :]
+    dw_off = (oc * sdwn)[:, None] + (c * sdwc + kh * sdwh + kw * sdww)[None, :]
+    if SPLIT_K == 1:
+        tl.store(dw_ptr + dw_off, acc.to(dw_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        # partial sums, float32, laid out as SPLIT_K contiguous copies of a contiguous dw.
+        p_off = (oc * (Cg * KH * KW))[:, None] + (c * (KH * KW) + kh * KW + kw)[None, :]
+        tl.store(partial_ptr + split * OC * Cg * KH * KW + p_off, acc, mask=out_mask)
+
+
+# ------------------------------------------------------------------------------------------- launchers
+def output_size(size, kernel, stride, padding, dilation):
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def suggest_memory_format(t: torch.Tensor) -> torch.memory_format:
+    """channels_last when ``t`` is laid out that way (and not also plain contiguous), as aten decides."""
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _geometry(x_shape, w_shape, stride, padding, dilation, groups):
+    N, C, H, W = x_shape
+    OC, Cg, KH, KW = w_shape
+    OH = output_size(H, KH, stride[0], padding[0], dilation[0])
+    OW = output_size(W, KW, stride[1], padding[1], dilation[1])
+    return (N, C, H, W, OC, OH, OW, KH, KW, Cg, OC // groups), (*stride, *padding, *dilation)
+
+
+def conv2d(x, w, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1, *, relu=False,
+           allow_tf32=False):
+    """``act(conv2d(x, w) + bias)`` for 4-D ``x``; output in ``x``'s memory format."""
+    shape, conv = _geometry(x.shape, w.shape, stride, padding, dilation, groups)
+    N, C, H, W, OC, OH, OW, KH, KW, Cg, OCg = shape
+    y = empty((N, OC, OH, OW), dtype=x.dtype, device=x.device, memory_format=suggest_memory_format(x))
+    check_int32_indexing(x, w, y)
+    if y.numel() == 0:
+        return y
+
+    def grid(meta):
+        return (triton.cdiv(N * OH * OW, meta["BLOCK_M"]), triton.cdiv(OCg, meta["BLOCK_N"]), groups)
+
+    conv2d_fwd_kernel[grid](
+        x, w, bias if bias is not None else w, y, *shape, *conv, *x.stride(), *w.stride(), *y.stride(),
+        HAS_BIAS=bias is not None, RELU=relu, PRECISION=dot_precision(x.dtype, allow_tf32),
+    )
+    return y
+
+
+def conv2d_input_grad(grad_out, w, relu_output, input_size, stride, padding, dilation, groups, *,
+                      allow_tf32=False):
+    """``dx`` of shape ``input_size``, in ``grad_out``'s memory format."""
+    shape, conv = _geometry(input_size, w.shape, stride, padding, dilation, groups)
+    N, C, H, W, OC, OH, OW, KH, KW, Cg, OCg = shape
+    dx = empty(tuple(input_size), dtype=grad_out.dtype, device=grad_out.device,
+               memory_format=suggest_memory_format(grad_out))
+    check_int32_indexing(grad_out, w, dx, relu_output)
+    if dx.numel() == 0:
+        return dx
+    r = relu_output if relu_output is not None else grad_out
+
+    def grid(meta):
+        return (triton.cdiv(N * H * W, meta["BLOCK_M"]), triton.cdiv(Cg, meta["BLOCK_N"]), groups)
+
+    conv2d_input_grad_kernel[grid](
+        grad_out, r, w, dx, *shape, *conv, *grad_out.stride(), *r.stride(), *w.stride(), *dx.stride(),
+        HAS_MASK=relu_output is not None, UNIT_STRIDE=tuple(stride) == (1, 1),
+        PRECISION=dot_precision(grad_out.dtype, allow_tf32),
+    )
+    return dx
+
+
+def _split_k(tiles: int, reduction: int, device: torch.device) -> int:
+    """Programs to split the weight-gradient reduction over: enough to fill the GPU, >= 1024 rows each."""
+    if INTERPRET:
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(triton.cdiv(2 * sms, tiles), reduction // 1024, 64))
+
+
+def conv2d_weight_grad(grad_out, x, relu_output, weight_size, stride, padding, dilation, groups, *,
+                       allow_tf32=False):
+    """``dw`` of shape ``weight_size`` (contiguous), summed over the batch and output positions."""
+    shape, conv = _geometry(x.shape, weight_size, stride, padding, dilation, groups)
+    N, C, H, W, OC, OH, OW, KH, KW, Cg, OCg = shape
+    dw = empty(tuple(weight_size), dtype=grad_out.dtype, device=grad_out.device)
+    check_int32_indexing(grad_out, x, dw, relu_output)
+    if dw.numel() == 0:
+        return dw
+    if N * OH * OW == 0:
+        return dw.zero_()
+    r = relu_output if relu_output is not None else grad_out
+    tiles = triton.cdiv(OCg, 32) * triton.cdiv(KH * KW * Cg, 64) * groups
+    split = _split_k(tiles, N * OH * OW, grad_out.device)
+    partial = torch.empty((split, *dw.shape), dtype=torch.float32, device=dw.device) if split > 1 else dw
+
+    def grid(meta):
+        return (triton.cdiv(OCg, meta["BLOCK_M"]) * triton.cdiv(KH * KW * Cg, meta["BLOCK_N"]), groups, split)
+
+    conv2d_weight_grad_kernel[grid](
+        grad_out, r, x, dw, partial, *shape, *conv, *grad_out.stride(), *r.stride(), *x.stride(), *dw.stride(),
+        HAS_MASK=relu_output is not None, SPLIT_K=split, PRECISION=dot_precision(x.dtype, allow_tf32),
+    )
+    if split > 1:
+        torch.sum(partial, dim=0, out=dw) if dw.dtype == torch.float32 else dw.copy_(partial.sum(0))
+    return dw

@@ -1,0 +1,180 @@
+"""Linear layers as one strided GEMM kernel with a fused bias + ReLU epilogue and a fused ReLU-mask prologue.
+
+    C[m, n] = act( sum_k A'[m, k] * B[k, n] + bias[n] ),   A' = A * (R > 0) when a mask R is given
+
+Every operand is addressed through its own (row, column) strides, so one kernel serves:
+
+* forward           y  = act(x @ W^T + b)         A = x (M, K),    B = W^T (a strided view of W)
+* input gradient    dx = (dy * (y > 0)) @ W        A = dy (M, N),   R = y,   B = W (N, K)
+* weight gradient   dW = (dy * (y > 0))^T @ x      A = dy^T,        R = y^T, B = x (M, K)
+
+The mask R is the forward's ReLU output: applying it while loading dy is what ``threshold_backward``
+would have done in a separate pass over memory.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from tritonkit.kernels.common import (
+    TRITON_TYPE,
+    check_int32_indexing,
+    dot_precision,
+    INTERP_TILE,
+    empty,
+    interp_block,
+    tuned_kernel,
+)
+
+
+def _cfg(bm, bn, bk, warps, stages):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=warps, num_stages=stages)
+
+
+GPU_CONFIGS = [
+    _cfg(128, 256, 64, 8, 3),
+    _cfg(256, 128, 64, 8, 3),
+    _cfg(128, 128, 64, 8, 4),
+    _cfg(128, 128, 32, 4, 4),
+    _cfg(128, 64, 32, 4, 4),
+    _cfg(64, 128, 32, 4, 4),
+    _cfg(64, 64, 32, 4, 4),
+    _cfg(64, 32, 32, 2, 5),
+    _cfg(32, 64, 32, 2, 5),
+]
+INTERP_HEURISTICS = {
+    "BLOCK_N": lambda a: interp_block(a["N"], 16, 256),
+    "BLOCK_K": lambda a: interp_block(a["K"], 16, 256),
+    "BLOCK_M": lambda a: interp_block(a["M"], 16, INTERP_TILE // interp_block(a["K"], 16, 256)),
+    "GROUP_M": lambda a: 1,
+}
+
+
+def _signature(dtype):
+    t = "*" + TRITON_TYPE[dtype]
+    sig = {"a_ptr": t, "b_ptr": t, "bias_ptr": t, "mask_ptr": t, "c_ptr": t, "M": "i32", "N": "i32", "K": "i32"}
+    for name in ("am", "ak", "bk", "bn", "rm", "rk", "cm", "cn"):
+        sig[f"stride_{name}"] = "i32"
+    for name in ("HAS_BIAS", "RELU", "HAS_MASK", "PRECISION", "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"):
+        sig[name] = "constexpr"
+    return sig
+
+
+def _constexprs(dtype):
+    return {"HAS_BIAS": True, "RELU": True, "HAS_MASK": True, "PRECISION": "ieee"}
+
+
+@tuned_kernel(
+    "linear_gemm",
+    gpu_configs=GPU_CONFIGS,
+    interp_heuristics=INTERP_HEURISTICS,
+    key=["M", "N", "K", "HAS_MASK"],
+    signature=_signature,
+    constexprs=_constexprs,
+    tensor_core=True,
+)
+@triton.jit
+def gemm_kernel(
+    a_ptr, b_ptr, bias_ptr, mask_ptr, c_ptr,
+    M, N, K,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_rm, stride_rk, stride_cm, stride_cn,
+    HAS_BIAS: tl.constexpr, RELU: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # Grouped ordering of output tiles: GROUP_M row-tiles share each column-tile of B while in L2.
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    in_group = GROUP_M * num_n
+    first_m = (pid // in_group) * GROUP_M
+    group_size = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % in_group) % group_size
+    pid_n = (pid % in_group) // group_size
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    m_ok = rm < M
+    n_ok = rn < N
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = (k0 + rk) < K
+        a_mask = m_ok[:, None] & k_ok[None, :]
+        a = tl.load(a_ptr + rm[:, None] * stride_am + (k0 + rk)[None, :] * stride_ak, mask=a_mask, other=0.0)
+        if HAS_MASK:
+            r = tl.load(mask_ptr + rm[:, None] * stride_rm + (k0 + rk)[None, :] * stride_rk, mask=a_mask, other=0.0)
+            a = tl.where(r > 0, a, tl.zeros_like(a))
+        b = tl.load(
+            b_ptr + (k0 + rk)[:, None] * stride_bk + rn[None, :] * stride_bn,
+            mask=k_ok[:, None] & n_ok[None, :],
+            other=0.0,
+        )
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if RELU:
+        acc = tl.maximum(acc, 0.0)
+    c = acc.to(c_ptr.dtype.element_ty)
+    tl.store(c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn, c, mask=m_ok[:, None] & n_ok[None, :])
+
+
+def gemm(a, b, *, bias=None, relu=False, mask=None, out=None, allow_tf32=False):
+    """``act((a * (mask > 0)) @ b + bias)`` for 2-D ``a`` (M, K), ``b`` (K, N), any strides.
+
+    ``out`` (M, N) may be given (any strides) to write into; otherwise a contiguous one is allocated.
+    """
+    M, K = a.shape
+    N = b.shape[1]
+    if out is None:
+        out = empty((M, N), dtype=a.dtype, device=a.device)
+    check_int32_indexing(a, b, mask, out)
+    if M == 0 or N == 0:
+        return out
+    if K == 0:
+        out.copy_(bias.expand(M, N) if bias is not None else torch.zeros((), dtype=a.dtype, device=a.device))
+        if relu:
+            out.clamp_(min=0)
+        return out
+    r = mask if mask is not None else a
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+    gemm_kernel[grid](
+        a, b, bias if bias is not None else out, r, out,
+        M, N, K,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), r.stride(0), r.stride(1), out.stride(0), out.stride(1),
+        HAS_BIAS=bias is not None, RELU=relu, HAS_MASK=mask is not None,
+        PRECISION=dot_precision(a.dtype, allow_tf32),
+    )
+    return out
+
+
+def _as_rows(t: torch.Tensor) -> torch.Tensor:
+    """View ``(*, D)`` as ``(prod(*), D)``; copies only when the leading dims cannot be merged."""
+    return t.reshape(-1, t.shape[-1])
+
+
+def linear(x, weight, bias=None, *, relu=False, allow_tf32=False):
+    """``act(x @ weight^T + bias)`` for ``x`` (*, K) and ``weight`` (N, K)."""
+    out = gemm(_as_rows(x), weight.t(), bias=bias, relu=relu, allow_tf32=allow_tf32)
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def linear_input_grad(grad_out, weight, relu_output=None, *, allow_tf32=False):
+    """``dx = (dy * (y > 0)) @ weight`` for ``dy`` (*, N) and ``weight`` (N, K)."""
+    g = _as_rows(grad_out)
+    r = _as_rows(relu_output) if relu_output is not None else None
+    out = gemm(g, weight, mask=r, allow_tf32=allow_tf32)
+    return out.view(*grad_out.shape[:-1], weight.shape[1])
+
+
+def linear_weight_grad(grad_out, x, relu_output=None, *, allow_tf32=False):
+    """``dW = (dy * (y > 0))^T @ x`` summed over every leading dim: (N, K)."""
+    g = _as_rows(grad_out)
+    r = _as_rows(relu_output) if relu_output is not None else None
+    return gemm(g.t(), _as_rows(x), mask=r.t() if r is not None else None, allow_tf32=allow_tf32)
