@@ -1,1 +1,6 @@
-"""``torch.ops.tritonkit.*``: the custom ops that wrap tritonkit's kernels, each with a fake impl."""
+"""``torch.ops.tritonkit.*``: the custom ops that wrap tritonkit's kernels, each with a fake impl.
+
+Importing this package registers every op family.
+"""
+
+from tritonkit.ops import conv, linear  # noqa: F401

@@ -1,0 +1,124 @@
+"""Autograd for tritonkit's ops: each Function composes ``torch.ops.tritonkit.*`` custom ops and never
+launches a kernel itself, so ``torch.compile`` traces straight through it.
+
+The same ``setup_context``/``backward`` pair is also registered on each forward custom op with
+``torch.library.register_autograd``, so ``torch.ops.tritonkit.conv2d`` and friends are
+differentiable when called directly (and pass ``torch.library.opcheck``'s autograd tests).
+
+When the forward fused a ReLU, backward hands the ReLU *output* to the gradient ops, which mask the
+incoming gradient (``grad * (out > 0)``, what ``threshold_backward`` computes) inside their loads.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import tritonkit.ops  # noqa: F401  (registers torch.ops.tritonkit.*)
+
+ops = torch.ops.tritonkit
+
+
+class Conv2d(torch.autograd.Function):
+    """``y = act(conv2d(x, w) + b)`` for 4-D ``x``.
+
+    dx = conv2d_input_grad(dy * (y > 0), w); dw = conv2d_weight_grad(dy * (y > 0), x);
+    db = sum of dy * (y > 0) over N, H, W.
+    """
+
+    @staticmethod
+    def forward(input, weight, bias, stride, padding, dilation, groups, relu):
+        return ops.conv2d(input, weight, bias, stride, padding, dilation, groups, relu)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, weight, bias, stride, padding, dilation, groups, relu = inputs
+        ctx.conv = (list(stride), list(padding), list(dilation), groups)
+        ctx.relu = relu
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(input, weight, output if relu else None)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        input, weight, relu_out = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conv
+        needs = ctx.needs_input_grad
+        dx = dw = db = None
+        if needs[0]:
+            dx = ops.conv2d_input_grad(grad, weight, relu_out, list(input.shape), stride, padding, dilation, groups)
+        if needs[1]:
+            dw = ops.conv2d_weight_grad(grad, input, relu_out, list(weight.shape), stride, padding, dilation, groups)
+        if ctx.has_bias and needs[2]:
+            db = ops.bias_grad(grad, relu_out, 1)
+        return dx, dw, db, None, None, None, None, None
+
+
+class Linear(torch.autograd.Function):
+    """``y = act(x @ w.T + b)``: dx = (dy * (y > 0)) @ w, dw = (dy * (y > 0)).T @ x, db = sum of dy * (y > 0)."""
+
+    @staticmethod
+    def forward(input, weight, bias, relu):
+        return ops.linear(input, weight, bias, relu)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, weight, bias, relu = inputs
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(input, weight, output if relu else None)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        input, weight, relu_out = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        dx = ops.linear_input_grad(grad, weight, relu_out) if needs[0] else None
+        dw = ops.linear_weight_grad(grad, input, relu_out) if needs[1] else None
+        db = ops.bias_grad(grad, relu_out, -1) if ctx.has_bias and needs[2] else None
+        return dx, dw, db, None
+
+
+class MaxPool2d(torch.autograd.Function):
+    """``(y, idx) = max_pool2d(x)``; dx scatters dy to the positions in ``idx`` (a gather in the kernel)."""
+
+    @staticmethod
+    def forward(input, kernel_size, stride, padding, dilation, ceil_mode):
+        return ops.max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, kernel_size, stride, padding, dilation, ceil_mode = inputs
+        ctx.pool = (list(kernel_size), list(stride), list(padding), list(dilation), ceil_mode)
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(input, output[1])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad, _grad_indices):
+        input, indices = ctx.saved_tensors
+        return ops.max_pool2d_backward(grad, input, indices, *ctx.pool), None, None, None, None, None
+
+
+class ReLU(torch.autograd.Function):
+    """``y = max(x, 0)``; dx = dy * (y > 0)."""
+
+    @staticmethod
+    def forward(input):
+        return ops.relu(input)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (output,) = ctx.saved_tensors
+        return ops.relu_backward(grad, output)
+
+
+def _register(op_name: str, function: type[torch.autograd.Function]) -> None:
+    torch.library.register_autograd(f"tritonkit::{op_name}", function.backward, setup_context=function.setup_context)
+
+
+for _name, _function in (("conv2d", Conv2d), ("linear", Linear), ("max_pool2d", MaxPool2d), ("relu", ReLU)):
+    _register(_name, _function)

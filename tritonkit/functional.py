@@ -1,0 +1,97 @@
+"""``torch.nn.functional``-style entry points over tritonkit's autograd Functions.
+
+Signatures match ``torch.nn.functional``; ``activation`` (None or ``"relu"``) fuses a ReLU into the
+conv or linear epilogue. Unbatched (C, H, W) inputs and string paddings are resolved here, so the
+custom ops only ever see 4-D inputs and numeric paddings.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from tritonkit import autograd
+
+_ACTIVATIONS = (None, "relu")
+
+
+def _pair(name: str, value) -> list[int]:
+    if isinstance(value, int):
+        return [value, value]
+    value = list(value)
+    if len(value) == 1:
+        return value * 2
+    if len(value) != 2 or not all(isinstance(v, int) for v in value):
+        raise RuntimeError(f"expected {name} to be a single integer value or a list of 2 values, got {name}={value}")
+    return value
+
+
+def _check_activation(activation) -> bool:
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"activation must be None or 'relu', got {activation!r}")
+    return activation == "relu"
+
+
+def _batched(input: torch.Tensor, op: str) -> tuple[torch.Tensor, bool]:
+    if input.dim() == 3:
+        return input.unsqueeze(0), True
+    if input.dim() == 4:
+        return input, False
+    raise RuntimeError(f"Expected 3D (unbatched) or 4D (batched) input to {op}, but got input of size: {list(input.shape)}")
+
+
+def _same_padding(input, weight, stride, dilation) -> tuple[torch.Tensor, list[int]]:
+    """Padding for ``padding="same"``; odd total padding puts the extra row/column last, as PyTorch does."""
+    if stride != [1, 1]:
+        raise RuntimeError("padding='same' is not supported for strided convolutions")
+    total = [d * (k - 1) for d, k in zip(dilation, weight.shape[2:])]
+    left = [t // 2 for t in total]
+    extra = [t - 2 * lo for t, lo in zip(total, left)]
+    if any(extra):
+        input = F.pad(input, [0, extra[1], 0, extra[0]])
+    return input, left
+
+
+def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, activation=None):
+    """2-D convolution, ``torch.nn.functional.conv2d``'s signature, with an optional fused ReLU."""
+    relu = _check_activation(activation)
+    x, unbatched = _batched(input, "conv2d")
+    stride, dilation = _pair("stride", stride), _pair("dilation", dilation)
+    if isinstance(padding, str):
+        if padding == "valid":
+            padding = [0, 0]
+        elif padding == "same":
+            x, padding = _same_padding(x, weight, stride, dilation)
+        else:
+            raise ValueError(f"Invalid padding string {padding!r}, should be one of {{'valid', 'same'}}")
+    else:
+        padding = _pair("padding", padding)
+    y = autograd.Conv2d.apply(x, weight, bias, stride, padding, dilation, groups, relu)
+    return y.squeeze(0) if unbatched else y
+
+
+def conv2d_relu(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """``relu(conv2d(...))`` as one kernel."""
+    return conv2d(input, weight, bias, stride, padding, dilation, groups, activation="relu")
+
+
+def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
+    """2-D max pooling, ``torch.nn.functional.max_pool2d``'s signature."""
+    x, unbatched = _batched(input, "max_pool2d")
+    kernel_size = _pair("kernel_size", kernel_size)
+    stride = kernel_size if stride is None or (not isinstance(stride, int) and len(stride) == 0) else _pair("stride", stride)
+    out, indices = autograd.MaxPool2d.apply(x, kernel_size, stride, _pair("padding", padding),
+                                            _pair("dilation", dilation), bool(ceil_mode))
+    if unbatched:
+        out, indices = out.squeeze(0), indices.squeeze(0)
+    return (out, indices) if return_indices else out
+
+
+def linear(input, weight, bias=None, *, activation=None):
+    """``input @ weight.T + bias`` over any leading dims, with an optional fused ReLU."""
+    return autograd.Linear.apply(input, weight, bias, _check_activation(activation))
+
+
+def relu(input):
+    """``max(input, 0)``."""
+    return autograd.ReLU.apply(input)

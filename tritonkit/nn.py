@@ -1,0 +1,86 @@
+"""Drop-in ``torch.nn`` layers running on tritonkit kernels.
+
+Each layer subclasses its ``torch.nn`` counterpart: same constructor arguments, parameter names,
+initialisation and ``state_dict`` keys, so a torch.nn checkpoint loads unchanged. Only ``forward``
+differs. :func:`convert` swaps the supported layers of an existing model in place.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from tritonkit import functional as TF
+
+
+class Conv2d(torch.nn.Conv2d):
+    """``torch.nn.Conv2d`` on tritonkit's implicit-GEMM conv kernel."""
+
+    activation: str | None = None
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if self.padding_mode != "zeros":
+            input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            padding = 0
+        else:
+            padding = self.padding
+        return TF.conv2d(input, self.weight, self.bias, self.stride, padding, self.dilation, self.groups,
+                         activation=self.activation)
+
+
+class Conv2dReLU(Conv2d):
+    """``relu(conv2d(x))`` as one kernel; the same parameters as ``torch.nn.Conv2d``."""
+
+    activation = "relu"
+
+
+class Linear(torch.nn.Linear):
+    """``torch.nn.Linear`` on tritonkit's GEMM kernel."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return TF.linear(input, self.weight, self.bias)
+
+
+class MaxPool2d(torch.nn.MaxPool2d):
+    """``torch.nn.MaxPool2d`` on tritonkit's pooling kernel."""
+
+    def forward(self, input: torch.Tensor):
+        return TF.max_pool2d(input, self.kernel_size, self.stride, self.padding, self.dilation,
+                             ceil_mode=self.ceil_mode, return_indices=self.return_indices)
+
+
+class ReLU(torch.nn.ReLU):
+    """``torch.nn.ReLU`` on tritonkit's ReLU kernel (``inplace=True`` writes the result back)."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        out = TF.relu(input)
+        return input.copy_(out) if self.inplace else out
+
+
+_SWAPS = {torch.nn.Conv2d: Conv2d, torch.nn.Linear: Linear, torch.nn.MaxPool2d: MaxPool2d, torch.nn.ReLU: ReLU}
+
+
+def convert(model: torch.nn.Module, *, fuse_relu: bool = True) -> torch.nn.Module:
+    """Make ``model``'s ``torch.nn`` Conv2d, Linear, MaxPool2d and ReLU layers run on tritonkit, in place.
+
+    Parameters, buffers and hooks stay where they are (each layer's class is swapped for its tritonkit
+    subclass). With ``fuse_relu``, a Conv2d directly followed by a ReLU inside an ``nn.Sequential``
+    becomes one ``Conv2dReLU`` and the ReLU an ``nn.Identity``. Returns ``model``.
+    """
+    for module in model.modules():
+        if type(module) in _SWAPS:
+            module.__class__ = _SWAPS[type(module)]
+    if fuse_relu:
+        for module in model.modules():
+            if isinstance(module, torch.nn.Sequential):
+                _fuse_sequential(module)
+    return model
+
+
+def _fuse_sequential(seq: torch.nn.Sequential) -> None:
+    names = list(seq._modules)
+    for first, second in zip(names, names[1:]):
+        conv, act = seq._modules[first], seq._modules[second]
+        if type(conv) is Conv2d and isinstance(act, torch.nn.ReLU):
+            conv.__class__ = Conv2dReLU
+            seq._modules[second] = torch.nn.Identity()

@@ -1,0 +1,39 @@
+"""Argument checks shared by the custom ops. Each raises, before any launch, the exception type that
+PyTorch raises for the same mistake, with a message naming the argument."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from tritonkit.kernels.common import FLOAT_DTYPES
+from tritonkit.runtime import INTERPRET
+
+
+def check_float_tensors(op: str, **tensors: torch.Tensor | None) -> None:
+    """Same floating dtype and device for every given tensor, on the device tritonkit runs on."""
+    given = {name: t for name, t in tensors.items() if t is not None}
+    first_name, first = next(iter(given.items()))
+    for name, t in given.items():
+        if t.dtype not in FLOAT_DTYPES:
+            raise RuntimeError(f"{op}: {name} must be float32, float16 or bfloat16, got {t.dtype}")
+        if t.dtype != first.dtype:
+            raise RuntimeError(f"{op}: {name} has dtype {t.dtype} but {first_name} has dtype {first.dtype}; they must match")
+        if t.device != first.device:
+            raise RuntimeError(f"{op}: {name} is on {t.device} but {first_name} is on {first.device}; expected one device")
+    device = first.device
+    if device.type == "meta":
+        return
+    if INTERPRET and device.type != "cpu":
+        raise RuntimeError(f"{op}: {first_name} is on {device}, but tritonkit runs in Triton's interpreter and expects cpu tensors")
+    if not INTERPRET and device.type != "cuda":
+        raise RuntimeError(f"{op}: {first_name} is on {device}, but tritonkit's compiled kernels expect cuda tensors")
+
+
+def check_pair(op: str, name: str, value: Sequence[int]) -> tuple[int, int]:
+    """A 2-element int list such as stride or padding."""
+    value = tuple(int(v) for v in value)
+    if len(value) != 2:
+        raise RuntimeError(f"{op}: expected {name} to be a list of 2 values, but got {name}={list(value)}")
+    return value

@@ -1,0 +1,133 @@
+"""``torch.ops.tritonkit.conv2d`` and its two gradient ops, over ``tritonkit.kernels.conv``.
+
+Checks mirror aten's ``conv2d`` checks and exception types; the fake implementations compute the
+same shapes and memory formats as the kernels' launchers, so tracing sees what running produces.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from tritonkit.kernels import conv as kernels
+from tritonkit.ops.checks import check_float_tensors, check_pair
+
+Geometry = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
+
+
+def check_conv_args(op, input_size, weight_size, bias, stride, padding, dilation, groups) -> Geometry:
+    stride, padding, dilation = (check_pair(op, n, v) for n, v in
+                                 (("stride", stride), ("padding", padding), ("dilation", dilation)))
+    if len(input_size) != 4:
+        raise RuntimeError(f"{op}: expected 4-D input (N, C, H, W), but got input of size {list(input_size)}")
+    weight_size = tuple(weight_size)
+    if len(weight_size) != 4:
+        raise RuntimeError(f"{op}: expected 4-D weight (OC, C/groups, KH, KW), but got weight of size {list(weight_size)}")
+    if any(s <= 0 for s in stride):
+        raise RuntimeError(f"{op}: non-positive stride is not supported (stride={list(stride)})")
+    if any(p < 0 for p in padding):
+        raise RuntimeError(f"{op}: negative padding is not supported (padding={list(padding)})")
+    if any(d <= 0 for d in dilation):
+        raise RuntimeError(f"{op}: dilation should be greater than zero (dilation={list(dilation)})")
+    if groups <= 0:
+        raise RuntimeError(f"{op}: non-positive groups is not supported (groups={groups})")
+    oc, cg, kh, kw = weight_size
+    if oc % groups != 0:
+        raise RuntimeError(f"{op}: given groups={groups}, expected weight to be divisible by {groups} at "
+                           f"dimension 0, but got weight of size {list(weight_size)}")
+    if input_size[1] != cg * groups:
+        raise RuntimeError(f"{op}: given groups={groups}, weight of size {list(weight_size)}, expected input "
+                           f"{list(input_size)} to have {cg * groups} channels, but got {input_size[1]} channels")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != oc):
+        raise RuntimeError(f"{op}: given weight of size {list(weight_size)}, expected bias to be 1-D with {oc} "
+                           f"elements, but got bias of size {list(bias.shape)}")
+    for axis, (size, k, p, d) in enumerate(zip(input_size[2:], (kh, kw), padding, dilation)):
+        if size + 2 * p < d * (k - 1) + 1:
+            raise RuntimeError(
+                f"{op}: calculated padded input size per channel: ({input_size[2] + 2 * padding[0]} x "
+                f"{input_size[3] + 2 * padding[1]}). Kernel size: ({dilation[0] * (kh - 1) + 1} x "
+                f"{dilation[1] * (kw - 1) + 1}). Kernel size can't be greater than actual input size"
+            )
+    return stride, padding, dilation
+
+
+def _output_shape(input_size, weight_shape, stride, padding, dilation):
+    n, _, h, w = input_size
+    oc, _, kh, kw = weight_shape
+    return (n, oc, kernels.output_size(h, kh, stride[0], padding[0], dilation[0]),
+            kernels.output_size(w, kw, stride[1], padding[1], dilation[1]))
+
+
+def conv_allows_tf32() -> bool:
+    return bool(torch.backends.cudnn.allow_tf32)
+
+
+# ----------------------------------------------------------------------------------------- forward
+@torch.library.custom_op("tritonkit::conv2d", mutates_args=())
+def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: Sequence[int],
+           padding: Sequence[int], dilation: Sequence[int], groups: int, relu: bool) -> torch.Tensor:
+    """``act(conv2d(input, weight) + bias)`` with ``act`` = ReLU when ``relu``; 4-D input, any strides."""
+    check_float_tensors("tritonkit.conv2d", input=input, weight=weight, bias=bias)
+    geometry = check_conv_args("tritonkit.conv2d", input.shape, weight.shape, bias, stride, padding, dilation, groups)
+    return kernels.conv2d(input, weight, bias, *geometry, groups, relu=relu, allow_tf32=conv_allows_tf32())
+
+
+@conv2d.register_fake
+def _(input, weight, bias, stride, padding, dilation, groups, relu):
+    check_float_tensors("tritonkit.conv2d", input=input, weight=weight, bias=bias)
+    geometry = check_conv_args("tritonkit.conv2d", input.shape, weight.shape, bias, stride, padding, dilation, groups)
+    return input.new_empty(_output_shape(input.shape, weight.shape, *geometry)).contiguous(
+        memory_format=kernels.suggest_memory_format(input))
+
+
+# ---------------------------------------------------------------------------------- input gradient
+def _check_grad(op, grad_output, relu_output, expected_shape, other_name, other):
+    check_float_tensors(op, grad_output=grad_output, **{other_name: other}, relu_output=relu_output)
+    if tuple(grad_output.shape) != tuple(expected_shape):
+        raise RuntimeError(f"{op}: expected grad_output of size {list(expected_shape)}, got {list(grad_output.shape)}")
+    if relu_output is not None and relu_output.shape != grad_output.shape:
+        raise RuntimeError(f"{op}: relu_output of size {list(relu_output.shape)} must match grad_output "
+                           f"{list(grad_output.shape)}")
+
+
+@torch.library.custom_op("tritonkit::conv2d_input_grad", mutates_args=())
+def conv2d_input_grad(grad_output: torch.Tensor, weight: torch.Tensor, relu_output: Optional[torch.Tensor],
+                      input_size: Sequence[int], stride: Sequence[int], padding: Sequence[int],
+                      dilation: Sequence[int], groups: int) -> torch.Tensor:
+    """Gradient of conv2d with respect to its input; ``relu_output > 0`` masks ``grad_output`` if given."""
+    op = "tritonkit.conv2d_input_grad"
+    geometry = check_conv_args(op, input_size, weight.shape, None, stride, padding, dilation, groups)
+    _check_grad(op, grad_output, relu_output, _output_shape(input_size, weight.shape, *geometry), "weight", weight)
+    return kernels.conv2d_input_grad(grad_output, weight, relu_output, input_size, *geometry, groups,
+                                     allow_tf32=conv_allows_tf32())
+
+
+@conv2d_input_grad.register_fake
+def _(grad_output, weight, relu_output, input_size, stride, padding, dilation, groups):
+    op = "tritonkit.conv2d_input_grad"
+    geometry = check_conv_args(op, input_size, weight.shape, None, stride, padding, dilation, groups)
+    _check_grad(op, grad_output, relu_output, _output_shape(input_size, weight.shape, *geometry), "weight", weight)
+    return grad_output.new_empty(tuple(input_size)).contiguous(
+        memory_format=kernels.suggest_memory_format(grad_output))
+
+
+# --------------------------------------------------------------------------------- weight gradient
+@torch.library.custom_op("tritonkit::conv2d_weight_grad", mutates_args=())
+def conv2d_weight_grad(grad_output: torch.Tensor, input: torch.Tensor, relu_output: Optional[torch.Tensor],
+                       weight_size: Sequence[int], stride: Sequence[int], padding: Sequence[int],
+                       dilation: Sequence[int], groups: int) -> torch.Tensor:
+    """Gradient of conv2d with respect to its weight; ``relu_output > 0`` masks ``grad_output`` if given."""
+    op = "tritonkit.conv2d_weight_grad"
+    geometry = check_conv_args(op, input.shape, weight_size, None, stride, padding, dilation, groups)
+    _check_grad(op, grad_output, relu_output, _output_shape(input.shape, weight_size, *geometry), "input", input)
+    return kernels.conv2d_weight_grad(grad_output, input, relu_output, weight_size, *geometry, groups,
+                                      allow_tf32=conv_allows_tf32())
+
+
+@conv2d_weight_grad.register_fake
+def _(grad_output, input, relu_output, weight_size, stride, padding, dilation, groups):
+    op = "tritonkit.conv2d_weight_grad"
+    geometry = check_conv_args(op, input.shape, weight_size, None, stride, padding, dilation, groups)
+    _check_grad(op, grad_output, relu_output, _output_shape(input.shape, weight_size, *geometry), "input", input)
+    return grad_output.new_empty(tuple(weight_size))

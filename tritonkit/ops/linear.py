@@ -1,0 +1,88 @@
+"""``torch.ops.tritonkit.linear`` and its two gradient ops, over ``tritonkit.kernels.linear``.
+
+Any number of leading batch dimensions; ``mm(a, b)`` is ``linear(a, b.t(), None, False)``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from tritonkit.kernels import linear as kernels
+from tritonkit.ops.checks import check_float_tensors
+
+
+def matmul_allows_tf32() -> bool:
+    return bool(torch.backends.cuda.matmul.allow_tf32) or torch.get_float32_matmul_precision() != "highest"
+
+
+def _check_linear(op, input, weight, bias):
+    check_float_tensors(op, input=input, weight=weight, bias=bias)
+    if input.dim() < 1:
+        raise RuntimeError(f"{op}: input must have at least 1 dimension, got a 0-D tensor")
+    if weight.dim() != 2:
+        raise RuntimeError(f"{op}: expected 2-D weight (out_features, in_features), got weight of size {list(weight.shape)}")
+    if input.shape[-1] != weight.shape[1]:
+        raise RuntimeError(f"{op}: input of size {list(input.shape)} has {input.shape[-1]} features but weight of "
+                           f"size {list(weight.shape)} expects {weight.shape[1]} (mat1 and mat2 shapes cannot be multiplied)")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
+        raise RuntimeError(f"{op}: expected bias of size [{weight.shape[0]}], got bias of size {list(bias.shape)}")
+
+
+def _check_grad(op, grad_output, other_name, other, relu_output, features):
+    check_float_tensors(op, grad_output=grad_output, **{other_name: other}, relu_output=relu_output)
+    if grad_output.dim() < 1 or grad_output.shape[-1] != features:
+        raise RuntimeError(f"{op}: expected grad_output with last dimension {features}, got {list(grad_output.shape)}")
+    if relu_output is not None and relu_output.shape != grad_output.shape:
+        raise RuntimeError(f"{op}: relu_output of size {list(relu_output.shape)} must match grad_output "
+                           f"{list(grad_output.shape)}")
+
+
+@torch.library.custom_op("tritonkit::linear", mutates_args=())
+def linear(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], relu: bool) -> torch.Tensor:
+    """``act(input @ weight.T + bias)``, ``act`` = ReLU when ``relu``."""
+    _check_linear("tritonkit.linear", input, weight, bias)
+    return kernels.linear(input, weight, bias, relu=relu, allow_tf32=matmul_allows_tf32())
+
+
+@linear.register_fake
+def _(input, weight, bias, relu):
+    _check_linear("tritonkit.linear", input, weight, bias)
+    return input.new_empty((*input.shape[:-1], weight.shape[0]))
+
+
+@torch.library.custom_op("tritonkit::linear_input_grad", mutates_args=())
+def linear_input_grad(grad_output: torch.Tensor, weight: torch.Tensor,
+                      relu_output: Optional[torch.Tensor]) -> torch.Tensor:
+    """``(grad_output * (relu_output > 0)) @ weight``: the gradient of linear with respect to its input."""
+    _check_grad("tritonkit.linear_input_grad", grad_output, "weight", weight, relu_output, weight.shape[0])
+    return kernels.linear_input_grad(grad_output, weight, relu_output, allow_tf32=matmul_allows_tf32())
+
+
+@linear_input_grad.register_fake
+def _(grad_output, weight, relu_output):
+    _check_grad("tritonkit.linear_input_grad", grad_output, "weight", weight, relu_output, weight.shape[0])
+    return grad_output.new_empty((*grad_output.shape[:-1], weight.shape[1]))
+
+
+def _check_weight_grad(grad_output, input, relu_output):
+    op = "tritonkit.linear_weight_grad"
+    _check_grad(op, grad_output, "input", input, relu_output, grad_output.shape[-1] if grad_output.dim() else -1)
+    if input.shape[:-1] != grad_output.shape[:-1]:
+        raise RuntimeError(f"{op}: input of size {list(input.shape)} and grad_output of size "
+                           f"{list(grad_output.shape)} must share their leading dimensions")
+
+
+@torch.library.custom_op("tritonkit::linear_weight_grad", mutates_args=())
+def linear_weight_grad(grad_output: torch.Tensor, input: torch.Tensor,
+                       relu_output: Optional[torch.Tensor]) -> torch.Tensor:
+    """``(grad_output * (relu_output > 0))^T @ input`` over all leading dims: the weight's gradient."""
+    _check_weight_grad(grad_output, input, relu_output)
+    return kernels.linear_weight_grad(grad_output, input, relu_output, allow_tf32=matmul_allows_tf32())
+
+
+@linear_weight_grad.register_fake
+def _(grad_output, input, relu_output):
+    _check_weight_grad(grad_output, input, relu_output)
+    return grad_output.new_empty((grad_output.shape[-1], input.shape[-1]))
