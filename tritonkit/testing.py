@@ -75,3 +75,40 @@ def reference_dtype_cast(fn, *tensors: torch.Tensor, **kwargs):
     if isinstance(out, tuple):
         return tuple(o.to(dtype) if o.is_floating_point() else o for o in out)
     return out.to(dtype)
+
+
+def check_against_eager(tk_fn, eager_fn, leaves, views=None, *, backward=True, seed_grad=None):
+    """Run ``tk_fn`` and ``eager_fn`` on the same inputs and compare outputs and input gradients.
+
+    ``leaves`` are the tensors that own gradients (any float dtype); ``views[i]`` turns leaf ``i``
+    into the argument actually passed (e.g. a strided slice), so layouts that are not dense still
+    send their gradient to a leaf. ``eager_fn`` runs in float32 on float32 copies of the same
+    (already rounded) values. Returns the tritonkit output.
+    """
+    views = views or [None] * len(leaves)
+
+    def args(tensors):
+        return [v(t) if v is not None else t for t, v in zip(tensors, views)]
+
+    def copy(t, dtype=None):
+        if not isinstance(t, torch.Tensor):
+            return t
+        c = t.detach().to(dtype or t.dtype, memory_format=torch.preserve_format, copy=True)
+        return c.requires_grad_(t.requires_grad)
+
+    tk_leaves = [copy(t) for t in leaves]
+    ref_leaves = [copy(t, torch.float32) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+                  for t in leaves]
+    out = tk_fn(*args(tk_leaves))
+    ref = eager_fn(*args(ref_leaves))
+    assert_close(out, ref.to(out.dtype), msg="forward")
+    if not backward or not out.requires_grad:
+        return out
+    grad = seed_grad if seed_grad is not None else torch.randn(ref.shape, dtype=out.dtype)
+    out.backward(grad)
+    ref.backward(grad.float())
+    for i, (t, r) in enumerate(zip(tk_leaves, ref_leaves)):
+        if isinstance(t, torch.Tensor) and t.requires_grad:
+            assert t.grad is not None, f"input {i} got no gradient"
+            assert_close(t.grad, r.grad.to(t.dtype), grad=True, msg=f"gradient of input {i}")
+    return out

@@ -1,0 +1,184 @@
+"""conv2d (+bias, +ReLU) forward and all gradients against eager PyTorch, in the interpreter.
+
+Outputs are NaN-poisoned before every launch (tests/conftest.py), so an unwritten element fails.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import tritonkit.functional as TF
+from tritonkit.testing import check_against_eager
+
+ops = torch.ops.tritonkit
+
+
+def _eager(relu):
+    def fn(x, w, b, stride, padding, dilation, groups):
+        y = F.conv2d(x, w, b, stride, padding, dilation, groups)
+        return F.relu(y) if relu else y
+
+    return fn
+
+
+def _tritonkit(relu):
+    def fn(x, w, b, stride, padding, dilation, groups):
+        return TF.conv2d(x, w, b, stride, padding, dilation, groups, activation="relu" if relu else None)
+
+    return fn
+
+
+def _run(n, c, h, w, oc, k, stride=1, padding=0, dilation=1, groups=1, bias=True, relu=True,
+         layout="contiguous", dtype=torch.float32, input_grad=True):
+    x = torch.randn(n, c, h, w if layout != "strided" else 2 * w + 1, dtype=dtype, requires_grad=input_grad)
+    if layout == "channels_last":
+        x = x.detach().to(memory_format=torch.channels_last).requires_grad_(input_grad)
+    kh, kw = (k, k) if isinstance(k, int) else k
+    weight = (torch.randn(oc, c // groups, kh, kw, dtype=dtype) / (c // groups * kh * kw) ** 0.5).requires_grad_()
+    b = torch.randn(oc, dtype=dtype, requires_grad=True) if bias else None
+    views = [(lambda t: t[..., 1::2]) if layout == "strided" else None, None, None]
+    extra = (stride, padding, dilation, groups)
+    return check_against_eager(
+        lambda x, w, b: _tritonkit(relu)(x, w, b, *extra),
+        lambda x, w, b: _eager(relu)(x, w, b, *extra),
+        [x, weight, b], views,
+    )
+
+
+# (n, c, h, w, oc, k, stride, padding, dilation, groups): sizes deliberately off every block size.
+SWEEP = [
+    (2, 3, 32, 32, 6, 5, 1, 0, 1, 1),  # LeNet conv1
+    (3, 6, 14, 14, 16, 5, 1, 0, 1, 1),  # LeNet conv2
+    (2, 5, 11, 13, 7, 3, 2, 1, 1, 1),
+    (1, 4, 10, 9, 6, (3, 2), (2, 1), (1, 0), (1, 2), 2),
+    (2, 6, 9, 12, 6, 3, 1, 2, 2, 6),  # depthwise
+    (2, 8, 7, 7, 12, 1, 1, 0, 1, 4),  # grouped 1x1
+    (1, 3, 17, 5, 4, 3, 3, 1, 1, 1),  # stride 3: most input pixels get no gradient
+    (2, 2, 6, 6, 3, 6, 1, 0, 1, 1),  # kernel == input
+]
+
+
+@pytest.mark.parametrize("case", SWEEP, ids=str)
+@pytest.mark.parametrize("relu", [False, True])
+def test_sweep_float32(case, relu):
+    n, c, h, w, oc, k, stride, padding, dilation, groups = case
+    _run(n, c, h, w, oc, k, stride, padding, dilation, groups, relu=relu)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "strided"])
+@pytest.mark.parametrize("relu", [False, True])
+def test_layouts(layout, relu):
+    _run(2, 5, 11, 9, 6, 3, 2, 1, 1, 1, relu=relu, layout=layout)
+
+
+def test_channels_last_output_follows_input():
+    x = torch.randn(2, 4, 8, 8).to(memory_format=torch.channels_last)
+    y = TF.conv2d(x, torch.randn(6, 4, 3, 3))
+    assert y.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("case", [SWEEP[1], SWEEP[3], SWEEP[4]], ids=str)
+def test_float16(case):
+    n, c, h, w, oc, k, stride, padding, dilation, groups = case
+    _run(n, c, h, w, oc, k, stride, padding, dilation, groups, dtype=torch.float16)
+
+
+def test_float16_channels_last():
+    _run(2, 8, 9, 9, 8, 3, 1, 1, layout="channels_last", dtype=torch.float16)
+
+
+def test_no_bias_and_no_input_grad():
+    _run(2, 3, 10, 10, 4, 3, bias=False, input_grad=False)
+
+
+def test_unbatched():
+    x = torch.randn(3, 12, 11, requires_grad=True)
+    w = torch.randn(5, 3, 3, 3, requires_grad=True)
+    check_against_eager(lambda x, w: TF.conv2d(x, w, padding=1), lambda x, w: F.conv2d(x, w, padding=1), [x, w])
+
+
+def test_empty_batch():
+    x = torch.randn(0, 3, 8, 8, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, requires_grad=True)
+    b = torch.randn(4, requires_grad=True)
+    out = check_against_eager(lambda *a: TF.conv2d(*a), lambda *a: F.conv2d(*a), [x, w, b])
+    assert out.shape == (0, 4, 6, 6)
+
+
+@pytest.mark.parametrize("padding", ["same", "valid"])
+@pytest.mark.parametrize("k", [3, 4])
+def test_string_padding(padding, k):
+    x = torch.randn(2, 3, 9, 10, requires_grad=True)
+    w = torch.randn(4, 3, k, k, requires_grad=True)
+    check_against_eager(lambda x, w: TF.conv2d(x, w, padding=padding, dilation=2),
+                        lambda x, w: F.conv2d(x, w, padding=padding, dilation=2), [x, w])
+
+
+def test_conv2d_relu_matches_activation():
+    x, w = torch.randn(2, 3, 8, 8), torch.randn(4, 3, 3, 3)
+    torch.testing.assert_close(TF.conv2d_relu(x, w), F.relu(F.conv2d(x, w)), rtol=0, atol=1e-5)
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    n=st.integers(1, 3), cg=st.integers(1, 4), ocg=st.integers(1, 5), groups=st.integers(1, 3),
+    h=st.integers(1, 12), w=st.integers(1, 12), kh=st.integers(1, 4), kw=st.integers(1, 4),
+    stride=st.tuples(st.integers(1, 3), st.integers(1, 3)), padding=st.tuples(st.integers(0, 2), st.integers(0, 2)),
+    dilation=st.tuples(st.integers(1, 2), st.integers(1, 2)), bias=st.booleans(), relu=st.booleans(),
+    layout=st.sampled_from(["contiguous", "channels_last", "strided"]),
+)
+def test_fuzz(n, cg, ocg, groups, h, w, kh, kw, stride, padding, dilation, bias, relu, layout):
+    span_h, span_w = dilation[0] * (kh - 1) + 1, dilation[1] * (kw - 1) + 1
+    h, w = max(h, span_h - 2 * padding[0]), max(w, span_w - 2 * padding[1])
+    _run(n, cg * groups, h, w, ocg * groups, (kh, kw), stride, padding, dilation, groups, bias, relu, layout)
+
+
+def test_opcheck():
+    x = torch.randn(2, 4, 7, 9)
+    w = torch.randn(6, 2, 3, 2)
+    b = torch.randn(6)
+    geometry = ([2, 1], [1, 0], [1, 2], 2)
+    torch.library.opcheck(ops.conv2d.default, (x, w, b, *geometry[:3], 2, True))
+    y = ops.conv2d(x, w, b, *geometry, True)
+    g = torch.randn_like(y)
+    torch.library.opcheck(ops.conv2d_input_grad.default, (g, w, y, list(x.shape), *geometry))
+    torch.library.opcheck(ops.conv2d_weight_grad.default, (g, x, y, list(w.shape), *geometry))
+    torch.library.opcheck(ops.conv2d_input_grad.default, (g, w, None, list(x.shape), *geometry))
+
+
+# Each bad call must fail in tritonkit exactly as it fails in eager PyTorch (same exception type),
+# with a message that names the offending argument.
+BAD = [
+    ("input", dict(x=(2, 3, 4, 8, 8))),
+    ("channels", dict(x=(2, 4, 8, 8))),
+    ("groups", dict(w=(5, 1, 3, 3), groups=3, x=(2, 3, 8, 8))),
+    ("Kernel size", dict(x=(2, 3, 4, 4), w=(6, 3, 5, 5))),
+    ("stride", dict(stride=0)),
+    ("stride", dict(stride=-1)),
+    ("padding", dict(padding=-1)),
+    ("dilation", dict(dilation=0)),
+    ("groups", dict(groups=0)),
+    ("bias", dict(b=(5,))),
+    ("dtype", dict(w_dtype=torch.float16)),
+    ("weight", dict(w=(6, 3, 3))),
+]
+
+
+@pytest.mark.parametrize("needle,bad", BAD, ids=[f"{n}-{i}" for i, (n, _) in enumerate(BAD)])
+def test_bad_input_raises_like_torch(needle, bad):
+    x = torch.randn(*bad.get("x", (2, 3, 8, 8)))
+    w = torch.randn(*bad.get("w", (6, 3, 3, 3)), dtype=bad.get("w_dtype", torch.float32))
+    b = torch.randn(*bad.get("b", (w.shape[0],)))
+    kwargs = {k: bad[k] for k in ("stride", "padding", "dilation", "groups") if k in bad}
+    with pytest.raises(Exception) as expected:
+        F.conv2d(x, w, b, **kwargs)
+    with pytest.raises(expected.type) as got:
+        TF.conv2d(x, w, b, **kwargs)
+    assert needle.lower() in str(got.value).lower(), str(got.value)
+
+
+def test_bad_activation():
+    with pytest.raises(ValueError, match="activation"):
+        TF.conv2d(torch.randn(1, 3, 5, 5), torch.randn(2, 3, 3, 3), activation="gelu")

@@ -1,0 +1,89 @@
+"""linear (+bias, +ReLU) forward and all gradients against eager PyTorch, in the interpreter."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import tritonkit.functional as TF
+from tritonkit.testing import check_against_eager
+
+ops = torch.ops.tritonkit
+
+
+def _run(lead, k, n, *, bias=True, relu=False, dtype=torch.float32, transposed_weight=False, strided_input=False):
+    x = torch.randn(*lead, k * 2 if strided_input else k, dtype=dtype, requires_grad=True)
+    w = torch.randn(k, n, dtype=dtype) if transposed_weight else torch.randn(n, k, dtype=dtype)
+    w = (w / k**0.5).requires_grad_()
+    b = torch.randn(n, dtype=dtype, requires_grad=True) if bias else None
+    views = [(lambda t: t[..., ::2]) if strided_input else None, (lambda t: t.t()) if transposed_weight else None, None]
+    activation = "relu" if relu else None
+    check_against_eager(
+        lambda x, w, b: TF.linear(x, w, b, activation=activation),
+        lambda x, w, b: F.relu(F.linear(x, w, b)) if relu else F.linear(x, w, b),
+        [x, w, b], views,
+    )
+
+
+@pytest.mark.parametrize("lead,k,n", [((8,), 400, 120), ((8,), 120, 84), ((8,), 84, 10), ((37,), 53, 29),
+                                      ((3, 5), 17, 9), ((), 23, 7), ((2, 0), 5, 3), ((1,), 1, 1)], ids=str)
+@pytest.mark.parametrize("relu", [False, True])
+def test_sweep(lead, k, n, relu):
+    _run(lead, k, n, relu=relu)
+
+
+def test_no_bias():
+    _run((6,), 19, 11, bias=False, relu=True)
+
+
+def test_strided_operands():
+    _run((4, 3), 21, 13, transposed_weight=True, strided_input=True, relu=True)
+
+
+@pytest.mark.parametrize("relu", [False, True])
+def test_float16(relu):
+    _run((33,), 70, 45, dtype=torch.float16, relu=relu)
+
+
+@settings(max_examples=15, deadline=None)
+@given(lead=st.lists(st.integers(1, 9), min_size=0, max_size=2), k=st.integers(1, 70), n=st.integers(1, 70),
+       bias=st.booleans(), relu=st.booleans(), transposed=st.booleans())
+def test_fuzz(lead, k, n, bias, relu, transposed):
+    _run(tuple(lead), k, n, bias=bias, relu=relu, transposed_weight=transposed)
+
+
+def test_mm_as_linear():
+    a, b = torch.randn(13, 7), torch.randn(7, 11)
+    torch.testing.assert_close(ops.linear(a, b.t(), None, False), a @ b, rtol=1e-5, atol=1e-5)
+
+
+def test_opcheck():
+    x, w, b = torch.randn(3, 5, 7), torch.randn(6, 7), torch.randn(6)
+    torch.library.opcheck(ops.linear.default, (x, w, b, True))
+    y = ops.linear(x, w, b, True)
+    g = torch.randn_like(y)
+    torch.library.opcheck(ops.linear_input_grad.default, (g, w, y))
+    torch.library.opcheck(ops.linear_weight_grad.default, (g, x, y))
+    torch.library.opcheck(ops.linear_weight_grad.default, (g, x, None))
+
+
+BAD = [
+    ("features", dict(x=(4, 6))),
+    ("weight", dict(w=(3, 5, 2))),
+    ("bias", dict(b=(4,))),
+    ("dtype", dict(w_dtype=torch.float16)),
+    ("input", dict(x=())),
+]
+
+
+@pytest.mark.parametrize("needle,bad", BAD, ids=[n for n, _ in BAD])
+def test_bad_input_raises_like_torch(needle, bad):
+    x = torch.randn(bad.get("x", (4, 5)))
+    w = torch.randn(*bad.get("w", (3, 5)), dtype=bad.get("w_dtype", torch.float32))
+    b = torch.randn(*bad.get("b", (3,)))
+    with pytest.raises(Exception) as expected:
+        F.linear(x, w, b)
+    with pytest.raises(expected.type) as got:
+        TF.linear(x, w, b)
+    assert needle.lower() in str(got.value).lower(), str(got.value)
