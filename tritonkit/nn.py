@@ -37,8 +37,16 @@ class Conv2dReLU(Conv2d):
 class Linear(torch.nn.Linear):
     """``torch.nn.Linear`` on tritonkit's GEMM kernel."""
 
+    activation: str | None = None
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return TF.linear(input, self.weight, self.bias)
+        return TF.linear(input, self.weight, self.bias, activation=self.activation)
+
+
+class LinearReLU(Linear):
+    """``relu(linear(x))`` as one kernel; the same parameters as ``torch.nn.Linear``."""
+
+    activation = "relu"
 
 
 class MaxPool2d(torch.nn.MaxPool2d):
@@ -58,14 +66,16 @@ class ReLU(torch.nn.ReLU):
 
 
 _SWAPS = {torch.nn.Conv2d: Conv2d, torch.nn.Linear: Linear, torch.nn.MaxPool2d: MaxPool2d, torch.nn.ReLU: ReLU}
+_FUSED = {Conv2d: Conv2dReLU, Linear: LinearReLU}
 
 
 def convert(model: torch.nn.Module, *, fuse_relu: bool = True) -> torch.nn.Module:
     """Make ``model``'s ``torch.nn`` Conv2d, Linear, MaxPool2d and ReLU layers run on tritonkit, in place.
 
     Parameters, buffers and hooks stay where they are (each layer's class is swapped for its tritonkit
-    subclass). With ``fuse_relu``, a Conv2d directly followed by a ReLU inside an ``nn.Sequential``
-    becomes one ``Conv2dReLU`` and the ReLU an ``nn.Identity``. Returns ``model``.
+    subclass). With ``fuse_relu``, a Conv2d or Linear directly followed by a ReLU inside an
+    ``nn.Sequential`` becomes one ``Conv2dReLU`` / ``LinearReLU`` and the ReLU an ``nn.Identity``.
+    Returns ``model``.
     """
     for module in model.modules():
         if type(module) in _SWAPS:
@@ -80,7 +90,7 @@ def convert(model: torch.nn.Module, *, fuse_relu: bool = True) -> torch.nn.Modul
 def _fuse_sequential(seq: torch.nn.Sequential) -> None:
     names = list(seq._modules)
     for first, second in zip(names, names[1:]):
-        conv, act = seq._modules[first], seq._modules[second]
-        if type(conv) is Conv2d and isinstance(act, torch.nn.ReLU):
-            conv.__class__ = Conv2dReLU
+        layer, act = seq._modules[first], seq._modules[second]
+        if type(layer) in _FUSED and isinstance(act, torch.nn.ReLU):
+            layer.__class__ = _FUSED[type(layer)]
             seq._modules[second] = torch.nn.Identity()
