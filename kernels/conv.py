@@ -114,8 +114,8 @@ def _signature(pointers, strides, constexprs):
     interp_heuristics=FWD_INTERP,
     key=["N", "C", "H", "W", "OC", "KH", "KW", "Cg"],
     signature=_signature(("x_ptr", "w_ptr", "b_ptr", "y_ptr"), _strides("x", "w", "y"),
-                         ("HAS_BIAS", "RELU", "PRECISION")),
-    constexprs=lambda dtype: {"HAS_BIAS": True, "RELU": True, "PRECISION": "ieee"},
+                         ("HAS_BIAS", "RELU", "PADDED", "PRECISION")),
+    constexprs=lambda dtype: {"HAS_BIAS": True, "RELU": True, "PADDED": True, "PRECISION": "ieee"},
     tensor_core=True,
 )
 @triton.jit
@@ -124,7 +124,7 @@ def conv2d_fwd_kernel(
     N, C, H, W, OC, OH, OW, KH, KW, Cg, OCg,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     sxn, sxc, sxh, sxw, swn, swc, swh, sww, syn, syc, syh, syw,
-    HAS_BIAS: tl.constexpr, RELU: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, RELU: tl.constexpr, PADDED: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -153,9 +153,11 @@ def conv2d_fwd_kernel(
         kw = (rk // Cg) % KW
         kh = rk // (Cg * KW)
         k_ok = rk < K
-        ih = ih0[:, None] + (kh * dil_h)[None, :]
-        iw = iw0[:, None] + (kw * dil_w)[None, :]
-        a_mask = m_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        a_mask = m_ok[:, None] & k_ok[None, :]
+        if PADDED:  # without padding every window lies inside the input
+            ih = ih0[:, None] + (kh * dil_h)[None, :]
+            iw = iw0[:, None] + (kw * dil_w)[None, :]
+            a_mask = a_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         x_col = c * sxc + kh * dil_h * sxh + kw * dil_w * sxw
         a = tl.load(x_row[:, None] + x_col[None, :], mask=a_mask, other=0.0)
         w_off = oc[None, :] * swn + (c * swc + kh * swh + kw * sww)[:, None]
@@ -215,18 +217,22 @@ def conv2d_input_grad_kernel(
         k_ok = rk < K
         th = (ih + pad_h)[:, None] - (kh * dil_h)[None, :]
         tw = (iw + pad_w)[:, None] - (kw * dil_w)[None, :]
-        if UNIT_STRIDE:
-            oh = th
-            ow = tw
-            hit = (th >= 0) & (th < OH) & (tw >= 0) & (tw < OW)
+        if UNIT_STRIDE:  # oh = th, ow = tw: offsets split into a row part and a column part
+            a_mask = m_ok[:, None] & k_ok[None, :] & (th >= 0) & (th < OH) & (tw >= 0) & (tw < OW)
+            row_h = ih + pad_h
+            row_w = iw + pad_w
+            g_off = (n * sgn + row_h * sgh + row_w * sgw)[:, None] + (oc * sgc - kh * dil_h * sgh - kw * dil_w * sgw)[None, :]
+            r_off = (n * srn + row_h * srh + row_w * srw)[:, None] + (oc * src - kh * dil_h * srh - kw * dil_w * srw)[None, :]
         else:
             oh = th // stride_h
             ow = tw // stride_w
             hit = (th >= 0) & (tw >= 0) & (th % stride_h == 0) & (tw % stride_w == 0) & (oh < OH) & (ow < OW)
-        a_mask = m_ok[:, None] & k_ok[None, :] & hit
-        a = tl.load(g_ptr + (n * sgn)[:, None] + (oc * sgc)[None, :] + oh * sgh + ow * sgw, mask=a_mask, other=0.0)
+            a_mask = m_ok[:, None] & k_ok[None, :] & hit
+            g_off = (n * sgn)[:, None] + (oc * sgc)[None, :] + oh * sgh + ow * sgw
+            r_off = (n * srn)[:, None] + (oc * src)[None, :] + oh * srh + ow * srw
+        a = tl.load(g_ptr + g_off, mask=a_mask, other=0.0)
         if HAS_MASK:
-            r = tl.load(r_ptr + (n * srn)[:, None] + (oc * src)[None, :] + oh * srh + ow * srw, mask=a_mask, other=0.0)
+            r = tl.load(r_ptr + r_off, mask=a_mask, other=0.0)
             a = tl.where(r > 0, a, tl.zeros_like(a))
         w_off = (oc * swn + kh * swh + kw * sww)[:, None] + (rn * swc)[None, :]
         b = tl.load(w_ptr + w_off, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
@@ -243,8 +249,8 @@ def conv2d_input_grad_kernel(
     interp_heuristics=WGRAD_INTERP,
     key=["N", "C", "H", "W", "OC", "KH", "KW", "Cg", "SPLIT_K"],
     signature=_signature(("g_ptr", "r_ptr", "x_ptr", "dw_ptr", "partial_ptr"), _strides("g", "r", "x", "dw"),
-                         ("HAS_MASK", "SPLIT_K", "PRECISION")),
-    constexprs=lambda dtype: {"HAS_MASK": True, "SPLIT_K": 4, "PRECISION": "ieee"},
+                         ("HAS_MASK", "SPLIT_K", "PADDED", "PRECISION")),
+    constexprs=lambda dtype: {"HAS_MASK": True, "SPLIT_K": 4, "PADDED": True, "PRECISION": "ieee"},
     tensor_core=True,
 )
 @triton.jit
@@ -253,7 +259,7 @@ def conv2d_weight_grad_kernel(
     N, C, H, W, OC, OH, OW, KH, KW, Cg, OCg,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     sgn, sgc, sgh, sgw, srn, src, srh, srw, sxn, sxc, sxh, sxw, sdwn, sdwc, sdwh, sdww,
-    HAS_MASK: tl.constexpr, SPLIT_K: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_MASK: tl.constexpr, SPLIT_K: tl.constexpr, PADDED: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_mn = tl.program_id(0)
@@ -296,9 +302,11 @@ def conv2d_weight_grad_kernel(
             r_col = n * srn + oh * srh + ow * srw
             r = tl.load(r_ptr + (oc * src)[:, None] + r_col[None, :], mask=a_mask, other=0.0)
             a = tl.where(r > 0, a, tl.zeros_like(a))
-        ih = (oh * stride_h - pad_h)[:, None] + (kh * dil_h)[None, :]
-        iw = (ow * stride_w - pad_w)[:, None] + (kw * dil_w)[None, :]
-        b_mask = p_ok[:, None] & n_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        b_mask = p_ok[:, None] & n_ok[None, :]
+        if PADDED:
+            ih = (oh * stride_h - pad_h)[:, None] + (kh * dil_h)[None, :]
+            iw = (ow * stride_w - pad_w)[:, None] + (kw * dil_w)[None, :]
+            b_mask = b_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         x_row = n * sxn + (oh * stride_h - pad_h) * sxh + (ow * stride_w - pad_w) * sxw
         b = tl.load(x_ptr + x_row[:, None] + x_col[None, :], mask=b_mask, other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
@@ -348,7 +356,7 @@ def conv2d(x, w, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), grou
 
     conv2d_fwd_kernel[grid](
         x, w, bias if bias is not None else w, y, *shape, *conv, *x.stride(), *w.stride(), *y.stride(),
-        HAS_BIAS=bias is not None, RELU=relu, PRECISION=dot_precision(x.dtype, allow_tf32),
+        HAS_BIAS=bias is not None, RELU=relu, PADDED=any(padding), PRECISION=dot_precision(x.dtype, allow_tf32),
     )
     return y
 
@@ -405,7 +413,8 @@ def conv2d_weight_grad(grad_out, x, relu_output, weight_size, stride, padding, d
 
     conv2d_weight_grad_kernel[grid](
         grad_out, r, x, dw, partial, *shape, *conv, *grad_out.stride(), *r.stride(), *x.stride(), *dw.stride(),
-        HAS_MASK=relu_output is not None, SPLIT_K=split, PRECISION=dot_precision(x.dtype, allow_tf32),
+        HAS_MASK=relu_output is not None, SPLIT_K=split, PADDED=any(padding),
+        PRECISION=dot_precision(x.dtype, allow_tf32),
     )
     if split > 1:
         torch.sum(partial, dim=0, out=dw) if dw.dtype == torch.float32 else dw.copy_(partial.sum(0))
