@@ -167,7 +167,7 @@ def conv2d_fwd_kernel(
     if HAS_BIAS:
         acc += tl.load(b_ptr + oc, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if RELU:
-        acc = tl.maximum(acc, 0.0)
+        acc = tl.where(acc < 0, 0.0, acc)  # NaN stays NaN, as torch.relu keeps it
     y_off = (n * syn + oh * syh + ow * syw)[:, None] + (oc * syc)[None, :]
     tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 

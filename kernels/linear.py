@@ -117,7 +117,7 @@ def gemm_kernel(
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if RELU:
-        acc = tl.maximum(acc, 0.0)
+        acc = tl.where(acc < 0, 0.0, acc)  # NaN stays NaN, as torch.relu keeps it
     c = acc.to(c_ptr.dtype.element_ty)
     tl.store(c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn, c, mask=m_ok[:, None] & n_ok[None, :])
 

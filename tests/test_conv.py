@@ -182,3 +182,10 @@ def test_bad_input_raises_like_torch(needle, bad):
 def test_bad_activation():
     with pytest.raises(ValueError, match="activation"):
         TF.conv2d(torch.randn(1, 3, 5, 5), torch.randn(2, 3, 3, 3), activation="gelu")
+
+
+def test_nan_propagates_through_fused_relu():
+    x = torch.randn(1, 2, 6, 6)
+    x[0, 1, 2, 3] = float("nan")
+    w = torch.randn(3, 2, 3, 3)
+    assert torch.equal(TF.conv2d_relu(x, w).isnan(), F.relu(F.conv2d(x, w)).isnan())

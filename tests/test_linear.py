@@ -87,3 +87,10 @@ def test_bad_input_raises_like_torch(needle, bad):
     with pytest.raises(expected.type) as got:
         TF.linear(x, w, b)
     assert needle.lower() in str(got.value).lower(), str(got.value)
+
+
+def test_nan_propagates_through_fused_relu():
+    x = torch.randn(4, 6)
+    x[2, 1] = float("nan")
+    w = torch.randn(5, 6)
+    assert torch.equal(TF.linear(x, w, activation="relu").isnan(), F.relu(F.linear(x, w)).isnan())
