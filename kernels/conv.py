@@ -37,6 +37,7 @@ from tritonkit.kernels.common import (
     interp_block,
     tuned_kernel,
 )
+from tritonkit.kernels.pool import pool_output_size
 from tritonkit.runtime import INTERPRET
 
 
@@ -96,11 +97,11 @@ def _strides(*names):
     return [f"s{n}{d}" for n in names for d in "nchw"]
 
 
-def _signature(pointers, strides, constexprs):
+def _signature(pointers, strides, constexprs, pool_args=()):
     def signature(dtype):
         t = "*" + TRITON_TYPE[dtype]
         sig = {p: ("*fp32" if p == "partial_ptr" else t) for p in pointers}
-        sig.update({a: "i32" for a in (*_SHAPE_ARGS, *_CONV_ARGS, *strides)})
+        sig.update({a: "i32" for a in (*_SHAPE_ARGS, *_CONV_ARGS, *pool_args, *strides)})
         sig.update({c: "constexpr" for c in (*constexprs, "BLOCK_M", "BLOCK_N", "BLOCK_K")})
         return sig
 
@@ -108,41 +109,19 @@ def _signature(pointers, strides, constexprs):
 
 
 # ---------------------------------------------------------------------------------------------- forward
-@tuned_kernel(
-    "conv2d_fwd",
-    gpu_configs=GPU_CONFIGS,
-    interp_heuristics=FWD_INTERP,
-    key=["N", "C", "H", "W", "OC", "KH", "KW", "Cg"],
-    signature=_signature(("x_ptr", "w_ptr", "b_ptr", "y_ptr"), _strides("x", "w", "y"),
-                         ("HAS_BIAS", "RELU", "PADDED", "PRECISION")),
-    constexprs=lambda dtype: {"HAS_BIAS": True, "RELU": True, "PADDED": True, "PRECISION": "ieee"},
-    tensor_core=True,
-)
 @triton.jit
-def conv2d_fwd_kernel(
-    x_ptr, w_ptr, b_ptr, y_ptr,
-    N, C, H, W, OC, OH, OW, KH, KW, Cg, OCg,
-    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    sxn, sxc, sxh, sxw, swn, swc, swh, sww, syn, syc, syh, syw,
+def _conv_fwd_tile(
+    x_ptr, w_ptr, b_ptr, n, oh, ow, m_ok, rn, group,
+    H, W, KH, KW, Cg, OCg, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    sxn, sxc, sxh, sxw, swn, swc, swh, sww,
     HAS_BIAS: tl.constexpr, RELU: tl.constexpr, PADDED: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    group = tl.program_id(2)
-    M = N * OH * OW
+    """act(bias + conv) for the output pixels (n, oh, ow) x channels rn of one group, in float32."""
     K = KH * KW * Cg
-
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    ow = rm % OW
-    oh = (rm // OW) % OH
-    n = rm // (OW * OH)
     ih0 = oh * stride_h - pad_h
     iw0 = ow * stride_w - pad_w
     x_row = x_ptr + n * sxn + ih0 * sxh + iw0 * sxw + group * Cg * sxc
-    m_ok = rm < M
-
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     oc = group * OCg + rn
     n_ok = rn < OCg
 
@@ -168,8 +147,100 @@ def conv2d_fwd_kernel(
         acc += tl.load(b_ptr + oc, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if RELU:
         acc = tl.where(acc < 0, 0.0, acc)  # NaN stays NaN, as torch.relu keeps it
+    return acc
+
+
+@tuned_kernel(
+    "conv2d_fwd",
+    gpu_configs=GPU_CONFIGS,
+    interp_heuristics=FWD_INTERP,
+    key=["N", "C", "H", "W", "OC", "KH", "KW", "Cg"],
+    signature=_signature(("x_ptr", "w_ptr", "b_ptr", "y_ptr"), _strides("x", "w", "y"),
+                         ("HAS_BIAS", "RELU", "PADDED", "PRECISION")),
+    constexprs=lambda dtype: {"HAS_BIAS": True, "RELU": True, "PADDED": True, "PRECISION": "ieee"},
+    tensor_core=True,
+)
+@triton.jit
+def conv2d_fwd_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr,
+    N, C, H, W, OC, OH, OW, KH, KW, Cg, OCg,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    sxn, sxc, sxh, sxw, swn, swc, swh, sww, syn, syc, syh, syw,
+    HAS_BIAS: tl.constexpr, RELU: tl.constexpr, PADDED: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    group = tl.program_id(2)
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    ow = rm % OW
+    oh = (rm // OW) % OH
+    n = rm // (OW * OH)
+    m_ok = rm < N * OH * OW
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = _conv_fwd_tile(
+        x_ptr, w_ptr, b_ptr, n, oh, ow, m_ok, rn, group,
+        H, W, KH, KW, Cg, OCg, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+        sxn, sxc, sxh, sxw, swn, swc, swh, sww,
+        HAS_BIAS, RELU, PADDED, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+    )
+    oc = group * OCg + rn
     y_off = (n * syn + oh * syh + ow * syw)[:, None] + (oc * syc)[None, :]
-    tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & (rn < OCg)[None, :])
+
+
+# ------------------------------------------------------------------- forward + ReLU + max-pool (inference)
+POOL_INTERP = _gemm_heuristics(lambda a: a["N"] * a["PH"] * a["PW"], lambda a: a["OCg"],
+                               lambda a: a["KH"] * a["KW"] * a["Cg"])
+
+
+_POOL_ARGS = ("PH", "PW", "PKH", "PKW", "pstride_h", "pstride_w", "ppad_h", "ppad_w", "pdil_h", "pdil_w")
+
+
+@tuned_kernel(
+    "conv2d_relu_maxpool_fwd",
+    gpu_configs=GPU_CONFIGS,
+    interp_heuristics=POOL_INTERP,
+    key=["N", "C", "H", "W", "OC", "KH", "KW", "Cg", "PKH", "PKW"],
+    signature=_signature(("x_ptr", "w_ptr", "b_ptr", "y_ptr"), _strides("x", "w", "y"),
+                         ("HAS_BIAS", "PADDED", "PRECISION"), _POOL_ARGS),
+    constexprs=lambda dtype: {"HAS_BIAS": True, "PADDED": True, "PRECISION": "ieee"},
+    tensor_core=True,
+)
+@triton.jit
+def conv2d_relu_maxpool_fwd_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr,
+    N, C, H, W, OC, OH, OW, KH, KW, Cg, OCg,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    PH, PW, PKH, PKW, pstride_h, pstride_w, ppad_h, ppad_w, pdil_h, pdil_w,
+    sxn, sxc, sxh, sxw, swn, swc, swh, sww, syn, syc, syh, syw,
+    HAS_BIAS: tl.constexpr, PADDED: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """y[n, oc, ph, pw] = max over the pool window of relu(bias + conv) at (oh, ow) inside the conv
+    output; the unpooled activation never reaches memory. Overlapping windows recompute conv tiles."""
+    group = tl.program_id(2)
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    pw = rm % PW
+    ph = (rm // PW) % PH
+    n = rm // (PW * PH)
+    m_ok = rm < N * PH * PW
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    best = tl.full((BLOCK_M, BLOCK_N), float("-inf"), tl.float32)
+    for i in range(0, PKH):
+        oh = ph * pstride_h - ppad_h + i * pdil_h
+        for j in range(0, PKW):
+            ow = pw * pstride_w - ppad_w + j * pdil_w
+            inside = m_ok & (oh >= 0) & (oh < OH) & (ow >= 0) & (ow < OW)
+            v = _conv_fwd_tile(
+                x_ptr, w_ptr, b_ptr, n, oh, ow, inside, rn, group,
+                H, W, KH, KW, Cg, OCg, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+                sxn, sxc, sxh, sxw, swn, swc, swh, sww,
+                HAS_BIAS, True, PADDED, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+            )
+            take = inside[:, None] & ((v > best) | (v != v))  # NaN wins, as in max_pool2d
+            best = tl.where(take, v, best)
+    oc = group * OCg + rn
+    y_off = (n * syn + ph * syh + pw * syw)[:, None] + (oc * syc)[None, :]
+    tl.store(y_ptr + y_off, best.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & (rn < OCg)[None, :])
 
 
 # ------------------------------------------------------------------------------------- input gradient
@@ -357,6 +428,30 @@ def conv2d(x, w, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), grou
     conv2d_fwd_kernel[grid](
         x, w, bias if bias is not None else w, y, *shape, *conv, *x.stride(), *w.stride(), *y.stride(),
         HAS_BIAS=bias is not None, RELU=relu, PADDED=any(padding), PRECISION=dot_precision(x.dtype, allow_tf32),
+    )
+    return y
+
+
+def conv2d_relu_maxpool(x, w, bias, stride, padding, dilation, groups, pool_kernel, pool_stride, pool_padding,
+                        pool_dilation, ceil_mode, *, allow_tf32=False):
+    """``max_pool2d(relu(conv2d(x, w) + bias))`` in one kernel (no indices: for inference)."""
+    shape, conv = _geometry(x.shape, w.shape, stride, padding, dilation, groups)
+    N, C, H, W, OC, OH, OW, KH, KW, Cg, OCg = shape
+    PH, PW = (pool_output_size(s, k, st, p, d, ceil_mode) for s, k, st, p, d in
+              zip((OH, OW), pool_kernel, pool_stride, pool_padding, pool_dilation))
+    y = empty((N, OC, PH, PW), dtype=x.dtype, device=x.device, memory_format=suggest_memory_format(x))
+    check_int32_indexing(x, w, y)
+    if y.numel() == 0:
+        return y
+
+    def grid(meta):
+        return (triton.cdiv(N * PH * PW, meta["BLOCK_M"]), triton.cdiv(OCg, meta["BLOCK_N"]), groups)
+
+    conv2d_relu_maxpool_fwd_kernel[grid](
+        x, w, bias if bias is not None else w, y, *shape, *conv,
+        PH, PW, *pool_kernel, *pool_stride, *pool_padding, *pool_dilation,
+        *x.stride(), *w.stride(), *y.stride(),
+        HAS_BIAS=bias is not None, PADDED=any(padding), PRECISION=dot_precision(x.dtype, allow_tf32),
     )
     return y
 

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tritonkit.functional as TF
-from tritonkit.testing import check_against_eager
+from tritonkit.testing import assert_close, check_against_eager
 
 ops = torch.ops.tritonkit
 
@@ -189,3 +189,37 @@ def test_nan_propagates_through_fused_relu():
     x[0, 1, 2, 3] = float("nan")
     w = torch.randn(3, 2, 3, 3)
     assert torch.equal(TF.conv2d_relu(x, w).isnan(), F.relu(F.conv2d(x, w)).isnan())
+
+
+# conv -> ReLU -> max-pool fused for inference: (n, c, h, w, oc, k, stride, padding, pool k, pool stride,
+# pool padding, ceil_mode); overlapping windows recompute conv tiles and must still agree.
+FUSED_POOL = [
+    (3, 3, 32, 32, 6, 5, 1, 0, 2, 2, 0, False),  # LeNet conv1 + pool
+    (2, 6, 14, 14, 16, 5, 1, 0, 2, 2, 0, False),  # LeNet conv2 + pool
+    (2, 4, 13, 11, 5, 3, 1, 1, 3, 2, 1, True),  # ResNet-stem style overlapping windows, ceil mode
+    (1, 3, 9, 10, 4, 3, 2, 1, 3, 2, 1, False),
+]
+
+
+@pytest.mark.parametrize("case", FUSED_POOL, ids=str)
+def test_conv_relu_maxpool_inference(case):
+    n, c, h, w, oc, k, stride, padding, pk, ps, pp, ceil = case
+    x, weight, b = torch.randn(n, c, h, w), torch.randn(oc, c, k, k), torch.randn(oc)
+    with torch.no_grad():
+        out = TF.conv2d_relu_maxpool(x, weight, b, stride, padding, pool_kernel_size=pk, pool_stride=ps,
+                                     pool_padding=pp, ceil_mode=ceil)
+    ref = F.max_pool2d(F.relu(F.conv2d(x, weight, b, stride, padding)), pk, ps, pp, ceil_mode=ceil)
+    assert_close(out, ref)
+
+
+def test_conv_relu_maxpool_training_path_has_gradients():
+    x = torch.randn(2, 3, 12, 12, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, requires_grad=True)
+    check_against_eager(lambda x, w: TF.conv2d_relu_maxpool(x, w),
+                        lambda x, w: F.max_pool2d(F.relu(F.conv2d(x, w)), 2), [x, w])
+
+
+def test_conv_relu_maxpool_opcheck():
+    args = (torch.randn(2, 3, 9, 9), torch.randn(4, 3, 3, 3), torch.randn(4), [1, 1], [1, 1], [1, 1], 1,
+            [3, 3], [2, 2], [1, 1], [1, 1], True)
+    torch.library.opcheck(ops.conv2d_relu_maxpool.default, args)

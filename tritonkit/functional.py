@@ -75,6 +75,28 @@ def conv2d_relu(input, weight, bias=None, stride=1, padding=0, dilation=1, group
     return conv2d(input, weight, bias, stride, padding, dilation, groups, activation="relu")
 
 
+def conv2d_relu_maxpool(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
+                        pool_kernel_size=2, pool_stride=None, pool_padding=0, pool_dilation=1, ceil_mode=False):
+    """``max_pool2d(relu(conv2d(...)), pool_kernel_size, ...)``.
+
+    Without autograd (inference) this is one kernel that never writes the unpooled activation; when a
+    gradient is needed it is ``conv2d_relu`` followed by ``max_pool2d``, which backward needs anyway.
+    """
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (input, weight, bias))
+    if needs_grad or isinstance(padding, str):
+        y = conv2d(input, weight, bias, stride, padding, dilation, groups, activation="relu")
+        return max_pool2d(y, pool_kernel_size, pool_stride, pool_padding, pool_dilation, ceil_mode)
+    x, unbatched = _batched(input, "conv2d")
+    pool_kernel_size = _pair("pool_kernel_size", pool_kernel_size)
+    pool_stride = pool_kernel_size if pool_stride is None else _pair("pool_stride", pool_stride)
+    y = torch.ops.tritonkit.conv2d_relu_maxpool(
+        x, weight, bias, _pair("stride", stride), _pair("padding", padding), _pair("dilation", dilation), groups,
+        pool_kernel_size, pool_stride, _pair("pool_padding", pool_padding), _pair("pool_dilation", pool_dilation),
+        bool(ceil_mode))
+    return y.squeeze(0) if unbatched else y
+
+
 def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
     """2-D max pooling, ``torch.nn.functional.max_pool2d``'s signature."""
     x, unbatched = _batched(input, "max_pool2d")

@@ -11,6 +11,7 @@ from typing import Optional, Sequence
 import torch
 
 from tritonkit.kernels import conv as kernels
+from tritonkit.ops import pool as pool_ops
 from tritonkit.ops.checks import check_float_tensors, check_pair
 
 Geometry = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
@@ -131,3 +132,33 @@ def _(grad_output, input, relu_output, weight_size, stride, padding, dilation, g
     geometry = check_conv_args(op, input.shape, weight_size, None, stride, padding, dilation, groups)
     _check_grad(op, grad_output, relu_output, _output_shape(input.shape, weight_size, *geometry), "input", input)
     return grad_output.new_empty(tuple(weight_size))
+
+
+# ------------------------------------------------------------------- conv + ReLU + max-pool (inference)
+def _check_conv_relu_maxpool(input, weight, bias, stride, padding, dilation, groups, pool_args):
+    op = "tritonkit.conv2d_relu_maxpool"
+    check_float_tensors(op, input=input, weight=weight, bias=bias)
+    geometry = check_conv_args(op, input.shape, weight.shape, bias, stride, padding, dilation, groups)
+    conv_out = torch.empty(_output_shape(input.shape, weight.shape, *geometry), dtype=input.dtype, device="meta")
+    pool, pooled = pool_ops._pool_geometry(op, conv_out, *pool_args)
+    return geometry, pool, (conv_out.shape[0], conv_out.shape[1], *pooled)
+
+
+@torch.library.custom_op("tritonkit::conv2d_relu_maxpool", mutates_args=())
+def conv2d_relu_maxpool(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                        stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int,
+                        pool_kernel_size: Sequence[int], pool_stride: Sequence[int], pool_padding: Sequence[int],
+                        pool_dilation: Sequence[int], ceil_mode: bool) -> torch.Tensor:
+    """``max_pool2d(relu(conv2d(input, weight) + bias))`` in one kernel, for inference (no indices)."""
+    pool_args = (pool_kernel_size, pool_stride, pool_padding, pool_dilation, ceil_mode)
+    geometry, pool, _ = _check_conv_relu_maxpool(input, weight, bias, stride, padding, dilation, groups, pool_args)
+    return kernels.conv2d_relu_maxpool(input, weight, bias, *geometry, groups, *pool, ceil_mode,
+                                       allow_tf32=conv_allows_tf32())
+
+
+@conv2d_relu_maxpool.register_fake
+def _(input, weight, bias, stride, padding, dilation, groups, pool_kernel_size, pool_stride, pool_padding,
+      pool_dilation, ceil_mode):
+    pool_args = (pool_kernel_size, pool_stride, pool_padding, pool_dilation, ceil_mode)
+    _, _, shape = _check_conv_relu_maxpool(input, weight, bias, stride, padding, dilation, groups, pool_args)
+    return input.new_empty(shape).contiguous(memory_format=kernels.suggest_memory_format(input))
