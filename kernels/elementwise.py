@@ -1,0 +1,268 @@
+"""ReLU forward/backward and the bias gradient (a sum over every dim but one, optionally ReLU-masked).
+
+* ``relu(x) = x < 0 ? 0 : x`` (NaN stays NaN, like ``torch.relu``).
+* ``relu_backward(g, y) = y <= 0 ? 0 : g``: aten's ``threshold_backward(g, y, 0)``, so a NaN output
+  lets the gradient through and a NaN gradient is zeroed where ``y <= 0``.
+* ``bias_grad(g, y, dim)[c] = sum over all other dims of relu_backward(g, y)`` (just ``g`` without
+  ``y``), accumulated in float32, rounded once to ``g``'s dtype.
+
+ReLU kernels are flat 1-D passes over the storage of dense tensors (any dense layout: contiguous,
+channels_last, permuted); the result has the input's strides. Non-dense inputs (slices, expanded
+views) are first copied densely (``clone``, which keeps their stride order) - one extra pass.
+
+``bias_grad`` views ``g`` as ``[A1, A2, B, C]`` by coalescing the non-reduced dims (B is the
+innermost in memory), so NCHW (A1 = N, B = H*W), channels_last (B = N*H*W) and ``(*, N)`` linear
+gradients (B = rows) are all read in place with their strides. Up to three reduced groups are
+handled in place; anything more fragmented is copied contiguous first. The reduction is split over
+``SPLIT`` programs per channel block, each writing a float32 partial sum; a second tiny pass adds the
+partials in a fixed order, so the result is deterministic (no atomics).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from tritonkit.kernels.common import (
+    INTERP_TILE,
+    TRITON_TYPE,
+    check_int32_indexing,
+    empty,
+    empty_strided,
+    interp_block,
+    tuned_kernel,
+)
+
+from tritonkit.runtime import INTERPRET
+
+_FLAT_GPU_CONFIGS = [
+    triton.Config({"BLOCK": 1024}, num_warps=4),
+    triton.Config({"BLOCK": 2048}, num_warps=4),
+    triton.Config({"BLOCK": 4096}, num_warps=8),
+    triton.Config({"BLOCK": 8192}, num_warps=8),
+]
+_FLAT_INTERP = {"BLOCK": lambda a: interp_block(a["numel"], 16, INTERP_TILE)}
+
+
+def _relu_signature(dtype):
+    t = TRITON_TYPE[dtype]
+    return {"x_ptr": f"*{t}", "y_ptr": f"*{t}", "numel": "i32", "BLOCK": "constexpr"}
+
+
+@tuned_kernel("relu_fwd", gpu_configs=_FLAT_GPU_CONFIGS, interp_heuristics=_FLAT_INTERP, key=["numel"],
+              signature=_relu_signature)
+@triton.jit
+def relu_fwd_kernel(x_ptr, y_ptr, numel, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    x = tl.load(x_ptr + offs, mask=mask).to(tl.float32)
+    tl.store(y_ptr + offs, tl.where(x < 0, 0.0, x).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def _relu_bwd_signature(dtype):
+    t = TRITON_TYPE[dtype]
+    return {"g_ptr": f"*{t}", "y_ptr": f"*{t}", "dx_ptr": f"*{t}", "numel": "i32", "BLOCK": "constexpr"}
+
+
+@tuned_kernel("relu_bwd", gpu_configs=_FLAT_GPU_CONFIGS, interp_heuristics=_FLAT_INTERP, key=["numel"],
+              signature=_relu_bwd_signature)
+@triton.jit
+def relu_bwd_kernel(g_ptr, y_ptr, dx_ptr, numel, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
+    y = tl.load(y_ptr + offs, mask=mask).to(tl.float32)
+    tl.store(dx_ptr + offs, tl.where(y <= 0, 0.0, g).to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+# bias_grad partial sums. Channel-contiguous layouts (channels_last, linear) want wide C tiles,
+# NCHW (B contiguous) wants long B tiles; the key carries both strides so each layout tunes apart.
+_BIAS_GPU_CONFIGS = [
+    triton.Config({"BLOCK_B": 256, "BLOCK_C": 4}, num_warps=4),
+    triton.Config({"BLOCK_B": 128, "BLOCK_C": 8}, num_warps=4),
+    triton.Config({"BLOCK_B": 512, "BLOCK_C": 2}, num_warps=8),
+    triton.Config({"BLOCK_B": 64, "BLOCK_C": 32}, num_warps=4),
+    triton.Config({"BLOCK_B": 32, "BLOCK_C": 64}, num_warps=4),
+    triton.Config({"BLOCK_B": 16, "BLOCK_C": 128}, num_warps=4),
+    triton.Config({"BLOCK_B": 64, "BLOCK_C": 128}, num_warps=8),
+]
+_BIAS_INTERP = {
+    "BLOCK_C": lambda a: interp_block(a["C"], 1, 1024),
+    "BLOCK_B": lambda a: interp_block(a["B"], 1, INTERP_TILE // a["BLOCK_C"]),
+}
+
+
+def _bias_partial_signature(dtype):
+    t = TRITON_TYPE[dtype]
+    ints = ["C", "A1", "A2", "B", "g_sa1", "g_sa2", "g_sb", "g_sc", "r_sa1", "r_sa2", "r_sb", "r_sc",
+            "HAS_MASK", "SPLIT"]
+    return {"g_ptr": f"*{t}", "r_ptr": f"*{t}", "part_ptr": "*fp32", **{k: "i32" for k in ints},
+            "BLOCK_B": "constexpr", "BLOCK_C": "constexpr"}
+
+
+@tuned_kernel("bias_grad_partial", gpu_configs=_BIAS_GPU_CONFIGS, interp_heuristics=_BIAS_INTERP,
+              key=["C", "A1", "A2", "B", "g_sb", "g_sc", "SPLIT"], signature=_bias_partial_signature)
+@triton.jit
+def bias_grad_partial_kernel(
+    g_ptr, r_ptr, part_ptr,
+    C, A1, A2, B,
+    g_sa1, g_sa2, g_sb, g_sc,
+    r_sa1, r_sa2, r_sb, r_sc,
+    HAS_MASK,  # 1: zero g where r <= 0 (r is the ReLU output); 0: r_ptr is unused
+    SPLIT,
+    BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """part[s, c] = sum of g[a1, a2, b, c] over the s-th of SPLIT equal runs of (a1, a2, b-block) tiles."""
+    pid_c = tl.program_id(0)
+    split = tl.program_id(1)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    b_blocks = tl.cdiv(B, BLOCK_B)
+    tiles = A1 * A2 * b_blocks
+    t_lo = (split.to(tl.int64) * tiles // SPLIT).to(tl.int32)
+    t_hi = ((split.to(tl.int64) + 1) * tiles // SPLIT).to(tl.int32)
+    B_r = B * HAS_MASK  # rows of r to read: all of them, or none (a vector mask, not scalar & vector)
+    acc = tl.zeros([BLOCK_B, BLOCK_C], tl.float32)
+    for t in range(t_lo, t_hi):
+        a = t // b_blocks
+        b = (t - a * b_blocks) * BLOCK_B + tl.arange(0, BLOCK_B)
+        a1 = a // A2
+        a2 = a - a1 * A2
+        m = (b < B)[:, None] & c_ok[None, :]
+        g = tl.load(g_ptr + (a1 * g_sa1 + a2 * g_sa2) + b[:, None] * g_sb + c[None, :] * g_sc, mask=m,
+                    other=0.0)
+        r = tl.load(r_ptr + (a1 * r_sa1 + a2 * r_sa2) + b[:, None] * r_sb + c[None, :] * r_sc,
+                    mask=(b < B_r)[:, None] & c_ok[None, :], other=1.0)
+        acc += tl.where(r.to(tl.float32) <= 0, 0.0, g.to(tl.float32))
+    tl.store(part_ptr + split * C + c, tl.sum(acc, axis=0), mask=c_ok)
+
+
+_FINISH_GPU_CONFIGS = [
+    triton.Config({"BLOCK_S": 16, "BLOCK_C": 128}, num_warps=4),
+    triton.Config({"BLOCK_S": 64, "BLOCK_C": 64}, num_warps=4),
+]
+_FINISH_INTERP = {
+    "BLOCK_C": lambda a: interp_block(a["C"], 1, 4096),
+    "BLOCK_S": lambda a: interp_block(a["SPLIT"], 1, 256),
+}
+
+
+def _bias_finish_signature(dtype):
+    return {"part_ptr": "*fp32", "out_ptr": f"*{TRITON_TYPE[dtype]}", "C": "i32", "SPLIT": "i32",
+            "BLOCK_S": "constexpr", "BLOCK_C": "constexpr"}
+
+
+@tuned_kernel("bias_grad_finish", gpu_configs=_FINISH_GPU_CONFIGS, interp_heuristics=_FINISH_INTERP,
+              key=["C", "SPLIT"], signature=_bias_finish_signature)
+@triton.jit
+def bias_grad_finish_kernel(part_ptr, out_ptr, C, SPLIT, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    """out[c] = sum over s of part[s, c], in ascending s, rounded once to out's dtype."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    acc = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
+    for s0 in range(0, SPLIT, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        m = (s < SPLIT)[:, None] & c_ok[None, :]
+        acc += tl.load(part_ptr + s[:, None] * C + c[None, :], mask=m, other=0.0)
+    tl.store(out_ptr + c, tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty), mask=c_ok)
+
+
+# --- launchers --------------------------------------------------------------------------------------
+
+
+def _is_dense(t: torch.Tensor) -> bool:
+    """Whether ``t``'s elements tile one gap-free block of memory (some permutation of contiguous)."""
+    expected = 1
+    for size, stride in sorted(((s, st) for s, st in zip(t.shape, t.stride()) if s != 1), key=lambda p: p[1]):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when dense; else a dense copy in its stride order (``clone`` keeps that order)."""
+    return t if t.numel() == 0 or _is_dense(t) else t.clone()
+
+
+def relu(x: torch.Tensor) -> torch.Tensor:
+    """``max(x, 0)`` with NaN kept; the result has ``x``'s strides when ``x`` is dense."""
+    x = _dense(x)
+    y = empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
+    if x.numel():
+        check_int32_indexing(x)
+        relu_fwd_kernel[lambda meta: (triton.cdiv(x.numel(), meta["BLOCK"]),)](x, y, x.numel())
+    return y
+
+
+def relu_backward(grad_output: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+    """``threshold_backward(grad_output, output, 0)``; the result has ``grad_output``'s dense layout."""
+    g = _dense(grad_output)
+    y = output if output.stride() == g.stride() else torch.empty_like(g).copy_(output)
+    dx = empty_strided(g.shape, g.stride(), dtype=g.dtype, device=g.device)
+    if g.numel():
+        check_int32_indexing(g)
+        relu_bwd_kernel[lambda meta: (triton.cdiv(g.numel(), meta["BLOCK"]),)](g, y, dx, g.numel())
+    return dx
+
+
+def _reduced_groups(g: torch.Tensor, r: torch.Tensor | None, dim: int):
+    """The dims other than ``dim`` coalesced into at most 3 groups ``[size, g_stride, r_stride]``,
+    outermost first (padded with size-1 groups), or None when they do not coalesce that far."""
+    r_stride = r.stride() if r is not None else g.stride()
+    dims = sorted((d for d in range(g.ndim) if d != dim and g.shape[d] != 1), key=g.stride, reverse=True)
+    groups: list[list[int]] = []
+    for d in dims:
+        size, gs, rs = g.shape[d], g.stride(d), r_stride[d]
+        if groups and groups[-1][1] == size * gs and groups[-1][2] == size * rs:
+            groups[-1] = [groups[-1][0] * size, gs, rs]
+        else:
+            groups.append([size, gs, rs])
+    if len(groups) > 3:
+        return None
+    return [[1, 0, 0]] * (3 - len(groups)) + groups
+
+
+def _default_split(C: int, rows: int, device: torch.device) -> int:
+    """Programs per channel block: enough to fill the GPU (~4 per SM), each summing >= 1024 rows."""
+    if INTERPRET:
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(triton.cdiv(4 * sms, triton.cdiv(C, 64)), triton.cdiv(rows, 1024), 512))
+
+
+def bias_grad(grad_output: torch.Tensor, relu_output: torch.Tensor | None, dim: int,
+              split: int | None = None) -> torch.Tensor:
+    """``sum`` of ``grad_output`` (masked where ``relu_output <= 0``) over every dim but ``dim``.
+
+    ``split`` overrides how many partial sums each channel block is cut into (tests use it).
+    """
+    g, r = grad_output, relu_output
+    dim = dim % g.ndim
+    C = g.shape[dim]
+    out = empty((C,), dtype=g.dtype, device=g.device)
+    if C == 0:
+        return out
+    if g.numel() == 0:
+        return out.zero_()
+    groups = _reduced_groups(g, r, dim)
+    if groups is None:  # more than three non-mergeable reduced groups: read a contiguous copy
+        g, r = g.contiguous(), (r.contiguous() if r is not None else None)
+        groups = _reduced_groups(g, r, dim)
+    check_int32_indexing(g, r)
+    (A1, g_sa1, r_sa1), (A2, g_sa2, r_sa2), (B, g_sb, r_sb) = groups
+    g_sc = g.stride(dim)
+    r_sc = r.stride(dim) if r is not None else g_sc
+    split = split or _default_split(C, A1 * A2 * B, g.device)
+    direct = split == 1 and g.dtype == torch.float32
+    part = out if direct else empty((split, C), dtype=torch.float32, device=g.device)
+    bias_grad_partial_kernel[lambda meta: (triton.cdiv(C, meta["BLOCK_C"]), split)](
+        g, r if r is not None else g, part, C, A1, A2, B, g_sa1, g_sa2, g_sb, g_sc, r_sa1, r_sa2, r_sb, r_sc,
+        int(r is not None), split,
+    )
+    if not direct:
+        bias_grad_finish_kernel[lambda meta: (triton.cdiv(C, meta["BLOCK_C"]),)](part, out, C, split)
+    return out
+
+
+__all__ = ["bias_grad", "relu", "relu_backward"]

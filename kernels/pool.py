@@ -1,0 +1,252 @@
+"""Max-pool2d forward (values + argmax indices) and its deterministic gather backward.
+
+Semantics are aten's ``max_pool2d_with_indices`` exactly:
+
+* window of output ``(oh, ow)``: rows ``ih = oh*SH - PH + kh*DH`` (``kh < KH``), columns likewise;
+  taps outside the input are skipped;
+* scanning the window row-major from ``max = -inf``, a tap wins when ``x > max`` or ``x`` is NaN, so
+  ties report the *first* maximum and NaNs the *last* NaN; the index is ``ih * W + iw``, the flat offset
+  in the ``H x W`` plane. Before the scan the index is the window's first in-range tap (so an all
+  ``-inf`` window reports it; a window with no in-range tap - possible only with dilation - reports
+  that tap's nominal offset and ``-inf``, as aten does);
+* the output (and indices) take the memory format that eager picks: channels_last when the input's
+  strides look channels_last (``suggest_memory_format``), contiguous NCHW otherwise.
+
+Backward is a gather: each input element ``(h, w)`` visits the few output windows whose extent covers
+it (``oh`` in ``[p_start, p_end)`` as in aten's CUDA kernel) and adds the gradients whose index equals
+``h * W + w``. No atomics, so the sum order (ascending ``oh``, then ``ow``) is fixed. Windows whose
+index does not lie inside them (only the no-in-range-tap case above) contribute nothing.
+
+Both kernels tile ``[BLOCK_P, BLOCK_C]``: P runs over (n, y, x) positions, C over channels, with
+every stride a runtime argument, so NCHW (long P tiles) and channels_last (wide C tiles) layouts are
+both coalesced; the autotune key includes the channel stride so each layout tunes separately.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from tritonkit.kernels.common import (
+    INTERP_TILE,
+    TRITON_TYPE,
+    check_int32_indexing,
+    empty,
+    interp_block,
+    tuned_kernel,
+)
+
+
+def _config(block_p, block_c, warps):
+    return triton.Config({"BLOCK_P": block_p, "BLOCK_C": block_c}, num_warps=warps, num_stages=1)
+
+
+# NCHW prefers long position tiles; channels_last prefers wide channel tiles. The backward keeps
+# more state per element: its wide tiles use 8 warps (with 4, sm_90 spills when strides are generic).
+_NCHW_CONFIGS = [_config(256, 1, 4), _config(512, 1, 8), _config(128, 2, 4)]
+_FWD_GPU_CONFIGS = _NCHW_CONFIGS + [_config(32, 32, 4), _config(16, 64, 4), _config(8, 128, 4),
+                                    _config(16, 128, 8)]
+_BWD_GPU_CONFIGS = _NCHW_CONFIGS + [_config(32, 32, 8), _config(16, 64, 8), _config(8, 128, 8)]
+
+# Interpreter: one program covers as many (position, channel) pairs as numpy handles well.
+_INTERP_HEURISTICS = {
+    "BLOCK_C": lambda a: interp_block(a["C"], 1, 256),
+    "BLOCK_P": lambda a: interp_block(a["P"], 1, INTERP_TILE // a["BLOCK_C"]),
+}
+
+
+def _fwd_signature(dtype):
+    t = TRITON_TYPE[dtype]
+    ints = ["P", "C", "H", "W", "OH", "OW", "x_sn", "x_sc", "x_sh", "x_sw", "o_sn", "o_sc", "o_sh", "o_sw",
+            "KH", "KW", "SH", "SW", "PH", "PW", "DH", "DW"]
+    return {"x_ptr": f"*{t}", "out_ptr": f"*{t}", "idx_ptr": "*i64", **{k: "i32" for k in ints},
+            "BLOCK_P": "constexpr", "BLOCK_C": "constexpr"}
+
+
+@tuned_kernel("max_pool2d_fwd", gpu_configs=_FWD_GPU_CONFIGS, interp_heuristics=_INTERP_HEURISTICS,
+              key=["P", "C", "OH", "OW", "KH", "KW", "o_sc"], signature=_fwd_signature)
+@triton.jit
+def max_pool2d_fwd_kernel(
+    x_ptr, out_ptr, idx_ptr,
+    P, C, H, W, OH, OW,
+    x_sn, x_sc, x_sh, x_sw,
+    o_sn, o_sc, o_sh, o_sw,  # shared by out and idx (allocated alike)
+    KH, KW, SH, SW, PH, PW, DH, DW,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """out[n, c, oh, ow] = max of x over the window, idx = its ih * W + iw (aten's tie and NaN rule)."""
+    pid = tl.program_id(0)
+    c_blocks = tl.cdiv(C, BLOCK_C)
+    p = (pid // c_blocks) * BLOCK_P + tl.arange(0, BLOCK_P)  # flat (n, oh, ow)
+    c = (pid % c_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
+    p_ok = p < P
+    c_ok = c < C
+    ow = p % OW
+    oh = (p // OW) % OH
+    n = p // (OW * OH)
+    h0 = oh * SH - PH
+    w0 = ow * SW - PW
+    # aten starts from the first tap at or after row/col 0: h0 + ceil(-h0 / DH) * DH when h0 < 0.
+    h_first = h0 + ((tl.maximum(-h0, 0) + DH - 1) // DH) * DH
+    w_first = w0 + ((tl.maximum(-w0, 0) + DW - 1) // DW) * DW
+
+    best = tl.full([BLOCK_P, BLOCK_C], float("-inf"), tl.float32)
+    best_idx = tl.zeros([BLOCK_P, BLOCK_C], tl.int32) + (h_first * W + w_first)[:, None]
+    x_nc = x_ptr + (n * x_sn)[:, None] + (c * x_sc)[None, :]
+    for kh in range(KH):
+        ih = h0 + kh * DH
+        h_ok = p_ok & (ih >= 0) & (ih < H)
+        for kw in range(KW):
+            iw = w0 + kw * DW
+            ok = (h_ok & (iw >= 0) & (iw < W))[:, None] & c_ok[None, :]
+            v = tl.load(x_nc + (ih * x_sh + iw * x_sw)[:, None], mask=ok, other=float("-inf"))
+            v = v.to(tl.float32)
+            take = ok & ((v > best) | (v != v))  # noqa: PLR0124  (v != v: NaN)
+            best = tl.where(take, v, best)
+            best_idx = tl.where(take, (ih * W + iw)[:, None], best_idx)
+
+    o_off = (n * o_sn + oh * o_sh + ow * o_sw)[:, None] + (c * o_sc)[None, :]
+    o_ok = p_ok[:, None] & c_ok[None, :]
+    tl.store(out_ptr + o_off, best.to(out_ptr.dtype.element_ty), mask=o_ok)
+    tl.store(idx_ptr + o_off, best_idx.to(tl.int64), mask=o_ok)
+
+
+def _bwd_signature(dtype):
+    t = TRITON_TYPE[dtype]
+    ints = ["P", "C", "H", "W", "OH", "OW", "g_sn", "g_sc", "g_sh", "g_sw", "i_sn", "i_sc", "i_sh", "i_sw",
+            "d_sn", "d_sc", "d_sh", "d_sw", "SH", "SW", "PH", "PW", "EKH", "EKW", "WIN_H", "WIN_W"]
+    return {"grad_ptr": f"*{t}", "idx_ptr": "*i64", "dx_ptr": f"*{t}", **{k: "i32" for k in ints},
+            "BLOCK_P": "constexpr", "BLOCK_C": "constexpr"}
+
+
+@tuned_kernel("max_pool2d_bwd", gpu_configs=_BWD_GPU_CONFIGS, interp_heuristics=_INTERP_HEURISTICS,
+              key=["P", "C", "OH", "OW", "WIN_H", "WIN_W", "d_sc"], signature=_bwd_signature)
+@triton.jit
+def max_pool2d_bwd_kernel(
+    grad_ptr, idx_ptr, dx_ptr,
+    P, C, H, W, OH, OW,
+    g_sn, g_sc, g_sh, g_sw,
+    i_sn, i_sc, i_sh, i_sw,
+    d_sn, d_sc, d_sh, d_sw,
+    SH, SW, PH, PW, EKH, EKW,  # EK = effective kernel extent (K - 1) * D + 1
+    WIN_H, WIN_W,  # most windows covering one row / column: min(ceil(EK / S), OH / OW)
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """dx[n, c, h, w] = sum of grad[n, c, oh, ow] over windows covering (h, w) with idx == h * W + w."""
+    pid = tl.program_id(0)
+    c_blocks = tl.cdiv(C, BLOCK_C)
+    p = (pid // c_blocks) * BLOCK_P + tl.arange(0, BLOCK_P)  # flat (n, h, w)
+    c = (pid % c_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
+    p_ok = p < P
+    c_ok = c < C
+    w = p % W
+    h = (p // W) % H
+    n = p // (W * H)
+    # Windows oh whose extent [oh*SH - PH, oh*SH - PH + EKH) contains h: oh in [oh_lo, oh_hi).
+    hp = h + PH
+    wp = w + PW
+    oh_lo = tl.where(hp < EKH, 0, (hp - EKH) // SH + 1)
+    oh_hi = tl.where(p_ok, tl.minimum(hp // SH + 1, OH), 0)  # rows past P: no windows
+    ow_lo = tl.where(wp < EKW, 0, (wp - EKW) // SW + 1)
+    ow_hi = tl.minimum(wp // SW + 1, OW)
+    target = (h * W + w)[:, None]
+    tile_ok = p_ok[:, None] & c_ok[None, :]
+    d_off = (n * d_sn + h * d_sh + w * d_sw)[:, None] + (c * d_sc)[None, :]
+    g_nc = (n * g_sn)[:, None] + (c * g_sc)[None, :]
+    i_nc = (n * i_sn)[:, None] + (c * i_sc)[None, :]
+
+    acc = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
+    for t in range(WIN_H * WIN_W):  # one flat loop: nested runtime loops make ptxas spill on sm_80
+        i = t // WIN_W
+        oh = oh_lo + i
+        ow = ow_lo + (t - i * WIN_W)
+        ok = ((oh < oh_hi) & (ow < ow_hi))[:, None] & c_ok[None, :]
+        idx = tl.load(idx_ptr + (i_nc + (oh * i_sh + ow * i_sw)[:, None]), mask=ok, other=-1)
+        hit = ok & (idx == target)
+        g = tl.load(grad_ptr + (g_nc + (oh * g_sh + ow * g_sw)[:, None]), mask=hit, other=0.0)
+        acc += g.to(tl.float32)
+
+    tl.store(dx_ptr + d_off, acc.to(dx_ptr.dtype.element_ty), mask=tile_ok)
+
+
+# --- launchers --------------------------------------------------------------------------------------
+
+
+def pool_output_size(size: int, kernel: int, stride: int, pad: int, dilation: int, ceil_mode: bool) -> int:
+    """aten's ``pooling_output_shape``: floor (or ceil) division, and in ceil mode the last window
+    must start inside the input or the left padding."""
+    out = (size + 2 * pad - dilation * (kernel - 1) - 1 + (stride - 1 if ceil_mode else 0)) // stride + 1
+    if ceil_mode and (out - 1) * stride >= size + pad:
+        out -= 1
+    return out
+
+
+def output_memory_format(x: torch.Tensor) -> torch.memory_format:
+    """The memory format eager max-pool gives its output and grad_input for 4-D input ``x``.
+
+    c10's ``suggest_memory_format``: channels_last when the strides look channels_last
+    (``is_channels_last_strides_2d``: strides non-decreasing in the order C, W, H, N, ambiguous
+    size-1 cases resolved to NCHW, any size-0 dim meaning NCHW).
+    """
+    sizes, strides = x.shape, x.stride()
+    if strides[1] == 0:
+        return torch.contiguous_format
+    lower = 0
+    for d in (1, 3, 2, 0):
+        if sizes[d] == 0 or strides[d] < lower or (d == 0 and lower == strides[1]):
+            return torch.contiguous_format
+        lower = strides[d] * sizes[d] if sizes[d] > 1 else strides[d]
+    return torch.channels_last
+
+
+def max_pool2d_forward(x: torch.Tensor, kernel_size, stride, padding, dilation, ceil_mode: bool):
+    """Values and int64 plane-offset indices of a 2-D max pool over 4-D ``x`` (any strides).
+
+    Arguments are already-validated pairs ``(h, w)``; outputs are in ``output_memory_format(x)``.
+    """
+    N, C, H, W = x.shape
+    (KH, KW), (SH, SW), (PH, PW), (DH, DW) = kernel_size, stride, padding, dilation
+    OH = pool_output_size(H, KH, SH, PH, DH, ceil_mode)
+    OW = pool_output_size(W, KW, SW, PW, DW, ceil_mode)
+    fmt = output_memory_format(x)
+    out = empty((N, C, OH, OW), dtype=x.dtype, device=x.device, memory_format=fmt)
+    idx = empty((N, C, OH, OW), dtype=torch.int64, device=x.device, memory_format=fmt)
+    if out.numel() == 0:
+        return out, idx
+    check_int32_indexing(x, out)
+    P = N * OH * OW
+
+    def grid(meta):
+        return (triton.cdiv(P, meta["BLOCK_P"]) * triton.cdiv(C, meta["BLOCK_C"]),)
+
+    max_pool2d_fwd_kernel[grid](
+        x, out, idx, P, C, H, W, OH, OW, *x.stride(), *out.stride(), KH, KW, SH, SW, PH, PW, DH, DW,
+    )
+    return out, idx
+
+
+def max_pool2d_backward(grad_output: torch.Tensor, x: torch.Tensor, indices: torch.Tensor,
+                        kernel_size, stride, padding, dilation) -> torch.Tensor:
+    """Gradient w.r.t. ``x`` of a max pool whose argmax was ``indices``, in ``x``'s memory format."""
+    N, C, H, W = x.shape
+    OH, OW = grad_output.shape[2:]
+    (KH, KW), (SH, SW), (PH, PW), (DH, DW) = kernel_size, stride, padding, dilation
+    grad_input = empty(x.shape, dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
+    if grad_input.numel() == 0:
+        return grad_input
+    check_int32_indexing(grad_output, indices, grad_input)
+    EKH, EKW = (KH - 1) * DH + 1, (KW - 1) * DW + 1
+    P = N * H * W
+
+    def grid(meta):
+        return (triton.cdiv(P, meta["BLOCK_P"]) * triton.cdiv(C, meta["BLOCK_C"]),)
+
+    max_pool2d_bwd_kernel[grid](
+        grad_output, indices, grad_input, P, C, H, W, OH, OW,
+        *grad_output.stride(), *indices.stride(), *grad_input.stride(),
+        SH, SW, PH, PW, EKH, EKW, min(triton.cdiv(EKH, SH), OH), min(triton.cdiv(EKW, SW), OW),
+    )
+    return grad_input
+
+
+__all__ = ["max_pool2d_backward", "max_pool2d_forward", "output_memory_format", "pool_output_size"]

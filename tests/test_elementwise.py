@@ -1,0 +1,263 @@
+"""tritonkit::relu, tritonkit::relu_backward and tritonkit::bias_grad against eager PyTorch.
+
+ReLU is exact, so it is compared bit for bit (NaN included); bias_grad is a float32-accumulated sum
+compared with eager's float32 sum of the same values at the gradient tolerance. Outputs are
+NaN-poisoned before every launch (tests/conftest.py).
+"""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tritonkit.kernels import elementwise as kernels
+
+import tritonkit.ops.elementwise  # noqa: F401  (registers the ops)
+from tritonkit.runtime import default_device
+from tritonkit.testing import assert_close
+
+ops = torch.ops.tritonkit
+aten = torch.ops.aten
+DEVICE = default_device()
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+LAYOUTS = ["contiguous", "channels_last", "sliced", "permuted", "expanded"]
+
+
+def random_values(*shape, specials=False):
+    """Standard normal values; with ``specials`` a tenth each of NaN, +inf, -inf and exact zeros."""
+    x = torch.randn(shape)
+    if specials and x.numel():
+        flat = x.view(-1)
+        for value in [float("nan"), float("inf"), float("-inf"), 0.0]:
+            flat[torch.randint(0, flat.numel(), (max(1, flat.numel() // 10),))] = value
+    return x
+
+
+def make(shape, layout="contiguous", dtype=torch.float32, specials=False):
+    """Random values of logical 4-D ``shape`` in a memory layout (values drawn before the view is taken)."""
+    n, c, h, w = shape
+
+    def values(*s):
+        return random_values(*s, specials=specials)
+
+    if layout == "contiguous":
+        x = values(n, c, h, w)
+    elif layout == "channels_last":
+        x = values(n, c, h, w).contiguous(memory_format=torch.channels_last)
+    elif layout == "sliced":  # not dense: every other channel, one row cut off
+        x = values(n, 2 * c, h + 1, w)[:, ::2, 1:]
+    elif layout == "permuted":  # dense, in an unusual order
+        x = values(w, c, n, h).permute(2, 1, 3, 0)
+    elif layout == "expanded":  # overlapping: the same values for every batch entry
+        x = values(1, c, h, w).expand(n, c, h, w)
+    else:
+        raise ValueError(layout)
+    return x.to(dtype).to(DEVICE)
+
+
+# ---------------------------------------------------------------------------------------- relu
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_relu(layout, dtype):
+    x = make((2, 3, 7, 9), layout, dtype, specials=True)
+    y = ops.relu(x)
+    ref = torch.relu(x.cpu())
+    assert torch.equal(y.cpu().isnan(), ref.isnan())
+    assert_close(y.cpu(), ref)
+    assert y.stride() == ref.stride() or layout in ("sliced", "expanded"), (y.stride(), ref.stride())
+    assert y.stride() == torch.empty_like(x).stride()  # what the fake impl promises
+
+
+@pytest.mark.parametrize("shape", [(0,), (1,), (1000,), (3, 5, 7), (2**20 + 3,)], ids=str)
+def test_relu_sizes(shape):
+    """Empty, tiny, off-block and bigger-than-one-interpreter-block sizes (tail masking)."""
+    x = torch.randn(shape).to(DEVICE)
+    assert torch.equal(ops.relu(x).cpu(), torch.relu(x.cpu()))
+
+
+@pytest.mark.parametrize("layouts", [("contiguous", "contiguous"), ("channels_last", "channels_last"),
+                                     ("contiguous", "channels_last"), ("sliced", "permuted"),
+                                     ("expanded", "sliced")])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_relu_backward(layouts, dtype):
+    grad = make((2, 3, 7, 9), layouts[0], dtype, specials=True)
+    output = make((2, 3, 7, 9), layouts[1], dtype, specials=True).clamp_min(0)  # keeps NaN, layout
+    result = ops.relu_backward(grad, output)
+    ref = aten.threshold_backward(grad.cpu(), output.cpu(), 0)
+    assert torch.equal(result.cpu().isnan(), ref.isnan())
+    assert_close(result.cpu(), ref)
+    assert result.stride() == torch.empty_like(grad).stride()
+
+
+def test_relu_backward_sizes():
+    for shape in [(0, 4), (5,), (2**20 + 5,)]:
+        grad, output = torch.randn(shape).to(DEVICE), torch.randn(shape).relu().to(DEVICE)
+        ref = aten.threshold_backward(grad.cpu(), output.cpu(), 0)
+        assert torch.equal(ops.relu_backward(grad, output).cpu(), ref)
+
+
+# ----------------------------------------------------------------------------------- bias_grad
+
+
+def eager_bias_grad(grad, relu_output, dim):
+    g = grad.cpu().float()
+    if relu_output is not None:
+        g = aten.threshold_backward(g, relu_output.cpu().float(), 0)
+    dims = [d for d in range(g.dim()) if d != dim % g.dim()]
+    return (g.sum(dims) if dims else g).to(grad.dtype)
+
+
+def check_bias_grad(grad, relu_output, dim):
+    result = ops.bias_grad(grad, relu_output, dim)
+    assert_close(result.cpu(), eager_bias_grad(grad, relu_output, dim), grad=True)
+    return result
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("masked", [False, True])
+def test_bias_grad_conv(layout, dtype, masked):
+    """Conv bias: NCHW-like 4-D gradients, channel dim 1, in every layout (the relu output in another)."""
+    grad = make((3, 5, 7, 9), layout, dtype)
+    relu_output = make((3, 5, 7, 9), "channels_last" if layout != "channels_last" else "sliced", dtype).relu()
+    check_bias_grad(grad, relu_output if masked else None, 1)
+
+
+@pytest.mark.parametrize("shape", [(37, 11), (4, 9, 13), (1, 1), (300, 1)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("masked", [False, True])
+def test_bias_grad_linear(shape, dtype, masked):
+    """Linear bias: (*, N) gradients, dim -1; also a transposed (column-major) gradient."""
+    grad = torch.randn(shape, dtype=dtype).to(DEVICE)
+    relu_output = torch.randn(shape, dtype=dtype).relu().to(DEVICE) if masked else None
+    check_bias_grad(grad, relu_output, -1)
+    check_bias_grad(torch.randn(shape[::-1], dtype=dtype).to(DEVICE).transpose(0, -1), relu_output, -1)
+
+
+@pytest.mark.parametrize("dim", [0, 1, 2, -1])
+def test_bias_grad_any_dim(dim):
+    check_bias_grad(make((3, 4, 5, 6), "sliced"), make((3, 4, 5, 6)).relu(), dim)
+
+
+def test_bias_grad_fragmented_layout():
+    """Five dims that coalesce into more than three groups (read through a contiguous copy)."""
+    grad = torch.randn(3, 4, 5, 6, 7)[:, ::2, :, 1:, ::2].permute(0, 3, 1, 4, 2).to(DEVICE)
+    check_bias_grad(grad, None, 2)
+    check_bias_grad(grad, torch.randn(grad.shape).relu().to(DEVICE), 2)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_bias_grad_nan_and_masking(layout):
+    """As threshold_backward: NaN gradients are zeroed where relu_output <= 0, a NaN relu_output
+    lets its gradient through. Both are set up so that the expected sums stay finite."""
+    relu_output = make((2, 6, 5, 5), layout).relu()
+    grad = make((2, 6, 5, 5), "channels_last" if layout == "contiguous" else "contiguous")
+    dead = (relu_output == 0) & (torch.rand(grad.shape, device=DEVICE) < 0.5)
+    grad = torch.where(dead, float("nan"), grad)
+    alive_nan = ~dead & (torch.rand(grad.shape, device=DEVICE) < 0.2)
+    relu_output = torch.where(alive_nan, float("nan"), relu_output)
+    result = check_bias_grad(grad, relu_output, 1)
+    assert result.isfinite().all()
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered")
+def test_bias_grad_specials():
+    """NaN and infinities in both inputs propagate like eager's sum (NaN where eager has NaN)."""
+    grad = make((2, 6, 5, 5), specials=True)
+    relu_output = make((2, 6, 5, 5), "channels_last", specials=True).clamp_min(0)
+    check_bias_grad(grad, relu_output, 1)
+
+
+def test_bias_grad_many_channels_and_rows():
+    """More channels and rows than one interpreter tile: several channel blocks, row-tile loop, tails."""
+    check_bias_grad(torch.randn(1100, 1500).to(DEVICE), None, -1)
+    check_bias_grad(make((2, 1500, 3, 3), "channels_last"), make((2, 1500, 3, 3)).relu(), 1)
+
+
+@pytest.mark.parametrize("split", [1, 2, 3, 7, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bias_grad_split(split, dtype):
+    """Split reductions (float32 partials + a fixed-order second pass), including splits with no rows."""
+    grad = make((3, 5, 4, 6), "contiguous", dtype)
+    relu_output = make((3, 5, 4, 6), "channels_last", dtype).relu()
+    result = kernels.bias_grad(grad, relu_output, 1, split=split)
+    assert_close(result.cpu(), eager_bias_grad(grad, relu_output, 1), grad=True)
+    assert torch.equal(result, kernels.bias_grad(grad, relu_output, 1, split=split))  # deterministic
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_bias_grad_empty(layout):
+    grad = make((0, 4, 3, 3), layout)
+    assert torch.equal(ops.bias_grad(grad, None, 1).cpu(), torch.zeros(4))
+    assert ops.bias_grad(make((2, 0, 3, 3), layout), None, 1).shape == (0,)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    shape=st.lists(st.integers(1, 9), min_size=1, max_size=4),
+    data=st.data(),
+    masked=st.booleans(),
+    dtype=st.sampled_from(DTYPES),
+)
+def test_bias_grad_fuzz(shape, data, masked, dtype):
+    """Random ranks, sizes, dims, dim permutations and slicing."""
+    dim = data.draw(st.integers(-len(shape), len(shape) - 1))
+    perm = data.draw(st.permutations(range(len(shape))))
+    step = data.draw(st.integers(1, 2))
+    base = torch.randn([s * step for s in shape], dtype=dtype)
+    grad = base[(slice(None, None, step),) * len(shape)].permute(*perm).to(DEVICE)
+    relu_output = torch.randn(grad.shape, dtype=dtype).relu().to(DEVICE) if masked else None
+    check_bias_grad(grad, relu_output, dim)
+
+
+# ------------------------------------------------------------------------------- opcheck, errors
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
+def test_opcheck(layout):
+    x = make((2, 3, 5, 4), layout)
+    torch.library.opcheck(ops.relu, (x,))
+    torch.library.opcheck(ops.relu_backward, (make((2, 3, 5, 4)), x.relu()))
+    torch.library.opcheck(ops.bias_grad, (x, make((2, 3, 5, 4)).relu(), 1))
+    torch.library.opcheck(ops.bias_grad, (x, None, -1))
+
+
+def test_relu_refuses_integer_input():
+    with pytest.raises(RuntimeError, match="input must be float32"):
+        ops.relu(torch.ones(3, dtype=torch.int32, device=DEVICE))
+
+
+def test_relu_backward_shape_mismatch():
+    grad, output = make((2, 3, 4, 5)), make((2, 3, 4, 4))
+    with pytest.raises(RuntimeError):
+        aten.threshold_backward(grad.cpu(), output.cpu(), 0)
+    with pytest.raises(RuntimeError, match="output shape"):
+        ops.relu_backward(grad, output)
+
+
+def test_relu_backward_dtype_mismatch():
+    with pytest.raises(RuntimeError, match="output dtype"):
+        ops.relu_backward(make((2, 3, 4, 5)), make((2, 3, 4, 5), dtype=torch.float16))
+
+
+def test_bias_grad_dim_out_of_range():
+    grad = make((2, 3, 4, 5))
+    for dim in (4, -5):
+        with pytest.raises(IndexError):
+            grad.cpu().sum(dim)
+        with pytest.raises(IndexError, match="dim"):
+            ops.bias_grad(grad, None, dim)
+    with pytest.raises(IndexError, match="dim"):
+        ops.bias_grad(torch.tensor(1.0, device=DEVICE), None, 0)
+
+
+def test_bias_grad_relu_output_mismatch():
+    grad = make((2, 3, 4, 5))
+    with pytest.raises(RuntimeError, match="relu_output shape"):
+        ops.bias_grad(grad, make((2, 3, 4, 4)), 1)
+    with pytest.raises(RuntimeError, match="relu_output dtype"):
+        ops.bias_grad(grad, make((2, 3, 4, 5), dtype=torch.bfloat16), 1)
+    fake = torch._subclasses.fake_tensor.FakeTensorMode()
+    with fake, pytest.raises(RuntimeError, match="relu_output shape"):  # the fake impl checks too
+        ops.bias_grad(fake.from_tensor(grad), fake.from_tensor(make((2, 3, 4, 4))), 1)

@@ -1,0 +1,303 @@
+"""tritonkit::max_pool2d and tritonkit::max_pool2d_backward against eager PyTorch.
+
+Reference values come from eager on the CPU in float32 on the same (already rounded) inputs; the
+memory format of each result is compared with what eager returns for the same input layout. Outputs
+are NaN-poisoned (indices: INT_POISON) before every launch (tests/conftest.py).
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import tritonkit.ops.pool  # noqa: F401  (registers the ops)
+from tritonkit.runtime import default_device
+from tritonkit.testing import assert_close
+
+ops = torch.ops.tritonkit
+aten = torch.ops.aten
+DEVICE = default_device()
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+LAYOUTS = ["contiguous", "channels_last", "sliced", "transposed"]
+
+
+def _pair(v):
+    return [v, v] if isinstance(v, int) else list(v)
+
+
+def make_input(shape, layout, dtype=torch.float32, values=None):
+    """A tensor of logical ``shape`` in the given memory layout (values: a generator of a dense tensor)."""
+    n, c, h, w = shape
+    values = values or torch.randn
+    if layout == "contiguous":
+        x = values(n, c, h, w)
+    elif layout == "channels_last":
+        x = values(n, c, h, w).contiguous(memory_format=torch.channels_last)
+    elif layout == "sliced":  # every other channel and column of a bigger tensor, one row cut off
+        x = values(n, 2 * c, h + 1, 2 * w)[:, ::2, 1:, 1::2]
+    elif layout == "transposed":  # H and W swapped in memory
+        x = values(n, c, w, h).transpose(2, 3)
+    else:
+        raise ValueError(layout)
+    return x.to(dtype).to(DEVICE)
+
+
+def eager_pool(x, k, s, p, d, ceil):
+    """Eager values/indices (float32 math on CPU) and the strides eager gives the outputs for x's layout."""
+    values, indices = F.max_pool2d(x.cpu().float(), k, s, p, d, ceil, return_indices=True)
+    layout_ref, _ = F.max_pool2d(x.cpu(), k, s, p, d, ceil, return_indices=True)
+    return values.to(x.dtype), indices, layout_ref.stride()
+
+
+def eager_pool_grad(grad, x, indices, k, s, p, d, ceil):
+    """Eager autograd gradient (float32, CPU) of max_pool2d, and eager's grad_input strides."""
+    x32 = x.detach().cpu().float().requires_grad_()
+    F.max_pool2d(x32, k, s, p, d, ceil).backward(grad.cpu().float())
+    strided = aten.max_pool2d_with_indices_backward(
+        grad.cpu(), x.cpu(), _pair(k), _pair(s), _pair(p), _pair(d), ceil, indices.cpu()
+    )
+    return x32.grad.to(x.dtype), strided.stride()
+
+
+def check_pool(x, k, s, p, d, ceil, backward=True):
+    args = (_pair(k), _pair(s), _pair(p), _pair(d), ceil)
+    values, indices = ops.max_pool2d(x, *args)
+    ref_values, ref_indices, ref_stride = eager_pool(x, k, s, p, d, ceil)
+    assert_close(values.cpu(), ref_values, msg="values")
+    assert indices.dtype == torch.int64
+    assert torch.equal(indices.cpu(), ref_indices), f"indices differ:\n{indices}\n{ref_indices}"
+    assert values.stride() == ref_stride and indices.stride() == ref_stride, (values.stride(), ref_stride)
+    if not backward:
+        return values, indices
+    grad = torch.randn(values.shape, dtype=x.dtype).to(DEVICE)
+    grad_input = ops.max_pool2d_backward(grad, x, indices, *args)
+    ref_grad, ref_grad_stride = eager_pool_grad(grad, x, ref_indices, k, s, p, d, ceil)
+    assert_close(grad_input.cpu(), ref_grad, grad=True, msg="grad_input")
+    assert grad_input.stride() == ref_grad_stride, (grad_input.stride(), ref_grad_stride)
+    return values, indices
+
+
+# (shape, kernel_size, stride, padding, dilation, ceil_mode): sizes off every power of two.
+SWEEP = [
+    ((2, 3, 9, 11), 3, 2, 1, 1, False),  # the usual 3x3/2 pool with padding
+    ((2, 3, 9, 11), 3, 2, 1, 1, True),
+    ((1, 4, 8, 8), 2, 2, 0, 1, False),  # LeNet-style 2x2/2
+    ((2, 5, 7, 10), (3, 2), (1, 2), (1, 0), (2, 1), True),  # asymmetric everything, dilation
+    ((1, 3, 6, 7), 3, 1, 1, 1, False),  # stride 1: every input in up to 9 windows
+    ((2, 2, 5, 5), 2, 3, 1, 1, True),  # ceil mode drops the window that would start in right padding
+    ((3, 1, 4, 13), (1, 3), (1, 2), (0, 1), 1, False),  # 1-wide kernel along H
+    ((2, 3, 8, 9), 3, 2, 1, 2, True),  # dilation 2 with padding and ceil
+    ((1, 2, 5, 5), 5, 1, 2, 1, False),  # window as big as the input
+]
+
+
+@pytest.mark.parametrize("case", SWEEP, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_sweep_float32(case, layout):
+    shape, k, s, p, d, ceil = case
+    check_pool(make_input(shape, layout), k, s, p, d, ceil)
+
+
+@pytest.mark.parametrize("case", SWEEP[:4], ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_sweep_half(case, layout, dtype):
+    shape, k, s, p, d, ceil = case
+    check_pool(make_input(shape, layout, dtype), k, s, p, d, ceil)
+
+
+def test_many_channels_and_positions():
+    """More channels and positions than one interpreter tile row/column: several programs, tails."""
+    check_pool(make_input((3, 300, 13, 11), "channels_last"), 3, 2, 1, 1, True)
+    check_pool(make_input((2, 3, 67, 61), "contiguous"), 2, 2, 0, 1, False)
+
+
+def test_ties_report_first_maximum():
+    def few_values(*shape):  # many equal values per window
+        return torch.randint(-2, 3, shape).float()
+
+    for layout in ["contiguous", "channels_last"]:
+        for dtype in [torch.float32, torch.float16]:
+            check_pool(make_input((2, 3, 9, 10), layout, dtype, few_values), 3, 1, 1, 1, False)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nan_and_inf(layout, dtype):
+    """NaN wins its window (the last NaN's index, as aten); all -inf windows give -inf and a valid index."""
+
+    def special(*shape):
+        x = torch.randn(shape)
+        flat = x.view(-1)
+        flat[torch.randperm(flat.numel())[: flat.numel() // 8]] = float("nan")
+        flat[torch.randperm(flat.numel())[: flat.numel() // 8]] = float("inf")
+        x[:, :, :4, :4] = float("-inf")  # whole windows of -inf
+        x[0, 0, 5, 5:8] = float("nan")  # several NaNs in one window
+        return x
+
+    values, indices = check_pool(make_input((2, 3, 9, 10), layout, dtype, special), 3, 2, 1, 1, True)
+    assert values.isnan().any() and values.isneginf().any()
+    assert ((indices >= 0) & (indices < 9 * 10)).all()
+
+
+def test_window_without_input_tap():
+    """Dilation can put every tap of a window in the padding; aten reports -inf and the nominal tap."""
+    x = make_input((1, 2, 1, 1), "contiguous")
+    values, _ = check_pool(x, 2, 1, 1, 2, False, backward=False)
+    assert values.isneginf().all()
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_empty_batch(layout):
+    x = make_input((0, 3, 7, 6), layout)
+    values, indices = ops.max_pool2d(x, [3, 3], [2, 2], [1, 1], [1, 1], False)
+    assert values.shape == indices.shape == (0, 3, 4, 3)
+    pool = ([3, 3], [2, 2], [1, 1], [1, 1], False)
+    grad_input = ops.max_pool2d_backward(torch.randn_like(values), x, indices, *pool)
+    assert grad_input.shape == x.shape
+
+
+def test_short_argument_forms():
+    """One-int lists and an empty stride (= kernel_size) mean what they mean to aten."""
+    x = make_input((2, 3, 9, 8), "contiguous")
+    values, indices = ops.max_pool2d(x, [3], [], [1], [1], True)
+    ref_values, ref_indices = aten.max_pool2d_with_indices(x.cpu(), [3], [], [1], [1], True)
+    assert_close(values.cpu(), ref_values)
+    assert torch.equal(indices.cpu(), ref_indices)
+    grad = torch.randn_like(values)
+    grad_input = ops.max_pool2d_backward(grad, x, indices, [3], [], [1], [1], True)
+    ref = aten.max_pool2d_with_indices_backward(grad.cpu(), x.cpu(), [3], [], [1], [1], True, ref_indices)
+    assert_close(grad_input.cpu(), ref, grad=True)
+
+
+def test_backward_deterministic():
+    x = make_input((2, 4, 11, 9), "channels_last")
+    args = ([3, 3], [1, 1], [1, 1], [1, 1], False)
+    values, indices = ops.max_pool2d(x, *args)
+    grad = torch.randn_like(values)
+    first = ops.max_pool2d_backward(grad, x, indices, *args)
+    assert torch.equal(first, ops.max_pool2d_backward(grad, x, indices, *args))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(0, 2),
+    c=st.integers(1, 4),
+    k=st.tuples(st.integers(1, 4), st.integers(1, 4)),
+    s=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+    d=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+    ceil=st.booleans(),
+    layout=st.sampled_from(LAYOUTS),
+    dtype=st.sampled_from(DTYPES),
+    data=st.data(),
+)
+def test_fuzz(n, c, k, s, d, ceil, layout, dtype, data):
+    """Random geometry: where eager accepts it we match it, where eager refuses it we raise the same type.
+
+    Padding goes up to one past k // 2 and sizes down to below the window, so some draws are invalid.
+    """
+    p = tuple(data.draw(st.integers(0, ki // 2 + 1)) for ki in k)
+    h, w = (data.draw(st.integers(max(1, (ki - 1) * di + 1 - 2 * pi - 1), 14)) for ki, di, pi in zip(k, d, p))
+    x = make_input((n, c, h, w), layout, dtype)
+    try:
+        F.max_pool2d(x.cpu(), k, s, p, d, ceil)
+    except RuntimeError:
+        with pytest.raises(RuntimeError):
+            ops.max_pool2d(x, list(k), list(s), list(p), list(d), ceil)
+        return
+    out = F.max_pool2d(x.cpu(), k, s, p, d, ceil).shape[2:]
+    # A window with no in-range tap makes aten's CPU backward write outside the plane; skip its backward.
+    empty_window = any(
+        not any(0 <= o * s[i] - p[i] + j * d[i] < size for j in range(k[i]))
+        for i, size in enumerate((h, w))
+        for o in range(out[i])
+    )
+    check_pool(x, k, s, p, d, ceil, backward=not empty_window)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_opcheck(layout):
+    x = make_input((2, 3, 9, 8), layout)
+    args = ([3, 3], [2, 2], [1, 1], [1, 1], True)
+    torch.library.opcheck(ops.max_pool2d, (x, *args))
+    values, indices = ops.max_pool2d(x, *args)
+    torch.library.opcheck(ops.max_pool2d_backward, (torch.randn_like(values), x, indices, *args))
+
+
+# (what, input shape, kernel_size, stride, padding, dilation): eager refuses each with RuntimeError,
+# and our message names the offending argument.
+BAD_ARGS = [
+    ("kernel_size", (1, 2, 8, 8), [0, 2], [1, 1], [0, 0], [1, 1]),
+    ("kernel_size", (1, 2, 8, 8), [2, -1], [1, 1], [0, 0], [1, 1]),
+    ("kernel_size", (1, 2, 8, 8), [2, 2, 2], [1, 1], [0, 0], [1, 1]),
+    ("stride", (1, 2, 8, 8), [2, 2], [0, 1], [0, 0], [1, 1]),
+    ("stride", (1, 2, 8, 8), [2, 2], [2, -1], [0, 0], [1, 1]),
+    ("stride", (1, 2, 8, 8), [2, 2], [1, 1, 1], [0, 0], [1, 1]),
+    ("padding", (1, 2, 8, 8), [2, 2], [2, 2], [2, 1], [1, 1]),
+    ("padding", (1, 2, 8, 8), [3, 3], [2, 2], [1, 2], [2, 2]),  # within the effective extent, not k/2
+    ("padding", (1, 2, 8, 8), [2, 2], [2, 2], [-1, 0], [1, 1]),
+    ("padding", (1, 2, 8, 8), [2, 2], [2, 2], [0, 0, 0], [1, 1]),
+    ("dilation", (1, 2, 8, 8), [2, 2], [2, 2], [0, 0], [0, 1]),
+    ("dilation", (1, 2, 8, 8), [2, 2], [2, 2], [0, 0], [1, 1, 1]),
+    ("output size", (1, 2, 2, 2), [3, 3], [1, 1], [0, 0], [1, 1]),
+    ("output size", (1, 2, 9, 9), [3, 3], [1, 1], [0, 0], [5, 1]),
+    ("input", (2, 0, 4, 4), [2, 2], [2, 2], [0, 0], [1, 1]),
+    ("input", (2, 3, 0, 4), [2, 2], [2, 2], [0, 0], [1, 1]),
+    ("input", (1, 1, 2, 8, 8), [2, 2], [2, 2], [0, 0], [1, 1]),
+    ("input", (8, 8), [2, 2], [2, 2], [0, 0], [1, 1]),
+]
+
+
+@pytest.mark.parametrize("case", BAD_ARGS, ids=lambda c: f"{c[0]}-{c[1:]}")
+def test_bad_arguments(case):
+    what, shape, k, s, p, d = case
+    x = torch.randn(shape).to(DEVICE)
+    with pytest.raises(RuntimeError):
+        aten.max_pool2d_with_indices(x.cpu(), k, s, p, d, False)
+    with pytest.raises(RuntimeError, match=what):
+        ops.max_pool2d(x, k, s, p, d, False)
+    fake = torch._subclasses.fake_tensor.FakeTensorMode()
+    with fake, pytest.raises(RuntimeError, match=what):  # the fake impl validates the same way
+        ops.max_pool2d(fake.from_tensor(x), k, s, p, d, False)
+
+
+def test_unbatched_input_is_refused():
+    """The op takes 4-D input only (tritonkit.functional unsqueezes 3-D input before calling it)."""
+    with pytest.raises(RuntimeError, match="4-D"):
+        ops.max_pool2d(make_input((1, 2, 6, 6), "contiguous")[0], [2, 2], [2, 2], [0, 0], [1, 1], False)
+
+
+def test_non_float_input_is_refused():
+    with pytest.raises(RuntimeError, match="input must be float32"):
+        x = torch.ones(1, 1, 4, 4, dtype=torch.int64, device=DEVICE)
+        ops.max_pool2d(x, [2, 2], [2, 2], [0, 0], [1, 1], False)
+
+
+def _backward_args(**changes):
+    x = make_input((2, 3, 8, 8), "contiguous")
+    values, indices = ops.max_pool2d(x, [2, 2], [2, 2], [0, 0], [1, 1], False)
+    args = {"grad_output": torch.randn_like(values), "input": x, "indices": indices}
+    args.update({name: change(args[name]) for name, change in changes.items()})
+    return args
+
+
+@pytest.mark.parametrize(
+    "what, changes",
+    [
+        ("grad_output", {"grad_output": lambda g: g[:, :, :3]}),
+        ("indices", {"indices": lambda i: i[:, :2]}),
+        ("indices must be int64", {"indices": lambda i: i.int()}),
+        ("grad_output dtype", {"grad_output": lambda g: g.half()}),
+    ],
+)
+def test_backward_bad_arguments(what, changes):
+    args = _backward_args(**changes)
+    pool = ([2, 2], [2, 2], [0, 0], [1, 1], False)
+    if what in ("grad_output", "indices"):  # eager refuses a wrongly shaped gradient or index too
+        with pytest.raises(RuntimeError):
+            aten.max_pool2d_with_indices_backward(
+                args["grad_output"].cpu(), args["input"].cpu(), *pool, args["indices"].cpu().long()
+            )
+    with pytest.raises(RuntimeError, match=what):
+        ops.max_pool2d_backward(args["grad_output"], args["input"], args["indices"], *pool)

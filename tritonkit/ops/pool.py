@@ -1,0 +1,127 @@
+"""``tritonkit::max_pool2d`` and ``tritonkit::max_pool2d_backward`` custom ops.
+
+``max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode) -> (values, indices)`` is
+``aten.max_pool2d_with_indices`` on 4-D input (the functional layer unsqueezes 3-D input): each of
+``kernel_size``, ``padding``, ``dilation`` is one int or a pair, ``stride`` may also be empty
+(meaning ``kernel_size``); indices are int64 flat offsets in each ``H x W`` plane; outputs take the
+memory format eager picks (channels_last in, channels_last out).
+
+``max_pool2d_backward(grad_output, input, indices, ...)`` scatters (as a deterministic gather)
+``grad_output`` to the positions ``indices`` name; the result is laid out like eager's grad_input.
+
+Arguments are checked before any launch, in the order and with the exception types aten uses.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tritonkit.kernels import pool as kernels
+from tritonkit.ops.elementwise import check_float_tensor
+
+_FWD, _BWD = "tritonkit::max_pool2d", "tritonkit::max_pool2d_backward"
+_SCHEMA_ARGS = "int[] kernel_size, int[] stride, int[] padding, int[] dilation, bool ceil_mode"
+
+
+def _pair(op: str, name: str, value, default=None) -> tuple:
+    value = list(value)
+    if not value and default is not None:
+        return default
+    if len(value) == 1:
+        return (value[0], value[0])
+    if len(value) == 2:
+        return (value[0], value[1])
+    allowed = "a single int or a pair of ints" if default is None else "empty, a single int or a pair of ints"
+    raise RuntimeError(f"{op}: {name} must be {allowed}, got {value}")
+
+
+def _pool_geometry(op: str, input: torch.Tensor, kernel_size, stride, padding, dilation, ceil_mode):
+    """Validate input and pooling arguments; return ``(k, s, p, d)`` pairs and the ``(OH, OW)`` size."""
+    check_float_tensor(op, "input", input)
+    k = _pair(op, "kernel_size", kernel_size)
+    s = _pair(op, "stride", stride, default=k)
+    p = _pair(op, "padding", padding)
+    d = _pair(op, "dilation", dilation)
+    if input.dim() != 4:
+        raise RuntimeError(f"{op}: expected a 4-D (N, C, H, W) input, got shape {tuple(input.shape)}")
+    if min(k) <= 0:
+        raise RuntimeError(f"{op}: kernel_size should be greater than zero, but got kernel_size={list(k)}")
+    if min(s) <= 0:
+        raise RuntimeError(f"{op}: stride should be greater than zero, but got stride={list(s)}")
+    if min(d) <= 0:
+        raise RuntimeError(f"{op}: dilation should be greater than zero, but got dilation={list(d)}")
+    if min(p) < 0:
+        raise RuntimeError(f"{op}: padding must be non-negative, but got padding={list(p)}")
+    if p[0] > k[0] // 2 or p[1] > k[1] // 2:
+        raise RuntimeError(
+            f"{op}: padding should be at most half of kernel_size, but got padding={list(p)}, "
+            f"kernel_size={list(k)}"
+        )
+    C, H, W = input.shape[1:]
+    if C == 0 or H == 0 or W == 0:
+        raise RuntimeError(
+            f"{op}: expected input (N, C, H, W) with non-zero C, H, W (optional 0 batch size), "
+            f"but got: {list(input.shape)}"
+        )
+    OH = kernels.pool_output_size(H, k[0], s[0], p[0], d[0], ceil_mode)
+    OW = kernels.pool_output_size(W, k[1], s[1], p[1], d[1], ceil_mode)
+    if OH < 1 or OW < 1:
+        raise RuntimeError(
+            f"{op}: given input size ({C}x{H}x{W}), kernel_size={list(k)}, stride={list(s)}, "
+            f"padding={list(p)}, dilation={list(d)}: calculated output size ({C}x{OH}x{OW}) is too small"
+        )
+    return (k, s, p, d), (OH, OW)
+
+
+@torch.library.custom_op(
+    "tritonkit::max_pool2d", mutates_args=(), schema=f"(Tensor input, {_SCHEMA_ARGS}) -> (Tensor, Tensor)"
+)
+def max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode):
+    params, _ = _pool_geometry(_FWD, input, kernel_size, stride, padding, dilation, ceil_mode)
+    return kernels.max_pool2d_forward(input, *params, ceil_mode)
+
+
+@max_pool2d.register_fake
+def _(input, kernel_size, stride, padding, dilation, ceil_mode):
+    _, (OH, OW) = _pool_geometry(_FWD, input, kernel_size, stride, padding, dilation, ceil_mode)
+    fmt = kernels.output_memory_format(input)
+    shape = (input.shape[0], input.shape[1], OH, OW)
+    return (
+        torch.empty(shape, dtype=input.dtype, device=input.device, memory_format=fmt),
+        torch.empty(shape, dtype=torch.int64, device=input.device, memory_format=fmt),
+    )
+
+
+def _check_backward(grad_output, input, indices, kernel_size, stride, padding, dilation, ceil_mode):
+    op = _BWD
+    params, (OH, OW) = _pool_geometry(op, input, kernel_size, stride, padding, dilation, ceil_mode)
+    check_float_tensor(op, "grad_output", grad_output, like=input)
+    expected = (input.shape[0], input.shape[1], OH, OW)
+    for name, t in (("grad_output", grad_output), ("indices", indices)):
+        if tuple(t.shape) != expected:
+            raise RuntimeError(f"{op}: expected {name} of the pooled shape {expected}, got {tuple(t.shape)}")
+    if indices.dtype != torch.int64:
+        raise RuntimeError(f"{op}: indices must be int64, got {indices.dtype}")
+    if indices.device != input.device:
+        raise RuntimeError(f"{op}: indices is on {indices.device} but input is on {input.device}")
+    return params
+
+
+@torch.library.custom_op(
+    "tritonkit::max_pool2d_backward",
+    mutates_args=(),
+    schema=f"(Tensor grad_output, Tensor input, Tensor indices, {_SCHEMA_ARGS}) -> Tensor",
+)
+def max_pool2d_backward(grad_output, input, indices, kernel_size, stride, padding, dilation, ceil_mode):
+    params = _check_backward(grad_output, input, indices, kernel_size, stride, padding, dilation, ceil_mode)
+    return kernels.max_pool2d_backward(grad_output, input, indices, *params)
+
+
+@max_pool2d_backward.register_fake
+def _(grad_output, input, indices, kernel_size, stride, padding, dilation, ceil_mode):
+    _check_backward(grad_output, input, indices, kernel_size, stride, padding, dilation, ceil_mode)
+    return torch.empty(input.shape, dtype=input.dtype, device=input.device,
+                       memory_format=kernels.output_memory_format(input))
+
+
+__all__ = ["max_pool2d", "max_pool2d_backward"]
