@@ -20,6 +20,8 @@ partials in a fixed order, so the result is deterministic (no atomics).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -223,12 +225,16 @@ def _reduced_groups(g: torch.Tensor, r: torch.Tensor | None, dim: int):
     return [[1, 0, 0]] * (3 - len(groups)) + groups
 
 
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _default_split(C: int, rows: int, device: torch.device) -> int:
     """Programs per channel block: enough to fill the GPU (~4 per SM), each summing >= 1024 rows."""
     if INTERPRET:
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(triton.cdiv(4 * sms, triton.cdiv(C, 64)), triton.cdiv(rows, 1024), 512))
+    return max(1, min(triton.cdiv(4 * _sm_count(device), triton.cdiv(C, 64)), triton.cdiv(rows, 1024), 512))
 
 
 def bias_grad(grad_output: torch.Tensor, relu_output: torch.Tensor | None, dim: int,
