@@ -304,7 +304,7 @@ def conv2d_input_grad_kernel(
         a = tl.load(g_ptr + g_off, mask=a_mask, other=0.0)
         if HAS_MASK:
             r = tl.load(r_ptr + r_off, mask=a_mask, other=0.0)
-            a = tl.where(r <= 0, tl.zeros_like(a), a)  # threshold_backward: NaN outputs pass grad
+            a = tl.where(r.to(tl.float32) <= 0, tl.zeros_like(a), a)  # threshold_backward: NaN outputs pass grad
         w_off = (oc * swn + kh * swh + kw * sww)[:, None] + (rn * swc)[None, :]
         b = tl.load(w_ptr + w_off, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
@@ -372,7 +372,7 @@ def conv2d_weight_grad_kernel(
         if HAS_MASK:
             r_col = n * srn + oh * srh + ow * srw
             r = tl.load(r_ptr + (oc * src)[:, None] + r_col[None, :], mask=a_mask, other=0.0)
-            a = tl.where(r <= 0, tl.zeros_like(a), a)  # threshold_backward: NaN outputs pass grad
+            a = tl.where(r.to(tl.float32) <= 0, tl.zeros_like(a), a)  # threshold_backward: NaN outputs pass grad
         b_mask = p_ok[:, None] & n_ok[None, :]
         if PADDED:
             ih = (oh * stride_h - pad_h)[:, None] + (kh * dil_h)[None, :]

@@ -106,7 +106,7 @@ def gemm_kernel(
         a = tl.load(a_ptr + rm[:, None] * stride_am + (k0 + rk)[None, :] * stride_ak, mask=a_mask, other=0.0)
         if HAS_MASK:
             r = tl.load(mask_ptr + rm[:, None] * stride_rm + (k0 + rk)[None, :] * stride_rk, mask=a_mask, other=0.0)
-            a = tl.where(r <= 0, tl.zeros_like(a), a)  # threshold_backward: NaN outputs pass grad
+            a = tl.where(r.to(tl.float32) <= 0, tl.zeros_like(a), a)  # threshold_backward: NaN outputs pass grad
         b = tl.load(
             b_ptr + (k0 + rk)[:, None] * stride_bk + rn[None, :] * stride_bn,
             mask=k_ok[:, None] & n_ok[None, :],
