@@ -19,7 +19,7 @@ def check_float_tensors(op: str, **tensors: torch.Tensor | None) -> None:
         if t.dtype not in FLOAT_DTYPES:
             raise RuntimeError(f"{op}: {name} must be float32, float16 or bfloat16, got {t.dtype}")
         if t.dtype != first.dtype:
-            raise RuntimeError(f"{op}: {name} has dtype {t.dtype} but {first_name} has dtype {first.dtype}; they must match")
+            raise RuntimeError(f"{op}: {name} dtype {t.dtype} must match {first_name} dtype {first.dtype}")
         if t.device != first.device:
             raise RuntimeError(f"{op}: {name} is on {t.device} but {first_name} is on {first.device}; expected one device")
     device = first.device

@@ -17,22 +17,7 @@ from __future__ import annotations
 import torch
 
 from tritonkit.kernels import elementwise as kernels
-from tritonkit.kernels.common import FLOAT_DTYPES
-from tritonkit.runtime import default_device
-
-
-def check_float_tensor(op: str, name: str, t: torch.Tensor, like: torch.Tensor | None = None) -> None:
-    """``t`` must be a float32/float16/bfloat16 tensor on the kernels' device (and match ``like``)."""
-    if t.dtype not in FLOAT_DTYPES:
-        raise RuntimeError(f"{op}: {name} must be float32, float16 or bfloat16, got {t.dtype}")
-    if t.device.type not in (default_device().type, "meta"):
-        where = default_device().type
-        raise RuntimeError(f"{op}: {name} must be on {where} (where the kernels run), got {t.device}")
-    if like is not None:
-        if t.dtype != like.dtype:
-            raise RuntimeError(f"{op}: {name} dtype {t.dtype} must match {like.dtype}")
-        if t.device != like.device:
-            raise RuntimeError(f"{op}: {name} is on {t.device} but the other tensors are on {like.device}")
+from tritonkit.ops.checks import check_float_tensors
 
 
 def _check_same_shape(op: str, name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
@@ -43,7 +28,7 @@ def _check_same_shape(op: str, name: str, t: torch.Tensor, ref_name: str, ref: t
 
 
 def _check_relu(input: torch.Tensor) -> None:
-    check_float_tensor("tritonkit::relu", "input", input)
+    check_float_tensors("tritonkit::relu", input=input)
 
 
 @torch.library.custom_op("tritonkit::relu", mutates_args=(), schema="(Tensor input) -> Tensor")
@@ -60,8 +45,7 @@ def _(input):
 
 def _check_relu_backward(grad_output: torch.Tensor, output: torch.Tensor) -> None:
     op = "tritonkit::relu_backward"
-    check_float_tensor(op, "grad_output", grad_output)
-    check_float_tensor(op, "output", output, like=grad_output)
+    check_float_tensors(op, grad_output=grad_output, output=output)
     _check_same_shape(op, "output", output, "grad_output", grad_output)
 
 
@@ -81,7 +65,7 @@ def _(grad_output, output):
 
 def _check_bias_grad(grad_output: torch.Tensor, relu_output: torch.Tensor | None, dim: int) -> None:
     op = "tritonkit::bias_grad"
-    check_float_tensor(op, "grad_output", grad_output)
+    check_float_tensors(op, grad_output=grad_output, relu_output=relu_output)
     if grad_output.dim() == 0:
         raise IndexError(f"{op}: dim {dim} given but grad_output has no dimensions")
     if not -grad_output.dim() <= dim < grad_output.dim():
@@ -90,7 +74,6 @@ def _check_bias_grad(grad_output: torch.Tensor, relu_output: torch.Tensor | None
             f"{grad_output.dim() - 1}], but got {dim})"
         )
     if relu_output is not None:
-        check_float_tensor(op, "relu_output", relu_output, like=grad_output)
         _check_same_shape(op, "relu_output", relu_output, "grad_output", grad_output)
 
 
@@ -110,4 +93,4 @@ def _(grad_output, relu_output, dim):
     return grad_output.new_empty((grad_output.shape[dim],))
 
 
-__all__ = ["bias_grad", "check_float_tensor", "relu", "relu_backward"]
+__all__ = ["bias_grad", "relu", "relu_backward"]

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from tritonkit.kernels import pool as kernels
-from tritonkit.ops.elementwise import check_float_tensor
+from tritonkit.ops.checks import check_float_tensors
 
 _FWD, _BWD = "tritonkit::max_pool2d", "tritonkit::max_pool2d_backward"
 _SCHEMA_ARGS = "int[] kernel_size, int[] stride, int[] padding, int[] dilation, bool ceil_mode"
@@ -37,7 +37,7 @@ def _pair(op: str, name: str, value, default=None) -> tuple:
 
 def _pool_geometry(op: str, input: torch.Tensor, kernel_size, stride, padding, dilation, ceil_mode):
     """Validate input and pooling arguments; return ``(k, s, p, d)`` pairs and the ``(OH, OW)`` size."""
-    check_float_tensor(op, "input", input)
+    check_float_tensors(op, input=input)
     k = _pair(op, "kernel_size", kernel_size)
     s = _pair(op, "stride", stride, default=k)
     p = _pair(op, "padding", padding)
@@ -95,7 +95,7 @@ def _(input, kernel_size, stride, padding, dilation, ceil_mode):
 def _check_backward(grad_output, input, indices, kernel_size, stride, padding, dilation, ceil_mode):
     op = _BWD
     params, (OH, OW) = _pool_geometry(op, input, kernel_size, stride, padding, dilation, ceil_mode)
-    check_float_tensor(op, "grad_output", grad_output, like=input)
+    check_float_tensors(op, input=input, grad_output=grad_output)
     expected = (input.shape[0], input.shape[1], OH, OW)
     for name, t in (("grad_output", grad_output), ("indices", indices)):
         if tuple(t.shape) != expected:
