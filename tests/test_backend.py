@@ -6,6 +6,7 @@ falling back. Interpreter kernels are slow: shapes are small and LeNet runs at b
 """
 
 import copy
+import importlib
 import logging
 import os
 import subprocess
@@ -471,7 +472,8 @@ def _(input, weight, bias, stride, padding, dilation, groups, kernel_size, pool_
 
 
 def test_inference_conv_relu_pool_hook(monkeypatch):
-    monkeypatch.setattr("tritonkit.backend.conv_relu_maxpool_op",
+    module = importlib.import_module("tritonkit.backend")  # (tritonkit.backend may name the function)
+    monkeypatch.setattr(module, "conv_relu_maxpool_op",
                         lambda: torch.ops.tritonkit_backend_test.conv2d_relu_maxpool.default)
     torch.manual_seed(0)
     model = LeNet().to(DEVICE).eval()
@@ -505,3 +507,29 @@ def test_tritonkit_log_env_reports_each_graph(monkeypatch, capfd):
     err = capfd.readouterr().err
     assert "inference: 2 kernel launches in eager -> 1 with tritonkit" in err, err
     assert "addmm + relu -> tritonkit.linear(relu=True)" in err
+
+
+def test_fuse_relu_off_keeps_standalone_relu_kernels():
+    reports = []
+    check_step(SmallConvNet().to(DEVICE), [randn(2, 3, 8, 8)], reports, fuse_relu=False)
+    text = "\n".join(map(str, reports))
+    assert "relu=True" not in text and "relu_output=" not in text, text
+    assert {"relu", "relu_backward", "conv2d", "conv2d_input_grad"} <= lowered_ops(reports)
+
+
+def test_dynamic_shapes_keepdim_sum_and_plain_mm():
+    def f(x, w):
+        return torch.mm(x, w).sum(1, keepdim=True) * 2
+
+    reports = []
+    compiled = torch.compile(f, backend=backend, dynamic=True, options={"collect": reports})
+    for n in (3, 5):
+        x, w = randn(n, 4, requires_grad=True), randn(4, 6, requires_grad=True)
+        x_ref, w_ref = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+        out, ref = compiled(x, w), f(x_ref, w_ref)
+        assert_close(out, ref)
+        out.sum().backward(), ref.sum().backward()
+        assert_close(x.grad, x_ref.grad, grad=True)
+        assert_close(w.grad, w_ref.grad, grad=True)
+    assert len(reports) == 2  # one forward, one backward: no recompile for the second size
+    assert {"linear", "bias_grad", "linear_weight_grad"} <= lowered_ops(reports)

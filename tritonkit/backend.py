@@ -464,11 +464,13 @@ class _GraphLowering:
         if gemm and self.interpret and dtype is torch.bfloat16:
             raise _Fail("bfloat16 GEMM: Triton's interpreter computes tl.dot on bfloat16 wrongly")
 
-    def _sizes(self, node: fx.Node) -> list:
-        """``node``'s shape as graph arguments: ints, or ``sym_size`` nodes for symbolic dims."""
+    def _sizes(self, node: fx.Node, source=None) -> list:
+        """``node``'s shape as graph arguments: ints, or ``sym_size`` of ``source`` (a tensor of the
+        same shape that the rewrite keeps, ``node`` by default) for symbolic dims."""
         from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
-        return [int(s) if is_concrete_int(s) else _New(aten.sym_size.int, (node, d))
+        source = node if source is None else source
+        return [int(s) if is_concrete_int(s) else _New(aten.sym_size.int, (source, d))
                 for d, s in enumerate(_val(node).shape)]
 
     def _spec(self, op_name: str, args: tuple, replaces: fx.Node, label: str | None = None,
@@ -657,7 +659,11 @@ class _GraphLowering:
         a = _bind(node)
         g = a["self"] if g is None else g
         self._tensors_ok(grad_output=a["self"])
-        post = [(aten.view.default, (self._sizes(node),), {})] if a["keepdim"] else None
+        post = None
+        if a["keepdim"]:  # (1, ..., size of dim, ..., 1)
+            sizes = [1] * _val(a["self"]).dim()
+            sizes[dim] = self._sizes(a["self"], g)[dim]
+            post = [(aten.view.default, (sizes,), {})]
         spec = self._spec("bias_grad", (g, mask, dim), node, post=post)
         return [spec], (node,)
 
