@@ -1,0 +1,391 @@
+"""Multi-tensor optimizer updates: one launch updates every tensor of a (device, dtype) group.
+
+An optimizer step is pure memory traffic, so each kernel is one flat pass over many tensors at once.
+The launcher describes the tensors with small tables, built on the host and cached (rebuilt only when
+the set of tensors, i.e. their addresses or sizes, changes):
+
+* ``addrs``  int64 ``[S, T]``: data address of stream ``s`` of tensor ``t``. Stream 0 is the
+  parameter, 1 its gradient, 2.. its state buffers in the order of the launcher's arguments (SGD:
+  momentum buffer; Adam: exp_avg, exp_avg_sq, max_exp_avg_sq; RMSprop: square_avg, grad_avg,
+  momentum buffer; Adagrad: sum); a stream the flags switch off holds zeros and is never touched.
+* ``numels`` int64 ``[T]``.
+* ``blocks`` int32 ``[2, P]``: program ``i`` updates elements ``[BLOCK*j, BLOCK*(j+1))`` (masked to
+  the tensor's numel) of tensor ``blocks[0, i]``, where ``j = blocks[1, i]``.
+
+A kernel loads an address and casts it to a typed pointer (``int64 -> tl.pointer_type(DTYPE)``): with
+CPU tensors in Triton's interpreter the addresses are host addresses, compiled for a GPU they are
+device addresses, and the same code serves both. Every stream of a tensor has the parameter's dtype
+and memory layout (same strides, non-overlapping and dense; ``tritonkit.ops.optim`` checks), so
+element ``i`` of each stream is at ``address + i * itemsize`` and one flat index serves all streams.
+Each element of the parameter and of every state buffer is read once and written once per step, the
+gradient read once: the traffic floor.
+
+Hyperparameters are runtime values: ``coefs`` fp32 ``[T, K]`` holds one row per tensor, columns
+named by the kernel's ``*_COEFS`` (lr, bias corrections computed from that tensor's own step count,
+the gradient's sign for ``maximize``, ...), so changing lr never recompiles and param groups with
+different hyperparameters share one launch. Constexpr flags only decide which state streams exist
+(momentum buffer, AMSGrad maximum, centered average). Math runs in float32 and is rounded once to the
+parameter's dtype per stored value, following torch.optim's formulas operation by operation (sqrt and
+division IEEE-rounded, ``lerp`` with aten's two-branch formula).
+
+Not autotuned: the update is in place through addresses that ``triton.autotune``'s ``restore_value``
+cannot see, so benchmarking configs on the live buffers would apply the step several times. The block
+size is fixed per dtype instead (it also fixes the ``blocks`` table): 32 bytes per thread per stream,
+which is what a streaming kernel needs for full-width vector accesses. When every address is 16-byte
+aligned (``ALIGNED``) the kernel says so with ``tl.multiple_of`` so the compiler can emit 128-bit
+loads and stores through the loaded pointers.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+import triton
+import triton.language as tl
+
+from tritonkit.kernels.common import tuned_kernel
+from tritonkit.runtime import INTERPRET
+
+TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+# Elements per program: 4 warps x 32 threads x 32 bytes on a GPU; large in the interpreter, whose cost
+# is per program instance.
+GPU_BLOCK = {torch.float32: 1024, torch.float16: 2048, torch.bfloat16: 2048}
+INTERP_BLOCK = 4096
+_GPU_CONFIGS = [triton.Config({}, num_warps=4)]
+_INTERP_CONFIGS = [triton.Config({})]
+
+# Coefficient columns per kernel, in the order the kernel reads them; the optimizers fill them by name.
+SGD_COEFS = ("lr", "grad_sign", "weight_decay", "momentum", "buf_decay", "buf_grad", "nesterov")
+ADAM_COEFS = ("grad_sign", "weight_decay", "param_scale", "beta1_weight", "beta2", "one_minus_beta2",
+              "step_size", "bias_correction2_sqrt", "eps")
+RMSPROP_COEFS = ("lr", "grad_sign", "weight_decay", "alpha", "one_minus_alpha", "eps", "momentum")
+ADAGRAD_COEFS = ("clr", "grad_sign", "weight_decay", "eps")
+
+
+def _signature(flags):
+    def signature(dtype):
+        return {"addrs": "*i64", "numels": "*i64", "blocks": "*i32", "coefs": "*fp32", "n_tensors": "i32",
+                **{f: "constexpr" for f in flags}, "DTYPE": "constexpr", "ALIGNED": "constexpr",
+                "BLOCK": "constexpr"}
+
+    return signature
+
+
+def _constexprs(**flags):
+    def constexprs(dtype):
+        return {**flags, "DTYPE": TL_DTYPE[dtype], "ALIGNED": True, "BLOCK": GPU_BLOCK[dtype]}
+
+    return constexprs
+
+
+# --- shared pieces of the kernels ------------------------------------------------------------------
+# The update bodies are written out inline: in Triton's interpreter every call of a @triton.jit helper
+# costs about a millisecond (it re-patches triton.language), more than the arithmetic of a block.
+@triton.jit
+def _bf16(x):
+    """float32 -> bfloat16 rounded to nearest-even, by hand: Triton's interpreter truncates (and its
+    "rtne" mode loses the carry into the exponent). Compiled it is a few integer ops beside the memory
+    traffic; NaN stays NaN, overflow rounds to inf as IEEE does."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = bits + 0x7FFF + ((bits >> 16) & 1)
+    return tl.where(x != x, 0x7FC0, bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)  # noqa: PLR0124
+
+
+# --- SGD -------------------------------------------------------------------------------------------
+@triton.jit
+def _sgd(p_ptrs, g_ptrs, b_ptrs, row, mask, MOMENTUM: tl.constexpr, DTYPE: tl.constexpr):
+    p = tl.load(p_ptrs, mask=mask).to(tl.float32)
+    g = tl.load(row + 1) * tl.load(g_ptrs, mask=mask).to(tl.float32)
+    weight_decay = tl.load(row + 2)
+    if weight_decay != 0.0:
+        g = g + weight_decay * p
+    b = g
+    if MOMENTUM:
+        b = tl.load(row + 4) * tl.load(b_ptrs, mask=mask).to(tl.float32) + tl.load(row + 5) * g
+        if tl.load(row + 6) != 0.0:
+            g = g + tl.load(row + 3) * b
+        else:
+            g = b
+    p = p - tl.load(row + 0) * g
+    if DTYPE == tl.bfloat16:
+        p_out, b_out = _bf16(p), _bf16(b)
+    else:
+        p_out, b_out = p.to(DTYPE), b.to(DTYPE)
+    if MOMENTUM:
+        tl.store(b_ptrs, b_out, mask=mask)
+    tl.store(p_ptrs, p_out, mask=mask)
+
+
+@tuned_kernel("optim_sgd", gpu_configs=_GPU_CONFIGS, interp_configs=_INTERP_CONFIGS, key=[],
+              signature=_signature(["MOMENTUM"]), constexprs=_constexprs(MOMENTUM=True))
+@triton.jit
+def sgd_kernel(addrs, numels, blocks, coefs, n_tensors, MOMENTUM: tl.constexpr, DTYPE: tl.constexpr,
+               ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    """g = sign*grad + wd*p;  b = buf_decay*b + buf_grad*g;  g = nesterov ? g + mu*b : b;  p -= lr*g.
+
+    On a buffer's first step the optimizer passes buf_decay = 0, buf_grad = 1 (a zero-filled buffer),
+    so b = g as in torch; afterwards buf_decay = momentum, buf_grad = 1 - dampening.
+    """
+    pid = tl.program_id(0)
+    t = tl.load(blocks + pid)
+    start = tl.multiple_of(tl.load(blocks + tl.num_programs(0) + pid).to(tl.int64) * BLOCK, BLOCK)
+    offs = start + tl.arange(0, BLOCK)
+    numel = tl.load(numels + t)
+    full, mask = start + BLOCK <= numel, offs < numel
+    p_base = tl.load(addrs + t).to(tl.pointer_type(DTYPE))
+    g_base = tl.load(addrs + t + n_tensors).to(tl.pointer_type(DTYPE))
+    b_base = tl.load(addrs + t + 2 * n_tensors).to(tl.pointer_type(DTYPE))
+    if ALIGNED:  # every address is 16-byte aligned: 128-bit loads and stores on full blocks
+        p_base = tl.multiple_of(p_base, 16)
+        g_base = tl.multiple_of(g_base, 16)
+        b_base = tl.multiple_of(b_base, 16)
+    if full:
+        _sgd(p_base + offs, g_base + offs, b_base + offs, coefs + t * 7, None, MOMENTUM, DTYPE)
+    else:
+        _sgd(p_base + offs, g_base + offs, b_base + offs, coefs + t * 7, mask, MOMENTUM, DTYPE)
+
+
+# --- Adam / AdamW ----------------------------------------------------------------------------------
+@triton.jit
+def _adam(p_ptrs, g_ptrs, m_ptrs, v_ptrs, vmax_ptrs, row, mask, AMSGRAD: tl.constexpr, DTYPE: tl.constexpr):
+    p = tl.load(p_ptrs, mask=mask).to(tl.float32) * tl.load(row + 2)
+    g = tl.load(row + 0) * tl.load(g_ptrs, mask=mask).to(tl.float32)
+    weight_decay = tl.load(row + 1)
+    if weight_decay != 0.0:
+        g = g + weight_decay * p
+    m = tl.load(m_ptrs, mask=mask).to(tl.float32)
+    w = tl.load(row + 3)
+    m = tl.where(w < 0.5, m + w * (g - m), g - (g - m) * (1.0 - w))  # aten's lerp(m, g, w)
+    v = tl.load(v_ptrs, mask=mask).to(tl.float32) * tl.load(row + 4) + tl.load(row + 5) * g * g
+    v_hat = v
+    if AMSGRAD:
+        v_hat = tl.maximum(tl.load(vmax_ptrs, mask=mask).to(tl.float32), v)
+    denom = tl.div_rn(tl.sqrt_rn(v_hat), tl.load(row + 7)) + tl.load(row + 8)
+    p = p - tl.load(row + 6) * tl.div_rn(m, denom)
+    if DTYPE == tl.bfloat16:
+        p_out, m_out, v_out, vmax_out = _bf16(p), _bf16(m), _bf16(v), _bf16(v_hat)
+    else:
+        p_out, m_out, v_out, vmax_out = p.to(DTYPE), m.to(DTYPE), v.to(DTYPE), v_hat.to(DTYPE)
+    tl.store(m_ptrs, m_out, mask=mask)
+    tl.store(v_ptrs, v_out, mask=mask)
+    if AMSGRAD:
+        tl.store(vmax_ptrs, vmax_out, mask=mask)
+    tl.store(p_ptrs, p_out, mask=mask)
+
+
+@tuned_kernel("optim_adam", gpu_configs=_GPU_CONFIGS, interp_configs=_INTERP_CONFIGS, key=[],
+              signature=_signature(["AMSGRAD"]), constexprs=_constexprs(AMSGRAD=False))
+@triton.jit
+def adam_kernel(addrs, numels, blocks, coefs, n_tensors, AMSGRAD: tl.constexpr, DTYPE: tl.constexpr,
+                ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    """p *= param_scale;  g = sign*grad + wd*p;  m = lerp(m, g, 1-b1);  v = b2*v + (1-b2)*g*g;
+    vmax = max(vmax, v) (AMSGrad);  p -= step_size * m / (sqrt(v or vmax)/sqrt(1-b2^t) + eps).
+
+    Adam: param_scale = 1, wd = weight_decay; AdamW (decoupled): param_scale = 1 - lr*weight_decay,
+    wd = 0. step_size = lr / (1 - b1^t) with t the tensor's own step count.
+    """
+    pid = tl.program_id(0)
+    t = tl.load(blocks + pid)
+    start = tl.multiple_of(tl.load(blocks + tl.num_programs(0) + pid).to(tl.int64) * BLOCK, BLOCK)
+    offs = start + tl.arange(0, BLOCK)
+    numel = tl.load(numels + t)
+    full, mask = start + BLOCK <= numel, offs < numel
+    p_base = tl.load(addrs + t).to(tl.pointer_type(DTYPE))
+    g_base = tl.load(addrs + t + n_tensors).to(tl.pointer_type(DTYPE))
+    m_base = tl.load(addrs + t + 2 * n_tensors).to(tl.pointer_type(DTYPE))
+    v_base = tl.load(addrs + t + 3 * n_tensors).to(tl.pointer_type(DTYPE))
+    vmax_base = tl.load(addrs + t + 4 * n_tensors).to(tl.pointer_type(DTYPE))
+    if ALIGNED:  # every address is 16-byte aligned: 128-bit loads and stores on full blocks
+        p_base = tl.multiple_of(p_base, 16)
+        g_base = tl.multiple_of(g_base, 16)
+        m_base = tl.multiple_of(m_base, 16)
+        v_base = tl.multiple_of(v_base, 16)
+        vmax_base = tl.multiple_of(vmax_base, 16)
+    if full:
+        _adam(p_base + offs, g_base + offs, m_base + offs, v_base + offs, vmax_base + offs, coefs + t * 9,
+              None, AMSGRAD, DTYPE)
+    else:
+        _adam(p_base + offs, g_base + offs, m_base + offs, v_base + offs, vmax_base + offs, coefs + t * 9,
+              mask, AMSGRAD, DTYPE)
+
+
+# --- RMSprop ---------------------------------------------------------------------------------------
+@triton.jit
+def _rmsprop(p_ptrs, g_ptrs, v_ptrs, ga_ptrs, b_ptrs, row, mask, CENTERED: tl.constexpr,
+             MOMENTUM: tl.constexpr,
+             DTYPE: tl.constexpr):
+    p = tl.load(p_ptrs, mask=mask).to(tl.float32)
+    g = tl.load(row + 1) * tl.load(g_ptrs, mask=mask).to(tl.float32)
+    weight_decay = tl.load(row + 2)
+    if weight_decay != 0.0:
+        g = g + weight_decay * p
+    w = tl.load(row + 4)
+    v = tl.load(v_ptrs, mask=mask).to(tl.float32) * tl.load(row + 3) + w * g * g
+    v_tilde = v
+    ga = g
+    if CENTERED:
+        ga = tl.load(ga_ptrs, mask=mask).to(tl.float32)
+        ga = tl.where(w < 0.5, ga + w * (g - ga), g - (g - ga) * (1.0 - w))  # aten's lerp(ga, g, w)
+        v_tilde = v - ga * ga
+    step = tl.div_rn(g, tl.sqrt_rn(v_tilde) + tl.load(row + 5))
+    b = step
+    if MOMENTUM:
+        b = tl.load(b_ptrs, mask=mask).to(tl.float32) * tl.load(row + 6) + step
+    p = p - tl.load(row + 0) * b
+    if DTYPE == tl.bfloat16:
+        p_out, v_out, ga_out, b_out = _bf16(p), _bf16(v), _bf16(ga), _bf16(b)
+    else:
+        p_out, v_out, ga_out, b_out = p.to(DTYPE), v.to(DTYPE), ga.to(DTYPE), b.to(DTYPE)
+    tl.store(v_ptrs, v_out, mask=mask)
+    if CENTERED:
+        tl.store(ga_ptrs, ga_out, mask=mask)
+    if MOMENTUM:
+        tl.store(b_ptrs, b_out, mask=mask)
+    tl.store(p_ptrs, p_out, mask=mask)
+
+
+@tuned_kernel("optim_rmsprop", gpu_configs=_GPU_CONFIGS, interp_configs=_INTERP_CONFIGS, key=[],
+              signature=_signature(["CENTERED", "MOMENTUM"]),
+              constexprs=_constexprs(CENTERED=False, MOMENTUM=False))
+@triton.jit
+def rmsprop_kernel(addrs, numels, blocks, coefs, n_tensors, CENTERED: tl.constexpr, MOMENTUM: tl.constexpr,
+                   DTYPE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    """g = sign*grad + wd*p;  v = alpha*v + (1-alpha)*g*g;  ga = lerp(ga, g, 1-alpha) (centered);
+    avg = sqrt(v - ga*ga or v) + eps;  b = mu*b + g/avg, p -= lr*b (momentum) or p -= lr * g/avg.
+    """
+    pid = tl.program_id(0)
+    t = tl.load(blocks + pid)
+    start = tl.multiple_of(tl.load(blocks + tl.num_programs(0) + pid).to(tl.int64) * BLOCK, BLOCK)
+    offs = start + tl.arange(0, BLOCK)
+    numel = tl.load(numels + t)
+    full, mask = start + BLOCK <= numel, offs < numel
+    p_base = tl.load(addrs + t).to(tl.pointer_type(DTYPE))
+    g_base = tl.load(addrs + t + n_tensors).to(tl.pointer_type(DTYPE))
+    v_base = tl.load(addrs + t + 2 * n_tensors).to(tl.pointer_type(DTYPE))
+    ga_base = tl.load(addrs + t + 3 * n_tensors).to(tl.pointer_type(DTYPE))
+    b_base = tl.load(addrs + t + 4 * n_tensors).to(tl.pointer_type(DTYPE))
+    if ALIGNED:  # every address is 16-byte aligned: 128-bit loads and stores on full blocks
+        p_base = tl.multiple_of(p_base, 16)
+        g_base = tl.multiple_of(g_base, 16)
+        v_base = tl.multiple_of(v_base, 16)
+        ga_base = tl.multiple_of(ga_base, 16)
+        b_base = tl.multiple_of(b_base, 16)
+    if full:
+        _rmsprop(p_base + offs, g_base + offs, v_base + offs, ga_base + offs, b_base + offs, coefs + t * 7,
+                 None, CENTERED, MOMENTUM, DTYPE)
+    else:
+        _rmsprop(p_base + offs, g_base + offs, v_base + offs, ga_base + offs, b_base + offs, coefs + t * 7,
+                 mask, CENTERED, MOMENTUM, DTYPE)
+
+
+# --- Adagrad ---------------------------------------------------------------------------------------
+@triton.jit
+def _adagrad(p_ptrs, g_ptrs, s_ptrs, row, mask, DTYPE: tl.constexpr):
+    p = tl.load(p_ptrs, mask=mask).to(tl.float32)
+    g = tl.load(row + 1) * tl.load(g_ptrs, mask=mask).to(tl.float32)
+    weight_decay = tl.load(row + 2)
+    if weight_decay != 0.0:
+        g = g + weight_decay * p
+    s = tl.load(s_ptrs, mask=mask).to(tl.float32) + g * g
+    p = p - tl.load(row + 0) * tl.div_rn(g, tl.sqrt_rn(s) + tl.load(row + 3))
+    if DTYPE == tl.bfloat16:
+        p_out, s_out = _bf16(p), _bf16(s)
+    else:
+        p_out, s_out = p.to(DTYPE), s.to(DTYPE)
+    tl.store(s_ptrs, s_out, mask=mask)
+    tl.store(p_ptrs, p_out, mask=mask)
+
+
+@tuned_kernel("optim_adagrad", gpu_configs=_GPU_CONFIGS, interp_configs=_INTERP_CONFIGS, key=[],
+              signature=_signature([]), constexprs=_constexprs())
+@triton.jit
+def adagrad_kernel(addrs, numels, blocks, coefs, n_tensors, DTYPE: tl.constexpr, ALIGNED: tl.constexpr,
+                   BLOCK: tl.constexpr):
+    """g = sign*grad + wd*p;  s += g*g;  p -= clr * g / (sqrt(s) + eps),  clr = lr / (1 + (t-1) lr_decay)."""
+    pid = tl.program_id(0)
+    t = tl.load(blocks + pid)
+    start = tl.multiple_of(tl.load(blocks + tl.num_programs(0) + pid).to(tl.int64) * BLOCK, BLOCK)
+    offs = start + tl.arange(0, BLOCK)
+    numel = tl.load(numels + t)
+    full, mask = start + BLOCK <= numel, offs < numel
+    p_base = tl.load(addrs + t).to(tl.pointer_type(DTYPE))
+    g_base = tl.load(addrs + t + n_tensors).to(tl.pointer_type(DTYPE))
+    s_base = tl.load(addrs + t + 2 * n_tensors).to(tl.pointer_type(DTYPE))
+    if ALIGNED:  # every address is 16-byte aligned: 128-bit loads and stores on full blocks
+        p_base = tl.multiple_of(p_base, 16)
+        g_base = tl.multiple_of(g_base, 16)
+        s_base = tl.multiple_of(s_base, 16)
+    if full:
+        _adagrad(p_base + offs, g_base + offs, s_base + offs, coefs + t * 4, None, DTYPE)
+    else:
+        _adagrad(p_base + offs, g_base + offs, s_base + offs, coefs + t * 4, mask, DTYPE)
+
+
+# --- launch tables ---------------------------------------------------------------------------------
+_CACHE_SIZE = 16
+_addr_tables: OrderedDict = OrderedDict()  # (device, addresses) -> int64 [S, T]
+_block_tables: OrderedDict = OrderedDict()  # (device, BLOCK, numels) -> (numels [T], blocks [2, P])
+
+
+def _cached(cache: OrderedDict, key, build):
+    value = cache.get(key)
+    if value is None:
+        value = cache[key] = build()
+        if len(cache) > _CACHE_SIZE:
+            cache.popitem(last=False)
+    else:
+        cache.move_to_end(key)
+    return value
+
+
+def _build_blocks(numels: tuple, block: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    counts = torch.tensor([triton.cdiv(n, block) for n in numels], dtype=torch.int64)
+    tensor_of = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int64), counts)
+    first = torch.cumsum(counts, 0) - counts
+    piece = torch.arange(int(counts.sum()), dtype=torch.int64) - torch.repeat_interleave(first, counts)
+    blocks = torch.stack([tensor_of, piece]).to(torch.int32)
+    return torch.tensor(numels, dtype=torch.int64).to(device), blocks.to(device)
+
+
+def launch(kernel, streams: list[list[torch.Tensor]], coefs: torch.Tensor, **flags) -> int:
+    """Update every tensor of ``streams`` (``[params, grads, *state streams]``, a state stream ``[]``
+    when its flag is off) in one launch of ``kernel``; returns the number of programs launched."""
+    params = streams[0]
+    numels = tuple(p.numel() for p in params)
+    if sum(numels) == 0:
+        return 0
+    device, dtype = params[0].device, params[0].dtype
+    block = INTERP_BLOCK if INTERPRET else GPU_BLOCK[dtype]
+    n_tensors = len(params)
+    addresses = tuple(a for stream in streams for a in ([t.data_ptr() for t in stream] or [0] * n_tensors))
+    aligned = all(a % 16 == 0 for a in addresses)
+    addrs = _cached(_addr_tables, (device, addresses),
+                    lambda: torch.tensor(addresses, dtype=torch.int64).to(device))
+    numel_t, blocks = _cached(_block_tables, (device, block, numels),
+                              lambda: _build_blocks(numels, block, device))
+    n_programs = blocks.shape[1]
+    kernel[(n_programs,)](addrs, numel_t, blocks, coefs, n_tensors, **flags, DTYPE=TL_DTYPE[dtype],
+                          ALIGNED=aligned, BLOCK=block)
+    return n_programs
+
+
+def sgd_step_(params, grads, momentum_buffers, coefs) -> int:
+    return launch(sgd_kernel, [params, grads, momentum_buffers], coefs, MOMENTUM=bool(momentum_buffers))
+
+
+def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, coefs) -> int:
+    return launch(adam_kernel, [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs], coefs,
+                  AMSGRAD=bool(max_exp_avg_sqs))
+
+
+def rmsprop_step_(params, grads, square_avgs, grad_avgs, momentum_buffers, coefs) -> int:
+    return launch(rmsprop_kernel, [params, grads, square_avgs, grad_avgs, momentum_buffers], coefs,
+                  CENTERED=bool(grad_avgs), MOMENTUM=bool(momentum_buffers))
+
+
+def adagrad_step_(params, grads, state_sums, coefs) -> int:
+    return launch(adagrad_kernel, [params, grads, state_sums], coefs)
+
+
+__all__ = ["adagrad_step_", "adam_step_", "launch", "rmsprop_step_", "sgd_step_"]

@@ -1,0 +1,704 @@
+"""Fused optimizers: drop-in ``torch.optim`` SGD, Adam, AdamW, RMSprop and Adagrad whose whole update
+is one Triton launch per (device, dtype) group.
+
+Behaviour is torch.optim's: the same constructor arguments and defaults, param groups,
+``add_param_group``, ``zero_grad``, ``step(closure)``, step hooks and lr schedulers, and
+``state_dict()`` in torch's exact format (per-parameter ``step`` as a tensor, placed where torch places
+it, and ``momentum_buffer``, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``, ``square_avg``,
+``grad_avg``, ``sum`` in the parameter's dtype), so checkpoints move between ``torch.optim.X`` and
+``tritonkit.optim.X`` both ways. Parameters whose ``grad`` is None are skipped, and each parameter
+keeps its own step count, as in torch.
+
+A step: for each param group, the group's hyperparameters and each tensor's step count become one
+row of float32 coefficients per tensor (lr, bias corrections, the gradient's sign for ``maximize``...,
+computed with tensor ops in float64 and rounded once). Then every tensor of a (device, dtype, set of
+state buffers) batch, across all param groups, is updated by one ``torch.ops.tritonkit.*_step_`` call:
+one kernel launch reading each parameter, gradient and state element once and writing each parameter
+and state element once (see ``tritonkit.kernels.optim``). Hyperparameters reach the kernel as data,
+so changing lr by hand or through a scheduler never recompiles a kernel. Under ``torch.compile`` the
+step traces without graph breaks; a float lr becomes a symbolic input at dynamo's first
+automatic-dynamic recompile (none at all with a tensor lr or ``dynamic=True``), after which lr changes
+do not recompile.
+
+Supported: float32, float16 and bfloat16 parameters on the device tritonkit's kernels run on (state
+in the parameter's dtype, as torch keeps it; math in float32, each stored value rounded once, like
+torch's ``fused=True`` kernels), in dense layouts (a gradient or loaded state in another layout is
+copied to the parameter's layout). Implementation switches: ``foreach`` and ``fused`` (not both True)
+and ``capturable`` are accepted; like torch they only decide where ``step`` lives (on the parameter's
+device for ``fused``/``capturable``, on the CPU otherwise). ``differentiable=True`` is refused:
+autograd cannot see through the kernel. Sparse gradients and complex parameters are refused with a
+RuntimeError.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from tritonkit.kernels import optim as kernels
+from tritonkit.kernels.common import FLOAT_DTYPES
+from tritonkit.ops import optim as ops
+from tritonkit.ops.optim import is_dense, same_layout
+from tritonkit.runtime import default_device
+
+__all__ = ["SGD", "Adagrad", "Adam", "AdamW", "RMSprop", "bytes_per_step"]
+
+_KERNEL_DEVICE = default_device().type
+
+
+def _scalar_dtype(is_fused=None) -> torch.dtype:
+    """torch.optim's dtype for ``step``: float32, or float64 under a float64 default dtype unless fused."""
+    if is_fused:
+        return torch.float32
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def _new_step(p: Tensor, on_device: bool, is_fused=None) -> Tensor:
+    if on_device:
+        return torch.zeros((), dtype=_scalar_dtype(is_fused), device=p.device)
+    return torch.tensor(0.0, dtype=_scalar_dtype())
+
+
+def _step_tensor_from_float(state: dict, params, on_device: bool, is_fused=None) -> None:
+    """Old checkpoints stored ``step`` as a number; torch's ``__setstate__`` turns it into a tensor."""
+    for p in params:
+        p_state = state.get(p, [])
+        if len(p_state) != 0 and not torch.is_tensor(p_state["step"]):
+            p_state["step"] = torch.tensor(float(p_state["step"]), dtype=_scalar_dtype(is_fused),
+                                           device=p.device if on_device else None)
+
+
+class _Batch:
+    """Tensors updated by one launch: params, grads, state lists (stream order), coefficient tables."""
+
+    def __init__(self, n_states: int):
+        self.params, self.grads, self.states, self.coefs = [], [], [[] for _ in range(n_states)], []
+
+
+class _FusedOptimizer(Optimizer):
+    """What the five optimizers share: argument checks, parameter checks, coefficient tables, launches."""
+
+    _op = None  # the torch.ops.tritonkit.*_step_ custom op
+    _coef_names: tuple = ()  # its coefficient columns (tritonkit.kernels.optim.*_COEFS)
+
+    @classmethod
+    def _check_flags(cls, foreach, fused, differentiable) -> None:
+        if differentiable:
+            raise RuntimeError(f"tritonkit.optim.{cls.__name__} does not support differentiable=True: its "
+                               "update runs in a Triton kernel that autograd does not trace "
+                               f"(use torch.optim.{cls.__name__})")
+        if fused and foreach:
+            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+
+    def _check_param(self, p: Tensor) -> None:
+        """Refuse, before any state changes, what the fused kernels cannot update."""
+        if (p.grad.layout == torch.strided and p.dtype in FLOAT_DTYPES and p.device.type == _KERNEL_DEVICE
+                and (p.is_contiguous() or is_dense(p.shape, p.stride()))):
+            return
+        name = f"tritonkit.optim.{type(self).__name__}"
+        if p.grad.layout != torch.strided:
+            raise RuntimeError(f"{name} does not support sparse gradients (got a {p.grad.layout} gradient)")
+        if torch.is_complex(p):
+            raise RuntimeError(f"{name} does not support complex parameters (got {p.dtype})")
+        if p.dtype not in FLOAT_DTYPES:
+            raise RuntimeError(f"{name} updates float32, float16 and bfloat16 parameters, got {p.dtype}")
+        if p.device.type != _KERNEL_DEVICE:
+            raise RuntimeError(f"{name}: parameter is on {p.device}, but tritonkit's kernels run on "
+                               f"{_KERNEL_DEVICE} tensors")
+        raise RuntimeError(f"{name}: parameter of shape {list(p.shape)} with strides {list(p.stride())} is "
+                           "not dense; the fused update needs each parameter in one gap-free block of memory")
+
+    @staticmethod
+    def _state(state: dict, key: str, p: Tensor) -> Tensor:
+        """``state[key]``, moved once to ``p``'s memory layout if it has another one (e.g. loaded)."""
+        t = state[key]
+        if t.stride() != p.stride() and not same_layout(t, p):
+            t = state[key] = torch.empty_like(p).copy_(t)
+        return t
+
+    @classmethod
+    def _queue(cls, batches: dict, params, grads, states: list, columns: dict, device) -> None:
+        """Add params (with grads, state lists in stream order, coefficient columns) to their launches.
+
+        ``columns``: name -> Python number, 0-d tensor or one value per param; combined in float64 on
+        ``device`` (where the step counts live) and rounded once to the float32 table.
+        """
+        base = torch.zeros(len(params), dtype=torch.float64, device=device)
+        table = torch.stack([base + (c.to(device=device, dtype=torch.float64) if isinstance(c, Tensor) else c)
+                             for c in (columns[name] for name in cls._coef_names)], dim=1).to(torch.float32)
+        # a gradient in another memory layout than its parameter is copied to it (the kernel indexes both
+        # alike)
+        grads = [g if g.stride() == p.stride() or same_layout(g, p) else torch.empty_like(p).copy_(g)
+                 for p, g in zip(params, grads)]
+        keys = [(p.device, p.dtype) for p in params]
+        flags = tuple(bool(s) for s in states)
+        for key in dict.fromkeys(keys):
+            batch = batches.setdefault((*key, flags), _Batch(len(states)))
+            if len(set(keys)) == 1:
+                idx, rows = range(len(params)), table
+            else:
+                idx = [i for i, k in enumerate(keys) if k == key]
+                rows = table[idx]
+            batch.params += [params[i] for i in idx]
+            batch.grads += [grads[i] for i in idx]
+            for mine, theirs in zip(batch.states, states):
+                mine += [theirs[i] for i in idx] if theirs else []
+            batch.coefs.append(rows)
+
+    def _launch(self, batches: dict) -> None:
+        for (device, _, _), batch in batches.items():
+            coefs = batch.coefs[0] if len(batch.coefs) == 1 else torch.cat(batch.coefs)
+            type(self)._op(batch.params, batch.grads, *batch.states, coefs.to(device))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Perform a single optimization step.
+
+        Args:
+            closure (Callable, optional): A closure that reevaluates the model and returns the loss.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        batches: dict = {}
+        state_steps: list = []
+        for group in self.param_groups:
+            state_steps += self._add_group(group, batches)
+        self._launch(batches)
+        if state_steps:  # only once the update has run, so that a refused step changes nothing
+            torch._foreach_add_(state_steps, 1)
+        return loss
+
+    def _add_group(self, group: dict, batches: dict) -> list:
+        """Queue the group's parameters that have grads; return their step counts (to advance)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _n_state_buffers(group: dict) -> int:
+        """How many param-sized state buffers a step reads and writes for each parameter of ``group``."""
+        raise NotImplementedError
+
+
+def _signs(maximize: bool) -> float:
+    return -1.0 if maximize else 1.0
+
+
+def _steps(state_steps: list) -> tuple[Tensor, torch.device]:
+    """This step's counts t (the stored ones + 1: torch counts the update being made) as float64, and
+    the device they live on."""
+    device = state_steps[0].device
+    return torch.stack([s.to(device) for s in state_steps]).to(torch.float64) + 1, device
+
+
+def _value(x, device):
+    """A hyperparameter as a float64 scalar on ``device`` if it is a tensor, else as is."""
+    return x.to(device=device, dtype=torch.float64) if isinstance(x, Tensor) else x
+
+
+def _check_lr(lr) -> None:
+    if isinstance(lr, Tensor) and lr.numel() != 1:
+        raise ValueError("Tensor lr must be 1-element")
+    if not 0.0 <= lr:
+        raise ValueError(f"Invalid learning rate: {lr}")
+
+
+class SGD(_FusedOptimizer):
+    r"""Stochastic gradient descent (optionally with momentum), fused: torch.optim.SGD's algorithm.
+
+    .. code-block:: text
+
+        input: γ (lr), θ_0 (params), f(θ) (objective), λ (weight decay), μ (momentum),
+               τ (dampening), nesterov, maximize
+        for t = 1, 2, ...:
+            g_t ← -∇f_t(θ_{t-1}) if maximize else ∇f_t(θ_{t-1})
+            if λ ≠ 0:  g_t ← g_t + λ θ_{t-1}
+            if μ ≠ 0:
+                b_t ← μ b_{t-1} + (1 - τ) g_t   if t > 1 else g_t
+                g_t ← g_t + μ b_t   if nesterov else b_t
+            θ_t ← θ_{t-1} - γ g_t
+
+    Args:
+        params (iterable): parameters or dicts defining parameter groups
+        lr (float, Tensor, optional): learning rate (default: 1e-3)
+        momentum (float, optional): momentum factor (default: 0)
+        dampening (float, optional): dampening for momentum (default: 0)
+        weight_decay (float, optional): weight decay (L2 penalty) (default: 0)
+        nesterov (bool, optional): enables Nesterov momentum (default: False)
+        maximize (bool, optional): maximize the objective instead of minimizing it (default: False)
+        foreach, fused (bool, optional): accepted for compatibility; the update is always fused
+        differentiable (bool, optional): must be False
+
+    State per parameter (only with momentum ≠ 0): ``momentum_buffer``.
+    """
+
+    _op = ops.sgd_step_
+    _coef_names = kernels.SGD_COEFS
+
+    def __init__(self, params, lr: float | Tensor = 1e-3, momentum: float = 0, dampening: float = 0,
+                 weight_decay: float | Tensor = 0, nesterov: bool = False, *, maximize: bool = False,
+                 foreach: bool | None = None, differentiable: bool = False,
+                 fused: bool | None = None) -> None:
+        _check_lr(lr)
+        if momentum < 0.0:
+            raise ValueError(f"Invalid momentum value: {momentum}")
+        if weight_decay < 0.0:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        defaults = {"lr": lr, "momentum": momentum, "dampening": dampening, "weight_decay": weight_decay,
+                    "nesterov": nesterov, "maximize": maximize, "foreach": foreach,
+                    "differentiable": differentiable, "fused": fused}
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        self._check_flags(foreach, fused, differentiable)
+        super().__init__(params, defaults)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("nesterov", False)
+            group.setdefault("maximize", False)
+            group.setdefault("foreach", None)
+            group.setdefault("differentiable", False)
+            group.setdefault("fused", False)
+
+    def _init_group(self, group, params, grads, momentum_buffer_list):
+        for p in group["params"]:
+            if p.grad is not None:
+                self._check_param(p)
+                params.append(p)
+                grads.append(p.grad)
+                if group["momentum"] != 0:
+                    state = self.state[p]
+                    has_buffer = state.get("momentum_buffer") is not None
+                    buffer = self._state(state, "momentum_buffer", p) if has_buffer else None
+                    momentum_buffer_list.append(buffer)
+        return False
+
+    def _add_group(self, group, batches):
+        params, grads, buffers = [], [], []
+        self._init_group(group, params, grads, buffers)
+        if not params:
+            return []
+        momentum, dampening = group["momentum"], group["dampening"]
+        columns = {"lr": group["lr"], "grad_sign": _signs(group["maximize"]),
+                   "weight_decay": group["weight_decay"],
+                   "momentum": momentum, "nesterov": float(group["nesterov"]),
+                   "buf_decay": momentum, "buf_grad": 1 - dampening}
+        device = torch.device("cpu")
+        first = [b is None for b in buffers]
+        if any(first):  # torch starts a buffer as b_1 = g_1: decay nothing (a zero buffer), take all of g
+            new = torch.tensor(first, dtype=torch.float64, device=device)
+            columns["buf_decay"] = momentum * (1 - new)
+            columns["buf_grad"] = new + (1 - dampening) * (1 - new)
+            for i, p in enumerate(params):
+                if first[i]:
+                    buffers[i] = self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+        self._queue(batches, params, grads, [buffers], columns, device)
+        return []
+
+    @staticmethod
+    def _n_state_buffers(group):
+        return int(group["momentum"] != 0)
+
+
+class Adam(_FusedOptimizer):
+    r"""Adam, fused: torch.optim.Adam's algorithm (``decoupled_weight_decay=True`` is AdamW).
+
+    .. code-block:: text
+
+        input: γ (lr), β1, β2 (betas), θ_0 (params), f(θ) (objective), λ (weight decay),
+               amsgrad, maximize, ε (eps)
+        initialize: m_0 ← 0, v_0 ← 0, v_0^max ← 0
+        for t = 1, 2, ...:
+            g_t ← -∇f_t(θ_{t-1}) if maximize else ∇f_t(θ_{t-1})
+            if λ ≠ 0:
+                if decoupled_weight_decay:  θ_{t-1} ← θ_{t-1} - γ λ θ_{t-1}
+                else:                       g_t ← g_t + λ θ_{t-1}
+            m_t ← β1 m_{t-1} + (1 - β1) g_t
+            v_t ← β2 v_{t-1} + (1 - β2) g_t²
+            m̂_t ← m_t / (1 - β1^t)
+            if amsgrad:  v_t^max ← max(v_{t-1}^max, v_t);  v̂_t ← v_t^max / (1 - β2^t)
+            else:        v̂_t ← v_t / (1 - β2^t)
+            θ_t ← θ_{t-1} - γ m̂_t / (√v̂_t + ε)
+
+    As in torch, t is each parameter's own step count and the update is evaluated as
+    ``θ - (γ / (1 - β1^t)) m / (√v / √(1 - β2^t) + ε)``.
+
+    Args:
+        params (iterable): parameters or dicts defining parameter groups
+        lr (float, Tensor, optional): learning rate (default: 1e-3)
+        betas (tuple[float | Tensor, float | Tensor], optional): coefficients of the running averages
+            of the gradient and its square (default: (0.9, 0.999))
+        eps (float, optional): term added to the denominator (default: 1e-8)
+        weight_decay (float, optional): weight decay (default: 0)
+        amsgrad (bool, optional): use the AMSGrad variant (default: False)
+        maximize (bool, optional): maximize the objective instead of minimizing it (default: False)
+        foreach, fused, capturable (bool, optional): accepted; ``fused``/``capturable`` keep ``step``
+            on the parameter's device, as torch does
+        differentiable (bool, optional): must be False
+        decoupled_weight_decay (bool, optional): AdamW's weight decay (default: False)
+
+    State per parameter: ``step``, ``exp_avg``, ``exp_avg_sq`` and (amsgrad) ``max_exp_avg_sq``.
+    """
+
+    _op = ops.adam_step_
+    _coef_names = kernels.ADAM_COEFS
+
+    def __init__(self, params, lr: float | Tensor = 1e-3, betas: tuple = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0, amsgrad: bool = False, *, foreach: bool | None = None,
+                 maximize: bool = False, capturable: bool = False, differentiable: bool = False,
+                 fused: bool | None = None, decoupled_weight_decay: bool = False) -> None:
+        _check_lr(lr)
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        if not 0.0 <= betas[0] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
+        if not 0.0 <= betas[1] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if not ((isinstance(betas[0], float) and isinstance(betas[1], float))
+                or (isinstance(betas[0], Tensor) and isinstance(betas[1], Tensor))):
+            raise ValueError("betas must be either both floats or both Tensors")  # noqa: TRY004  (as torch)
+        for i, beta in enumerate(betas):
+            if isinstance(beta, Tensor) and beta.numel() != 1:
+                raise ValueError(f"Tensor betas[{i}] must be 1-element")
+        betas = tuple(b.squeeze() if isinstance(b, Tensor) else b for b in betas)
+        self._check_flags(foreach, fused, differentiable)
+        defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay, "amsgrad": amsgrad,
+                    "maximize": maximize, "foreach": foreach, "capturable": capturable,
+                    "differentiable": differentiable, "fused": fused,
+                    "decoupled_weight_decay": decoupled_weight_decay}
+        super().__init__(params, defaults)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("amsgrad", False)
+            group.setdefault("maximize", False)
+            group.setdefault("foreach", None)
+            group.setdefault("capturable", False)
+            group.setdefault("differentiable", False)
+            group.setdefault("decoupled_weight_decay", False)
+            fused = group.setdefault("fused", None)
+            _step_tensor_from_float(self.state, group["params"], group["capturable"] or group["fused"],
+                                    is_fused=fused)
+
+    def _init_group(self, group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps):
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            self._check_param(p)
+            params.append(p)
+            grads.append(p.grad)
+            state = self.state[p]
+            if len(state) == 0:  # lazy initialization, as torch
+                state["step"] = _new_step(p, group["capturable"] or group["fused"], group["fused"])
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if group["amsgrad"]:
+                    state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            exp_avgs.append(self._state(state, "exp_avg", p))
+            exp_avg_sqs.append(self._state(state, "exp_avg_sq", p))
+            if group["amsgrad"]:
+                max_exp_avg_sqs.append(self._state(state, "max_exp_avg_sq", p))
+            state_steps.append(state["step"])
+        return False
+
+    def _add_group(self, group, batches):
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps = [], [], [], [], [], []
+        self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)
+        if not params:
+            return []
+        step, device = _steps(state_steps)
+        lr, weight_decay = _value(group["lr"], device), group["weight_decay"]
+        beta1, beta2 = (_value(b, device) for b in group["betas"])
+        decoupled = group["decoupled_weight_decay"]
+        columns = {"grad_sign": _signs(group["maximize"]),
+                   "weight_decay": 0.0 if decoupled else weight_decay,
+                   "param_scale": 1 - lr * weight_decay if decoupled else 1.0,
+                   "beta1_weight": 1 - beta1, "beta2": beta2, "one_minus_beta2": 1 - beta2,
+                   "step_size": lr / (1 - beta1 ** step),
+                   "bias_correction2_sqrt": (1 - beta2 ** step).sqrt(), "eps": group["eps"]}
+        self._queue(batches, params, grads, [exp_avgs, exp_avg_sqs, max_exp_avg_sqs], columns, device)
+        return state_steps
+
+    @staticmethod
+    def _n_state_buffers(group):
+        return 3 if group["amsgrad"] else 2
+
+
+class AdamW(Adam):
+    r"""AdamW, fused: Adam with decoupled weight decay (torch.optim.AdamW's algorithm).
+
+    .. code-block:: text
+
+        for t = 1, 2, ...:
+            g_t ← -∇f_t(θ_{t-1}) if maximize else ∇f_t(θ_{t-1})
+            θ_t ← θ_{t-1} - γ λ θ_{t-1}
+            m_t ← β1 m_{t-1} + (1 - β1) g_t
+            v_t ← β2 v_{t-1} + (1 - β2) g_t²
+            m̂_t ← m_t / (1 - β1^t)
+            if amsgrad:  v_t^max ← max(v_{t-1}^max, v_t);  v̂_t ← v_t^max / (1 - β2^t)
+            else:        v̂_t ← v_t / (1 - β2^t)
+            θ_t ← θ_t - γ m̂_t / (√v̂_t + ε)
+
+    Arguments as :class:`Adam` (``weight_decay`` defaults to 1e-2, no ``decoupled_weight_decay``).
+    """
+
+    def __init__(self, params, lr: float | Tensor = 1e-3, betas: tuple = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False,
+                 foreach: bool | None = None, capturable: bool = False, differentiable: bool = False,
+                 fused: bool | None = None) -> None:
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
+                         capturable=capturable, differentiable=differentiable, fused=fused,
+                         decoupled_weight_decay=True)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group["decoupled_weight_decay"] = True
+
+
+class RMSprop(_FusedOptimizer):
+    r"""RMSprop, fused: torch.optim.RMSprop's algorithm.
+
+    .. code-block:: text
+
+        input: α (alpha), γ (lr), θ_0 (params), f(θ) (objective), λ (weight decay), μ (momentum),
+               centered, ε (eps), maximize
+        initialize: v_0 ← 0 (square average), b_0 ← 0 (buffer), g^ave_0 ← 0
+        for t = 1, 2, ...:
+            g_t ← -∇f_t(θ_{t-1}) if maximize else ∇f_t(θ_{t-1})
+            if λ ≠ 0:  g_t ← g_t + λ θ_{t-1}
+            v_t ← α v_{t-1} + (1 - α) g_t²
+            ṽ_t ← v_t
+            if centered:  g^ave_t ← α g^ave_{t-1} + (1 - α) g_t;  ṽ_t ← ṽ_t - (g^ave_t)²
+            if μ > 0:  b_t ← μ b_{t-1} + g_t / (√ṽ_t + ε);  θ_t ← θ_{t-1} - γ b_t
+            else:      θ_t ← θ_{t-1} - γ g_t / (√ṽ_t + ε)
+
+    Args:
+        params (iterable): parameters or dicts defining parameter groups
+        lr (float, Tensor, optional): learning rate (default: 1e-2)
+        alpha (float, optional): smoothing constant (default: 0.99)
+        eps (float, optional): term added to the denominator (default: 1e-8)
+        weight_decay (float, optional): weight decay (L2 penalty) (default: 0)
+        momentum (float, optional): momentum factor (default: 0)
+        centered (bool, optional): normalize by an estimate of the gradient's variance (default: False)
+        capturable, foreach (bool, optional): accepted; ``capturable`` keeps ``step`` on the device
+        maximize (bool, optional): maximize the objective instead of minimizing it (default: False)
+        differentiable (bool, optional): must be False
+
+    State per parameter: ``step``, ``square_avg``, (momentum > 0) ``momentum_buffer``, (centered)
+    ``grad_avg``.
+    """
+
+    _op = ops.rmsprop_step_
+    _coef_names = kernels.RMSPROP_COEFS
+
+    def __init__(self, params, lr: float | Tensor = 1e-2, alpha: float = 0.99, eps: float = 1e-8,
+                 weight_decay: float = 0, momentum: float = 0, centered: bool = False,
+                 capturable: bool = False,
+                 foreach: bool | None = None, maximize: bool = False, differentiable: bool = False) -> None:
+        _check_lr(lr)
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        if not 0.0 <= momentum:
+            raise ValueError(f"Invalid momentum value: {momentum}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if not 0.0 <= alpha:
+            raise ValueError(f"Invalid alpha value: {alpha}")
+        self._check_flags(foreach, None, differentiable)
+        defaults = {"lr": lr, "momentum": momentum, "alpha": alpha, "eps": eps, "centered": centered,
+                    "weight_decay": weight_decay, "capturable": capturable, "foreach": foreach,
+                    "maximize": maximize, "differentiable": differentiable}
+        super().__init__(params, defaults)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("momentum", 0)
+            group.setdefault("centered", False)
+            group.setdefault("foreach", None)
+            group.setdefault("maximize", False)
+            group.setdefault("differentiable", False)
+            group.setdefault("capturable", False)
+            _step_tensor_from_float(self.state, group["params"], group["capturable"])
+
+    def _init_group(self, group, params, grads, square_avgs, momentum_buffer_list, grad_avgs, state_steps):
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            self._check_param(p)
+            params.append(p)
+            grads.append(p.grad)
+            state = self.state[p]
+            if len(state) == 0:
+                state["step"] = _new_step(p, group["capturable"])
+                state["square_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if group["momentum"] > 0:
+                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if group["centered"]:
+                    state["grad_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            square_avgs.append(self._state(state, "square_avg", p))
+            state_steps.append(state["step"])
+            if group["momentum"] > 0:
+                momentum_buffer_list.append(self._state(state, "momentum_buffer", p))
+            if group["centered"]:
+                grad_avgs.append(self._state(state, "grad_avg", p))
+        return False
+
+    def _add_group(self, group, batches):
+        params, grads, square_avgs, momentum_buffers, grad_avgs, state_steps = [], [], [], [], [], []
+        self._init_group(group, params, grads, square_avgs, momentum_buffers, grad_avgs, state_steps)
+        if not params:
+            return []
+        device = state_steps[0].device
+        alpha = group["alpha"]
+        columns = {"lr": _value(group["lr"], device), "grad_sign": _signs(group["maximize"]),
+                   "weight_decay": group["weight_decay"], "alpha": alpha, "one_minus_alpha": 1 - alpha,
+                   "eps": group["eps"], "momentum": group["momentum"]}
+        self._queue(batches, params, grads, [square_avgs, grad_avgs, momentum_buffers], columns, device)
+        return state_steps
+
+    @staticmethod
+    def _n_state_buffers(group):
+        return 1 + int(group["momentum"] > 0) + int(bool(group["centered"]))
+
+
+class Adagrad(_FusedOptimizer):
+    r"""Adagrad, fused: torch.optim.Adagrad's algorithm.
+
+    .. code-block:: text
+
+        input: γ (lr), θ_0 (params), f(θ) (objective), λ (weight decay), τ (initial accumulator value),
+               η (lr decay), ε (eps), maximize
+        initialize: state_sum_0 ← τ
+        for t = 1, 2, ...:
+            g_t ← -∇f_t(θ_{t-1}) if maximize else ∇f_t(θ_{t-1})
+            γ̃ ← γ / (1 + (t - 1) η)
+            if λ ≠ 0:  g_t ← g_t + λ θ_{t-1}
+            state_sum_t ← state_sum_{t-1} + g_t²
+            θ_t ← θ_{t-1} - γ̃ g_t / (√state_sum_t + ε)
+
+    Args:
+        params (iterable): parameters or dicts defining parameter groups
+        lr (float, Tensor, optional): learning rate (default: 1e-2)
+        lr_decay (float, optional): learning rate decay (default: 0)
+        weight_decay (float, optional): weight decay (L2 penalty) (default: 0)
+        initial_accumulator_value (float, optional): initial value of the sum of squared gradients
+            (default: 0)
+        eps (float, optional): term added to the denominator (default: 1e-10)
+        foreach, fused (bool, optional): accepted; ``fused`` keeps ``step`` on the device
+        maximize (bool, optional): maximize the objective instead of minimizing it (default: False)
+        differentiable (bool, optional): must be False
+
+    State per parameter (created at construction, as torch does): ``step``, ``sum``.
+    """
+
+    _op = ops.adagrad_step_
+    _coef_names = kernels.ADAGRAD_COEFS
+
+    def __init__(self, params, lr: float | Tensor = 1e-2, lr_decay: float = 0, weight_decay: float = 0,
+                 initial_accumulator_value: float = 0, eps: float = 1e-10, foreach: bool | None = None, *,
+                 maximize: bool = False, differentiable: bool = False, fused: bool | None = None) -> None:
+        _check_lr(lr)
+        if not 0.0 <= lr_decay:
+            raise ValueError(f"Invalid lr_decay value: {lr_decay}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if not 0.0 <= initial_accumulator_value:
+            raise ValueError(f"Invalid initial_accumulator_value value: {initial_accumulator_value}")
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        self._check_flags(foreach, fused, differentiable)
+        defaults = {"lr": lr, "lr_decay": lr_decay, "eps": eps, "weight_decay": weight_decay,
+                    "initial_accumulator_value": initial_accumulator_value, "foreach": foreach,
+                    "maximize": maximize, "differentiable": differentiable, "fused": fused}
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            for p in group["params"]:
+                self._init_state(self.state[p], p, group)
+
+    def _init_state(self, state: dict, p: Tensor, group: dict) -> None:
+        """torch fills ``sum`` with the constructor's ``initial_accumulator_value`` (``self.defaults``)."""
+        state["step"] = _new_step(p, bool(group["fused"]), group["fused"])
+        state["sum"] = torch.full_like(p, self.defaults["initial_accumulator_value"],
+                                       memory_format=torch.preserve_format)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        fused = None
+        for group in self.param_groups:
+            group.setdefault("foreach", None)
+            group.setdefault("maximize", False)
+            group.setdefault("differentiable", False)
+            fused = group.setdefault("fused", None)
+            _step_tensor_from_float(self.state, group["params"], bool(group["fused"]), is_fused=fused)
+
+    def share_memory(self) -> None:
+        """Calls tensor.share_memory_() on the state sum tensors."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                self.state[p]["sum"].share_memory_()
+
+    def _init_group(self, group, params, grads, state_sums, state_steps):
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            self._check_param(p)
+            params.append(p)
+            grads.append(p.grad)
+            state = self.state[p]
+            if len(state) == 0:  # parameters added by add_param_group after construction
+                self._init_state(state, p, group)
+            state_sums.append(self._state(state, "sum", p))
+            state_steps.append(state["step"])
+        return False
+
+    def _add_group(self, group, batches):
+        params, grads, state_sums, state_steps = [], [], [], []
+        self._init_group(group, params, grads, state_sums, state_steps)
+        if not params:
+            return []
+        step, device = _steps(state_steps)
+        columns = {"clr": _value(group["lr"], device) / (1 + (step - 1) * group["lr_decay"]),
+                   "grad_sign": _signs(group["maximize"]), "weight_decay": group["weight_decay"],
+                   "eps": group["eps"]}
+        self._queue(batches, params, grads, [state_sums], columns, device)
+        return state_steps
+
+    @staticmethod
+    def _n_state_buffers(group):
+        return 1
+
+
+_TORCH_STATE_BUFFERS = {
+    torch.optim.SGD: SGD._n_state_buffers,
+    torch.optim.Adam: Adam._n_state_buffers,
+    torch.optim.AdamW: Adam._n_state_buffers,
+    torch.optim.RMSprop: RMSprop._n_state_buffers,
+    torch.optim.Adagrad: Adagrad._n_state_buffers,
+}
+
+
+def bytes_per_step(optimizer: Optimizer) -> int:
+    """The least memory traffic of one step, in bytes: the floor for achieved-bandwidth figures.
+
+    Every parameter, gradient and state element read once, every parameter and state element written
+    once: ``numel * itemsize * (3 + 2 * state buffers)`` summed over all parameters, as if each has a
+    gradient (SGD: 0 or 1 buffer; Adam/AdamW: 2, 3 with AMSGrad; RMSprop: 1 + momentum + centered;
+    Adagrad: 1). The per-tensor tables and coefficients (tens of bytes per tensor) are not counted.
+    Takes a ``tritonkit.optim`` optimizer or its ``torch.optim`` counterpart (same floor).
+    """
+    if isinstance(optimizer, _FusedOptimizer):
+        buffers = optimizer._n_state_buffers
+    else:
+        kind = next((k for k in _TORCH_STATE_BUFFERS if isinstance(optimizer, k)), None)
+        if kind is None:
+            raise TypeError(f"bytes_per_step: no traffic model for {type(optimizer).__name__}")
+        buffers = _TORCH_STATE_BUFFERS[kind]
+    return sum(p.numel() * p.element_size() * (3 + 2 * buffers(group))
+               for group in optimizer.param_groups for p in group["params"])
