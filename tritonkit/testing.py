@@ -40,6 +40,10 @@ GRAD_TOLERANCES: dict[torch.dtype, dict[str, float]] = {
 # multiply-adds and a different evaluation order differ in the last bit per step; over 50 steps
 # that stays below 1e-5 relative. Half-precision parameters are updated in float32 and rounded once
 # per step, like torch's fused implementations, so they drift by about one ulp per step at most.
+# Half-precision optimizer *state* is compared only through the parameters it drives: a momentum
+# buffer (about g / (1 - momentum)) reaches magnitudes where one bf16 ulp exceeds these atols, and a
+# single rounding flip there moves later updates by lr * ulp / (1 - momentum); the half-precision
+# trajectory tests therefore run at a quarter of the float32 tests' learning rate.
 OPTIM_TOLERANCES: dict[torch.dtype, dict[str, float]] = {
     torch.float32: {"rtol": 1e-5, "atol": 1e-6},
     torch.float16: {"rtol": 1e-2, "atol": 1e-3},
