@@ -533,3 +533,25 @@ def test_dynamic_shapes_keepdim_sum_and_plain_mm():
         assert_close(w.grad, w_ref.grad, grad=True)
     assert len(reports) == 2  # one forward, one backward: no recompile for the second size
     assert {"linear", "bias_grad", "linear_weight_grad"} <= lowered_ops(reports)
+
+
+def test_conv_and_its_relu_in_different_graphs():
+    """What DDPOptimizer does when a bucket boundary falls between a conv and its ReLU."""
+
+    class Split(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3)
+            self.fc = torch.nn.Linear(4 * 4 * 4, 2)
+
+        def forward(self, x):
+            y = self.conv(x)
+            torch._dynamo.graph_break()
+            return self.fc(F.relu(y).flatten(1))
+
+    reports = []
+    check_step(Split().to(DEVICE), [randn(2, 3, 6, 6)], reports)
+    text = "\n".join(map(str, reports))
+    assert [r.kind for r in reports].count("forward") == 2, text
+    assert "convolution -> tritonkit.conv2d\n" in text and "relu -> tritonkit.relu" in text
+    assert "relu=True" not in text and "tritonkit.relu_backward" in text
