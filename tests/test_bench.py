@@ -108,3 +108,14 @@ def test_param_shapes_and_flop_counts():
     assert case.flops == (2 * 2 * 4 * 8 * 8 * 3 * 3 * 3, 2 * 2 * 2 * 4 * 8 * 8 * 3 * 3 * 3)
     assert case.bytes[0] == 4 * (2 * 3 * 8 * 8 + 4 * 3 * 3 * 3 + 4 + 2 * 4 * 8 * 8)
     assert bench.linear_case("l", 5, 6, 7, bench.fp32, bias=False, relu=False).flops == (2 * 5 * 6 * 7, 4 * 5 * 6 * 7)
+
+
+def test_a_wrong_kernel_fails_its_check(tmp_path, capsys, monkeypatch):
+    import tritonkit.functional as TF
+
+    relu = TF.relu
+    monkeypatch.setattr(TF, "relu", lambda x: relu(x) * 1.01)
+    status, doc, out = _run(tmp_path, capsys, "--family", "relu", "--filter", "fp32", "--competitors", "eager")
+    assert status == 1
+    assert all(r["check"] is False and "forward" in r["check_error"] for r in doc["results"])
+    assert "CHECK FAILED" in out and "2 failed or errored" in out

@@ -405,14 +405,16 @@ def run_optim(name: str, total: int, big: tuple, competitors, timer: Timer) -> l
 
     device = default_device()
     shapes = param_shapes(total, big)
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    values = [(torch.randn(s, generator=gen), torch.randn(s, generator=gen)) for s in shapes]
+    gen = torch.Generator(device=device).manual_seed(0)
+    values = [(torch.randn(s, generator=gen, device=device), torch.randn(s, generator=gen, device=device))
+              for s in shapes]
 
     def params():
+        """Every implementation starts from the same values and gradients (fresh copies)."""
         out = []
         for v, g in values:
-            p = v.to(device).requires_grad_()
-            p.grad = g.to(device)
+            p = v.clone().requires_grad_()
+            p.grad = g.clone()
             out.append(p)
         return out
 
