@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tritonkit.functional as TF
+from tritonkit.runtime import INTERPRET
 from tritonkit.testing import assert_close, check_against_eager
 
 ops = torch.ops.tritonkit
@@ -223,3 +224,10 @@ def test_conv_relu_maxpool_opcheck():
     args = (torch.randn(2, 3, 9, 9), torch.randn(4, 3, 3, 3), torch.randn(4), [1, 1], [1, 1], [1, 1], 1,
             [3, 3], [2, 2], [1, 1], [1, 1], True)
     torch.library.opcheck(ops.conv2d_relu_maxpool.default, args)
+
+
+@pytest.mark.skipif(INTERPRET, reason="Triton's interpreter computes tl.dot on bfloat16 wrongly (triton#4972, "
+                    "#11584); bfloat16 conv numerics run on a GPU, and the AOT gate compiles them for sm_80/sm_90")
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_bfloat16_on_gpu(layout):
+    _run(4, 16, 15, 13, 24, 3, 1, 1, layout=layout, dtype=torch.bfloat16)

@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tritonkit.functional as TF
+from tritonkit.runtime import INTERPRET
 from tritonkit.testing import check_against_eager
 
 ops = torch.ops.tritonkit
@@ -94,3 +95,10 @@ def test_nan_propagates_through_fused_relu():
     x[2, 1] = float("nan")
     w = torch.randn(5, 6)
     assert torch.equal(TF.linear(x, w, activation="relu").isnan(), F.relu(F.linear(x, w)).isnan())
+
+
+@pytest.mark.skipif(INTERPRET, reason="Triton's interpreter computes tl.dot on bfloat16 wrongly (triton#4972, "
+                    "#11584); bfloat16 GEMM numerics run on a GPU, and the AOT gate compiles them for sm_80/sm_90")
+@pytest.mark.parametrize("relu", [False, True])
+def test_bfloat16_on_gpu(relu):
+    _run((67,), 130, 90, dtype=torch.bfloat16, relu=relu)
