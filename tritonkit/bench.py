@@ -823,11 +823,15 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run)
 
 
+class UsageError(ValueError):
+    """What the user typed cannot run: ``run`` prints it and returns 2, as the ``tritonkit`` command does."""
+
+
 def _split(text: str, allowed: tuple, what: str) -> list[str]:
     items = [s.strip() for s in text.split(",") if s.strip()]
     bad = [s for s in items if s not in allowed]
     if bad or not items:
-        raise SystemExit(f"tritonkit bench: unknown {what} {bad or text!r}; choose from {','.join(allowed)}")
+        raise UsageError(f"unknown {what} {', '.join(bad) if bad else repr(text)}; choices: {','.join(allowed)}")
     return [a for a in allowed if a in items]
 
 
@@ -851,12 +855,16 @@ def run(args) -> int:
             doc = json.load(f)
         print("\n".join(headline(doc["results"], doc["meta"]["mode"] == "gpu")))
         return 0
-    families = _split(args.family, FAMILIES, "family")
-    competitors = _split(args.competitors, COMPETITORS, "competitor")
     gpu = not INTERPRET
-    if not gpu and not args.quick:
-        raise SystemExit("tritonkit bench: full-size benchmarks need a CUDA GPU (kernels run compiled); "
-                         "without one, run `tritonkit bench --quick` to check every benchmark in the interpreter")
+    try:
+        families = _split(args.family, FAMILIES, "family")
+        competitors = _split(args.competitors, COMPETITORS, "competitor")
+        if not gpu and not args.quick:
+            raise UsageError("full-size benchmarks need a CUDA GPU (kernels run compiled); without one, run "
+                             "`tritonkit bench --quick` to check every benchmark in the interpreter")
+    except UsageError as e:
+        print(f"tritonkit bench: error: {e}", file=sys.stderr)
+        return 2
     if not gpu:
         print(CPU_NOTE, flush=True)
     print(tritonkit.runtime_info(), flush=True)
