@@ -449,10 +449,12 @@ def run_optim(name: str, total: int, big: tuple, competitors, timer: Timer) -> l
                 r.error = f"tritonkit failed: {_short(e)}"
     if "tritonkit" in built:
         r.bytes = float(tko.bytes_per_step(built["tritonkit"][1]))
-    if "tritonkit" in built and "eager" in built:
+    reference = next((impl for impl in ("eager", "inductor") if impl in built), None)
+    if "tritonkit" in built and reference:
         try:  # two steps from the same values and gradients
-            for p, q in zip(built["tritonkit"][0], built["eager"][0]):
-                torch.testing.assert_close(p.detach(), q.detach(), **OPTIM_TOLERANCES[fp32])
+            for i, (p, q) in enumerate(zip(built["tritonkit"][0], built[reference][0])):
+                torch.testing.assert_close(p.detach(), q.detach(), **OPTIM_TOLERANCES[fp32],
+                                           msg=lambda m, i=i: f"param {i} after two steps vs torch ({reference}): {m}")
             r.check = True
         except AssertionError as e:
             r.check, r.check_error = False, _short(e)
