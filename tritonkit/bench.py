@@ -481,8 +481,8 @@ def run_e2e(batch: int, competitors, timer: Timer) -> list[Result]:
     Every path starts from the same weights and takes one step on the same batch with TF32 off (the
     compile, and the step the check compares with eager's), then is timed.
     """
-    from tritonkit import backend as tkb
     from tritonkit import optim as tko
+    from tritonkit.backend import backend as tritonkit_backend
     from tritonkit.models import LeNet, TritonkitLeNet
     from tritonkit.testing import TRAINING_TOLERANCES
 
@@ -515,7 +515,7 @@ def run_e2e(batch: int, competitors, timer: Timer) -> list[Result]:
         """``(model, step, loss of the first step, note)``."""
         if impl in ("tritonkit", "tritonkit.nn"):
             raw = model_for(impl)
-            model = torch.compile(raw, backend=tkb.backend) if impl == "tritonkit" else raw
+            model = torch.compile(raw, backend=tritonkit_backend) if impl == "tritonkit" else raw
             step = step_fn(model, tko.SGD(raw.parameters(), **sgd))
             note = ("torch.compile(backend=tritonkit)" if impl == "tritonkit" else "tritonkit.nn LeNet") + \
                 " + tritonkit.optim.SGD"
