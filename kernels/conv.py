@@ -29,10 +29,10 @@ import triton
 import triton.language as tl
 
 from tritonkit.kernels.common import (
+    INTERP_TILE,
     TRITON_TYPE,
     check_int32_indexing,
     dot_precision,
-    INTERP_TILE,
     empty,
     interp_block,
     tuned_kernel,
@@ -292,8 +292,10 @@ def conv2d_input_grad_kernel(
             a_mask = m_ok[:, None] & k_ok[None, :] & (th >= 0) & (th < OH) & (tw >= 0) & (tw < OW)
             row_h = ih + pad_h
             row_w = iw + pad_w
-            g_off = (n * sgn + row_h * sgh + row_w * sgw)[:, None] + (oc * sgc - kh * dil_h * sgh - kw * dil_w * sgw)[None, :]
-            r_off = (n * srn + row_h * srh + row_w * srw)[:, None] + (oc * src - kh * dil_h * srh - kw * dil_w * srw)[None, :]
+            g_row = n * sgn + row_h * sgh + row_w * sgw
+            r_row = n * srn + row_h * srh + row_w * srw
+            g_off = g_row[:, None] + (oc * sgc - kh * dil_h * sgh - kw * dil_w * sgw)[None, :]
+            r_off = r_row[:, None] + (oc * src - kh * dil_h * srh - kw * dil_w * srw)[None, :]
         else:
             oh = th // stride_h
             ow = tw // stride_w

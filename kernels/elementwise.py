@@ -25,6 +25,7 @@ import functools
 import torch
 import triton
 import triton.language as tl
+
 from tritonkit.kernels.common import (
     INTERP_TILE,
     TRITON_TYPE,
@@ -34,7 +35,6 @@ from tritonkit.kernels.common import (
     interp_block,
     tuned_kernel,
 )
-
 from tritonkit.runtime import INTERPRET
 
 _FLAT_GPU_CONFIGS = [

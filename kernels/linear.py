@@ -19,10 +19,10 @@ import triton
 import triton.language as tl
 
 from tritonkit.kernels.common import (
+    INTERP_TILE,
     TRITON_TYPE,
     check_int32_indexing,
     dot_precision,
-    INTERP_TILE,
     empty,
     interp_block,
     tuned_kernel,
@@ -30,7 +30,8 @@ from tritonkit.kernels.common import (
 
 
 def _cfg(bm, bn, bk, warps, stages):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=warps, num_stages=stages)
+    meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}
+    return triton.Config(meta, num_warps=warps, num_stages=stages)
 
 
 GPU_CONFIGS = [

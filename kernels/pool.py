@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from tritonkit.kernels.common import (
     INTERP_TILE,
     TRITON_TYPE,

@@ -6,7 +6,6 @@ falling back. Interpreter kernels are slow: shapes are small and LeNet runs at b
 """
 
 import copy
-import importlib
 import logging
 import os
 import subprocess
@@ -19,7 +18,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tritonkit.backend import LoweringError, backend, conv_relu_maxpool_op, explain
+from tritonkit.backend import LoweringError, backend, explain
 from tritonkit.models import LeNet
 from tritonkit.runtime import INTERPRET, default_device
 from tritonkit.testing import TRAINING_TOLERANCES, assert_close
@@ -454,27 +453,8 @@ def test_bfloat16_gemms_stay_aten_in_the_interpreter():
         assert "linear(relu=True)" in str(report)
 
 
-# ---------------------------------------------------------------------- inference conv+ReLU+pool hook
-@torch.library.custom_op("tritonkit_backend_test::conv2d_relu_maxpool", mutates_args=())
-def _reference_conv_relu_maxpool(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                                 stride: list[int], padding: list[int], dilation: list[int], groups: int,
-                                 kernel_size: list[int], pool_stride: list[int], pool_padding: list[int],
-                                 pool_dilation: list[int], ceil_mode: bool) -> torch.Tensor:
-    y = F.relu(F.conv2d(input, weight, bias, stride, padding, dilation, groups))
-    return F.max_pool2d(y, kernel_size, pool_stride or kernel_size, pool_padding, pool_dilation, ceil_mode)
-
-
-@_reference_conv_relu_maxpool.register_fake
-def _(input, weight, bias, stride, padding, dilation, groups, kernel_size, pool_stride, pool_padding,
-      pool_dilation, ceil_mode):
-    y = F.relu(F.conv2d(input, weight, bias, stride, padding, dilation, groups))
-    return F.max_pool2d(y, kernel_size, pool_stride or kernel_size, pool_padding, pool_dilation, ceil_mode)
-
-
-def test_inference_conv_relu_pool_hook(monkeypatch):
-    module = importlib.import_module("tritonkit.backend")  # (tritonkit.backend may name the function)
-    monkeypatch.setattr(module, "conv_relu_maxpool_op",
-                        lambda: torch.ops.tritonkit_backend_test.conv2d_relu_maxpool.default)
+# ------------------------------------------------------------------ inference conv+ReLU+pool fusion
+def test_inference_conv_relu_pool_fusion():
     torch.manual_seed(0)
     model = LeNet().to(DEVICE).eval()
     x = randn(2, 3, 32, 32)
@@ -488,11 +468,6 @@ def test_inference_conv_relu_pool_hook(monkeypatch):
     reports = []
     compile_(model, reports)(x)
     assert "conv2d_relu_maxpool" not in str(reports[0]) and "conv2d(relu=True)" in str(reports[0])
-
-
-def test_conv_relu_maxpool_hook_is_off_until_the_op_exists():
-    op = conv_relu_maxpool_op()
-    assert op is None or "conv2d_relu_maxpool" in str(op)
 
 
 # --------------------------------------------------------------------------------------- logging

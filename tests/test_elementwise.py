@@ -9,9 +9,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tritonkit.kernels import elementwise as kernels
 
 import tritonkit.ops.elementwise  # noqa: F401  (registers the ops)
+from tritonkit.kernels import elementwise as kernels
 from tritonkit.runtime import default_device
 from tritonkit.testing import assert_close
 

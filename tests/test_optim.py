@@ -260,12 +260,12 @@ def test_lr_schedulers(tensor_lr):
     """OneCycleLR then CosineAnnealingLR (changing lr every step) drive both implementations alike."""
     lr = torch.tensor(0.01) if tensor_lr else 0.01
     ref, mine, ref_opt, opt = _pair("Adam", {"weight_decay": 0.01})
-    for params, o in ((ref, ref_opt), (mine, opt)):
+    for _params, o in ((ref, ref_opt), (mine, opt)):
         for group in o.param_groups:
             group["lr"] = lr.clone() if tensor_lr else lr
     scheds = [torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.05, total_steps=30, cycle_momentum=False)
               for o in (ref_opt, opt)]
-    for step in range(30):
+    for _step in range(30):
         grads = [torch.randn(s) for s in SHAPES]
         for params, o, sched in zip((ref, mine), (ref_opt, opt), scheds):
             _set_grads(params, grads)
@@ -388,7 +388,7 @@ def test_bad_hyperparameters_raise_like_torch(name, kw):
 
 def test_implementation_flags():
     p = nn.Parameter(torch.randn(3))
-    for name, cls in OURS.items():
+    for _name, cls in OURS.items():
         with pytest.raises(RuntimeError, match="differentiable"):
             cls([p], differentiable=True)
         cls([p], foreach=True)

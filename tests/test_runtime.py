@@ -24,7 +24,8 @@ def test_mode_follows_cuda_availability():
 
 @pytest.mark.parametrize("value,mode", [("1", "interpreter"), ("0", "gpu"), ("true", "interpreter")])
 def test_override(value, mode):
-    result = _python("import tritonkit, os; i = tritonkit.runtime_info(); print(i.mode, os.environ['TRITON_INTERPRET'])",
+    code = "import tritonkit, os; i = tritonkit.runtime_info(); print(i.mode, os.environ['TRITON_INTERPRET'])"
+    result = _python(code,
                      TRITONKIT_INTERPRET=value)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == [mode, "1" if mode == "interpreter" else "0"]

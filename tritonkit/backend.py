@@ -24,7 +24,7 @@ ATen                                                        tritonkit
 A conv (or GEMM) is fused with the ReLU after it only when the ReLU is its only user, so whatever the
 partitioner saves for backward is the ReLU output (``threshold_backward`` needs nothing else). In an
 inference graph, conv -> ReLU -> max-pool whose unpooled activation has no other use becomes one call
-to ``tritonkit::conv2d_relu_maxpool`` once that op is registered (see :func:`conv_relu_maxpool_op`).
+to ``tritonkit::conv2d_relu_maxpool``.
 
 Every rewrite is checked before it is made: dtypes (float32/float16/bfloat16; no bfloat16 GEMM in
 Triton's interpreter, whose ``tl.dot`` is wrong on it), device, and the tritonkit op's own fake
@@ -258,20 +258,6 @@ class _Spec:
 
 class _Fail(Exception):
     """A candidate node that cannot be lowered; the message says why."""
-
-
-def conv_relu_maxpool_op():
-    """The fused inference op ``tritonkit::conv2d_relu_maxpool`` when tritonkit registers one, else None.
-
-    Expected schema (``max_pool2d(relu(conv2d(...)))[0]`` in one kernel):
-    ``conv2d_relu_maxpool(Tensor input, Tensor weight, Tensor? bias, SymInt[] stride, SymInt[] padding,
-    SymInt[] dilation, SymInt groups, int[] kernel_size, int[] pool_stride, int[] pool_padding,
-    int[] pool_dilation, bool ceil_mode) -> Tensor``.
-    """
-    try:
-        return torch.ops.tritonkit.conv2d_relu_maxpool.default
-    except (AttributeError, RuntimeError):
-        return None
 
 
 # ------------------------------------------------------------------------------------- the lowering
@@ -571,10 +557,11 @@ class _GraphLowering:
         return [self._spec("conv2d", (x, w, b, *geometry, False), node)], (node,)
 
     def _conv_relu_pool(self, conv, relu, x, w, b, geometry):
-        """Inference hook: conv -> ReLU -> max-pool values only, when tritonkit has the fused kernel."""
-        op = conv_relu_maxpool_op()
+        """Inference: conv -> ReLU -> max-pool values only (the unpooled activation has no other use)
+        as one kernel that never writes the unpooled activation."""
+        op = self.tk.conv2d_relu_maxpool.default
         pool = _only_user(relu)
-        if op is None or not _is_call(pool, aten.max_pool2d_with_indices.default):
+        if not _is_call(pool, aten.max_pool2d_with_indices.default):
             return None
         getitems = list(pool.users)
         if len(getitems) != 1 or not _is_call(getitems[0], operator.getitem) or getitems[0].args[1] != 0:
@@ -844,4 +831,4 @@ def explain(model: Callable, *example_inputs, **options) -> Report:
 
 
 __all__ = ["FALLBACK_POLICIES", "Fallback", "GraphReport", "Lowered", "LoweringError", "Options", "Report",
-           "backend", "conv_relu_maxpool_op", "explain", "lower_graph"]
+           "backend", "explain", "lower_graph"]

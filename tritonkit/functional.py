@@ -37,7 +37,8 @@ def _batched(input: torch.Tensor, op: str) -> tuple[torch.Tensor, bool]:
         return input.unsqueeze(0), True
     if input.dim() == 4:
         return input, False
-    raise RuntimeError(f"Expected 3D (unbatched) or 4D (batched) input to {op}, but got input of size: {list(input.shape)}")
+    raise RuntimeError(
+        f"Expected 3D (unbatched) or 4D (batched) input to {op}, but got input of size: {list(input.shape)}")
 
 
 def _same_padding(input, weight, stride, dilation) -> tuple[torch.Tensor, list[int]]:
@@ -101,7 +102,8 @@ def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
     """2-D max pooling, ``torch.nn.functional.max_pool2d``'s signature."""
     x, unbatched = _batched(input, "max_pool2d")
     kernel_size = _pair("kernel_size", kernel_size)
-    stride = kernel_size if stride is None or (not isinstance(stride, int) and len(stride) == 0) else _pair("stride", stride)
+    no_stride = stride is None or (not isinstance(stride, int) and len(stride) == 0)
+    stride = kernel_size if no_stride else _pair("stride", stride)
     out, indices = autograd.MaxPool2d.apply(x, kernel_size, stride, _pair("padding", padding),
                                             _pair("dilation", dilation), bool(ceil_mode))
     if unbatched:

@@ -127,7 +127,8 @@ def train(backend="tritonkit", optimizer="sgd", epochs=3, batch_size=8, lr=None,
     device = torch.device(device) if device else tritonkit.runtime.default_device()
     train_x, train_y, test_x, test_y = load_digits_32(device)
     model = make_model(backend, seed, device)
-    opt = make_optimizer(optimizer, model.parameters(), lr or DEFAULT_LR[optimizer], fused=backend in ("tritonkit", "nn"))
+    fused = backend in ("tritonkit", "nn")
+    opt = make_optimizer(optimizer, model.parameters(), lr or DEFAULT_LR[optimizer], fused=fused)
     full_epoch = -(-len(train_y) // batch_size)
     steps_per_epoch = min(steps_per_epoch or full_epoch, full_epoch)
     schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr or DEFAULT_LR[optimizer],
@@ -152,7 +153,7 @@ def train(backend="tritonkit", optimizer="sgd", epochs=3, batch_size=8, lr=None,
             idx = order[i * batch_size:(i + 1) * batch_size]
             start = time.perf_counter()
             if epoch == 0 and i == min(1, steps_per_epoch - 1):  # the second step: compiled by now
-                loss, ops = count_ops_per_step(lambda: step(train_x[idx], train_y[idx]).item())
+                loss, ops = count_ops_per_step(lambda idx=idx: step(train_x[idx], train_y[idx]).item())
             else:
                 loss = step(train_x[idx], train_y[idx]).item()
             step_times.append(time.perf_counter() - start)

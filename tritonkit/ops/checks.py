@@ -21,12 +21,14 @@ def check_float_tensors(op: str, **tensors: torch.Tensor | None) -> None:
         if t.dtype != first.dtype:
             raise RuntimeError(f"{op}: {name} dtype {t.dtype} must match {first_name} dtype {first.dtype}")
         if t.device != first.device:
-            raise RuntimeError(f"{op}: {name} is on {t.device} but {first_name} is on {first.device}; expected one device")
+            raise RuntimeError(f"{op}: {name} is on {t.device} but {first_name} is on {first.device}; "
+                               "expected one device")
     device = first.device
     if device.type == "meta":
         return
     if INTERPRET and device.type != "cpu":
-        raise RuntimeError(f"{op}: {first_name} is on {device}, but tritonkit runs in Triton's interpreter and expects cpu tensors")
+        raise RuntimeError(f"{op}: {first_name} is on {device}, but tritonkit runs in Triton's interpreter "
+                           "and expects cpu tensors")
     if not INTERPRET and device.type != "cuda":
         raise RuntimeError(f"{op}: {first_name} is on {device}, but tritonkit's compiled kernels expect cuda tensors")
 

@@ -24,7 +24,8 @@ def check_conv_args(op, input_size, weight_size, bias, stride, padding, dilation
         raise RuntimeError(f"{op}: expected 4-D input (N, C, H, W), but got input of size {list(input_size)}")
     weight_size = tuple(weight_size)
     if len(weight_size) != 4:
-        raise RuntimeError(f"{op}: expected 4-D weight (OC, C/groups, KH, KW), but got weight of size {list(weight_size)}")
+        raise RuntimeError(
+            f"{op}: expected 4-D weight (OC, C/groups, KH, KW), but got weight of size {list(weight_size)}")
     if any(s <= 0 for s in stride):
         raise RuntimeError(f"{op}: non-positive stride is not supported (stride={list(stride)})")
     if any(p < 0 for p in padding):
@@ -43,7 +44,7 @@ def check_conv_args(op, input_size, weight_size, bias, stride, padding, dilation
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != oc):
         raise RuntimeError(f"{op}: given weight of size {list(weight_size)}, expected bias to be 1-D with {oc} "
                            f"elements, but got bias of size {list(bias.shape)}")
-    for axis, (size, k, p, d) in enumerate(zip(input_size[2:], (kh, kw), padding, dilation)):
+    for size, k, p, d in zip(input_size[2:], (kh, kw), padding, dilation):
         if size + 2 * p < d * (k - 1) + 1:
             raise RuntimeError(
                 f"{op}: calculated padded input size per channel: ({input_size[2] + 2 * padding[0]} x "

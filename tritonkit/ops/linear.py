@@ -22,10 +22,12 @@ def _check_linear(op, input, weight, bias):
     if input.dim() < 1:
         raise RuntimeError(f"{op}: input must have at least 1 dimension, got a 0-D tensor")
     if weight.dim() != 2:
-        raise RuntimeError(f"{op}: expected 2-D weight (out_features, in_features), got weight of size {list(weight.shape)}")
+        raise RuntimeError(
+            f"{op}: expected 2-D weight (out_features, in_features), got weight of size {list(weight.shape)}")
     if input.shape[-1] != weight.shape[1]:
         raise RuntimeError(f"{op}: input of size {list(input.shape)} has {input.shape[-1]} features but weight of "
-                           f"size {list(weight.shape)} expects {weight.shape[1]} (mat1 and mat2 shapes cannot be multiplied)")
+                           f"size {list(weight.shape)} expects {weight.shape[1]} "
+                           "(mat1 and mat2 shapes cannot be multiplied)")
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
         raise RuntimeError(f"{op}: expected bias of size [{weight.shape[0]}], got bias of size {list(bias.shape)}")
 
