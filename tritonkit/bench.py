@@ -695,7 +695,7 @@ def table(doc: dict) -> str:
         lines.append([r["family"], case, r["direction"], r["dtype"].replace("float", "fp").replace("bfp", "bf"),
                       _fmt(subj.get("ms"), ".4g")]
                      + [_fmt(m.get(c, {}).get("ms"), ".4g") for c in comps]
-                     + [_fmt(r["speedup"].get(c), ".2f") + ("x" if r["speedup"].get(c) else "") for c in comps]
+                     + [_fmt(r["speedup"].get(c), ".3g") + ("x" if r["speedup"].get(c) else "") for c in comps]
                      + [_fmt(subj.get("tflops")), _fmt(subj.get("gbps"), ".4g"), _fmt(subj.get("pct_roofline"), ".1f"),
                         check])
     widths = [max(len(str(row[i])) for row in lines) for i in range(len(head))]
@@ -793,8 +793,10 @@ def plot(doc: dict, path: str) -> None:
             ax.barh(ys, [(v or 1.0) - 1.0 for v in vals], left=1.0, height=step, label=f"vs {comp}")
             for y_, v in zip(ys, vals):
                 if v:
-                    ax.text(v, y_, f" {v:.2f}x ", va="center", ha="left" if v >= 1 else "right", fontsize=6)
+                    ax.text(v, y_, f" {v:.3g}x ", va="center", ha="left" if v >= 1 else "right", fontsize=6)
+        known = [v for r in rows for v in r["speedup"].values() if v] + [1.0]
         ax.set_xscale("log")
+        ax.set_xlim(min(known) / 2, max(known) * 2)  # room for the labels on both sides of 1
         ax.axvline(1.0, color="black", linewidth=0.8)
         ax.set_yticks([i + step * (len(comps) - 1) / 2 for i in range(len(rows))])
         ax.set_yticklabels(labels, fontsize=7)
