@@ -482,7 +482,7 @@ def run_e2e(batch: int, competitors, timer: Timer) -> list[Result]:
     compile, and the step the check compares with eager's), then is timed.
     """
     from tritonkit import optim as tko
-    from tritonkit.backend import backend as tritonkit_backend
+    from tritonkit.lowering import backend as tritonkit_backend
     from tritonkit.models import LeNet, TritonkitLeNet
     from tritonkit.testing import TRAINING_TOLERANCES
 

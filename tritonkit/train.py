@@ -75,7 +75,7 @@ def make_model(backend: str, seed: int, device) -> torch.nn.Module:
         model = reference
     model = model.to(device)
     if backend == "tritonkit":
-        return torch.compile(model, backend="tritonkit")
+        return torch.compile(model, backend=tritonkit.backend)
     if backend == "inductor":
         return torch.compile(model)
     if backend not in ("eager", "nn"):

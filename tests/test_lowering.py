@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tritonkit.backend import LoweringError, backend, explain
+from tritonkit.lowering import LoweringError, backend, explain
 from tritonkit.models import LeNet
 from tritonkit.runtime import INTERPRET, default_device
 from tritonkit.testing import TRAINING_TOLERANCES, assert_close
@@ -131,7 +131,7 @@ def test_backend_name_works_in_a_fresh_process_without_importing_tritonkit():
         model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU())
         assert "tritonkit" not in sys.modules
         compiled = torch.compile(model, backend="tritonkit", options={"report": True})
-        assert "tritonkit.backend" in sys.modules  # loaded through the torch_dynamo_backends entry point
+        assert "tritonkit.lowering" in sys.modules  # loaded through the torch_dynamo_backends entry point
         x = torch.randn(2, 3, 7, 6, device=DEVICE)
         model.to(DEVICE)
         with torch.no_grad():
@@ -473,7 +473,7 @@ def test_inference_conv_relu_pool_fusion():
 # --------------------------------------------------------------------------------------- logging
 def test_tritonkit_log_env_reports_each_graph(monkeypatch, capfd):
     monkeypatch.setenv("TRITONKIT_LOG", "info")
-    logger = logging.getLogger("tritonkit.backend")
+    logger = logging.getLogger("tritonkit.lowering")
     monkeypatch.setattr(logger, "level", logger.level)
     monkeypatch.setattr(logger, "handlers", list(logger.handlers))
     with torch.no_grad():

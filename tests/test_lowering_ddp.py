@@ -21,7 +21,7 @@ BUCKET_MB = 0.02  # LeNet's fc1 weight alone is 0.18 MiB: several buckets, so se
 
 
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
-    from tritonkit.backend import backend
+    from tritonkit.lowering import backend
     from tritonkit.models import LeNet
     from tritonkit.runtime import default_device
 

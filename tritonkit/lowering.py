@@ -40,7 +40,7 @@ Options, ``torch.compile(model, backend="tritonkit", options={...})``:
   masks into the backward kernels.
 
 ``TRITONKIT_LOG=info`` (or ``debug``, which adds the graphs' code) logs reports through the
-``tritonkit.backend`` logger. :func:`explain` runs a model once and returns the reports.
+``tritonkit.lowering`` logger. :func:`explain` runs a model once and returns the reports.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ from typing import Any
 import torch
 from torch import fx
 
-log = logging.getLogger("tritonkit.backend")
+log = logging.getLogger("tritonkit.lowering")
 
 aten = torch.ops.aten
 FALLBACK_POLICIES = ("eager", "error")
