@@ -133,10 +133,11 @@ def _conv_fwd_tile(
         kh = rk // (Cg * KW)
         k_ok = rk < K
         a_mask = m_ok[:, None] & k_ok[None, :]
-        if PADDED:  # without padding every window lies inside the input
-            ih = ih0[:, None] + (kh * dil_h)[None, :]
-            iw = iw0[:, None] + (kw * dil_w)[None, :]
-            a_mask = a_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        if PADDED:  # 0 <= ih0 + kh*dil_h < H, compared without forming the sum
+            kh_d = kh * dil_h
+            kw_d = kw * dil_w
+            a_mask = (a_mask & (ih0[:, None] >= -kh_d[None, :]) & (ih0[:, None] < (H - kh_d)[None, :])
+                      & (iw0[:, None] >= -kw_d[None, :]) & (iw0[:, None] < (W - kw_d)[None, :]))
         x_col = c * sxc + kh * dil_h * sxh + kw * dil_w * sxw
         a = tl.load(x_row[:, None] + x_col[None, :], mask=a_mask, other=0.0)
         w_off = oc[None, :] * swn + (c * swc + kh * swh + kw * sww)[:, None]
@@ -286,17 +287,21 @@ def conv2d_input_grad_kernel(
         kw = (rk // OCg) % KW
         kh = rk // (OCg * KW)
         k_ok = rk < K
-        th = (ih + pad_h)[:, None] - (kh * dil_h)[None, :]
-        tw = (iw + pad_w)[:, None] - (kw * dil_w)[None, :]
-        if UNIT_STRIDE:  # oh = th, ow = tw: offsets split into a row part and a column part
-            a_mask = m_ok[:, None] & k_ok[None, :] & (th >= 0) & (th < OH) & (tw >= 0) & (tw < OW)
-            row_h = ih + pad_h
-            row_w = iw + pad_w
+        row_h = ih + pad_h
+        row_w = iw + pad_w
+        if UNIT_STRIDE:  # oh = row_h - kh*dil_h, ow likewise: row part + column part, compared as such
+            kh_d = kh * dil_h
+            kw_d = kw * dil_w
+            a_mask = (m_ok[:, None] & k_ok[None, :]
+                      & (row_h[:, None] >= kh_d[None, :]) & (row_h[:, None] < (OH + kh_d)[None, :])
+                      & (row_w[:, None] >= kw_d[None, :]) & (row_w[:, None] < (OW + kw_d)[None, :]))
             g_row = n * sgn + row_h * sgh + row_w * sgw
             r_row = n * srn + row_h * srh + row_w * srw
             g_off = g_row[:, None] + (oc * sgc - kh * dil_h * sgh - kw * dil_w * sgw)[None, :]
             r_off = r_row[:, None] + (oc * src - kh * dil_h * srh - kw * dil_w * srw)[None, :]
         else:
+            th = row_h[:, None] - (kh * dil_h)[None, :]
+            tw = row_w[:, None] - (kw * dil_w)[None, :]
             oh = th // stride_h
             ow = tw // stride_w
             hit = (th >= 0) & (tw >= 0) & (th % stride_h == 0) & (tw % stride_w == 0) & (oh < OH) & (ow < OW)
@@ -353,7 +358,9 @@ def conv2d_weight_grad_kernel(
     kw = (rn // Cg) % KW
     kh = rn // (Cg * KW)
     n_ok = rn < KK
-    x_col = (group * Cg + c) * sxc + kh * dil_h * sxh + kw * dil_w * sxw
+    kh_d = kh * dil_h
+    kw_d = kw * dil_w
+    x_col = (group * Cg + c) * sxc + kh_d * sxh + kw_d * sxw
 
     # This program's slice of the reduction, in whole BLOCK_K steps.
     steps = tl.cdiv(P, BLOCK_K)
@@ -376,10 +383,11 @@ def conv2d_weight_grad_kernel(
             r = tl.load(r_ptr + (oc * src)[:, None] + r_col[None, :], mask=a_mask, other=0.0)
             a = tl.where(r.to(tl.float32) <= 0, tl.zeros_like(a), a)  # threshold_backward: NaN outputs pass grad
         b_mask = p_ok[:, None] & n_ok[None, :]
-        if PADDED:
-            ih = (oh * stride_h - pad_h)[:, None] + (kh * dil_h)[None, :]
-            iw = (ow * stride_w - pad_w)[:, None] + (kw * dil_w)[None, :]
-            b_mask = b_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        if PADDED:  # 0 <= ih0 + kh*dil_h < H, compared without forming the sum
+            ih0 = oh * stride_h - pad_h
+            iw0 = ow * stride_w - pad_w
+            b_mask = (b_mask & (ih0[:, None] >= -kh_d[None, :]) & (ih0[:, None] < (H - kh_d)[None, :])
+                      & (iw0[:, None] >= -kw_d[None, :]) & (iw0[:, None] < (W - kw_d)[None, :]))
         x_row = n * sxn + (oh * stride_h - pad_h) * sxh + (ow * stride_w - pad_w) * sxw
         b = tl.load(x_ptr + x_row[:, None] + x_col[None, :], mask=b_mask, other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
