@@ -1,0 +1,362 @@
+"""The AOT compile gate: every registered kernel compiles for sm_80 and sm_90 without spills, within
+shared memory, and (GEMM-class, half precision) on tensor cores; plus tests of the gate itself on
+test-only kernels that it must pass or reject."""
+
+from pathlib import Path
+
+import pytest
+import triton
+import triton.language as tl
+
+from tritonkit import aot
+from tritonkit.kernels.common import REGISTRY
+
+REPO = Path(__file__).resolve().parents[1]
+TABLE = REPO / "bench" / "results" / "aot.md"
+MISSING_MODULES = aot.import_kernel_modules()
+KERNELS = sorted(REGISTRY)  # interpreter functions here; the gate compiles them in a compiled-mode child
+
+# Test-only kernels, imported by the gate's child process from a file; never registered in kernels/.
+TOY_KERNELS = '''
+import torch
+import triton
+import triton.language as tl
+
+from tritonkit.kernels.common import TRITON_TYPE, tuned_kernel
+
+
+def cfg(warps, stages=1, **blocks):
+    return triton.Config(blocks, num_warps=warps, num_stages=stages)
+
+
+def register(name, fn, configs, signature, **kw):
+    tuned_kernel(name, gpu_configs=configs, interp_configs=configs[:1], key=[], signature=signature, **kw)(fn)
+
+
+def gemm_signature(dtype):
+    ptr = "*" + TRITON_TYPE[dtype]
+    ints = dict.fromkeys(("M", "N", "K", "sam", "sak", "sbk", "sbn", "scm", "scn"), "i32")
+    blocks = dict.fromkeys(("UPCAST", "BLOCK_M", "BLOCK_N", "BLOCK_K"), "constexpr")
+    return {"a": ptr, "b": ptr, "c": ptr, **ints, **blocks}
+
+
+@triton.jit
+def toy_gemm_kernel(a, b, c, M, N, K, sam, sak, sbk, sbn, scm, scn,
+                    UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        x = tl.load(a + rm[:, None] * sam + (k + rk)[None, :] * sak, mask=(rm[:, None] < M) & (k + rk[None, :] < K))
+        y = tl.load(b + (k + rk)[:, None] * sbk + rn[None, :] * sbn, mask=(k + rk[:, None] < K) & (rn[None, :] < N))
+        if UPCAST:  # the classic mistake: a float32 dot on half inputs runs on FMA units, not tensor cores
+            acc += tl.dot(x.to(tl.float32), y.to(tl.float32), input_precision="ieee")
+        else:
+            acc += tl.dot(x, y)
+    tl.store(c + rm[:, None] * scm + rn[None, :] * scn, acc.to(c.dtype.element_ty),
+             mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+def gemm(name, configs, upcast=False, signature=gemm_signature, typical=None):
+    register(name, toy_gemm_kernel, configs, signature, constexprs=lambda dtype: {"UPCAST": upcast, **(typical or {})},
+             dtypes=(torch.float16,), tensor_core=True)
+
+
+gemm("toy_gemm", [cfg(4, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32), cfg(2, 2, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32)])
+gemm("toy_gemm_upcast", [cfg(4, 2, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32)], upcast=True)
+# The same tile, compiled general (runtime strides) and as a contiguous 256^3 launch specializes it.
+gemm("toy_gemm_general", [cfg(4, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32)])
+gemm("toy_gemm_contiguous", [cfg(4, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32)],
+     typical={"sak": 1, "sbn": 1, "scn": 1, "sam": 256, "sbk": 256, "scm": 256, "M": 256, "N": 256, "K": 256})
+gemm("toy_gemm_bad_signature", [cfg(4, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32)],
+     signature=lambda dtype: {k: v for k, v in gemm_signature(dtype).items() if k != "M"})
+
+
+@triton.jit
+def toy_hold_kernel(x, y, n, BLOCK: tl.constexpr):
+    """Keeps BLOCK values live across two reductions: with one warp that is BLOCK / 32 registers each."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    v = tl.load(x + offs, mask=offs < n, other=0.0).to(tl.float32)
+    tl.store(y + offs, (v * tl.sum(v, 0) + v * tl.max(v, 0)).to(y.dtype.element_ty), mask=offs < n)
+
+
+def flat(dtype):
+    return {"x": "*" + TRITON_TYPE[dtype], "y": "*" + TRITON_TYPE[dtype], "n": "i32", "BLOCK": "constexpr"}
+
+
+register("toy_spill", toy_hold_kernel, [cfg(1, BLOCK=8192)], flat, dtypes=(torch.float32,))
+register("toy_spill_ok", toy_hold_kernel, [cfg(1, BLOCK=8192)], flat, dtypes=(torch.float32,),
+         spill_ok="test: spills on purpose")
+
+
+@triton.jit
+def toy_transpose_kernel(x, y, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Loads coalesced along rows, stores along columns: the layout change goes through shared memory."""
+    i = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    j = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (i[:, None] < M) & (j[None, :] < N)
+    tl.store(y + j[None, :] * M + i[:, None], tl.load(x + i[:, None] * N + j[None, :], mask=mask), mask=mask)
+
+
+register("toy_shared", toy_transpose_kernel, [cfg(32, BLOCK_M=256, BLOCK_N=256)],
+         lambda dtype: {"x": "*fp32", "y": "*fp32", "M": "i32", "N": "i32",
+                        "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"},
+         dtypes=(torch.float32,))
+
+
+@triton.jit
+def toy_arange_kernel(x, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, 48)  # the interpreter runs this; compilation needs a power of 2
+    tl.store(x + offs, tl.load(x + offs, mask=offs < n) * 2, mask=offs < n)
+
+
+register("toy_arange", toy_arange_kernel, [cfg(4, BLOCK=64)],
+         lambda dtype: {"x": "*fp32", "n": "i32", "BLOCK": "constexpr"}, dtypes=(torch.float32,))
+'''
+TOYS = (
+    "toy_gemm",
+    "toy_gemm_upcast",
+    "toy_gemm_general",
+    "toy_gemm_contiguous",
+    "toy_gemm_bad_signature",
+    "toy_spill",
+    "toy_spill_ok",
+    "toy_shared",
+    "toy_arange",
+)
+
+
+@pytest.fixture(scope="session")
+def toy_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("aot") / "aot_toy_kernels.py"
+    path.write_text(TOY_KERNELS)
+    return path
+
+
+@pytest.fixture(scope="session")
+def gate_result(toy_file):
+    """One gate run (a compiled-mode child, 2 workers, cached) over every kernel and the toys."""
+    result = aot.run_gate(extra=[toy_file])
+    stats = result["stats"]
+    print(
+        f"\nAOT gate: {stats['jobs']} jobs, {stats['compiled']} compiled ({stats['compile_seconds']} s of "
+        f"compiling), {stats['cached']} cached, {stats['wall_seconds']} s wall"
+    )
+    return result
+
+
+def records(result, name):
+    return {(r["config"], r["arch"], r["dtype"]): r for r in result["records"] if r["kernel"] == name}
+
+
+# --- the gate over the real kernels --------------------------------------------------------------------------
+def test_every_kernel_module_is_listed_and_present():
+    files = {p.stem for p in (REPO / "kernels").glob("*.py")} - {"__init__", "common"}
+    assert files == set(aot.KERNEL_MODULES), "kernels/*.py and tritonkit.aot.KERNEL_MODULES must agree"
+    assert MISSING_MODULES == []
+
+
+def test_registry_is_nonempty_and_the_gate_sees_all_of_it(gate_result):
+    assert KERNELS, "no kernel registered"
+    assert set(KERNELS) | set(TOYS) == set(gate_result["registry"])
+
+
+@pytest.mark.parametrize("name", KERNELS)
+def test_kernel_passes_aot_gate(gate_result, name):
+    spec = REGISTRY[name]
+    got = records(gate_result, name)
+    expected = {
+        (i, arch, aot.dtype_name(d)) for i in range(len(spec.gpu_configs)) for arch in aot.ARCHS for d in spec.dtypes
+    }
+    assert set(got) == expected
+    problems = gate_result["problems"][name]
+    assert not problems, f"{len(problems)} AOT gate problems for {name}:\n" + "\n".join(problems)
+
+
+def test_table_is_current(gate_result):
+    """bench/results/aot.md is what `python bench/aot_table.py` writes now (same triton version)."""
+    real = {**gate_result, "records": [r for r in gate_result["records"] if r["kernel"] in REGISTRY]}
+    assert TABLE.exists(), "run: python bench/aot_table.py"
+    committed = TABLE.read_text()
+    if f"with triton {triton.__version__};" not in committed:
+        pytest.skip(f"table was generated with another triton version than {triton.__version__}")
+    assert committed == aot.render_table(real), "bench/results/aot.md is stale: run python bench/aot_table.py"
+
+
+# --- the gate itself, on the test-only kernels ---------------------------------------------------------------
+def test_gate_passes_a_tensor_core_gemm(gate_result):
+    recs = records(gate_result, "toy_gemm")
+    assert gate_result["problems"]["toy_gemm"] == []
+    for rec in recs.values():
+        assert rec["error"] is None and rec["stack"] == rec["local"] == 0
+        assert 0 < rec["registers"] <= 255 and rec["shared"] > 0
+    assert {rec["tensor_core"] for (_, arch, _), rec in recs.items() if arch == "sm_80"} == {"HMMA"}
+    # wgmma needs a warp group (4 warps) and a 64-row tile: config 0 gets HGMMA, config 1 falls back to HMMA.
+    assert recs[0, "sm_90", "float16"]["tensor_core"] == "HGMMA"
+    assert recs[1, "sm_90", "float16"]["tensor_core"] == "HMMA"
+
+
+def test_gate_compiles_the_variant_a_contiguous_launch_runs(gate_result):
+    """Typical int values in constexprs(dtype) specialize like the JIT: unit strides vectorize the loads."""
+    for arch in aot.ARCHS:
+        general = records(gate_result, "toy_gemm_general")[0, arch, "float16"]
+        contiguous = records(gate_result, "toy_gemm_contiguous")[0, arch, "float16"]
+        assert contiguous["registers"] < general["registers"], (contiguous, general)
+        assert contiguous["shared"] > general["shared"], (contiguous, general)  # cp.async multi-buffering
+
+
+def test_gate_rejects_gemm_without_tensor_cores(gate_result):
+    problems = gate_result["problems"]["toy_gemm_upcast"]
+    for arch in aot.ARCHS:
+        assert any(f"{arch} float16: no tensor-core instruction" in p for p in problems), problems
+    assert any("sm_90 float16: no config uses HGMMA" in p for p in problems), problems
+
+
+def test_gate_rejects_spills_unless_documented(gate_result):
+    problems = gate_result["problems"]["toy_spill"]
+    for arch in aot.ARCHS:
+        rec = records(gate_result, "toy_spill")[0, arch, "float32"]
+        assert rec["stack"] > 0
+        assert any(f"{arch} float32: register spills: STACK {rec['stack']} B" in p for p in problems), problems
+    assert gate_result["problems"]["toy_spill_ok"] == []
+    assert records(gate_result, "toy_spill_ok")[0, "sm_80", "float32"]["stack"] > 0
+
+
+def test_gate_rejects_too_much_shared_memory(gate_result):
+    problems = gate_result["problems"]["toy_shared"]
+    for arch, limit in aot.SHARED_LIMIT.items():
+        rec = records(gate_result, "toy_shared")[0, arch, "float32"]
+        assert rec["shared"] + rec["static_shared"] > limit
+        assert any(f"{arch} float32: shared memory" in p and f"limit {limit} B" in p for p in problems), problems
+
+
+def test_gate_reports_compile_and_registry_errors(gate_result):
+    for arch in aot.ARCHS:
+        assert "arange's range must be a power of 2" in records(gate_result, "toy_arange")[0, arch, "float32"]["error"]
+    problems = gate_result["problems"]["toy_gemm_bad_signature"]
+    assert len(problems) == 2 and all("missing ['M']" in p for p in problems), problems
+
+
+def test_gate_rerun_is_cached(gate_result, toy_file):
+    again = aot.run_gate(["toy_gemm", "toy_spill", "toy_shared"], extra=[toy_file])
+    assert again["stats"]["compiled"] == 0 and again["stats"]["cached"] == again["stats"]["jobs"] == 8
+    first = {(r["kernel"], r["config"], r["arch"], r["dtype"]): r for r in gate_result["records"]}
+    for rec in again["records"]:
+        assert {**rec, "cached": None} == {
+            **first[rec["kernel"], rec["config"], rec["arch"], rec["dtype"]],
+            "cached": None,
+        }
+
+
+# --- pure checks (no compiling) --------------------------------------------------------------------------
+def record(**changes):
+    base = {
+        "kernel": "k",
+        "config": 0,
+        "config_label": "BLOCK=1",
+        "arch": "sm_80",
+        "dtype": "float16",
+        "error": None,
+        "registers": 64,
+        "stack": 0,
+        "local": 0,
+        "shared": 1024,
+        "static_shared": 0,
+        "hgmma": 0,
+        "hmma": 4,
+        "tensor_core": "HMMA",
+    }
+    return {**base, **changes}
+
+
+def spec(**changes):
+    from tritonkit.kernels.common import KernelSpec
+
+    fields = {"name": "k", "fn": None, "gpu_configs": (), "signature": None, "constexprs": None}
+    return KernelSpec(**{**fields, **changes})
+
+
+def test_check_shared_memory_limit_is_inclusive():
+    for arch, limit in aot.SHARED_LIMIT.items():
+        assert aot.check(spec(), record(arch=arch, shared=limit - 1024, static_shared=1024)) == []
+        assert "shared memory" in aot.check(spec(), record(arch=arch, shared=limit, static_shared=1))[0]
+
+
+def test_check_spills_and_local_memory():
+    assert "STACK 0 B, LOCAL 8 B" in aot.check(spec(), record(local=8))[0]
+    assert aot.check(spec(spill_ok="why"), record(stack=8, local=8)) == []
+
+
+def test_check_tensor_cores_only_for_half_gemms():
+    fma = record(hmma=0, tensor_core="")
+    assert aot.check(spec(), fma) == []
+    assert aot.check(spec(tensor_core=True), {**fma, "dtype": "float32"}) == []
+    assert "no tensor-core" in aot.check(spec(tensor_core=True), {**fma, "dtype": "bfloat16"})[0]
+    hmma_only = [record(arch="sm_90", dtype=d) for d in aot.HALF_DTYPES]
+    assert len(aot.check_kernel(spec(tensor_core=True), hmma_only)) == 2
+    assert (
+        aot.check_kernel(
+            spec(tensor_core=True),
+            [
+                *hmma_only,
+                *(
+                    record(arch="sm_90", dtype=d, config=1, hgmma=2, hmma=0, tensor_core="HGMMA")
+                    for d in aot.HALF_DTYPES
+                ),
+            ],
+        )
+        == []
+    )
+
+
+def test_compile_args_specialize_typical_ints_like_the_jit():
+    @triton.jit
+    def kernel(x, n, s1, s3, s64, FLAG: tl.constexpr, BLOCK: tl.constexpr):
+        pass
+
+    sig = {"x": "*fp16", "n": "i32", "s1": "i32", "s3": "i32", "s64": "i64", "FLAG": "constexpr", "BLOCK": "constexpr"}
+    config = triton.Config({"BLOCK": 128}, num_warps=2, num_stages=1)
+
+    def args(values, signature=sig, config=config):
+        return aot.compile_args(
+            spec(fn=kernel, signature=lambda d: signature, constexprs=lambda d: values), config, "float16"
+        )
+
+    signature, constexprs, attrs, options = args({"FLAG": True, "s1": 1, "s3": 3, "s64": 64})
+    assert signature == {**sig, "s1": "constexpr"}
+    assert constexprs == {"FLAG": True, "s1": 1, "BLOCK": 128}
+    assert attrs == {(0,): [["tt.divisibility", 16]], (4,): [["tt.divisibility", 16]]}
+    assert options == {"num_warps": 2, "num_stages": 1, "num_ctas": 1}
+    for values, signature, config_, message in [
+        ({"FLAG": 1, "x": 1}, sig, config, "x is neither a constexpr nor an int"),
+        ({"FLAG": 1, "n": 2.0}, sig, config, "n is neither"),
+        ({}, sig, config, r"constexpr arguments \['FLAG'\] get no value"),
+        ({"FLAG": 1}, sig, triton.Config({"n": 4}), r"config sets \['n'\]"),
+        ({"FLAG": 1}, {k: v for k, v in sig.items() if k != "n"}, config, r"missing \['n'\]"),
+    ]:
+        with pytest.raises(aot.SpecError, match=message):
+            args(values, signature, config_)
+
+
+def test_parse_config():
+    configs = (
+        triton.Config({"BLOCK": 64}, num_warps=4),
+        triton.Config({"BLOCK": 64}, num_warps=8),
+        triton.Config({"BLOCK": 128}, num_warps=8),
+    )
+    s = spec(gpu_configs=configs)
+    assert aot.parse_config(s, None) is configs[0]
+    assert aot.parse_config(s, "2") is configs[2]
+    assert aot.parse_config(s, "BLOCK=64,num_warps=8") is configs[1]
+    custom = aot.parse_config(s, "BLOCK=256, num_warps=2")
+    assert custom.kwargs == {"BLOCK": 256} and custom.num_warps == 2
+    for bad, message in [
+        ("3", "out of range"),
+        ("BLOCK=64", "matches configs [0, 1]"),
+        ("num_warps=2", "missing ['BLOCK']"),
+        ("SIZE=1,BLOCK=1", "unknown keys ['SIZE']"),
+        ("BLOCK", "index or k=v"),
+    ]:
+        with pytest.raises(aot.SpecError, match=message.replace("[", r"\[").replace("]", r"\]")):
+            aot.parse_config(s, bad)

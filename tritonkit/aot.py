@@ -1,0 +1,533 @@
+"""Ahead-of-time compile gate: every registered kernel, compiled for A100 (sm_80) and H100 (sm_90) on a CPU.
+
+Triton's interpreter accepts code that real compilation rejects and says nothing about resource use,
+so the gate compiles every ``REGISTRY`` kernel x GPU autotune config x dtype x arch with
+``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` (no GPU needed), reads the
+cubin with the ``cuobjdump`` that the triton wheel ships, and rejects:
+
+* a compile error, or a ``signature``/``constexprs``/config that does not fit the kernel's arguments;
+* register spills: ``STACK`` or ``LOCAL`` non-zero, unless ``KernelSpec.spill_ok`` says why it is fine;
+* shared memory (Triton's dynamic + static) above the architecture's opt-in per-block maximum;
+* a ``tensor_core`` kernel in float16/bfloat16 whose SASS has no tensor-core instruction.
+
+The table's tensor-core column comes from the SASS for those gated rows and, to save a disassembly
+per row, from the PTX elsewhere (``mma.sync`` and ``wgmma.mma_async``, which ptxas always lowers to
+HMMA and HGMMA).
+
+Tensor cores on sm_90: Triton emits wgmma (SASS ``HGMMA``) only when the tile and warp count allow
+(a warp group of 4 warps, M tile a multiple of 64); smaller configs fall back to ``mma.sync``
+(``HMMA``), which still runs on H100's tensor cores at lower peak. Decision: on sm_90 a single config
+passes with HMMA or HGMMA (small-problem configs are legitimately HMMA), but for every half dtype at
+least one of the kernel's configs must use HGMMA, so that large problems on H100 can reach wgmma.
+
+Specialization: the JIT compiles one variant per launch pattern: a pointer or an int divisible by 16
+gets ``tt.divisibility=16``, an int equal to 1 (a unit stride) becomes a constexpr. The gate marks
+every pointer 16-byte aligned (torch allocations are) and, by default, knows nothing of the ints:
+the general variant, whose loads cannot vectorize and which can need far more registers than the
+variant a contiguous launch runs. ``constexprs(dtype)`` may therefore also give the usual value of
+runtime int arguments (``{"stride_xc": 1, "C": 64}``); the gate specializes those as the JIT would
+(1 -> constexpr, multiple of 16 -> divisible), so it compiles the variant that usually runs.
+
+Compiles need real ``JITFunction`` objects, so they run in a process whose environment has
+``TRITONKIT_INTERPRET=0`` (``run_gate`` starts one; decorating and compiling need no GPU). Results
+are cached in ``cache_dir()`` keyed by kernel source hash, signature, constexprs, compile options,
+arch and triton version, so an unchanged kernel is not recompiled.
+"""
+
+from __future__ import annotations
+
+import ast
+import fcntl
+import hashlib
+import importlib
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import torch
+import triton
+
+from tritonkit.kernels.common import REGISTRY, KernelSpec
+
+# The kernel modules that register into REGISTRY; every module file in kernels/ must be listed here.
+KERNEL_MODULES = ("conv", "linear", "pool", "elementwise", "optim")
+
+ARCHS = {"sm_80": 80, "sm_90": 90}
+# Opt-in maximum shared memory per block (cudaDevAttrMaxSharedMemoryPerBlockOptin): A100, H100.
+SHARED_LIMIT = {"sm_80": 166912, "sm_90": 232448}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+HALF_DTYPES = ("float16", "bfloat16")
+STAGES = ("ttir", "ttgir", "llir", "ptx", "sass", "resources")
+GATE_VERSION = 2  # bump when a cached record's contents change meaning
+_COMPILE_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
+
+
+class SpecError(ValueError):
+    """The registry entry does not fit its kernel (signature, constexprs or config)."""
+
+
+# --- registry ------------------------------------------------------------------------------------------
+def import_kernel_modules(extra=()) -> list[str]:
+    """Import every module of ``KERNEL_MODULES`` that exists (and ``extra`` modules or ``.py`` files).
+
+    Returns the names in ``KERNEL_MODULES`` that do not exist yet; an import error inside an
+    existing module propagates.
+    """
+    missing = []
+    for name in KERNEL_MODULES:
+        module = f"tritonkit.kernels.{name}"
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as err:
+            if err.name != module:
+                raise
+            missing.append(name)
+    for item in extra:
+        if str(item).endswith(".py"):
+            path = Path(item).resolve()
+            module_name = f"_tritonkit_extra_{path.stem}"  # stable: Triton's cache key includes it
+            if module_name not in sys.modules:
+                spec = importlib.util.spec_from_file_location(module_name, path)
+                module = importlib.util.module_from_spec(spec)
+                sys.modules[module_name] = module
+                spec.loader.exec_module(module)
+        else:
+            importlib.import_module(item)
+    return missing
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def config_label(config) -> str:
+    parts = [f"{k}={v}" for k, v in config.kwargs.items()]
+    parts.append(f"num_warps={config.num_warps}")
+    parts.append(f"num_stages={config.num_stages}")
+    if getattr(config, "num_ctas", 1) not in (None, 1):
+        parts.append(f"num_ctas={config.num_ctas}")
+    if getattr(config, "maxnreg", None) is not None:
+        parts.append(f"maxnreg={config.maxnreg}")
+    return ", ".join(parts)
+
+
+def parse_config(spec: KernelSpec, text: str | None):
+    """``None`` -> config 0; ``"3"`` -> config 3; ``"BLOCK_M=64,num_warps=4"`` -> the one registered
+    config with those values, or a custom config when none matches (it must then set every constexpr
+    the registered configs set). Raises ``SpecError`` with the choices on a bad value."""
+    configs = spec.gpu_configs
+    listing = "\n".join(f"  {i}: {config_label(c)}" for i, c in enumerate(configs))
+    if text is None or text.strip().isdigit():
+        index = int(text) if text is not None else 0
+        if not 0 <= index < len(configs):
+            raise SpecError(f"config index {index} out of range for {spec.name}; choices:\n{listing}")
+        return configs[index]
+    pairs = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise SpecError(f"--config expects an index or k=v,... pairs, got {text!r}")
+        try:
+            pairs[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            pairs[key.strip()] = value.strip()
+
+    def matches(config):
+        return all(
+            config.kwargs[k] == v if k in config.kwargs else getattr(config, k, object()) == v for k, v in pairs.items()
+        )
+
+    found = [i for i, c in enumerate(configs) if matches(c)]
+    if len(found) == 1:
+        return configs[found[0]]
+    if found:
+        raise SpecError(f"--config {text!r} matches configs {found} of {spec.name}; choices:\n{listing}")
+    constexpr_names = set().union(*(c.kwargs for c in configs)) if configs else set()
+    unknown = sorted(set(pairs) - constexpr_names - set(_COMPILE_OPTIONS))
+    missing = sorted(constexpr_names - set(pairs))
+    if unknown or missing:
+        raise SpecError(
+            f"--config {text!r} matches no config of {spec.name} and is not a full custom config "
+            f"(unknown keys {unknown}, missing {missing}); choices:\n{listing}"
+        )
+    options = {k: pairs[k] for k in _COMPILE_OPTIONS if k in pairs}
+    return triton.Config({k: pairs[k] for k in constexpr_names}, **options)
+
+
+# --- compiling -------------------------------------------------------------------------------------------
+def _jit_function(spec: KernelSpec):
+    fn = spec.fn
+    if not isinstance(fn, triton.runtime.jit.JITFunction):
+        raise TypeError(
+            f"{spec.name}: REGISTRY holds a {type(fn).__name__}, not a JITFunction; AOT compiles need "
+            "TRITONKIT_INTERPRET=0 in the environment before tritonkit is imported (run_gate does this)"
+        )
+    return fn
+
+
+def compile_args(spec: KernelSpec, config, dtype: str):
+    """(signature, constexprs, attrs, options) for ``triton.compile``; ``SpecError`` if they do not fit."""
+    signature = spec.signature(DTYPES[dtype])
+    names = list(spec.fn.arg_names)
+    if set(signature) != set(names):
+        raise SpecError(
+            f"signature keys do not match the kernel's arguments: missing {sorted(set(names) - set(signature))}, "
+            f"unknown {sorted(set(signature) - set(names))}"
+        )
+    signature = {name: signature[name] for name in names}
+    constexpr_args = [name for name in names if signature[name] == "constexpr"]
+    values = dict(spec.constexprs(DTYPES[dtype]))
+    not_constexpr = sorted(k for k in config.kwargs if k not in constexpr_args)
+    if not_constexpr:
+        raise SpecError(f"config sets {not_constexpr}, which are not constexpr arguments")
+    constexprs = {k: v for k, v in values.items() if k in constexpr_args}
+    typical = {k: v for k, v in values.items() if k not in constexpr_args}
+    for name, value in typical.items():  # a runtime int's usual value: specialize it as the JIT would
+        if name not in signature or signature[name] not in ("i32", "i64") or type(value) is not int:
+            raise SpecError(f"constexprs(dtype) gives {name}={value!r}, but {name} is neither a constexpr nor an int")
+        if value == 1:
+            signature[name], constexprs[name] = "constexpr", 1
+    constexprs.update(config.kwargs)
+    unset = [name for name in constexpr_args if name not in constexprs]
+    if unset:
+        raise SpecError(f"constexpr arguments {unset} get no value from the config or constexprs(dtype)")
+    aligned = [
+        i
+        for i, name in enumerate(names)
+        if signature[name].startswith("*") or (name in typical and typical[name] != 1 and typical[name] % 16 == 0)
+    ]
+    attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
+    options = {k: getattr(config, k) for k in _COMPILE_OPTIONS if getattr(config, k, None) is not None}
+    return signature, constexprs, attrs, options
+
+
+def compile_kernel(spec: KernelSpec, config, arch: str, dtype: str):
+    """``triton.compile`` one kernel/config/dtype for ``arch`` (``"sm_80"``/``"sm_90"``)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature, constexprs, attrs, options = compile_args(spec, config, dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # triton 3.9's TRITON_DEFAULT_FP_FUSION notice
+        return triton.compile(
+            ASTSource(_jit_function(spec), signature, constexprs, attrs),
+            target=GPUTarget("cuda", ARCHS[arch], 32),
+            options=options,
+        )
+
+
+def _nvidia_tool(name: str) -> str:
+    from triton.backends import nvidia
+
+    path = Path(nvidia.__file__).parent / "bin" / name
+    if path.exists():
+        return str(path)
+    try:
+        from triton import knobs
+
+        return getattr(knobs.nvidia, name).path
+    except (ImportError, AttributeError) as err:
+        raise FileNotFoundError(f"{name} not found in the triton wheel ({path})") from err
+
+
+def _nvidia_binary(tool: str, cubin: bytes, *flags: str) -> str:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
+        file.write(cubin)
+        file.flush()
+        result = subprocess.run([_nvidia_tool(tool), *flags, file.name], capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"{tool} {' '.join(flags)} failed: {result.stderr.strip()}")
+    return result.stdout
+
+
+def sass(compiled) -> str:
+    """``cuobjdump -sass`` of the cubin."""
+    return _nvidia_binary("cuobjdump", compiled.asm["cubin"], "-sass")
+
+
+# Tensor-core instructions: SASS opcodes, and the PTX instructions ptxas always lowers to them.
+MMA_PATTERNS = {
+    "sass": {"HGMMA": r"\bHGMMA\.", "HMMA": r"\bHMMA\."},
+    "ptx": {"HGMMA": r"\bwgmma\.mma_async\.", "HMMA": r"\bmma\.sync\."},
+}
+
+
+def analyze(compiled, mma_from: str = "sass") -> dict:
+    """Resource use of a compiled kernel: registers, STACK/LOCAL bytes, shared memory, MMA instructions.
+
+    ``mma_from="sass"`` counts HMMA/HGMMA in the disassembled cubin (nvdisasm, about 0.3 s a kernel);
+    ``"ptx"`` counts the ``mma.sync``/``wgmma.mma_async`` that ptxas turns into them (free).
+    """
+    usage = _nvidia_binary("cuobjdump", compiled.asm["cubin"], "--dump-resource-usage")
+    rows = [
+        dict(zip(("registers", "stack", "static_shared", "local"), map(int, m)))
+        for m in re.findall(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", usage)
+    ]
+    if not rows:
+        raise RuntimeError(f"no resource usage in cuobjdump output:\n{usage}")
+    if mma_from == "sass":
+        text = _nvidia_binary("nvdisasm", compiled.asm["cubin"], "--print-code", "--no-dataflow")
+    else:
+        text = compiled.asm["ptx"]
+    hgmma, hmma = (len(re.findall(MMA_PATTERNS[mma_from][op], text)) for op in ("HGMMA", "HMMA"))
+    meta = compiled.metadata
+    return {
+        **{key: max(row[key] for row in rows) for key in rows[0]},
+        "shared": int(meta.shared),
+        "num_warps": int(meta.num_warps),
+        "num_stages": int(meta.num_stages),
+        "hgmma": hgmma,
+        "hmma": hmma,
+        "tensor_core": "HGMMA" if hgmma else "HMMA" if hmma else "",
+        "mma_from": mma_from,
+    }
+
+
+def check(spec: KernelSpec, record: dict) -> list[str]:
+    """The gate's verdict on one compiled (kernel, config, arch, dtype) record: a list of problems."""
+    if record.get("error"):
+        return [f"compile error: {record['error']}"]
+    problems = []
+    if (record["stack"] or record["local"]) and not spec.spill_ok:
+        problems.append(
+            f"register spills: STACK {record['stack']} B, LOCAL {record['local']} B "
+            f"({record['registers']} registers); drop or shrink the config, or set spill_ok='<why>'"
+        )
+    shared = record["shared"] + record["static_shared"]
+    if shared > SHARED_LIMIT[record["arch"]]:
+        problems.append(f"shared memory {shared} B > {record['arch']} per-block limit {SHARED_LIMIT[record['arch']]} B")
+    if spec.tensor_core and record["dtype"] in HALF_DTYPES and not record["tensor_core"]:
+        problems.append("no tensor-core instruction (HMMA/HGMMA) in SASS: tl.dot must take half inputs")
+    return problems
+
+
+def check_kernel(spec: KernelSpec, records: list[dict]) -> list[str]:
+    """Every problem of one kernel, one line each: per record, and the sm_90 HGMMA rule (module doc)."""
+    lines = []
+    for rec in records:
+        for problem in check(spec, rec):
+            where = f"config {rec['config']} [{rec['config_label']}] {rec['arch']} {rec['dtype']}"
+            lines.append(f"{spec.name} {where}: {problem}")
+    if spec.tensor_core:
+        for dtype in HALF_DTYPES:
+            sm90 = [r for r in records if r["arch"] == "sm_90" and r["dtype"] == dtype and not r.get("error")]
+            if sm90 and not any(r["tensor_core"] == "HGMMA" for r in sm90):
+                lines.append(
+                    f"{spec.name} sm_90 {dtype}: no config uses HGMMA (wgmma); give it one with num_warps a "
+                    "multiple of 4 and BLOCK_M a multiple of 64"
+                )
+    return lines
+
+
+# --- the gate run --------------------------------------------------------------------------------------
+def cache_dir() -> Path:
+    """``$TRITONKIT_AOT_CACHE_DIR``, else ``$XDG_CACHE_HOME/tritonkit/aot``, else ``~/.cache/tritonkit/aot``."""
+    if os.environ.get("TRITONKIT_AOT_CACHE_DIR"):
+        return Path(os.environ["TRITONKIT_AOT_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "tritonkit" / "aot"
+
+
+def jobs(kernels=None) -> list[tuple[str, int, str, str]]:
+    """(kernel, config index, arch, dtype) for every registered kernel (or those named)."""
+    names = sorted(REGISTRY) if kernels is None else list(kernels)
+    return [
+        (name, index, arch, dtype_name(dtype))
+        for name in names
+        for index in range(len(REGISTRY[name].gpu_configs))
+        for arch in ARCHS
+        for dtype in REGISTRY[name].dtypes
+    ]
+
+
+def _record_base(job) -> dict:
+    name, index, arch, dtype = job
+    return {
+        "kernel": name,
+        "config": index,
+        "config_label": config_label(REGISTRY[name].gpu_configs[index]),
+        "arch": arch,
+        "dtype": dtype,
+    }
+
+
+def _cache_key(job) -> str | None:
+    name, index, arch, dtype = job
+    spec = REGISTRY[name]
+    try:
+        signature, constexprs, attrs, options = compile_args(spec, spec.gpu_configs[index], dtype)
+    except SpecError:
+        return None
+    blob = json.dumps(
+        [GATE_VERSION, triton.__version__, spec.fn.cache_key, signature, constexprs, sorted(attrs), options, arch],
+        sort_keys=True,
+        default=repr,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def run_job(job) -> dict:
+    """Compile and analyze one job; a compile or spec error becomes ``record["error"]``."""
+    name, index, arch, dtype = job
+    record = _record_base(job)
+    start = time.perf_counter()
+    try:
+        spec = REGISTRY[name]
+        compiled = compile_kernel(spec, spec.gpu_configs[index], arch, dtype)
+        gated = spec.tensor_core and dtype in HALF_DTYPES  # the rows the tensor-core rule reads SASS for
+        record.update(analyze(compiled, "sass" if gated else "ptx"), error=None)
+    except Exception as err:  # noqa: BLE001  (every failure is a gate finding, reported per job)
+        message = f"{type(err).__name__}: {err}".strip()
+        record["error"] = message if len(message) < 4000 else message[:4000] + " ..."
+    record["seconds"] = round(time.perf_counter() - start, 3)
+    return record
+
+
+def gate(kernels=None, workers: int = 2, use_cache: bool = True) -> dict:
+    """Compile every job (in this process, which must be in compiled mode); returns records and stats."""
+    todo = jobs(kernels)
+    directory = cache_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    records, misses = {}, {}  # misses: cache key (or job) -> jobs that compile to the same thing
+    with open(directory / ".lock", "w") as lock:  # concurrent runs (pytest-xdist) wait, then hit the cache
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for job in todo:
+            key = _cache_key(job)
+            path = directory / f"{key}.json" if key else None
+            if use_cache and path is not None and path.exists():
+                records[job] = {**json.loads(path.read_text()), **_record_base(job), "cached": True}
+            else:
+                misses.setdefault(key or job, []).append(job)
+        compile_jobs = [same[0] for same in misses.values()]
+        if workers > 1 and len(compile_jobs) > 1:
+            import multiprocessing
+
+            context = multiprocessing.get_context("fork")  # workers inherit the imported registry
+            with ProcessPoolExecutor(workers, mp_context=context) as pool:
+                results = list(pool.map(run_job, compile_jobs, chunksize=1))
+        else:
+            results = [run_job(job) for job in compile_jobs]
+        for (key, same), record in zip(misses.items(), results):
+            for job in same:
+                records[job] = {**record, **_record_base(job), "cached": False}
+            if isinstance(key, str) and not record["error"]:
+                (directory / f"{key}.json").write_text(json.dumps(record))
+    ordered = [records[job] for job in todo]
+    for record in ordered:
+        record["problems"] = check(REGISTRY[record["kernel"]], record)
+    names = sorted({job[0] for job in todo})
+    return {
+        "records": ordered,
+        "problems": {name: check_kernel(REGISTRY[name], [r for r in ordered if r["kernel"] == name]) for name in names},
+        "stats": {
+            "jobs": len(todo),
+            "compiled": len(compile_jobs),
+            "cached": sum(r["cached"] for r in records.values()),
+            "compile_seconds": round(sum(r["seconds"] for r in results), 1),
+            "wall_seconds": round(time.perf_counter() - start, 1),
+            "triton": triton.__version__,
+        },
+    }
+
+
+def compiled_env() -> dict:
+    """The environment for a child process whose kernels are real ``JITFunction``s.
+
+    Triton's own cache goes under ``cache_dir()`` unless ``TRITON_CACHE_DIR`` is set, so ``inspect``
+    reuses what the gate compiled and nothing else sharing ``~/.triton`` can pull files from under it.
+    """
+    env = {**os.environ, "TRITONKIT_INTERPRET": "0", "TRITON_INTERPRET": "0"}
+    env.setdefault("TRITON_CACHE_DIR", str(cache_dir() / "triton"))
+    return env
+
+
+def run_gate(kernels=None, extra=(), workers: int = 2, use_cache: bool = True) -> dict:
+    """Run ``gate`` in a child process in compiled mode (callable from interpreter-mode processes)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "gate.json"
+        request = {"kernels": kernels, "extra": list(map(str, extra)), "workers": workers, "use_cache": use_cache}
+        code = "import sys, tritonkit.aot as a; a._gate_child(sys.argv[1], sys.argv[2])"
+        result = subprocess.run(
+            [sys.executable, "-c", code, json.dumps(request), str(out)],
+            env=compiled_env(),
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if result.returncode != 0 or not out.exists():
+            raise RuntimeError(f"AOT gate process failed (exit {result.returncode}):\n{result.stderr[-6000:]}")
+        return json.loads(out.read_text())
+
+
+def _gate_child(request: str, out: str) -> None:
+    request = json.loads(request)
+    import_kernel_modules(request["extra"])
+    result = gate(request["kernels"], request["workers"], request["use_cache"])
+    result["registry"] = sorted(REGISTRY)
+    Path(out).write_text(json.dumps(result))
+
+
+# --- human-readable output -------------------------------------------------------------------------------
+def resources_text(spec: KernelSpec, record: dict) -> str:
+    rows = [
+        ("kernel", spec.name),
+        ("config", f"{record['config']}: {record['config_label']}"),
+        ("arch", record["arch"]),
+        ("dtype", record["dtype"]),
+    ]
+    if record.get("error"):
+        rows.append(("error", record["error"]))
+    else:
+        rows += [
+            ("registers", record["registers"]),
+            ("stack", f"{record['stack']} B"),
+            ("local", f"{record['local']} B"),
+            (
+                "shared",
+                f"{record['shared']} B dynamic + {record['static_shared']} B static, "
+                + f"limit {SHARED_LIMIT[record['arch']]} B",
+            ),
+            ("warps/stages", f"{record['num_warps']} / {record['num_stages']}"),
+            ("tensor core", f"{record['tensor_core'] or 'no'} ({record['hgmma']} HGMMA, {record['hmma']} HMMA)"),
+        ]
+    problems = check(spec, record)
+    rows.append(("gate", "ok" if not problems else "; ".join(problems)))
+    return "\n".join(f"{key:<13} {value}" for key, value in rows)
+
+
+def render_table(result: dict) -> str:
+    """Markdown table of a gate result (``bench/results/aot.md``)."""
+    lines = [
+        "# AOT compile gate: resource use per kernel, config, arch, dtype",
+        "",
+        (
+            f"Generated by `python bench/aot_table.py` (or `tritonkit inspect --table`) with triton "
+            f"{result['stats']['triton']}; do not edit by hand. Shared memory is Triton's dynamic allocation "
+            "plus static; spills are cuobjdump STACK / LOCAL bytes; limits: sm_80 166912 B, sm_90 232448 B."
+        ),
+        "",
+        "| kernel | config | arch | dtype | registers | shared (B) | spills STACK/LOCAL (B) | tensor core | gate |",
+        "| --- | --- | --- | --- | ---: | ---: | ---: | --- | --- |",
+    ]
+    for rec in sorted(result["records"], key=lambda r: (r["kernel"], r["config"], r["arch"], r["dtype"])):
+        config = f"{rec['config']}: {rec['config_label']}"
+        head = f"| {rec['kernel']} | {config} | {rec['arch']} | {rec['dtype']}"
+        if rec.get("error"):
+            lines.append(f"{head} | - | - | - | - | compile error |")
+            continue
+        problems = rec["problems"]
+        verdict = "ok" if not problems else "FAIL: " + "; ".join(p.split(":")[0] for p in problems)
+        lines.append(
+            f"{head} | {rec['registers']} | {rec['shared'] + rec['static_shared']} | {rec['stack']}/{rec['local']} "
+            f"| {rec['tensor_core'] or 'no'} | {verdict} |"
+        )
+    return "\n".join(lines) + "\n"
