@@ -117,8 +117,18 @@ def count_ops_per_step(step):
         return result, {"tritonkit_kernels": ours, "other_kernels": len(kernels) - ours}
     ours = sum(e.name.startswith("tritonkit::") for e in events)
     inside = {id(c) for e in events if e.name.startswith("tritonkit::") for c in e.cpu_children}
-    leaves = sum(e.name.startswith("aten::") and not e.cpu_children and id(e) not in inside for e in events)
-    return result, {"tritonkit_ops": ours, "aten_leaf_ops": leaves}
+    leaves = sum(e.name.startswith("aten::") and e.name not in _NO_KERNEL and not e.cpu_children
+                 and id(e) not in inside for e in events)
+    return result, {"tritonkit_ops": ours, "aten_compute_ops": leaves}
+
+
+# aten ops that allocate or re-view memory without running a kernel.
+_NO_KERNEL = {f"aten::{name}" for name in (
+    "empty", "empty_strided", "empty_like", "view", "_unsafe_view", "as_strided", "reshape", "t", "transpose",
+    "permute", "expand", "detach", "alias", "lift_fresh", "resolve_conj", "resolve_neg", "unsqueeze", "squeeze",
+    "slice", "select", "_local_scalar_dense", "item", "is_nonzero", "to", "_to_copy", "result_type", "size",
+    "stride", "set_", "new_empty", "new_empty_strided",
+)}
 
 
 def train(backend="tritonkit", optimizer="sgd", epochs=3, batch_size=16, lr=None, seed=0, device=None,
