@@ -2,6 +2,8 @@
 shared memory, and (GEMM-class, half precision) on tensor cores; plus tests of the gate itself on
 test-only kernels that it must pass or reject."""
 
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -247,6 +249,23 @@ def test_gate_rerun_is_cached(gate_result, toy_file):
             **first[rec["kernel"], rec["config"], rec["arch"], rec["dtype"]],
             "cached": None,
         }
+
+
+def _crash_on_sm90(job):
+    """Stands in for ``aot.run_job``: a compiler abort on sm_90 kills the worker process."""
+    if job[2] == "sm_90":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return {"kernel": job[0], "arch": job[2], "error": None}
+
+
+def test_a_compiler_crash_is_recorded_against_its_job(monkeypatch):
+    monkeypatch.setitem(REGISTRY, "toy_crash", spec(name="toy_crash", gpu_configs=(triton.Config({}),)))
+    monkeypatch.setattr(aot, "run_job", _crash_on_sm90)
+    jobs = [("toy_crash", 0, arch, dtype) for arch in aot.ARCHS for dtype in ("float32", "float16")]
+    results = aot._run_jobs(jobs, workers=2)
+    assert [r["error"] is None for r in results] == [True, True, False, False]
+    for result in results[2:]:
+        assert result["arch"] == "sm_90" and "compiler process crashed" in result["error"]
 
 
 # --- pure checks (no compiling) --------------------------------------------------------------------------

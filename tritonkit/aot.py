@@ -42,6 +42,7 @@ import hashlib
 import importlib
 import importlib.util
 import json
+import multiprocessing
 import os
 import re
 import subprocess
@@ -50,6 +51,7 @@ import tempfile
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import torch
@@ -391,6 +393,28 @@ def run_job(job) -> dict:
     return record
 
 
+def _run_jobs(jobs_: list, workers: int) -> list[dict]:
+    """``run_job`` over ``jobs_`` in ``workers`` forked processes (they inherit the imported registry).
+
+    A compiler that aborts (an MLIR or LLVM assertion) kills its worker and breaks the pool; the jobs
+    left without a result then run one per process, so the crash is recorded against its own job.
+    """
+    if workers <= 1 or len(jobs_) <= 1:
+        return [run_job(job) for job in jobs_]
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+        futures = [pool.submit(run_job, job) for job in jobs_]
+        results = [None if future.exception() else future.result() for future in futures]
+    return [result or _run_isolated(job) for job, result in zip(jobs_, results)]
+
+
+def _run_isolated(job) -> dict:
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork")) as pool:
+        try:
+            return pool.submit(run_job, job).result()
+        except BrokenProcessPool:
+            return {**_record_base(job), "error": "the compiler process crashed (killed by a signal)", "seconds": 0.0}
+
+
 def gate(kernels=None, workers: int = 2, use_cache: bool = True) -> dict:
     """Compile every job (in this process, which must be in compiled mode); returns records and stats."""
     todo = jobs(kernels)
@@ -408,14 +432,7 @@ def gate(kernels=None, workers: int = 2, use_cache: bool = True) -> dict:
             else:
                 misses.setdefault(key or job, []).append(job)
         compile_jobs = [same[0] for same in misses.values()]
-        if workers > 1 and len(compile_jobs) > 1:
-            import multiprocessing
-
-            context = multiprocessing.get_context("fork")  # workers inherit the imported registry
-            with ProcessPoolExecutor(workers, mp_context=context) as pool:
-                results = list(pool.map(run_job, compile_jobs, chunksize=1))
-        else:
-            results = [run_job(job) for job in compile_jobs]
+        results = _run_jobs(compile_jobs, workers)
         for (key, same), record in zip(misses.items(), results):
             for job in same:
                 records[job] = {**record, **_record_base(job), "cached": False}
