@@ -459,8 +459,8 @@ def gate(kernels=None, workers: int = 2, use_cache: bool = True) -> dict:
 def compiled_env() -> dict:
     """The environment for a child process whose kernels are real ``JITFunction``s.
 
-    Triton's own cache goes under ``cache_dir()`` unless ``TRITON_CACHE_DIR`` is set, so ``inspect``
-    reuses what the gate compiled and nothing else sharing ``~/.triton`` can pull files from under it.
+    Triton's own cache goes under ``cache_dir()`` unless ``TRITON_CACHE_DIR`` is set, so nothing else
+    sharing ``~/.triton`` can pull files from under a compile.
     """
     env = {**os.environ, "TRITONKIT_INTERPRET": "0", "TRITON_INTERPRET": "0"}
     env.setdefault("TRITON_CACHE_DIR", str(cache_dir() / "triton"))
@@ -468,14 +468,18 @@ def compiled_env() -> dict:
 
 
 def run_gate(kernels=None, extra=(), workers: int = 2, use_cache: bool = True) -> dict:
-    """Run ``gate`` in a child process in compiled mode (callable from interpreter-mode processes)."""
+    """Run ``gate`` in a child process in compiled mode (callable from interpreter-mode processes).
+
+    Triton's own cache goes to a temporary directory: the gate keeps its small records in
+    ``cache_dir()``, not the ~0.5 MB of IR and cubin that each of hundreds of compiles leaves.
+    """
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "gate.json"
         request = {"kernels": kernels, "extra": list(map(str, extra)), "workers": workers, "use_cache": use_cache}
         code = "import sys, tritonkit.aot as a; a._gate_child(sys.argv[1], sys.argv[2])"
         result = subprocess.run(
             [sys.executable, "-c", code, json.dumps(request), str(out)],
-            env=compiled_env(),
+            env={**compiled_env(), "TRITON_CACHE_DIR": str(Path(tmp) / "triton")},
             capture_output=True,
             text=True,
             check=False,

@@ -50,10 +50,8 @@ def cmd_inspect(args) -> int:
         for name in sorted(REGISTRY):
             spec = REGISTRY[name]
             dtypes = ",".join(aot.dtype_name(d) for d in spec.dtypes)
-            print(
-                f"{name:<28} {len(spec.gpu_configs)} configs  dtypes={dtypes}  "
-                f"tensor_core={'yes' if spec.tensor_core else 'no'}"
-            )
+            configs = f"{len(spec.gpu_configs)} config{'s' if len(spec.gpu_configs) != 1 else ''}"
+            print(f"{name:<28} {configs:<10} dtypes={dtypes}  tensor_core={'yes' if spec.tensor_core else 'no'}")
         return 0
     if args.name is None:
         return _error("inspect needs a kernel NAME (or --list, --table)")
