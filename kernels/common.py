@@ -49,6 +49,11 @@ class KernelSpec:
     tensor_core: bool = False  # GEMM-class: half-precision SASS must use HMMA / HGMMA
     notes: str = ""
     spill_ok: str = ""  # non-empty: documented reason why this kernel may spill registers
+    config_for_dtype: Callable | None = None  # (config, dtype) -> bool: which configs a dtype may use
+
+    def allows(self, config, dtype: torch.dtype) -> bool:
+        """Whether autotuning a launch in ``dtype`` may pick ``config`` (and so the gate compiles it)."""
+        return self.config_for_dtype is None or self.config_for_dtype(config, dtype)
 
 
 REGISTRY: dict[str, KernelSpec] = {}
@@ -66,6 +71,7 @@ def tuned_kernel(
     dtypes: tuple = FLOAT_DTYPES,
     tensor_core: bool = False,
     spill_ok: str = "",
+    config_for_dtype: Callable | None = None,
     **autotune_kwargs,
 ):
     """Register a ``@triton.jit`` kernel and wrap it in ``triton.autotune``.
@@ -74,6 +80,9 @@ def tuned_kernel(
     instance, either ``interp_configs`` (large blocks, a single config so nothing is benchmarked) or
     ``interp_heuristics`` (``triton.heuristics`` values: block sizes computed from the launch's
     arguments, so one program covers as much of the problem as numpy handles well).
+    ``config_for_dtype(config, dtype)`` restricts the GPU configs per dtype (float32 ``tl.dot`` without
+    TF32 runs on FMA units and needs smaller tiles than half precision); the dtype is that of the
+    kernel's first tensor argument.
     """
     if (interp_configs is None) == (interp_heuristics is None):
         raise ValueError(f"kernel {name!r}: give exactly one of interp_configs and interp_heuristics")
@@ -90,11 +99,21 @@ def tuned_kernel(
             dtypes=dtypes,
             tensor_core=tensor_core,
             spill_ok=spill_ok,
+            config_for_dtype=config_for_dtype,
         )
         if INTERPRET and interp_heuristics is not None:
             return triton.heuristics(interp_heuristics)(fn)
-        configs = interp_configs if INTERPRET else gpu_configs
-        return triton.autotune(configs=configs, key=key, **autotune_kwargs)(fn)
+        if INTERPRET:
+            return triton.autotune(configs=interp_configs, key=key, **autotune_kwargs)(fn)
+        if config_for_dtype is not None:
+            spec = REGISTRY[name]
+
+            def prune(configs, named_args, **kwargs):
+                dtype = next(a.dtype for a in named_args.values() if isinstance(a, torch.Tensor))
+                return [c for c in configs if spec.allows(c, dtype)]
+
+            autotune_kwargs["prune_configs_by"] = {"early_config_prune": prune}
+        return triton.autotune(configs=gpu_configs, key=key, **autotune_kwargs)(fn)
 
     return wrap
 

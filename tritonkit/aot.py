@@ -347,6 +347,7 @@ def jobs(kernels=None) -> list[tuple[str, int, str, str]]:
         for index in range(len(REGISTRY[name].gpu_configs))
         for arch in ARCHS
         for dtype in REGISTRY[name].dtypes
+        if REGISTRY[name].allows(REGISTRY[name].gpu_configs[index], dtype)
     ]
 
 

@@ -126,6 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_inspect)
 
+    # tritonkit train / tritonkit bench
+    from tritonkit import bench, train
+
+    train.add_parser(commands)
+    bench.add_parser(commands)
     return parser
 
 
