@@ -118,6 +118,17 @@ def tuned_kernel(
     return wrap
 
 
+def per_dtype_configs(half: list, float32: list):
+    """``(gpu_configs, config_for_dtype)`` for :func:`tuned_kernel` from separate half-precision and
+    float32 config lists (a config object may sit in both)."""
+    configs = list(half) + [c for c in float32 if not any(c is h for h in half)]
+
+    def config_for_dtype(config, dtype) -> bool:
+        return any(config is c for c in (float32 if dtype == torch.float32 else half))
+
+    return configs, config_for_dtype
+
+
 # --- output allocation -----------------------------------------------------------------------------
 # Tests turn poisoning on so that any element a kernel fails to write shows up as NaN (or as the
 # integer sentinel below) instead of as whatever torch.empty happened to return.
@@ -187,6 +198,7 @@ __all__ = [
     "poison_outputs",
     "dot_precision",
     "check_int32_indexing",
+    "per_dtype_configs",
     "interp_block",
     "INTERP_TILE",
     "TRITON_TYPE",

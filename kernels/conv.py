@@ -35,6 +35,7 @@ from tritonkit.kernels.common import (
     dot_precision,
     empty,
     interp_block,
+    per_dtype_configs,
     tuned_kernel,
 )
 from tritonkit.kernels.pool import pool_output_size
@@ -45,25 +46,35 @@ def _cfg(bm, bn, bk, warps, stages):
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
 
 
-# Rows are output pixels (many), columns are channels (often few): tall tiles first.
-GPU_CONFIGS = [
-    _cfg(128, 128, 32, 8, 3),
-    _cfg(128, 64, 32, 4, 3),
-    _cfg(64, 128, 32, 4, 3),
-    _cfg(64, 64, 32, 4, 4),
-    _cfg(128, 32, 32, 4, 3),
-    _cfg(64, 32, 32, 2, 4),
-    _cfg(128, 16, 32, 4, 3),
-]
+# Rows are output pixels (many), columns are channels (often few). Every config here passes the AOT
+# gate (no spills, shared memory in bounds) for sm_80 and sm_90 in the dtypes it is listed for:
+# float32 without TF32 runs tl.dot on FMA units and spills at tile sizes that half precision handles.
+_C = {name: _cfg(*args) for name, args in {
+    "128x128w8": (128, 128, 32, 8, 2), "128x64w8": (128, 64, 32, 8, 2), "128x64w4": (128, 64, 32, 4, 2),
+    "64x128w4": (64, 128, 32, 4, 2), "64x64w4": (64, 64, 32, 4, 2), "64x64w4s3": (64, 64, 32, 4, 3),
+    "128x32w4": (128, 32, 32, 4, 2), "64x32w4": (64, 32, 32, 4, 2), "128x16w4": (128, 16, 32, 4, 2),
+    "32x32w2": (32, 32, 32, 2, 2),
+}.items()}
+GPU_CONFIGS, CONFIG_FOR_DTYPE = per_dtype_configs(
+    half=list(_C.values()),
+    float32=[_C[k] for k in ("128x128w8", "128x64w8", "64x64w4", "64x64w4s3", "128x16w4", "32x32w2")],
+)
+# conv + ReLU + max-pool keeps a running maximum tile beside the accumulator: smaller tiles.
+POOL_GPU_CONFIGS, POOL_CONFIG_FOR_DTYPE = per_dtype_configs(
+    half=[_C[k] for k in ("128x64w8", "64x64w4", "64x64w4s3", "128x32w4", "64x32w4", "128x16w4", "32x32w2")],
+    float32=[_cfg(64, 16, 32, 2, 1)],  # the one float32 tile (of 7 tried) that spills on neither arch
+)
 # Weight gradient: rows are output channels, columns (kh, kw, c), reduction over pixels.
-WGRAD_GPU_CONFIGS = [
-    _cfg(64, 64, 64, 4, 3),
-    _cfg(64, 128, 32, 4, 3),
-    _cfg(128, 64, 32, 8, 3),
-    _cfg(32, 64, 64, 4, 3),
-    _cfg(16, 64, 128, 4, 3),
-    _cfg(16, 128, 64, 4, 3),
-]
+_W = {name: _cfg(*args) for name, args in {
+    "64x64": (64, 64, 32, 4, 2), "64x128w8": (64, 128, 32, 8, 2),
+    "128x64w8": (128, 64, 32, 8, 2), "32x64": (32, 64, 32, 4, 2), "16x64k64": (16, 64, 64, 4, 2),
+    "16x128": (16, 128, 32, 4, 2), "32x32w2": (32, 32, 32, 2, 2),
+}.items()}
+WGRAD_GPU_CONFIGS, WGRAD_CONFIG_FOR_DTYPE = per_dtype_configs(
+    half=list(_W.values()),
+    float32=[_W[k] for k in ("64x64", "64x128w8", "32x64", "16x64k64", "16x128", "32x32w2")],
+)
+
 
 # Interpreter: one tile spans all columns and up to 128 reduction steps; rows fill INTERP_TILE.
 def _gemm_heuristics(rows, cols, red):
@@ -95,6 +106,24 @@ _CONV_ARGS = ("stride_h", "stride_w", "pad_h", "pad_w", "dil_h", "dil_w")
 
 def _strides(*names):
     return [f"s{n}{d}" for n in names for d in "nchw"]
+
+
+def _typical(**layouts):
+    """The AOT gate's variant: the usual values of runtime ints at a ResNet-style launch (batch 32,
+    64 -> 64 channels, 3x3, stride 1, padding 1, 56x56), so it compiles what the JIT specializes
+    (unit strides become constants, multiples of 16 are marked divisible). ``layouts`` maps each
+    tensor's stride prefix to "nhwc" (channels_last activations or weights) or "oihw" (contiguous)."""
+    n, c, h, w, k = 32, 64, 56, 56, 3
+    strides = {
+        "nhwc": (h * w * c, 1, w * c, c),
+        "whwc": (k * k * c, 1, k * c, c),  # channels_last weight (OC, C, KH, KW)
+        "oihw": (c * k * k, k * k, k, 1),
+    }
+    values = {"N": n, "C": c, "H": h, "W": w, "OC": c, "OH": h, "OW": w, "KH": k, "KW": k, "Cg": c, "OCg": c,
+              "stride_h": 1, "stride_w": 1, "pad_h": 1, "pad_w": 1, "dil_h": 1, "dil_w": 1}
+    for prefix, layout in layouts.items():
+        values.update(zip((f"s{prefix}{d}" for d in "nchw"), strides[layout]))
+    return values
 
 
 def _signature(pointers, strides, constexprs, pool_args=()):
@@ -154,11 +183,13 @@ def _conv_fwd_tile(
 @tuned_kernel(
     "conv2d_fwd",
     gpu_configs=GPU_CONFIGS,
+    config_for_dtype=CONFIG_FOR_DTYPE,
     interp_heuristics=FWD_INTERP,
     key=["N", "C", "H", "W", "OC", "KH", "KW", "Cg"],
     signature=_signature(("x_ptr", "w_ptr", "b_ptr", "y_ptr"), _strides("x", "w", "y"),
                          ("HAS_BIAS", "RELU", "PADDED", "PRECISION")),
-    constexprs=lambda dtype: {"HAS_BIAS": True, "RELU": True, "PADDED": True, "PRECISION": "ieee"},
+    constexprs=lambda dtype: {"HAS_BIAS": True, "RELU": True, "PADDED": True, "PRECISION": "ieee",
+                              **_typical(x="nhwc", w="whwc", y="nhwc")},
     tensor_core=True,
 )
 @triton.jit
@@ -198,12 +229,15 @@ _POOL_ARGS = ("PH", "PW", "PKH", "PKW", "pstride_h", "pstride_w", "ppad_h", "ppa
 
 @tuned_kernel(
     "conv2d_relu_maxpool_fwd",
-    gpu_configs=GPU_CONFIGS,
+    gpu_configs=POOL_GPU_CONFIGS,
+    config_for_dtype=POOL_CONFIG_FOR_DTYPE,
     interp_heuristics=POOL_INTERP,
     key=["N", "C", "H", "W", "OC", "KH", "KW", "Cg", "PKH", "PKW"],
     signature=_signature(("x_ptr", "w_ptr", "b_ptr", "y_ptr"), _strides("x", "w", "y"),
                          ("HAS_BIAS", "PADDED", "PRECISION"), _POOL_ARGS),
-    constexprs=lambda dtype: {"HAS_BIAS": True, "PADDED": True, "PRECISION": "ieee"},
+    constexprs=lambda dtype: {"HAS_BIAS": True, "PADDED": True, "PRECISION": "ieee",
+                              **_typical(x="nhwc", w="whwc", y="nhwc"), "PH": 28, "PW": 28, "PKH": 2, "PKW": 2,
+                              "pstride_h": 2, "pstride_w": 2, "ppad_h": 0, "ppad_w": 0, "pdil_h": 1, "pdil_w": 1},
     tensor_core=True,
 )
 @triton.jit
@@ -248,11 +282,13 @@ def conv2d_relu_maxpool_fwd_kernel(
 @tuned_kernel(
     "conv2d_input_grad",
     gpu_configs=GPU_CONFIGS,
+    config_for_dtype=CONFIG_FOR_DTYPE,
     interp_heuristics=DGRAD_INTERP,
     key=["N", "C", "H", "W", "OC", "KH", "KW", "Cg", "UNIT_STRIDE"],
     signature=_signature(("g_ptr", "r_ptr", "w_ptr", "dx_ptr"), _strides("g", "r", "w", "dx"),
                          ("HAS_MASK", "UNIT_STRIDE", "PRECISION")),
-    constexprs=lambda dtype: {"HAS_MASK": True, "UNIT_STRIDE": False, "PRECISION": "ieee"},
+    constexprs=lambda dtype: {"HAS_MASK": True, "UNIT_STRIDE": True, "PRECISION": "ieee",
+                              **_typical(g="nhwc", r="nhwc", w="whwc", dx="nhwc")},
     tensor_core=True,
 )
 @triton.jit
@@ -324,11 +360,13 @@ def conv2d_input_grad_kernel(
 @tuned_kernel(
     "conv2d_weight_grad",
     gpu_configs=WGRAD_GPU_CONFIGS,
+    config_for_dtype=WGRAD_CONFIG_FOR_DTYPE,
     interp_heuristics=WGRAD_INTERP,
     key=["N", "C", "H", "W", "OC", "KH", "KW", "Cg", "SPLIT_K"],
     signature=_signature(("g_ptr", "r_ptr", "x_ptr", "dw_ptr", "partial_ptr"), _strides("g", "r", "x", "dw"),
                          ("HAS_MASK", "SPLIT_K", "PADDED", "PRECISION")),
-    constexprs=lambda dtype: {"HAS_MASK": True, "SPLIT_K": 4, "PADDED": True, "PRECISION": "ieee"},
+    constexprs=lambda dtype: {"HAS_MASK": True, "SPLIT_K": 4, "PADDED": True, "PRECISION": "ieee",
+                              **_typical(g="nhwc", r="nhwc", x="nhwc", dw="oihw")},
     tensor_core=True,
 )
 @triton.jit

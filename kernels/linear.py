@@ -25,6 +25,7 @@ from tritonkit.kernels.common import (
     dot_precision,
     empty,
     interp_block,
+    per_dtype_configs,
     tuned_kernel,
 )
 
@@ -34,17 +35,16 @@ def _cfg(bm, bn, bk, warps, stages):
     return triton.Config(meta, num_warps=warps, num_stages=stages)
 
 
-GPU_CONFIGS = [
-    _cfg(128, 256, 64, 8, 3),
-    _cfg(256, 128, 64, 8, 3),
-    _cfg(128, 128, 64, 8, 4),
-    _cfg(128, 128, 32, 4, 4),
-    _cfg(128, 64, 32, 4, 4),
-    _cfg(64, 128, 32, 4, 4),
-    _cfg(64, 64, 32, 4, 4),
-    _cfg(64, 32, 32, 2, 5),
-    _cfg(32, 64, 32, 2, 5),
-]
+# Every config passes the AOT gate on sm_80 and sm_90 for the dtypes it is listed for; float32 without
+# TF32 runs on FMA units and needs smaller tiles.
+_C = {name: _cfg(*args) for name, args in {
+    "128x128k64": (128, 128, 64, 8, 3), "128x64": (128, 64, 32, 4, 4), "64x128": (64, 128, 32, 4, 4),
+    "64x64": (64, 64, 32, 4, 4), "64x32": (64, 32, 32, 2, 5), "32x64": (32, 64, 32, 2, 5),
+}.items()}
+GPU_CONFIGS, CONFIG_FOR_DTYPE = per_dtype_configs(
+    half=list(_C.values()),
+    float32=[_C[k] for k in ("64x64", "64x32", "32x64")],
+)
 INTERP_HEURISTICS = {
     "BLOCK_N": lambda a: interp_block(a["N"], 16, 256),
     "BLOCK_K": lambda a: interp_block(a["K"], 16, 256),
@@ -64,12 +64,17 @@ def _signature(dtype):
 
 
 def _constexprs(dtype):
-    return {"HAS_BIAS": True, "RELU": True, "HAS_MASK": True, "PRECISION": "ieee"}
+    """The AOT gate's variant: a masked (input-gradient-like) launch on row-major 4096-wide operands, with
+    the unit strides and multiple-of-16 sizes the JIT specializes on at such a launch."""
+    typical = {"M": 4096, "N": 4096, "K": 4096, "stride_am": 4096, "stride_ak": 1, "stride_bk": 1,
+               "stride_bn": 4096, "stride_rm": 4096, "stride_rk": 1, "stride_cm": 4096, "stride_cn": 1}
+    return {"HAS_BIAS": True, "RELU": True, "HAS_MASK": True, "PRECISION": "ieee", **typical}
 
 
 @tuned_kernel(
     "linear_gemm",
     gpu_configs=GPU_CONFIGS,
+    config_for_dtype=CONFIG_FOR_DTYPE,
     interp_heuristics=INTERP_HEURISTICS,
     key=["M", "N", "K", "HAS_MASK"],
     signature=_signature,
