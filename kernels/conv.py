@@ -537,10 +537,12 @@ def _split_k(tiles: int, reduction: int, device: torch.device) -> int:
 
 def conv2d_weight_grad(grad_out, x, relu_output, weight_size, stride, padding, dilation, groups, *,
                        allow_tf32=False):
-    """``dw`` of shape ``weight_size`` (contiguous), summed over the batch and output positions."""
+    """``dw`` of shape ``weight_size``, summed over the batch and output positions; channels_last when
+    ``x`` is (the memory format aten's convolution_backward gives grad_weight)."""
     shape, conv = _geometry(x.shape, weight_size, stride, padding, dilation, groups)
     N, C, H, W, OC, OH, OW, KH, KW, Cg, OCg = shape
-    dw = empty(tuple(weight_size), dtype=grad_out.dtype, device=grad_out.device)
+    dw = empty(tuple(weight_size), dtype=grad_out.dtype, device=grad_out.device,
+               memory_format=suggest_memory_format(x))
     check_int32_indexing(grad_out, x, dw, relu_output)
     if dw.numel() == 0:
         return dw

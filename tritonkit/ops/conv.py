@@ -132,7 +132,7 @@ def _(grad_output, input, relu_output, weight_size, stride, padding, dilation, g
     op = "tritonkit.conv2d_weight_grad"
     geometry = check_conv_args(op, input.shape, weight_size, None, stride, padding, dilation, groups)
     _check_grad(op, grad_output, relu_output, _output_shape(input.shape, weight_size, *geometry), "input", input)
-    return grad_output.new_empty(tuple(weight_size))
+    return grad_output.new_empty(tuple(weight_size)).contiguous(memory_format=kernels.suggest_memory_format(input))
 
 
 # ------------------------------------------------------------------- conv + ReLU + max-pool (inference)
