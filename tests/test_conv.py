@@ -231,3 +231,14 @@ def test_conv_relu_maxpool_opcheck():
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_bfloat16_on_gpu(layout):
     _run(4, 16, 15, 13, 24, 3, 1, 1, layout=layout, dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("pool", [dict(pool_kernel_size=2, pool_padding=2), dict(pool_kernel_size=0),
+                                  dict(pool_kernel_size=2, pool_stride=0), dict(pool_kernel_size=9)], ids=str)
+def test_conv_relu_maxpool_bad_pool_args_raise_like_torch(pool):
+    x, w = torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3)
+    args = (pool["pool_kernel_size"], pool.get("pool_stride"), pool.get("pool_padding", 0))
+    with pytest.raises(Exception) as expected:
+        F.max_pool2d(F.relu(F.conv2d(x, w)), *args)
+    with torch.no_grad(), pytest.raises(expected.type):
+        TF.conv2d_relu_maxpool(x, w, **pool)
