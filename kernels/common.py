@@ -58,6 +58,10 @@ class KernelSpec:
 
 REGISTRY: dict[str, KernelSpec] = {}
 
+# TRITONKIT_AUTOTUNE=first: every launch takes the first GPU config its dtype allows, no benchmarking.
+# For correctness runs on a GPU (tests), where autotuning each new shape costs more than the test.
+_AUTOTUNE_FIRST = os.environ.get("TRITONKIT_AUTOTUNE", "full") == "first"
+
 
 def tuned_kernel(
     name: str,
@@ -105,14 +109,14 @@ def tuned_kernel(
             return triton.heuristics(interp_heuristics)(fn)
         if INTERPRET:
             return triton.autotune(configs=interp_configs, key=key, **autotune_kwargs)(fn)
-        if config_for_dtype is not None:
-            spec = REGISTRY[name]
+        spec = REGISTRY[name]
 
-            def prune(configs, named_args, **kwargs):
-                dtype = next(a.dtype for a in named_args.values() if isinstance(a, torch.Tensor))
-                return [c for c in configs if spec.allows(c, dtype)]
+        def prune(configs, named_args, **kwargs):
+            dtype = next(a.dtype for a in named_args.values() if isinstance(a, torch.Tensor))
+            allowed = [c for c in configs if spec.allows(c, dtype)]
+            return allowed[:1] if _AUTOTUNE_FIRST else allowed
 
-            autotune_kwargs["prune_configs_by"] = {"early_config_prune": prune}
+        autotune_kwargs["prune_configs_by"] = {"early_config_prune": prune}
         return triton.autotune(configs=gpu_configs, key=key, **autotune_kwargs)(fn)
 
     return wrap
