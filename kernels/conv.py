@@ -139,40 +139,32 @@ def _signature(pointers, strides, constexprs, pool_args=()):
 
 # ---------------------------------------------------------------------------------------------- forward
 @triton.jit
-def _conv_fwd_tile(
-    x_ptr, w_ptr, b_ptr, n, oh, ow, m_ok, rn, group,
-    H, W, KH, KW, Cg, OCg, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    sxn, sxc, sxh, sxw, swn, swc, swh, sww,
-    HAS_BIAS: tl.constexpr, RELU: tl.constexpr, PADDED: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+def _conv_fwd_step(
+    acc, x_row, w_ptr, ih0, iw0, m_ok, oc, n_ok, k0, K,
+    H, W, KW, Cg, dil_h, dil_w, sxc, sxh, sxw, swn, swc, swh, sww,
+    PADDED: tl.constexpr, PRECISION: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """act(bias + conv) for the output pixels (n, oh, ow) x channels rn of one group, in float32."""
-    K = KH * KW * Cg
-    ih0 = oh * stride_h - pad_h
-    iw0 = ow * stride_w - pad_w
-    x_row = x_ptr + n * sxn + ih0 * sxh + iw0 * sxw + group * Cg * sxc
-    oc = group * OCg + rn
-    n_ok = rn < OCg
+    """``acc`` plus the implicit-GEMM product over reduction indices [k0, k0 + BLOCK_K), k = (kh, kw, c)."""
+    rk = k0 + tl.arange(0, BLOCK_K)
+    c = rk % Cg
+    kw = (rk // Cg) % KW
+    kh = rk // (Cg * KW)
+    k_ok = rk < K
+    a_mask = m_ok[:, None] & k_ok[None, :]
+    if PADDED:  # 0 <= ih0 + kh*dil_h < H, compared without forming the sum
+        kh_d = kh * dil_h
+        kw_d = kw * dil_w
+        a_mask = (a_mask & (ih0[:, None] >= -kh_d[None, :]) & (ih0[:, None] < (H - kh_d)[None, :])
+                  & (iw0[:, None] >= -kw_d[None, :]) & (iw0[:, None] < (W - kw_d)[None, :]))
+    x_col = c * sxc + kh * dil_h * sxh + kw * dil_w * sxw
+    a = tl.load(x_row[:, None] + x_col[None, :], mask=a_mask, other=0.0)
+    w_off = oc[None, :] * swn + (c * swc + kh * swh + kw * sww)[:, None]
+    b = tl.load(w_ptr + w_off, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        rk = k0 + tl.arange(0, BLOCK_K)
-        c = rk % Cg
-        kw = (rk // Cg) % KW
-        kh = rk // (Cg * KW)
-        k_ok = rk < K
-        a_mask = m_ok[:, None] & k_ok[None, :]
-        if PADDED:  # 0 <= ih0 + kh*dil_h < H, compared without forming the sum
-            kh_d = kh * dil_h
-            kw_d = kw * dil_w
-            a_mask = (a_mask & (ih0[:, None] >= -kh_d[None, :]) & (ih0[:, None] < (H - kh_d)[None, :])
-                      & (iw0[:, None] >= -kw_d[None, :]) & (iw0[:, None] < (W - kw_d)[None, :]))
-        x_col = c * sxc + kh * dil_h * sxh + kw * dil_w * sxw
-        a = tl.load(x_row[:, None] + x_col[None, :], mask=a_mask, other=0.0)
-        w_off = oc[None, :] * swn + (c * swc + kh * swh + kw * sww)[:, None]
-        b = tl.load(w_ptr + w_off, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
 
+@triton.jit
+def _bias_relu(acc, b_ptr, oc, n_ok, HAS_BIAS: tl.constexpr, RELU: tl.constexpr):
     if HAS_BIAS:
         acc += tl.load(b_ptr + oc, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if RELU:
@@ -208,15 +200,19 @@ def conv2d_fwd_kernel(
     n = rm // (OW * OH)
     m_ok = rm < N * OH * OW
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = _conv_fwd_tile(
-        x_ptr, w_ptr, b_ptr, n, oh, ow, m_ok, rn, group,
-        H, W, KH, KW, Cg, OCg, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-        sxn, sxc, sxh, sxw, swn, swc, swh, sww,
-        HAS_BIAS, RELU, PADDED, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
-    )
     oc = group * OCg + rn
+    n_ok = rn < OCg
+    ih0 = oh * stride_h - pad_h
+    iw0 = ow * stride_w - pad_w
+    x_row = x_ptr + n * sxn + ih0 * sxh + iw0 * sxw + group * Cg * sxc
+    K = KH * KW * Cg
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        acc = _conv_fwd_step(acc, x_row, w_ptr, ih0, iw0, m_ok, oc, n_ok, k0, K, H, W, KW, Cg, dil_h, dil_w,
+                             sxc, sxh, sxw, swn, swc, swh, sww, PADDED, PRECISION, BLOCK_K)
+    acc = _bias_relu(acc, b_ptr, oc, n_ok, HAS_BIAS, RELU)
     y_off = (n * syn + oh * syh + ow * syw)[:, None] + (oc * syc)[None, :]
-    tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & (rn < OCg)[None, :])
+    tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
 # ------------------------------------------------------------------- forward + ReLU + max-pool (inference)
@@ -259,23 +255,27 @@ def conv2d_relu_maxpool_fwd_kernel(
     n = rm // (PW * PH)
     m_ok = rm < N * PH * PW
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    oc = group * OCg + rn
+    n_ok = rn < OCg
+    K = KH * KW * Cg
     best = tl.full((BLOCK_M, BLOCK_N), float("-inf"), tl.float32)
     for i in range(0, PKH):
         oh = ph * pstride_h - ppad_h + i * pdil_h
         for j in range(0, PKW):
             ow = pw * pstride_w - ppad_w + j * pdil_w
             inside = m_ok & (oh >= 0) & (oh < OH) & (ow >= 0) & (ow < OW)
-            v = _conv_fwd_tile(
-                x_ptr, w_ptr, b_ptr, n, oh, ow, inside, rn, group,
-                H, W, KH, KW, Cg, OCg, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-                sxn, sxc, sxh, sxw, swn, swc, swh, sww,
-                HAS_BIAS, True, PADDED, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
-            )
+            ih0 = oh * stride_h - pad_h
+            iw0 = ow * stride_w - pad_w
+            x_row = x_ptr + n * sxn + ih0 * sxh + iw0 * sxw + group * Cg * sxc
+            v = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                v = _conv_fwd_step(v, x_row, w_ptr, ih0, iw0, inside, oc, n_ok, k0, K, H, W, KW, Cg, dil_h,
+                                   dil_w, sxc, sxh, sxw, swn, swc, swh, sww, PADDED, PRECISION, BLOCK_K)
+            v = _bias_relu(v, b_ptr, oc, n_ok, HAS_BIAS, True)
             take = inside[:, None] & ((v > best) | (v != v))  # NaN wins, as in max_pool2d
             best = tl.where(take, v, best)
-    oc = group * OCg + rn
     y_off = (n * syn + ph * syh + pw * syw)[:, None] + (oc * syc)[None, :]
-    tl.store(y_ptr + y_off, best.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & (rn < OCg)[None, :])
+    tl.store(y_ptr + y_off, best.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
 # ------------------------------------------------------------------------------------- input gradient
