@@ -222,6 +222,18 @@ def _transposed(node) -> fx.Node | None:
 _VIEWS = (aten.view.default, aten._unsafe_view.default)
 
 
+def _conv_geometry(a: dict, x) -> tuple:
+    """(stride, padding, dilation, groups) of a bound convolution / convolution_backward node that
+    tritonkit can run (2-D, not transposed); ``_Fail`` otherwise."""
+    if a["transposed"]:
+        raise _Fail("transposed convolution")
+    if _val(x).dim() != 4:
+        raise _Fail(f"{_val(x).dim() - 2}-D convolution (tritonkit has 2-D)")
+    if any(p != 0 for p in a["output_padding"]):
+        raise _Fail(f"output_padding {list(a['output_padding'])}")
+    return list(a["stride"]), list(a["padding"]), list(a["dilation"]), a["groups"]
+
+
 def _only_user(node: fx.Node) -> fx.Node | None:
     users = list(node.users)
     return users[0] if len(users) == 1 else None
@@ -540,13 +552,7 @@ class _GraphLowering:
         a = _bind(node)
         x, w, b = a["input"], a["weight"], a["bias"]
         self._tensors_ok(gemm=True, input=x, weight=w, bias=b)
-        if a["transposed"]:
-            raise _Fail("transposed convolution")
-        if _val(x).dim() != 4:
-            raise _Fail(f"{_val(x).dim() - 2}-D convolution (tritonkit has 2-D)")
-        if any(p != 0 for p in a["output_padding"]):
-            raise _Fail(f"output_padding {list(a['output_padding'])}")
-        geometry = (list(a["stride"]), list(a["padding"]), list(a["dilation"]), a["groups"])
+        geometry = _conv_geometry(a, x)
         relu = self._relu_after(node)
         if relu is not None and relu.args[0] is node:
             fused = self._conv_relu_pool(node, relu, x, w, b, geometry)
@@ -658,17 +664,13 @@ class _GraphLowering:
         a = _bind(node)
         grad, x, w = a["grad_output"], a["input"], a["weight"]
         self._tensors_ok(gemm=True, grad_output=grad, input=x, weight=w)
-        if a["transposed"]:
-            raise _Fail("transposed convolution")
-        if _val(x).dim() != 4:
-            raise _Fail(f"{_val(x).dim() - 2}-D convolution (tritonkit has 2-D)")
+        geometry = _conv_geometry(a, x)
         users = list(node.users)
         if not users:
             return None
         if not all(_is_call(u, operator.getitem) for u in users):
             raise _Fail("an output is used other than through getitem")
         g = grad if g is None else g
-        geometry = (list(a["stride"]), list(a["padding"]), list(a["dilation"]), a["groups"])
         specs = []
         for u in sorted(users, key=lambda u: u.args[1]):
             if not a["output_mask"][u.args[1]]:
