@@ -132,7 +132,7 @@ class _FusedOptimizer(Optimizer):
         grads = [g if g.stride() == p.stride() or same_layout(g, p) else torch.empty_like(p).copy_(g)
                  for p, g in zip(params, grads)]
         keys = [(p.device, p.dtype) for p in params]
-        flags = tuple(bool(s) for s in states)
+        flags = tuple(len(s) > 0 for s in states)  # not bool(list): dynamo in torch 2.11 cannot trace it
         for key in dict.fromkeys(keys):
             batch = batches.setdefault((*key, flags), _Batch(len(states)))
             if len(set(keys)) == 1:
