@@ -8,6 +8,7 @@ signature per dtype, so the AOT compile gate (``tritonkit.aot``) compiles exactl
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Callable
@@ -49,11 +50,12 @@ class KernelSpec:
     tensor_core: bool = False  # GEMM-class: half-precision SASS must use HMMA / HGMMA
     notes: str = ""
     spill_ok: str = ""  # non-empty: documented reason why this kernel may spill registers
-    config_for_dtype: Callable | None = None  # (config, dtype) -> bool: which configs a dtype may use
+    config_for_dtype: Callable | None = None  # (config, dtype, arch) -> bool: which configs a launch may use
 
-    def allows(self, config, dtype: torch.dtype) -> bool:
-        """Whether autotuning a launch in ``dtype`` may pick ``config`` (and so the gate compiles it)."""
-        return self.config_for_dtype is None or self.config_for_dtype(config, dtype)
+    def allows(self, config, dtype: torch.dtype, arch: int | None = None) -> bool:
+        """Whether autotuning a launch in ``dtype`` on compute capability ``arch`` (90 for sm_90; None:
+        not known) may pick ``config``, and so whether the gate compiles it for that arch."""
+        return self.config_for_dtype is None or self.config_for_dtype(config, dtype, arch)
 
 
 REGISTRY: dict[str, KernelSpec] = {}
@@ -76,6 +78,7 @@ def tuned_kernel(
     tensor_core: bool = False,
     spill_ok: str = "",
     config_for_dtype: Callable | None = None,
+    variants: dict[str, Callable[[torch.dtype], dict]] | None = None,
     **autotune_kwargs,
 ):
     """Register a ``@triton.jit`` kernel and wrap it in ``triton.autotune``.
@@ -84,9 +87,10 @@ def tuned_kernel(
     instance, either ``interp_configs`` (large blocks, a single config so nothing is benchmarked) or
     ``interp_heuristics`` (``triton.heuristics`` values: block sizes computed from the launch's
     arguments, so one program covers as much of the problem as numpy handles well).
-    ``config_for_dtype(config, dtype)`` restricts the GPU configs per dtype (float32 ``tl.dot`` without
+    ``config_for_dtype(config, dtype, arch)`` restricts the GPU configs per dtype and arch (float32 ``tl.dot`` without
     TF32 runs on FMA units and needs smaller tiles than half precision); the dtype is that of the
-    kernel's first tensor argument.
+    kernel's first tensor argument. ``variants`` names further launch patterns the AOT gate must
+    compile too (``{"strided": constexprs}`` registers ``<name>_strided``, the same kernel and configs).
     """
     if (interp_configs is None) == (interp_heuristics is None):
         raise ValueError(f"kernel {name!r}: give exactly one of interp_configs and interp_heuristics")
@@ -105,6 +109,10 @@ def tuned_kernel(
             spill_ok=spill_ok,
             config_for_dtype=config_for_dtype,
         )
+        for suffix, variant_constexprs in (variants or {}).items():
+            REGISTRY[f"{name}_{suffix}"] = dataclasses.replace(
+                REGISTRY[name], name=f"{name}_{suffix}", constexprs=variant_constexprs
+            )
         if INTERPRET and interp_heuristics is not None:
             return triton.heuristics(interp_heuristics)(fn)
         if INTERPRET:
@@ -112,8 +120,12 @@ def tuned_kernel(
         spec = REGISTRY[name]
 
         def prune(configs, named_args, **kwargs):
-            dtype = next(a.dtype for a in named_args.values() if isinstance(a, torch.Tensor))
-            allowed = [c for c in configs if spec.allows(c, dtype)]
+            first = next(a for a in named_args.values() if isinstance(a, torch.Tensor))
+            arch = None
+            if first.is_cuda:
+                major, minor = torch.cuda.get_device_capability(first.device)
+                arch = 10 * major + minor
+            allowed = [c for c in configs if spec.allows(c, first.dtype, arch)]
             return allowed[:1] if _AUTOTUNE_FIRST else allowed
 
         autotune_kwargs["prune_configs_by"] = {"early_config_prune": prune}
@@ -122,13 +134,22 @@ def tuned_kernel(
     return wrap
 
 
-def per_dtype_configs(half: list, float32: list):
+def per_dtype_configs(half: list, float32: list, hopper_half: list = ()):
     """``(gpu_configs, config_for_dtype)`` for :func:`tuned_kernel` from separate half-precision and
-    float32 config lists (a config object may sit in both)."""
-    configs = list(half) + [c for c in float32 if not any(c is h for h in half)]
+    float32 config lists (a config object may sit in several). ``hopper_half``: half-precision tiles
+    only for sm_90 and newer, where wgmma holds the accumulator in fewer registers than mma.sync and a
+    tile that spills on sm_80 fits."""
+    configs = []
+    for config in (*half, *float32, *hopper_half):
+        if not any(config is c for c in configs):
+            configs.append(config)
 
-    def config_for_dtype(config, dtype) -> bool:
-        return any(config is c for c in (float32 if dtype == torch.float32 else half))
+    def config_for_dtype(config, dtype, arch=None) -> bool:
+        if dtype == torch.float32:
+            pool = float32
+        else:
+            pool = (*half, *hopper_half) if arch is None or arch >= 90 else half
+        return any(config is c for c in pool)
 
     return configs, config_for_dtype
 

@@ -14,7 +14,12 @@ forward, per group g (the grid's second axis):
 input gradient (dy' = dy * (y > 0) when the forward fused ReLU, applied while loading dy):
     dx[n, c, h, w] = sum_{oc, kh, kw} dy'[n, oc, oh, ow] * w[oc, c, kh, kw]
         where oh = (h + ph - kh*dh) / sh and ow = (w + pw - kw*dw) / sw are whole and in range.
-    GEMM rows (n, h, w), columns c, reduction k = (kh, kw, oc).
+    With stride > 1 most (h, kh) pairs give no whole oh, so the rows are split by phase (h mod sh,
+    w mod sw; one grid slice each) and a phase visits only its own taps. In rows, with g = gcd(sh, dh):
+    h = qh + th*sh takes the taps kh = kh0 + j*(sh/g), where kh0 in [0, sh/g) solves
+    (qh + ph - kh0*dh) = 0 mod sh (none: the rows get zeros), and then oh = th + bh - j*(dh/g) with
+    bh = (qh + ph - kh0*dh) / sh. Unit stride is the one-phase case (kh0 = 0, bh = ph, oh = h + ph - kh*dh).
+    GEMM rows (n, th, tw), columns c, reduction k = (j, i, oc) over the phase's taps.
 
 weight gradient:
     dw[oc, c, kh, kw] = sum_{n, oh, ow} dy'[n, oc, oh, ow] * x[n, c, oh*sh - ph + kh*dh, ow*sw - pw + kw*dw]
@@ -23,6 +28,8 @@ weight gradient:
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
@@ -53,11 +60,16 @@ _C = {name: _cfg(*args) for name, args in {
     "128x128w8": (128, 128, 32, 8, 2), "128x64w8": (128, 64, 32, 8, 2), "128x64w4": (128, 64, 32, 4, 2),
     "64x128w4": (64, 128, 32, 4, 2), "64x64w4": (64, 64, 32, 4, 2), "64x64w4s3": (64, 64, 32, 4, 3),
     "128x32w4": (128, 32, 32, 4, 2), "64x32w4": (64, 32, 32, 4, 2), "128x16w4": (128, 16, 32, 4, 2),
-    "32x32w2": (32, 32, 32, 2, 2),
+    "32x32w2": (32, 32, 32, 2, 2), "32x32w4": (32, 32, 32, 4, 2), "64x64w4s1": (64, 64, 32, 4, 1),
 }.items()}
 GPU_CONFIGS, CONFIG_FOR_DTYPE = per_dtype_configs(
     half=list(_C.values()),
     float32=[_C[k] for k in ("128x128w8", "128x64w8", "64x64w4", "64x64w4s3", "128x16w4", "32x32w2")],
+)
+# Input gradient: its stride-1 and strided variants both pass the gate with these.
+DGRAD_GPU_CONFIGS, DGRAD_CONFIG_FOR_DTYPE = per_dtype_configs(
+    half=[_C[k] for k in ("128x128w8", "128x64w8", "64x128w4", "64x64w4", "64x64w4s3", "64x32w4", "128x16w4")],
+    float32=[_C[k] for k in ("64x64w4s1", "128x16w4", "32x32w4")],
 )
 # conv + ReLU + max-pool keeps a running maximum tile beside the accumulator: smaller tiles.
 POOL_GPU_CONFIGS, POOL_CONFIG_FOR_DTYPE = per_dtype_configs(
@@ -90,8 +102,9 @@ def _gemm_heuristics(rows, cols, red):
 
 FWD_INTERP = _gemm_heuristics(lambda a: a["N"] * a["OH"] * a["OW"], lambda a: a["OCg"],
                               lambda a: a["KH"] * a["KW"] * a["Cg"])
-DGRAD_INTERP = _gemm_heuristics(lambda a: a["N"] * a["H"] * a["W"], lambda a: a["Cg"],
-                                lambda a: a["KH"] * a["KW"] * a["OCg"])
+DGRAD_INTERP = _gemm_heuristics(
+    lambda a: a["N"] * triton.cdiv(a["H"], a["stride_h"]) * triton.cdiv(a["W"], a["stride_w"]), lambda a: a["Cg"],
+    lambda a: triton.cdiv(a["KH"], a["tap_h"]) * triton.cdiv(a["KW"], a["tap_w"]) * a["OCg"])
 WGRAD_INTERP = {
     "BLOCK_M": lambda a: interp_block(a["OCg"], 16, 64),
     "BLOCK_N": lambda a: interp_block(a["KH"] * a["KW"] * a["Cg"], 16, 256),
@@ -126,11 +139,11 @@ def _typical(**layouts):
     return values
 
 
-def _signature(pointers, strides, constexprs, pool_args=()):
+def _signature(pointers, strides, constexprs, extra_ints=()):
     def signature(dtype):
         t = "*" + TRITON_TYPE[dtype]
         sig = {p: ("*fp32" if p == "partial_ptr" else t) for p in pointers}
-        sig.update({a: "i32" for a in (*_SHAPE_ARGS, *_CONV_ARGS, *pool_args, *strides)})
+        sig.update({a: "i32" for a in (*_SHAPE_ARGS, *_CONV_ARGS, *extra_ints, *strides)})
         sig.update({c: "constexpr" for c in (*constexprs, "BLOCK_M", "BLOCK_N", "BLOCK_K")})
         return sig
 
@@ -279,16 +292,33 @@ def conv2d_relu_maxpool_fwd_kernel(
 
 
 # ------------------------------------------------------------------------------------- input gradient
+@triton.jit
+def _first_tap(q_pad, dil, stride, tap_step, taps):
+    """(kh0, number of taps) of the phase whose rows satisfy h + ph = q_pad (mod stride): kh0 is the one
+    tap in [0, tap_step) with q_pad - kh0*dil a multiple of stride; none -> no taps."""
+    k0 = q_pad * 0
+    found = q_pad * 0
+    for t in range(0, tap_step):
+        hit = (q_pad - t * dil) % stride == 0
+        k0 += tl.where(hit, t, 0)
+        found += tl.where(hit, 1, 0)
+    count = tl.where((found > 0) & (k0 < taps), (taps - k0 + tap_step - 1) // tap_step, 0)
+    return k0, count
+
+
 @tuned_kernel(
     "conv2d_input_grad",
-    gpu_configs=GPU_CONFIGS,
-    config_for_dtype=CONFIG_FOR_DTYPE,
+    gpu_configs=DGRAD_GPU_CONFIGS,
+    config_for_dtype=DGRAD_CONFIG_FOR_DTYPE,
     interp_heuristics=DGRAD_INTERP,
-    key=["N", "C", "H", "W", "OC", "KH", "KW", "Cg", "UNIT_STRIDE"],
+    key=["N", "C", "H", "W", "OC", "KH", "KW", "Cg", "stride_h", "stride_w"],
     signature=_signature(("g_ptr", "r_ptr", "w_ptr", "dx_ptr"), _strides("g", "r", "w", "dx"),
-                         ("HAS_MASK", "UNIT_STRIDE", "PRECISION")),
-    constexprs=lambda dtype: {"HAS_MASK": True, "UNIT_STRIDE": True, "PRECISION": "ieee",
+                         ("HAS_MASK", "PRECISION"), ("tap_h", "tap_w")),
+    constexprs=lambda dtype: {"HAS_MASK": True, "PRECISION": "ieee", "tap_h": 1, "tap_w": 1,
                               **_typical(g="nhwc", r="nhwc", w="whwc", dx="nhwc")},
+    variants={"strided": lambda dtype: {  # ResNet's stride-2 3x3: four phases, each with 2x2 or fewer taps
+        "HAS_MASK": True, "PRECISION": "ieee", **_typical(g="nhwc", r="nhwc", w="whwc", dx="nhwc"),
+        "stride_h": 2, "stride_w": 2, "tap_h": 2, "tap_w": 2, "OH": 28, "OW": 28}},
     tensor_core=True,
 )
 @triton.jit
@@ -296,58 +326,58 @@ def conv2d_input_grad_kernel(
     g_ptr, r_ptr, w_ptr, dx_ptr,
     N, C, H, W, OC, OH, OW, KH, KW, Cg, OCg,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    tap_h, tap_w,
     sgn, sgc, sgh, sgw, srn, src, srh, srw, swn, swc, swh, sww, sdxn, sdxc, sdxh, sdxw,
-    HAS_MASK: tl.constexpr, UNIT_STRIDE: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    group = tl.program_id(2)
-    M = N * H * W
-    K = KH * KW * OCg
+    """One phase (qh, qw) of one group per grid slice; ``tap_h`` = stride_h / gcd(stride_h, dil_h)."""
+    phases = stride_h * stride_w
+    group = tl.program_id(2) // phases
+    qh = (tl.program_id(2) % phases) // stride_w
+    qw = tl.program_id(2) % stride_w
+    kh0, TH = _first_tap(qh + pad_h, dil_h, stride_h, tap_h, KH)
+    kw0, TW = _first_tap(qw + pad_w, dil_w, stride_w, tap_w, KW)
+    step_h = dil_h * tap_h // stride_h  # oh moves this much per tap
+    step_w = dil_w * tap_w // stride_w
+    HQ = tl.cdiv(H, stride_h)
+    WQ = tl.cdiv(W, stride_w)
 
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    iw = rm % W
-    ih = (rm // W) % H
-    n = rm // (W * H)
-    m_ok = rm < M
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    tw = rm % WQ
+    th = (rm // WQ) % HQ
+    n = rm // (WQ * HQ)
+    ih = qh + th * stride_h
+    iw = qw + tw * stride_w
+    m_ok = (rm < N * HQ * WQ) & (ih < H) & (iw < W)
+    row_h = th + (qh + pad_h - kh0 * dil_h) // stride_h  # oh at the phase's first tap (exact division)
+    row_w = tw + (qw + pad_w - kw0 * dil_w) // stride_w
 
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     c = group * Cg + rn
     n_ok = rn < Cg
 
+    g_row = n * sgn + row_h * sgh + row_w * sgw
+    r_row = n * srn + row_h * srh + row_w * srw
+    K = TH * TW * OCg
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         oc = group * OCg + rk % OCg
-        kw = (rk // OCg) % KW
-        kh = rk // (OCg * KW)
+        i = (rk // OCg) % TW
+        j = rk // (OCg * TW)
         k_ok = rk < K
-        row_h = ih + pad_h
-        row_w = iw + pad_w
-        if UNIT_STRIDE:  # oh = row_h - kh*dil_h, ow likewise: row part + column part, compared as such
-            kh_d = kh * dil_h
-            kw_d = kw * dil_w
-            a_mask = (m_ok[:, None] & k_ok[None, :]
-                      & (row_h[:, None] >= kh_d[None, :]) & (row_h[:, None] < (OH + kh_d)[None, :])
-                      & (row_w[:, None] >= kw_d[None, :]) & (row_w[:, None] < (OW + kw_d)[None, :]))
-            g_row = n * sgn + row_h * sgh + row_w * sgw
-            r_row = n * srn + row_h * srh + row_w * srw
-            g_off = g_row[:, None] + (oc * sgc - kh * dil_h * sgh - kw * dil_w * sgw)[None, :]
-            r_off = r_row[:, None] + (oc * src - kh * dil_h * srh - kw * dil_w * srw)[None, :]
-        else:
-            th = row_h[:, None] - (kh * dil_h)[None, :]
-            tw = row_w[:, None] - (kw * dil_w)[None, :]
-            oh = th // stride_h
-            ow = tw // stride_w
-            hit = (th >= 0) & (tw >= 0) & (th % stride_h == 0) & (tw % stride_w == 0) & (oh < OH) & (ow < OW)
-            a_mask = m_ok[:, None] & k_ok[None, :] & hit
-            g_off = (n * sgn)[:, None] + (oc * sgc)[None, :] + oh * sgh + ow * sgw
-            r_off = (n * srn)[:, None] + (oc * src)[None, :] + oh * srh + ow * srw
-        a = tl.load(g_ptr + g_off, mask=a_mask, other=0.0)
+        dh = j * step_h  # oh = row_h - dh and ow = row_w - dw: compared as row part against column part
+        dw = i * step_w
+        a_mask = (m_ok[:, None] & k_ok[None, :]
+                  & (row_h[:, None] >= dh[None, :]) & (row_h[:, None] < (OH + dh)[None, :])
+                  & (row_w[:, None] >= dw[None, :]) & (row_w[:, None] < (OW + dw)[None, :]))
+        a = tl.load(g_ptr + g_row[:, None] + (oc * sgc - dh * sgh - dw * sgw)[None, :], mask=a_mask, other=0.0)
         if HAS_MASK:
-            r = tl.load(r_ptr + r_off, mask=a_mask, other=0.0)
+            r = tl.load(r_ptr + r_row[:, None] + (oc * src - dh * srh - dw * srw)[None, :], mask=a_mask, other=0.0)
             a = tl.where(r.to(tl.float32) <= 0, tl.zeros_like(a), a)  # threshold_backward: NaN outputs pass grad
+        kh = kh0 + j * tap_h
+        kw = kw0 + i * tap_w
         w_off = (oc * swn + kh * swh + kw * sww)[:, None] + (rn * swc)[None, :]
         b = tl.load(w_ptr + w_off, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
@@ -516,13 +546,16 @@ def conv2d_input_grad(grad_out, w, relu_output, input_size, stride, padding, dil
         return dx
     r = relu_output if relu_output is not None else grad_out
 
+    sh, sw = stride
+    rows = N * triton.cdiv(H, sh) * triton.cdiv(W, sw)  # per phase
+
     def grid(meta):
-        return (triton.cdiv(N * H * W, meta["BLOCK_M"]), triton.cdiv(Cg, meta["BLOCK_N"]), groups)
+        return (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(Cg, meta["BLOCK_N"]), groups * sh * sw)
 
     conv2d_input_grad_kernel[grid](
-        grad_out, r, w, dx, *shape, *conv, *grad_out.stride(), *r.stride(), *w.stride(), *dx.stride(),
-        HAS_MASK=relu_output is not None, UNIT_STRIDE=tuple(stride) == (1, 1),
-        PRECISION=dot_precision(grad_out.dtype, allow_tf32),
+        grad_out, r, w, dx, *shape, *conv, sh // math.gcd(sh, dilation[0]), sw // math.gcd(sw, dilation[1]),
+        *grad_out.stride(), *r.stride(), *w.stride(), *dx.stride(),
+        HAS_MASK=relu_output is not None, PRECISION=dot_precision(grad_out.dtype, allow_tf32),
     )
     return dx
 

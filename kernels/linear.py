@@ -44,6 +44,7 @@ _C = {name: _cfg(*args) for name, args in {
 GPU_CONFIGS, CONFIG_FOR_DTYPE = per_dtype_configs(
     half=list(_C.values()),
     float32=[_C[k] for k in ("64x64", "64x32", "32x64")],
+    hopper_half=[_cfg(128, 256, 64, 8, 3)],  # two warp groups of m64n256 wgmma; spills with mma.sync
 )
 INTERP_HEURISTICS = {
     "BLOCK_N": lambda a: interp_block(a["N"], 16, 256),

@@ -57,6 +57,9 @@ SWEEP = [
     (2, 6, 9, 12, 6, 3, 1, 2, 2, 6),  # depthwise
     (2, 8, 7, 7, 12, 1, 1, 0, 1, 4),  # grouped 1x1
     (1, 3, 17, 5, 4, 3, 3, 1, 1, 1),  # stride 3: most input pixels get no gradient
+    (2, 3, 13, 11, 5, 1, 2, 0, 1, 1),  # 1x1 stride 2: three of four input-gradient phases have no taps
+    (1, 4, 15, 14, 3, 3, (2, 3), (1, 2), 2, 1),  # dilation shares a factor with stride in h, not in w
+    (1, 2, 19, 17, 3, (3, 2), 4, 1, 2, 1),  # stride 4, dilation 2: every second phase has taps
     (2, 2, 6, 6, 3, 6, 1, 0, 1, 1),  # kernel == input
 ]
 

@@ -347,7 +347,7 @@ def jobs(kernels=None) -> list[tuple[str, int, str, str]]:
         for index in range(len(REGISTRY[name].gpu_configs))
         for arch in ARCHS
         for dtype in REGISTRY[name].dtypes
-        if REGISTRY[name].allows(REGISTRY[name].gpu_configs[index], dtype)
+        if REGISTRY[name].allows(REGISTRY[name].gpu_configs[index], dtype, ARCHS[arch])
     ]
 
 
@@ -423,8 +423,10 @@ def gate(kernels=None, workers: int = 2, use_cache: bool = True) -> dict:
     directory.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     records, misses = {}, {}  # misses: cache key (or job) -> jobs that compile to the same thing
-    with open(directory / ".lock", "w") as lock:  # concurrent runs (pytest-xdist) wait, then hit the cache
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    # Concurrent runs (pytest-xdist) wait, then hit the cache. A POSIX record lock, not flock: forked
+    # compile workers do not inherit it, so a killed gate never leaves an orphan worker holding it.
+    with open(directory / ".lock", "w") as lock:
+        fcntl.lockf(lock, fcntl.LOCK_EX)
         for job in todo:
             key = _cache_key(job)
             path = directory / f"{key}.json" if key else None

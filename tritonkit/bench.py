@@ -595,6 +595,7 @@ def plan(families, quick: bool, gpu: bool) -> list[tuple[str, str, Callable, str
                                              ("resnet50 3x3 64->64 @56", 64, 56, 64, 3, 1, 1),
                                              ("resnet50 1x1 256->64 @56", 256, 56, 64, 1, 1, 0),
                                              ("resnet50 3x3 128->128 @28", 128, 28, 128, 3, 1, 1),
+                                             ("resnet50 3x3/2 128->128 @56", 128, 56, 128, 3, 2, 1),
                                              ("resnet50 3x3 256->256 @14", 256, 14, 256, 3, 1, 1),
                                              ("resnet50 1x1 2048->512 @7", 2048, 7, 512, 1, 1, 0)):
                 op(conv_case(name, 32, c, hw, oc, k, s, p, bf16, nhwc=True, bias=False, input_grad=c != 3))
