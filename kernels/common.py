@@ -50,12 +50,13 @@ class KernelSpec:
     tensor_core: bool = False  # GEMM-class: half-precision SASS must use HMMA / HGMMA
     notes: str = ""
     spill_ok: str = ""  # non-empty: documented reason why this kernel may spill registers
-    config_for_dtype: Callable | None = None  # (config, dtype, arch) -> bool: which configs a launch may use
+    config_for_dtype: Callable | None = None  # (config, dtype, arch, launch) -> bool: may a launch use it
 
-    def allows(self, config, dtype: torch.dtype, arch: int | None = None) -> bool:
+    def allows(self, config, dtype: torch.dtype, arch: int | None = None, launch: dict | None = None) -> bool:
         """Whether autotuning a launch in ``dtype`` on compute capability ``arch`` (90 for sm_90; None:
-        not known) may pick ``config``, and so whether the gate compiles it for that arch."""
-        return self.config_for_dtype is None or self.config_for_dtype(config, dtype, arch)
+        not known) with arguments ``launch`` (name -> value; None: not known) may pick ``config``, and so
+        whether the gate compiles it for that arch and variant."""
+        return self.config_for_dtype is None or self.config_for_dtype(config, dtype, arch, launch or {})
 
 
 REGISTRY: dict[str, KernelSpec] = {}
@@ -125,7 +126,7 @@ def tuned_kernel(
             if first.is_cuda:
                 major, minor = torch.cuda.get_device_capability(first.device)
                 arch = 10 * major + minor
-            allowed = [c for c in configs if spec.allows(c, first.dtype, arch)]
+            allowed = [c for c in configs if spec.allows(c, first.dtype, arch, {**named_args, **kwargs})]
             return allowed[:1] if _AUTOTUNE_FIRST else allowed
 
         autotune_kwargs["prune_configs_by"] = {"early_config_prune": prune}
@@ -144,12 +145,25 @@ def per_dtype_configs(half: list, float32: list, hopper_half: list = ()):
         if not any(config is c for c in configs):
             configs.append(config)
 
-    def config_for_dtype(config, dtype, arch=None) -> bool:
+    def config_for_dtype(config, dtype, arch=None, launch=None) -> bool:
         if dtype == torch.float32:
             pool = float32
         else:
             pool = (*half, *hopper_half) if arch is None or arch >= 90 else half
         return any(config is c for c in pool)
+
+    return configs, config_for_dtype
+
+
+def per_flag_configs(flag: str, when_set: tuple, when_clear: tuple):
+    """``(gpu_configs, config_for_dtype)`` whose lists depend on the launch's constexpr ``flag`` (unknown:
+    set): ``when_set`` and ``when_clear`` are :func:`per_dtype_configs` results. For kernels with two
+    code paths whose register needs differ (conv: channel-chunked or flattened reduction)."""
+    configs = list(when_set[0]) + [c for c in when_clear[0] if not any(c is k for k in when_set[0])]
+
+    def config_for_dtype(config, dtype, arch=None, launch=None) -> bool:
+        branch = when_set if (launch or {}).get(flag, True) else when_clear
+        return any(config is c for c in branch[0]) and branch[1](config, dtype, arch, launch)
 
     return configs, config_for_dtype
 
@@ -224,6 +238,7 @@ __all__ = [
     "dot_precision",
     "check_int32_indexing",
     "per_dtype_configs",
+    "per_flag_configs",
     "interp_block",
     "INTERP_TILE",
     "TRITON_TYPE",

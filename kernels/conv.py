@@ -43,6 +43,7 @@ from tritonkit.kernels.common import (
     empty,
     interp_block,
     per_dtype_configs,
+    per_flag_configs,
     tuned_kernel,
 )
 from tritonkit.kernels.pool import pool_output_size
@@ -62,19 +63,47 @@ _C = {name: _cfg(*args) for name, args in {
     "128x32w4": (128, 32, 32, 4, 2), "64x32w4": (64, 32, 32, 4, 2), "128x16w4": (128, 16, 32, 4, 2),
     "32x32w2": (32, 32, 32, 2, 2), "32x32w4": (32, 32, 32, 4, 2), "64x64w4s1": (64, 64, 32, 4, 1),
 }.items()}
-GPU_CONFIGS, CONFIG_FOR_DTYPE = per_dtype_configs(
-    half=list(_C.values()),
-    float32=[_C[k] for k in ("128x128w8", "128x64w8", "64x64w4", "64x64w4s3", "128x16w4", "32x32w2")],
+def _pick(*names):
+    return [_C[k] for k in names]
+
+
+# Each kernel's lists by reduction order (CHANNEL_INNER, see channel_inner()): the channel-chunked path
+# loads whole channel vectors (cp.async, no registers held), the flattened path for few channels gathers
+# element by element and holds more in registers, so it takes smaller tiles.
+GPU_CONFIGS, CONFIG_FOR_DTYPE = per_flag_configs(
+    "CHANNEL_INNER",
+    when_set=per_dtype_configs(
+        half=_pick("128x128w8", "128x64w8", "128x64w4", "64x128w4", "64x64w4", "64x64w4s3", "128x32w4", "64x32w4",
+                   "128x16w4", "32x32w2"),
+        float32=_pick("128x64w8", "64x64w4", "64x64w4s3", "128x16w4", "32x32w2"),
+    ),
+    when_clear=per_dtype_configs(
+        half=_pick("64x64w4", "64x64w4s3", "64x32w4", "128x16w4", "32x32w4"),
+        float32=_pick("64x64w4", "64x64w4s3"),
+    ),
 )
-# Input gradient: its stride-1 and strided variants both pass the gate with these.
-DGRAD_GPU_CONFIGS, DGRAD_CONFIG_FOR_DTYPE = per_dtype_configs(
-    half=[_C[k] for k in ("128x128w8", "128x64w8", "64x128w4", "64x64w4", "64x64w4s3", "64x32w4", "128x16w4")],
-    float32=[_C[k] for k in ("64x64w4s1", "128x16w4", "32x32w4")],
+# Input gradient: the stride-1 and strided variants both pass the gate with the channel-chunked lists.
+DGRAD_GPU_CONFIGS, DGRAD_CONFIG_FOR_DTYPE = per_flag_configs(
+    "CHANNEL_INNER",
+    when_set=per_dtype_configs(
+        half=_pick("128x128w8", "128x64w8", "64x64w4", "64x64w4s3", "64x32w4", "128x16w4"),
+        float32=_pick("64x64w4s1", "128x16w4", "32x32w4"),
+    ),
+    when_clear=per_dtype_configs(
+        half=_pick("128x64w8", "64x64w4", "64x64w4s3", "64x32w4"),
+        float32=_pick("64x64w4s1"),
+    ),
 )
-# conv + ReLU + max-pool keeps a running maximum tile beside the accumulator: smaller tiles.
-POOL_GPU_CONFIGS, POOL_CONFIG_FOR_DTYPE = per_dtype_configs(
-    half=[_C[k] for k in ("128x64w8", "64x64w4", "64x64w4s3", "128x32w4", "64x32w4", "128x16w4", "32x32w2")],
-    float32=[_cfg(64, 16, 32, 2, 1)],  # the one float32 tile (of 7 tried) that spills on neither arch
+# conv + ReLU + max-pool keeps a running maximum tile beside the accumulator: smaller tiles. With few
+# channels one tile of six tried spills on neither arch in any dtype, and one more (wgmma-sized) on sm_90.
+_POOL_FEW = _cfg(32, 32, 16, 2, 1)
+POOL_GPU_CONFIGS, POOL_CONFIG_FOR_DTYPE = per_flag_configs(
+    "CHANNEL_INNER",
+    when_set=per_dtype_configs(
+        half=_pick("128x64w8", "64x64w4", "64x64w4s3", "128x32w4", "64x32w4", "128x16w4", "32x32w2"),
+        float32=[_cfg(64, 16, 32, 2, 1)],  # the one float32 tile (of 7 tried) that spills on neither arch
+    ),
+    when_clear=per_dtype_configs(half=[_POOL_FEW], float32=[_POOL_FEW], hopper_half=[_cfg(64, 32, 16, 4, 1)]),
 )
 # Weight gradient: rows are output channels, columns (kh, kw, c), reduction over pixels.
 _W = {name: _cfg(*args) for name, args in {
@@ -100,11 +129,15 @@ def _gemm_heuristics(rows, cols, red):
     }
 
 
-FWD_INTERP = _gemm_heuristics(lambda a: a["N"] * a["OH"] * a["OW"], lambda a: a["OCg"],
-                              lambda a: a["KH"] * a["KW"] * a["Cg"])
+def _fwd_reduction(a):  # one step's reduction span: channels of one tap, or the whole flattened k
+    return a["Cg"] if a["CHANNEL_INNER"] else a["KH"] * a["KW"] * a["Cg"]
+
+
+FWD_INTERP = _gemm_heuristics(lambda a: a["N"] * a["OH"] * a["OW"], lambda a: a["OCg"], _fwd_reduction)
 DGRAD_INTERP = _gemm_heuristics(
     lambda a: a["N"] * triton.cdiv(a["H"], a["stride_h"]) * triton.cdiv(a["W"], a["stride_w"]), lambda a: a["Cg"],
-    lambda a: triton.cdiv(a["KH"], a["tap_h"]) * triton.cdiv(a["KW"], a["tap_w"]) * a["OCg"])
+    lambda a: a["OCg"] * (1 if a["CHANNEL_INNER"] else triton.cdiv(a["KH"], a["tap_h"]) * triton.cdiv(a["KW"],
+                                                                                                   a["tap_w"])))
 WGRAD_INTERP = {
     "BLOCK_M": lambda a: interp_block(a["OCg"], 16, 64),
     "BLOCK_N": lambda a: interp_block(a["KH"] * a["KW"] * a["Cg"], 16, 256),
@@ -121,21 +154,20 @@ def _strides(*names):
     return [f"s{n}{d}" for n in names for d in "nchw"]
 
 
-def _typical(**layouts):
-    """The AOT gate's variant: the usual values of runtime ints at a ResNet-style launch (batch 32,
-    64 -> 64 channels, 3x3, stride 1, padding 1, 56x56), so it compiles what the JIT specializes
-    (unit strides become constants, multiples of 16 are marked divisible). ``layouts`` maps each
-    tensor's stride prefix to "nhwc" (channels_last activations or weights) or "oihw" (contiguous)."""
-    n, c, h, w, k = 32, 64, 56, 56, 3
-    strides = {
-        "nhwc": (h * w * c, 1, w * c, c),
-        "whwc": (k * k * c, 1, k * c, c),  # channels_last weight (OC, C, KH, KW)
-        "oihw": (c * k * k, k * k, k, 1),
-    }
-    values = {"N": n, "C": c, "H": h, "W": w, "OC": c, "OH": h, "OW": w, "KH": k, "KW": k, "Cg": c, "OCg": c,
-              "stride_h": 1, "stride_w": 1, "pad_h": 1, "pad_w": 1, "dil_h": 1, "dil_w": 1}
+def _typical(n=32, c=64, hw=56, oc=64, k=3, pad=1, **layouts):
+    """The AOT gate's variant: the usual values of runtime ints at a launch, by default ResNet-style
+    (batch 32, 64 -> 64 channels, 3x3, stride 1, padding 1, 56x56), so it compiles what the JIT
+    specializes (unit strides become constants, multiples of 16 are marked divisible). ``layouts``
+    maps each tensor's stride prefix to "nhwc" (channels_last) or "nchw" (contiguous); weights
+    (prefixes w, dw: OC x C x KH x KW) are named the same way."""
+    out = hw + 2 * pad - k + 1
+    dims = {"x": (c, hw), "dx": (c, hw), "y": (oc, out), "g": (oc, out), "r": (oc, out), "w": (c, k), "dw": (c, k)}
+    values = {"N": n, "C": c, "H": hw, "W": hw, "OC": oc, "OH": out, "OW": out, "KH": k, "KW": k, "Cg": c,
+              "OCg": oc, "stride_h": 1, "stride_w": 1, "pad_h": pad, "pad_w": pad, "dil_h": 1, "dil_w": 1}
     for prefix, layout in layouts.items():
-        values.update(zip((f"s{prefix}{d}" for d in "nchw"), strides[layout]))
+        ch, size = dims[prefix]
+        strides = (size * size * ch, 1, size * ch, ch) if layout == "nhwc" else (ch * size * size, size * size, size, 1)
+        values.update(zip((f"s{prefix}{d}" for d in "nchw"), strides))
     return values
 
 
@@ -152,28 +184,63 @@ def _signature(pointers, strides, constexprs, extra_ints=()):
 
 # ---------------------------------------------------------------------------------------------- forward
 @triton.jit
-def _conv_fwd_step(
-    acc, x_row, w_ptr, ih0, iw0, m_ok, oc, n_ok, k0, K,
-    H, W, KW, Cg, dil_h, dil_w, sxc, sxh, sxw, swn, swc, swh, sww,
-    PADDED: tl.constexpr, PRECISION: tl.constexpr, BLOCK_K: tl.constexpr,
+def _conv_fwd_reduce(
+    acc, x_row, w_ptr, ih0, iw0, m_ok, oc, n_ok,
+    H, W, KH, KW, Cg, dil_h, dil_w, sxc, sxh, sxw, swn, swc, swh, sww,
+    PADDED: tl.constexpr, CHANNEL_INNER: tl.constexpr, PRECISION: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """``acc`` plus the implicit-GEMM product over reduction indices [k0, k0 + BLOCK_K), k = (kh, kw, c)."""
-    rk = k0 + tl.arange(0, BLOCK_K)
-    c = rk % Cg
-    kw = (rk // Cg) % KW
-    kh = rk // (Cg * KW)
-    k_ok = rk < K
-    a_mask = m_ok[:, None] & k_ok[None, :]
-    if PADDED:  # 0 <= ih0 + kh*dil_h < H, compared without forming the sum
-        kh_d = kh * dil_h
-        kw_d = kw * dil_w
-        a_mask = (a_mask & (ih0[:, None] >= -kh_d[None, :]) & (ih0[:, None] < (H - kh_d)[None, :])
-                  & (iw0[:, None] >= -kw_d[None, :]) & (iw0[:, None] < (W - kw_d)[None, :]))
-    x_col = c * sxc + kh * dil_h * sxh + kw * dil_w * sxw
-    a = tl.load(x_row[:, None] + x_col[None, :], mask=a_mask, other=0.0)
-    w_off = oc[None, :] * swn + (c * swc + kh * swh + kw * sww)[:, None]
-    b = tl.load(w_ptr + w_off, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-    return tl.dot(a, b, acc, input_precision=PRECISION)
+    """``acc`` plus the implicit-GEMM product over the whole reduction k = (kh, kw, c).
+
+    CHANNEL_INNER (many channels): one step is one tap (kh, kw) and BLOCK_K consecutive channels, so
+    the tap, its padding test and its address offset are scalars per step and only the channel tail
+    is masked per column. Otherwise (few channels, e.g. 3 or 6) a step is BLOCK_K consecutive k of
+    the flattened reduction, spanning taps, which wastes no lanes but splits k per column.
+    """
+    if CHANNEL_INNER:
+        rc = tl.arange(0, BLOCK_K)
+        x_tile = x_row[:, None] + (rc * sxc)[None, :]
+        w_tile = w_ptr + oc[None, :] * swn + (rc * swc)[:, None]
+        c0 = 0  # the step's tap (kh, kw) and first channel c0 advance as counters: no division per step
+        kh = 0
+        kw = 0
+        for _ in range(0, KH * KW * tl.cdiv(Cg, BLOCK_K)):
+            row_ok = m_ok
+            if PADDED:
+                ih = ih0 + kh * dil_h
+                iw = iw0 + kw * dil_w
+                row_ok = row_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            c_ok = (c0 + rc) < Cg
+            a = tl.load(x_tile + (c0 * sxc + kh * dil_h * sxh + kw * dil_w * sxw), mask=row_ok[:, None] & c_ok[None, :],
+                        other=0.0)
+            b = tl.load(w_tile + (c0 * swc + kh * swh + kw * sww), mask=c_ok[:, None] & n_ok[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+            c0 += BLOCK_K
+            next_tap = c0 >= Cg
+            c0 = tl.where(next_tap, 0, c0)
+            kw = tl.where(next_tap, kw + 1, kw)
+            next_row = kw >= KW
+            kw = tl.where(next_row, 0, kw)
+            kh = tl.where(next_row, kh + 1, kh)
+    else:
+        K = KH * KW * Cg
+        for k0 in range(0, K, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            c = rk % Cg
+            kw = (rk // Cg) % KW
+            kh = rk // (Cg * KW)
+            k_ok = rk < K
+            a_mask = m_ok[:, None] & k_ok[None, :]
+            if PADDED:  # 0 <= ih0 + kh*dil_h < H, compared without forming the sum
+                kh_d = kh * dil_h
+                kw_d = kw * dil_w
+                a_mask = (a_mask & (ih0[:, None] >= -kh_d[None, :]) & (ih0[:, None] < (H - kh_d)[None, :])
+                          & (iw0[:, None] >= -kw_d[None, :]) & (iw0[:, None] < (W - kw_d)[None, :]))
+            x_col = c * sxc + kh * dil_h * sxh + kw * dil_w * sxw
+            a = tl.load(x_row[:, None] + x_col[None, :], mask=a_mask, other=0.0)
+            w_off = oc[None, :] * swn + (c * swc + kh * swh + kw * sww)[:, None]
+            b = tl.load(w_ptr + w_off, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    return acc
 
 
 @triton.jit
@@ -192,9 +259,12 @@ def _bias_relu(acc, b_ptr, oc, n_ok, HAS_BIAS: tl.constexpr, RELU: tl.constexpr)
     interp_heuristics=FWD_INTERP,
     key=["N", "C", "H", "W", "OC", "KH", "KW", "Cg"],
     signature=_signature(("x_ptr", "w_ptr", "b_ptr", "y_ptr"), _strides("x", "w", "y"),
-                         ("HAS_BIAS", "RELU", "PADDED", "PRECISION")),
-    constexprs=lambda dtype: {"HAS_BIAS": True, "RELU": True, "PADDED": True, "PRECISION": "ieee",
-                              **_typical(x="nhwc", w="whwc", y="nhwc")},
+                         ("HAS_BIAS", "RELU", "PADDED", "CHANNEL_INNER", "PRECISION")),
+    constexprs=lambda dtype: {"HAS_BIAS": True, "RELU": True, "PADDED": True, "CHANNEL_INNER": True,
+                              "PRECISION": "ieee", **_typical(x="nhwc", w="nhwc", y="nhwc")},
+    variants={"few_channels": lambda dtype: {  # the seed's LeNet conv2 (6 -> 16, 5x5 at 14x14, NCHW)
+        "HAS_BIAS": True, "RELU": True, "PADDED": False, "CHANNEL_INNER": False, "PRECISION": "ieee",
+        **_typical(n=16, c=6, hw=14, oc=16, k=5, pad=0, x="nchw", w="nchw", y="nchw")}},
     tensor_core=True,
 )
 @triton.jit
@@ -203,8 +273,8 @@ def conv2d_fwd_kernel(
     N, C, H, W, OC, OH, OW, KH, KW, Cg, OCg,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     sxn, sxc, sxh, sxw, swn, swc, swh, sww, syn, syc, syh, syw,
-    HAS_BIAS: tl.constexpr, RELU: tl.constexpr, PADDED: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, RELU: tl.constexpr, PADDED: tl.constexpr, CHANNEL_INNER: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     group = tl.program_id(2)
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -218,19 +288,21 @@ def conv2d_fwd_kernel(
     ih0 = oh * stride_h - pad_h
     iw0 = ow * stride_w - pad_w
     x_row = x_ptr + n * sxn + ih0 * sxh + iw0 * sxw + group * Cg * sxc
-    K = KH * KW * Cg
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        acc = _conv_fwd_step(acc, x_row, w_ptr, ih0, iw0, m_ok, oc, n_ok, k0, K, H, W, KW, Cg, dil_h, dil_w,
-                             sxc, sxh, sxw, swn, swc, swh, sww, PADDED, PRECISION, BLOCK_K)
+    acc = _conv_fwd_reduce(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), x_row, w_ptr, ih0, iw0, m_ok, oc, n_ok,
+                           H, W, KH, KW, Cg, dil_h, dil_w, sxc, sxh, sxw, swn, swc, swh, sww,
+                           PADDED, CHANNEL_INNER, PRECISION, BLOCK_K)
     acc = _bias_relu(acc, b_ptr, oc, n_ok, HAS_BIAS, RELU)
     y_off = (n * syn + oh * syh + ow * syw)[:, None] + (oc * syc)[None, :]
     tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
 # ------------------------------------------------------------------- forward + ReLU + max-pool (inference)
-POOL_INTERP = _gemm_heuristics(lambda a: a["N"] * a["PH"] * a["PW"], lambda a: a["OCg"],
-                               lambda a: a["KH"] * a["KW"] * a["Cg"])
+POOL_INTERP = _gemm_heuristics(lambda a: a["N"] * a["PH"] * a["PW"], lambda a: a["OCg"], _fwd_reduction)
+
+
+def _pool_2x2(size):  # the typical pool arguments, as _typical gives the conv's
+    return {"PH": size, "PW": size, "PKH": 2, "PKW": 2, "pstride_h": 2, "pstride_w": 2, "ppad_h": 0, "ppad_w": 0,
+            "pdil_h": 1, "pdil_w": 1}
 
 
 _POOL_ARGS = ("PH", "PW", "PKH", "PKW", "pstride_h", "pstride_w", "ppad_h", "ppad_w", "pdil_h", "pdil_w")
@@ -243,10 +315,12 @@ _POOL_ARGS = ("PH", "PW", "PKH", "PKW", "pstride_h", "pstride_w", "ppad_h", "ppa
     interp_heuristics=POOL_INTERP,
     key=["N", "C", "H", "W", "OC", "KH", "KW", "Cg", "PKH", "PKW"],
     signature=_signature(("x_ptr", "w_ptr", "b_ptr", "y_ptr"), _strides("x", "w", "y"),
-                         ("HAS_BIAS", "PADDED", "PRECISION"), _POOL_ARGS),
-    constexprs=lambda dtype: {"HAS_BIAS": True, "PADDED": True, "PRECISION": "ieee",
-                              **_typical(x="nhwc", w="whwc", y="nhwc"), "PH": 28, "PW": 28, "PKH": 2, "PKW": 2,
-                              "pstride_h": 2, "pstride_w": 2, "ppad_h": 0, "ppad_w": 0, "pdil_h": 1, "pdil_w": 1},
+                         ("HAS_BIAS", "PADDED", "CHANNEL_INNER", "PRECISION"), _POOL_ARGS),
+    constexprs=lambda dtype: {"HAS_BIAS": True, "PADDED": True, "CHANNEL_INNER": True, "PRECISION": "ieee",
+                              **_typical(x="nhwc", w="nhwc", y="nhwc"), **_pool_2x2(28)},
+    variants={"few_channels": lambda dtype: {  # the seed's LeNet conv2 + 2x2 pool, NCHW
+        "HAS_BIAS": True, "PADDED": False, "CHANNEL_INNER": False, "PRECISION": "ieee",
+        **_typical(n=16, c=6, hw=14, oc=16, k=5, pad=0, x="nchw", w="nchw", y="nchw"), **_pool_2x2(5)}},
     tensor_core=True,
 )
 @triton.jit
@@ -256,7 +330,7 @@ def conv2d_relu_maxpool_fwd_kernel(
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     PH, PW, PKH, PKW, pstride_h, pstride_w, ppad_h, ppad_w, pdil_h, pdil_w,
     sxn, sxc, sxh, sxw, swn, swc, swh, sww, syn, syc, syh, syw,
-    HAS_BIAS: tl.constexpr, PADDED: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, PADDED: tl.constexpr, CHANNEL_INNER: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """y[n, oc, ph, pw] = max over the pool window of relu(bias + conv) at (oh, ow) inside the conv
@@ -270,7 +344,6 @@ def conv2d_relu_maxpool_fwd_kernel(
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     oc = group * OCg + rn
     n_ok = rn < OCg
-    K = KH * KW * Cg
     best = tl.full((BLOCK_M, BLOCK_N), float("-inf"), tl.float32)
     for i in range(0, PKH):
         oh = ph * pstride_h - ppad_h + i * pdil_h
@@ -280,10 +353,9 @@ def conv2d_relu_maxpool_fwd_kernel(
             ih0 = oh * stride_h - pad_h
             iw0 = ow * stride_w - pad_w
             x_row = x_ptr + n * sxn + ih0 * sxh + iw0 * sxw + group * Cg * sxc
-            v = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                v = _conv_fwd_step(v, x_row, w_ptr, ih0, iw0, inside, oc, n_ok, k0, K, H, W, KW, Cg, dil_h,
-                                   dil_w, sxc, sxh, sxw, swn, swc, swh, sww, PADDED, PRECISION, BLOCK_K)
+            v = _conv_fwd_reduce(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), x_row, w_ptr, ih0, iw0, inside, oc,
+                                 n_ok, H, W, KH, KW, Cg, dil_h, dil_w, sxc, sxh, sxw, swn, swc, swh, sww,
+                                 PADDED, CHANNEL_INNER, PRECISION, BLOCK_K)
             v = _bias_relu(v, b_ptr, oc, n_ok, HAS_BIAS, True)
             take = inside[:, None] & ((v > best) | (v != v))  # NaN wins, as in max_pool2d
             best = tl.where(take, v, best)
@@ -306,6 +378,22 @@ def _first_tap(q_pad, dil, stride, tap_step, taps):
     return k0, count
 
 
+@triton.jit
+def _dgrad_step(acc, g_ptr, r_ptr, w_ptr, g_row, r_row, row_h, row_w, m_ok, rn, n_ok, oc, k_ok, dh, dw, w_k, OH, OW,
+                sgc, sgh, sgw, src, srh, srw, swn, swc, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr):
+    """``acc`` plus one reduction step over the output channels ``oc`` (valid where ``k_ok``) at tap
+    offsets oh = row_h - dh, ow = row_w - dw (``dh``/``dw``: scalars, or one value per column as
+    [1, BLOCK_K]); ``w_k`` is the taps' weight offset (scalar or per column)."""
+    a_mask = (m_ok[:, None] & k_ok[None, :] & (row_h[:, None] >= dh) & (row_h[:, None] < OH + dh)
+              & (row_w[:, None] >= dw) & (row_w[:, None] < OW + dw))
+    a = tl.load(g_ptr + g_row[:, None] + (oc * sgc)[None, :] - (dh * sgh + dw * sgw), mask=a_mask, other=0.0)
+    if HAS_MASK:
+        r = tl.load(r_ptr + r_row[:, None] + (oc * src)[None, :] - (dh * srh + dw * srw), mask=a_mask, other=0.0)
+        a = tl.where(r.to(tl.float32) <= 0, tl.zeros_like(a), a)  # threshold_backward: NaN outputs pass grad
+    b = tl.load(w_ptr + (oc * swn + w_k)[:, None] + (rn * swc)[None, :], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
 @tuned_kernel(
     "conv2d_input_grad",
     gpu_configs=DGRAD_GPU_CONFIGS,
@@ -313,12 +401,18 @@ def _first_tap(q_pad, dil, stride, tap_step, taps):
     interp_heuristics=DGRAD_INTERP,
     key=["N", "C", "H", "W", "OC", "KH", "KW", "Cg", "stride_h", "stride_w"],
     signature=_signature(("g_ptr", "r_ptr", "w_ptr", "dx_ptr"), _strides("g", "r", "w", "dx"),
-                         ("HAS_MASK", "PRECISION"), ("tap_h", "tap_w")),
-    constexprs=lambda dtype: {"HAS_MASK": True, "PRECISION": "ieee", "tap_h": 1, "tap_w": 1,
-                              **_typical(g="nhwc", r="nhwc", w="whwc", dx="nhwc")},
-    variants={"strided": lambda dtype: {  # ResNet's stride-2 3x3: four phases, each with 2x2 or fewer taps
-        "HAS_MASK": True, "PRECISION": "ieee", **_typical(g="nhwc", r="nhwc", w="whwc", dx="nhwc"),
-        "stride_h": 2, "stride_w": 2, "tap_h": 2, "tap_w": 2, "OH": 28, "OW": 28}},
+                         ("HAS_MASK", "CHANNEL_INNER", "PRECISION"), ("tap_h", "tap_w")),
+    constexprs=lambda dtype: {"HAS_MASK": True, "CHANNEL_INNER": True, "PRECISION": "ieee", "tap_h": 1, "tap_w": 1,
+                              **_typical(g="nhwc", r="nhwc", w="nhwc", dx="nhwc")},
+    variants={
+        "strided": lambda dtype: {  # ResNet's stride-2 3x3: four phases, each with 2x2 or fewer taps
+            "HAS_MASK": True, "CHANNEL_INNER": True, "PRECISION": "ieee",
+            **_typical(g="nhwc", r="nhwc", w="nhwc", dx="nhwc"),
+            "stride_h": 2, "stride_w": 2, "tap_h": 2, "tap_w": 2, "OH": 28, "OW": 28},
+        "few_channels": lambda dtype: {  # the seed's LeNet conv2 (16 output channels), NCHW
+            "HAS_MASK": True, "CHANNEL_INNER": False, "PRECISION": "ieee", "tap_h": 1, "tap_w": 1,
+            **_typical(n=16, c=6, hw=14, oc=16, k=5, pad=0, g="nchw", r="nchw", w="nchw", dx="nchw")},
+    },
     tensor_core=True,
 )
 @triton.jit
@@ -328,7 +422,7 @@ def conv2d_input_grad_kernel(
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     tap_h, tap_w,
     sgn, sgc, sgh, sgw, srn, src, srh, srw, swn, swc, swh, sww, sdxn, sdxc, sdxh, sdxw,
-    HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_MASK: tl.constexpr, CHANNEL_INNER: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One phase (qh, qw) of one group per grid slice; ``tap_h`` = stride_h / gcd(stride_h, dil_h)."""
@@ -359,28 +453,34 @@ def conv2d_input_grad_kernel(
 
     g_row = n * sgn + row_h * sgh + row_w * sgw
     r_row = n * srn + row_h * srh + row_w * srw
-    K = TH * TW * OCg
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        rk = k0 + tl.arange(0, BLOCK_K)
-        oc = group * OCg + rk % OCg
-        i = (rk // OCg) % TW
-        j = rk // (OCg * TW)
-        k_ok = rk < K
-        dh = j * step_h  # oh = row_h - dh and ow = row_w - dw: compared as row part against column part
-        dw = i * step_w
-        a_mask = (m_ok[:, None] & k_ok[None, :]
-                  & (row_h[:, None] >= dh[None, :]) & (row_h[:, None] < (OH + dh)[None, :])
-                  & (row_w[:, None] >= dw[None, :]) & (row_w[:, None] < (OW + dw)[None, :]))
-        a = tl.load(g_ptr + g_row[:, None] + (oc * sgc - dh * sgh - dw * sgw)[None, :], mask=a_mask, other=0.0)
-        if HAS_MASK:
-            r = tl.load(r_ptr + r_row[:, None] + (oc * src - dh * srh - dw * srw)[None, :], mask=a_mask, other=0.0)
-            a = tl.where(r.to(tl.float32) <= 0, tl.zeros_like(a), a)  # threshold_backward: NaN outputs pass grad
-        kh = kh0 + j * tap_h
-        kw = kw0 + i * tap_w
-        w_off = (oc * swn + kh * swh + kw * sww)[:, None] + (rn * swc)[None, :]
-        b = tl.load(w_ptr + w_off, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    if CHANNEL_INNER:  # a step: one tap (j, i), BLOCK_K output channels from oc0; counters, no division
+        rk = tl.arange(0, BLOCK_K)
+        oc0 = 0
+        i = 0
+        j = 0
+        for _ in range(0, TH * TW * tl.cdiv(OCg, BLOCK_K)):
+            w_k = (kh0 + j * tap_h) * swh + (kw0 + i * tap_w) * sww
+            acc = _dgrad_step(acc, g_ptr, r_ptr, w_ptr, g_row, r_row, row_h, row_w, m_ok, rn, n_ok,
+                              group * OCg + oc0 + rk, (oc0 + rk) < OCg, j * step_h, i * step_w, w_k, OH, OW,
+                              sgc, sgh, sgw, src, srh, srw, swn, swc, HAS_MASK, PRECISION)
+            oc0 += BLOCK_K
+            next_tap = oc0 >= OCg
+            oc0 = tl.where(next_tap, 0, oc0)
+            i = tl.where(next_tap, i + 1, i)
+            next_row = i >= TW
+            i = tl.where(next_row, 0, i)
+            j = tl.where(next_row, j + 1, j)
+    else:  # a step: BLOCK_K consecutive k = (j, i, oc) of the flattened reduction
+        K = TH * TW * OCg
+        for k0 in range(0, K, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            i = (rk // OCg) % TW
+            j = rk // (OCg * TW)
+            w_k = (kh0 + j * tap_h) * swh + (kw0 + i * tap_w) * sww
+            acc = _dgrad_step(acc, g_ptr, r_ptr, w_ptr, g_row, r_row, row_h, row_w, m_ok, rn, n_ok,
+                              group * OCg + rk % OCg, rk < K, (j * step_h)[None, :], (i * step_w)[None, :], w_k,
+                              OH, OW, sgc, sgh, sgw, src, srh, srw, swn, swc, HAS_MASK, PRECISION)
 
     dx_off = (n * sdxn + ih * sdxh + iw * sdxw)[:, None] + (c * sdxc)[None, :]
     tl.store(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
@@ -396,7 +496,7 @@ def conv2d_input_grad_kernel(
     signature=_signature(("g_ptr", "r_ptr", "x_ptr", "dw_ptr", "partial_ptr"), _strides("g", "r", "x", "dw"),
                          ("HAS_MASK", "SPLIT_K", "PADDED", "PRECISION")),
     constexprs=lambda dtype: {"HAS_MASK": True, "SPLIT_K": 4, "PADDED": True, "PRECISION": "ieee",
-                              **_typical(g="nhwc", r="nhwc", x="nhwc", dw="oihw")},
+                              **_typical(g="nhwc", r="nhwc", x="nhwc", dw="nchw")},
     tensor_core=True,
 )
 @triton.jit
@@ -471,6 +571,12 @@ def conv2d_weight_grad_kernel(
 
 
 # ------------------------------------------------------------------------------------------- launchers
+def channel_inner(channels_per_group: int) -> bool:
+    """Reduction order over (tap, channel) for the forward (input channels) and the input gradient
+    (output channels): per tap, channels in BLOCK_K chunks from 32 channels up; else flattened."""
+    return channels_per_group >= 32
+
+
 def output_size(size, kernel, stride, padding, dilation):
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
@@ -505,7 +611,8 @@ def conv2d(x, w, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), grou
 
     conv2d_fwd_kernel[grid](
         x, w, bias if bias is not None else w, y, *shape, *conv, *x.stride(), *w.stride(), *y.stride(),
-        HAS_BIAS=bias is not None, RELU=relu, PADDED=any(padding), PRECISION=dot_precision(x.dtype, allow_tf32),
+        HAS_BIAS=bias is not None, RELU=relu, PADDED=any(padding), CHANNEL_INNER=channel_inner(Cg),
+        PRECISION=dot_precision(x.dtype, allow_tf32),
     )
     return y
 
@@ -529,7 +636,8 @@ def conv2d_relu_maxpool(x, w, bias, stride, padding, dilation, groups, pool_kern
         x, w, bias if bias is not None else w, y, *shape, *conv,
         PH, PW, *pool_kernel, *pool_stride, *pool_padding, *pool_dilation,
         *x.stride(), *w.stride(), *y.stride(),
-        HAS_BIAS=bias is not None, PADDED=any(padding), PRECISION=dot_precision(x.dtype, allow_tf32),
+        HAS_BIAS=bias is not None, PADDED=any(padding), CHANNEL_INNER=channel_inner(Cg),
+        PRECISION=dot_precision(x.dtype, allow_tf32),
     )
     return y
 
@@ -555,7 +663,8 @@ def conv2d_input_grad(grad_out, w, relu_output, input_size, stride, padding, dil
     conv2d_input_grad_kernel[grid](
         grad_out, r, w, dx, *shape, *conv, sh // math.gcd(sh, dilation[0]), sw // math.gcd(sw, dilation[1]),
         *grad_out.stride(), *r.stride(), *w.stride(), *dx.stride(),
-        HAS_MASK=relu_output is not None, PRECISION=dot_precision(grad_out.dtype, allow_tf32),
+        HAS_MASK=relu_output is not None, CHANNEL_INNER=channel_inner(OCg),
+        PRECISION=dot_precision(grad_out.dtype, allow_tf32),
     )
     return dx
 

@@ -172,7 +172,7 @@ def test_kernel_passes_aot_gate(gate_result, name):
     got = records(gate_result, name)
     expected = {
         (i, arch, aot.dtype_name(d)) for i, c in enumerate(spec.gpu_configs) for arch in aot.ARCHS for d in spec.dtypes
-        if spec.allows(c, d, aot.ARCHS[arch])
+        if spec.allows(c, d, aot.ARCHS[arch], spec.constexprs(d))
     }
     assert set(got) == expected
     problems = gate_result["problems"][name]

@@ -61,6 +61,13 @@ SWEEP = [
     (1, 4, 15, 14, 3, 3, (2, 3), (1, 2), 2, 1),  # dilation shares a factor with stride in h, not in w
     (1, 2, 19, 17, 3, (3, 2), 4, 1, 2, 1),  # stride 4, dilation 2: every second phase has taps
     (2, 2, 6, 6, 3, 6, 1, 0, 1, 1),  # kernel == input
+    # from 32 channels per group the forward (input channels) and the input gradient (output channels)
+    # reduce per tap over channel chunks (CHANNEL_INNER)
+    (2, 40, 9, 11, 36, 3, 2, 1, 1, 1),  # channel tails masked, padding per tap, input-gradient phases
+    (1, 130, 6, 5, 8, 3, 1, 1, 1, 1),  # two input-channel chunks per tap even at the interpreter's 128
+    (1, 12, 8, 7, 140, 3, 1, 1, 1, 1),  # two output-channel chunks per tap in the input gradient
+    (1, 64, 7, 7, 64, 3, 1, 1, 1, 2),  # 32 channels per group
+    (1, 33, 9, 8, 40, 3, 1, 2, 2, 1),  # dilated
 ]
 
 
@@ -89,8 +96,9 @@ def test_float16(case):
     _run(n, c, h, w, oc, k, stride, padding, dilation, groups, dtype=torch.float16)
 
 
-def test_float16_channels_last():
-    _run(2, 8, 9, 9, 8, 3, 1, 1, layout="channels_last", dtype=torch.float16)
+@pytest.mark.parametrize("c", [8, 48])
+def test_float16_channels_last(c):
+    _run(2, c, 9, 9, 8, 3, 1, 1, layout="channels_last", dtype=torch.float16)
 
 
 def test_no_bias_and_no_input_grad():
@@ -202,6 +210,7 @@ FUSED_POOL = [
     (2, 6, 14, 14, 16, 5, 1, 0, 2, 2, 0, False),  # LeNet conv2 + pool
     (2, 4, 13, 11, 5, 3, 1, 1, 3, 2, 1, True),  # ResNet-stem style overlapping windows, ceil mode
     (1, 3, 9, 10, 4, 3, 2, 1, 3, 2, 1, False),
+    (1, 36, 12, 10, 8, 3, 1, 1, 3, 2, 1, True),  # channel-chunked reduction
 ]
 
 

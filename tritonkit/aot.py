@@ -347,7 +347,8 @@ def jobs(kernels=None) -> list[tuple[str, int, str, str]]:
         for index in range(len(REGISTRY[name].gpu_configs))
         for arch in ARCHS
         for dtype in REGISTRY[name].dtypes
-        if REGISTRY[name].allows(REGISTRY[name].gpu_configs[index], dtype, ARCHS[arch])
+        if REGISTRY[name].allows(REGISTRY[name].gpu_configs[index], dtype, ARCHS[arch],
+                                 REGISTRY[name].constexprs(dtype))
     ]
 
 
