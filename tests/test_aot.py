@@ -209,6 +209,33 @@ def test_gate_passes_a_tensor_core_gemm(gate_result):
     # wgmma needs a warp group (4 warps) and a 64-row tile: config 0 gets HGMMA, config 1 falls back to HMMA.
     assert recs[0, "sm_90", "float16"]["tensor_core"] == "HGMMA"
     assert recs[1, "sm_90", "float16"]["tensor_core"] == "HMMA"
+    assert all(rec["loop_sass"] > 0 for rec in recs.values())  # its K loop was found in the SASS
+
+
+SASS_LOOPS = """
+        /*0000*/                   MOV R1, R2 ;
+.L_x_0:
+        /*0010*/                   IADD3 R1, R1, 0x1, RZ ;
+        /*0020*/                   IADD3 R1, R1, 0x1, RZ ;
+        /*0030*/                   IADD3 R1, R1, 0x1, RZ ;
+.L_x_1:
+        /*0040*/                   IADD3 R2, R2, 0x1, RZ ;
+        /*0050*/               @P0 BRA `(.L_x_1) ;
+        /*0060*/               @P1 BRA `(.L_x_0) ;
+.L_x_2:
+        /*0070*/                   HMMA.16816.F32 R4, R8, R12, R4 ;
+        /*0080*/                   HMMA.16816.F32 R4, R8, R12, R4 ;
+        /*0090*/                   IADD3 R2, R2, 0x1, RZ ;
+        /*00a0*/               @P2 BRA `(.L_x_2) ;
+.L_x_3:
+        /*00b0*/                   BRA `(.L_x_3);
+"""
+
+
+def test_main_loop_size_is_the_largest_innermost_loop():
+    # .L_x_0 (6 instructions) holds .L_x_1 (2), so it is no main loop; .L_x_2 (4) is the largest innermost.
+    assert aot.main_loop_size(SASS_LOOPS) == 4
+    assert aot.main_loop_size("        /*0000*/                   EXIT ;") == 0
 
 
 def test_gate_compiles_the_variant_a_contiguous_launch_runs(gate_result):

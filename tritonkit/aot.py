@@ -10,9 +10,8 @@ cubin with the ``cuobjdump`` that the triton wheel ships, and rejects:
 * shared memory (Triton's dynamic + static) above the architecture's opt-in per-block maximum;
 * a ``tensor_core`` kernel in float16/bfloat16 whose SASS has no tensor-core instruction.
 
-The table's tensor-core column comes from the SASS for those gated rows and, to save a disassembly
-per row, from the PTX elsewhere (``mma.sync`` and ``wgmma.mma_async``, which ptxas always lowers to
-HMMA and HGMMA).
+Every row is disassembled (nvdisasm): its tensor-core column and its main loop's SASS instruction
+count (``main_loop_size``, the per-step issue cost that the step's MMA work must cover) come from it.
 
 Tensor cores on sm_90: Triton emits wgmma (SASS ``HGMMA``) only when the tile and warp count allow
 (a warp group of 4 warps, M tile a multiple of 64); smaller configs fall back to ``mma.sync``
@@ -68,7 +67,7 @@ SHARED_LIMIT = {"sm_80": 166912, "sm_90": 232448}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 HALF_DTYPES = ("float16", "bfloat16")
 STAGES = ("ttir", "ttgir", "llir", "ptx", "sass", "resources")
-GATE_VERSION = 2  # bump when a cached record's contents change meaning
+GATE_VERSION = 3  # bump when a cached record's contents change meaning
 _COMPILE_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
 
 
@@ -255,19 +254,9 @@ def sass(compiled) -> str:
     return _nvidia_binary("cuobjdump", compiled.asm["cubin"], "-sass")
 
 
-# Tensor-core instructions: SASS opcodes, and the PTX instructions ptxas always lowers to them.
-MMA_PATTERNS = {
-    "sass": {"HGMMA": r"\bHGMMA\.", "HMMA": r"\bHMMA\."},
-    "ptx": {"HGMMA": r"\bwgmma\.mma_async\.", "HMMA": r"\bmma\.sync\."},
-}
-
-
-def analyze(compiled, mma_from: str = "sass") -> dict:
-    """Resource use of a compiled kernel: registers, STACK/LOCAL bytes, shared memory, MMA instructions.
-
-    ``mma_from="sass"`` counts HMMA/HGMMA in the disassembled cubin (nvdisasm, about 0.3 s a kernel);
-    ``"ptx"`` counts the ``mma.sync``/``wgmma.mma_async`` that ptxas turns into them (free).
-    """
+def analyze(compiled) -> dict:
+    """Resource use of a compiled kernel: registers, STACK/LOCAL bytes, shared memory, the HMMA/HGMMA
+    instructions and the main loop's size in its SASS (nvdisasm, about 0.3 s a kernel)."""
     usage = _nvidia_binary("cuobjdump", compiled.asm["cubin"], "--dump-resource-usage")
     rows = [
         dict(zip(("registers", "stack", "static_shared", "local"), map(int, m)))
@@ -275,11 +264,8 @@ def analyze(compiled, mma_from: str = "sass") -> dict:
     ]
     if not rows:
         raise RuntimeError(f"no resource usage in cuobjdump output:\n{usage}")
-    if mma_from == "sass":
-        text = _nvidia_binary("nvdisasm", compiled.asm["cubin"], "--print-code", "--no-dataflow")
-    else:
-        text = compiled.asm["ptx"]
-    hgmma, hmma = (len(re.findall(MMA_PATTERNS[mma_from][op], text)) for op in ("HGMMA", "HMMA"))
+    text = _nvidia_binary("nvdisasm", compiled.asm["cubin"], "--print-code", "--no-dataflow")
+    hgmma, hmma = (len(re.findall(pattern, text)) for pattern in (r"\bHGMMA\.", r"\bHMMA\."))
     meta = compiled.metadata
     return {
         **{key: max(row[key] for row in rows) for key in rows[0]},
@@ -289,8 +275,29 @@ def analyze(compiled, mma_from: str = "sass") -> dict:
         "hgmma": hgmma,
         "hmma": hmma,
         "tensor_core": "HGMMA" if hgmma else "HMMA" if hmma else "",
-        "mma_from": mma_from,
+        "loop_sass": main_loop_size(text),
     }
+
+
+def main_loop_size(sass_text: str) -> int:
+    """SASS instructions in the kernel's main loop: the largest loop with no loop inside it (0: none).
+
+    A proxy for issue pressure per reduction step, set against the step's MMA or FMA work: the index
+    math, masks and address arithmetic a step repeats all show up here (PTX would hide them: one
+    ``div.s32`` there is ~20 SASS instructions). A loop runs from a label of ``nvdisasm --print-code``
+    to the last branch back to it.
+    """
+    lines = sass_text.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"^(\.L\w+):", line.strip()))}
+    loops = {}
+    for i, line in enumerate(lines):
+        m = re.search(r"\bBRA\b.*`\((\.L\w+)\)", line)
+        if m and m.group(1) in labels and labels[m.group(1)] < i:
+            loops[labels[m.group(1)]] = i
+    spans = sorted(loops.items())
+    innermost = [(a, b) for a, b in spans if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in spans)]
+    return max((sum(1 for line in lines[a + 1:b + 1] if re.search(r"/\*[0-9a-f]{4,}\*/", line))
+                for a, b in innermost), default=0)
 
 
 def check(spec: KernelSpec, record: dict) -> list[str]:
@@ -386,8 +393,7 @@ def run_job(job) -> dict:
     try:
         spec = REGISTRY[name]
         compiled = compile_kernel(spec, spec.gpu_configs[index], arch, dtype)
-        gated = spec.tensor_core and dtype in HALF_DTYPES  # the rows the tensor-core rule reads SASS for
-        record.update(analyze(compiled, "sass" if gated else "ptx"), error=None)
+        record.update(analyze(compiled), error=None)
     except Exception as err:  # noqa: BLE001  (every failure is a gate finding, reported per job)
         message = f"{type(err).__name__}: {err}".strip()
         record["error"] = message if len(message) < 4000 else message[:4000] + " ..."
@@ -523,6 +529,7 @@ def resources_text(spec: KernelSpec, record: dict) -> str:
             ),
             ("warps/stages", f"{record['num_warps']} / {record['num_stages']}"),
             ("tensor core", f"{record['tensor_core'] or 'no'} ({record['hgmma']} HGMMA, {record['hmma']} HMMA)"),
+            ("main loop", f"{record['loop_sass']} SASS instructions"),
         ]
     problems = check(spec, record)
     rows.append(("gate", "ok" if not problems else "; ".join(problems)))
@@ -537,22 +544,25 @@ def render_table(result: dict) -> str:
         (
             f"Generated by `python bench/aot_table.py` (or `tritonkit inspect --table`) with triton "
             f"{result['stats']['triton']}; do not edit by hand. Shared memory is Triton's dynamic allocation "
-            "plus static; spills are cuobjdump STACK / LOCAL bytes; limits: sm_80 166912 B, sm_90 232448 B."
+            "plus static; spills are cuobjdump STACK / LOCAL bytes; limits: sm_80 166912 B, sm_90 232448 B. "
+            "Main loop: SASS instructions in the largest innermost loop, the per-step issue cost that the "
+            "step's MMA work must cover."
         ),
         "",
-        "| kernel | config | arch | dtype | registers | shared (B) | spills STACK/LOCAL (B) | tensor core | gate |",
-        "| --- | --- | --- | --- | ---: | ---: | ---: | --- | --- |",
+        "| kernel | config | arch | dtype | registers | shared (B) | spills STACK/LOCAL (B) | tensor core "
+        "| main loop (SASS) | gate |",
+        "| --- | --- | --- | --- | ---: | ---: | ---: | --- | ---: | --- |",
     ]
     for rec in sorted(result["records"], key=lambda r: (r["kernel"], r["config"], r["arch"], r["dtype"])):
         config = f"{rec['config']}: {rec['config_label']}"
         head = f"| {rec['kernel']} | {config} | {rec['arch']} | {rec['dtype']}"
         if rec.get("error"):
-            lines.append(f"{head} | - | - | - | - | compile error |")
+            lines.append(f"{head} | - | - | - | - | - | compile error |")
             continue
         problems = rec["problems"]
         verdict = "ok" if not problems else "FAIL: " + "; ".join(p.split(":")[0] for p in problems)
         lines.append(
             f"{head} | {rec['registers']} | {rec['shared'] + rec['static_shared']} | {rec['stack']}/{rec['local']} "
-            f"| {rec['tensor_core'] or 'no'} | {verdict} |"
+            f"| {rec['tensor_core'] or 'no'} | {rec['loop_sass']} | {verdict} |"
         )
     return "\n".join(lines) + "\n"
