@@ -497,6 +497,9 @@ def conv2d_input_grad_kernel(
                          ("HAS_MASK", "SPLIT_K", "PADDED", "PRECISION")),
     constexprs=lambda dtype: {"HAS_MASK": True, "SPLIT_K": 4, "PADDED": True, "PRECISION": "ieee",
                               **_typical(g="nhwc", r="nhwc", x="nhwc", dw="nchw")},
+    variants={"few_channels": lambda dtype: {  # the seed's LeNet conv2 (6 -> 16 channels), NCHW
+        "HAS_MASK": True, "SPLIT_K": 1, "PADDED": False, "PRECISION": "ieee",
+        **_typical(n=16, c=6, hw=14, oc=16, k=5, pad=0, g="nchw", r="nchw", x="nchw", dw="nchw")}},
     tensor_core=True,
 )
 @triton.jit

@@ -65,6 +65,7 @@ SWEEP = [
     # reduce per tap over channel chunks (CHANNEL_INNER)
     (2, 40, 9, 11, 36, 3, 2, 1, 1, 1),  # channel tails masked, padding per tap, input-gradient phases
     (1, 130, 6, 5, 8, 3, 1, 1, 1, 1),  # two input-channel chunks per tap even at the interpreter's 128
+    (1, 300, 5, 4, 8, 3, 1, 1, 1, 1),  # three input-channel chunks per tap; 2700 weight-gradient columns
     (1, 12, 8, 7, 140, 3, 1, 1, 1, 1),  # two output-channel chunks per tap in the input gradient
     (1, 64, 7, 7, 64, 3, 1, 1, 1, 2),  # 32 channels per group
     (1, 33, 9, 8, 40, 3, 1, 2, 2, 1),  # dilated
