@@ -110,6 +110,9 @@ _W = {name: _cfg(*args) for name, args in {
     "64x64": (64, 64, 32, 4, 2), "64x128w8": (64, 128, 32, 8, 2),
     "128x64w8": (128, 64, 32, 8, 2), "32x64": (32, 64, 32, 4, 2), "16x64k64": (16, 64, 64, 4, 2),
     "16x128": (16, 128, 32, 4, 2), "32x32w2": (32, 32, 32, 2, 2),
+    # the largest tile amortizes the per-step pixel indexing (main loop ~300 SASS instructions at either
+    # size on sm_90) over 4x the MMA work of 64x64; with BLOCK_K 64 it spills in LeNet's NCHW launch
+    "128x128w8": (128, 128, 32, 8, 2),
 }.items()}
 WGRAD_GPU_CONFIGS, WGRAD_CONFIG_FOR_DTYPE = per_dtype_configs(
     half=list(_W.values()),
