@@ -80,6 +80,7 @@ def tuned_kernel(
     spill_ok: str = "",
     config_for_dtype: Callable | None = None,
     variants: dict[str, Callable[[torch.dtype], dict]] | None = None,
+    tf32: bool = False,
     **autotune_kwargs,
 ):
     """Register a ``@triton.jit`` kernel and wrap it in ``triton.autotune``.
@@ -92,6 +93,9 @@ def tuned_kernel(
     TF32 runs on FMA units and needs smaller tiles than half precision); the dtype is that of the
     kernel's first tensor argument. ``variants`` names further launch patterns the AOT gate must
     compile too (``{"strided": constexprs}`` registers ``<name>_strided``, the same kernel and configs).
+    ``tf32``: the kernel has a ``PRECISION`` constexpr that PyTorch's TF32 switches set for float32
+    launches (on by default for convolutions), so every pattern is also registered float32-only with
+    ``PRECISION="tf32"`` (``<name>_tf32``, ``<name>_strided_tf32``).
     """
     if (interp_configs is None) == (interp_heuristics is None):
         raise ValueError(f"kernel {name!r}: give exactly one of interp_configs and interp_heuristics")
@@ -110,10 +114,14 @@ def tuned_kernel(
             spill_ok=spill_ok,
             config_for_dtype=config_for_dtype,
         )
-        for suffix, variant_constexprs in (variants or {}).items():
-            REGISTRY[f"{name}_{suffix}"] = dataclasses.replace(
-                REGISTRY[name], name=f"{name}_{suffix}", constexprs=variant_constexprs
-            )
+        patterns = {name: constexprs} | {f"{name}_{suffix}": c for suffix, c in (variants or {}).items()}
+        for pattern, pattern_constexprs in patterns.items():
+            REGISTRY[pattern] = dataclasses.replace(REGISTRY[name], name=pattern, constexprs=pattern_constexprs)
+            if tf32:
+                REGISTRY[f"{pattern}_tf32"] = dataclasses.replace(
+                    REGISTRY[name], name=f"{pattern}_tf32", dtypes=(torch.float32,),
+                    constexprs=lambda dtype, c=pattern_constexprs: {**c(dtype), "PRECISION": "tf32"},
+                )
         if INTERPRET and interp_heuristics is not None:
             return triton.heuristics(interp_heuristics)(fn)
         if INTERPRET:

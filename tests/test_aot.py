@@ -331,7 +331,7 @@ def record(**changes):
 def spec(**changes):
     from tritonkit.kernels.common import KernelSpec
 
-    fields = {"name": "k", "fn": None, "gpu_configs": (), "signature": None, "constexprs": None}
+    fields = {"name": "k", "fn": None, "gpu_configs": (), "signature": None, "constexprs": lambda dtype: {}}
     return KernelSpec(**{**fields, **changes})
 
 
@@ -351,6 +351,8 @@ def test_check_tensor_cores_only_for_half_gemms():
     assert aot.check(spec(), fma) == []
     assert aot.check(spec(tensor_core=True), {**fma, "dtype": "float32"}) == []
     assert "no tensor-core" in aot.check(spec(tensor_core=True), {**fma, "dtype": "bfloat16"})[0]
+    tf32 = spec(tensor_core=True, constexprs=lambda dtype: {"PRECISION": "tf32"})
+    assert "TF32" in aot.check(tf32, {**fma, "dtype": "float32"})[0]  # float32 with a TF32 dot: tensor cores too
     hmma_only = [record(arch="sm_90", dtype=d) for d in aot.HALF_DTYPES]
     assert len(aot.check_kernel(spec(tensor_core=True), hmma_only)) == 2
     assert (

@@ -8,7 +8,8 @@ cubin with the ``cuobjdump`` that the triton wheel ships, and rejects:
 * a compile error, or a ``signature``/``constexprs``/config that does not fit the kernel's arguments;
 * register spills: ``STACK`` or ``LOCAL`` non-zero, unless ``KernelSpec.spill_ok`` says why it is fine;
 * shared memory (Triton's dynamic + static) above the architecture's opt-in per-block maximum;
-* a ``tensor_core`` kernel in float16/bfloat16 whose SASS has no tensor-core instruction.
+* a ``tensor_core`` kernel in float16/bfloat16, or in float32 with a TF32 dot, whose SASS has no
+  tensor-core instruction.
 
 Every row is disassembled (nvdisasm): its tensor-core column and its main loop's SASS instruction
 count (``main_loop_size``, the per-step issue cost that the step's MMA work must cover) come from it.
@@ -315,6 +316,9 @@ def check(spec: KernelSpec, record: dict) -> list[str]:
         problems.append(f"shared memory {shared} B > {record['arch']} per-block limit {SHARED_LIMIT[record['arch']]} B")
     if spec.tensor_core and record["dtype"] in HALF_DTYPES and not record["tensor_core"]:
         problems.append("no tensor-core instruction (HMMA/HGMMA) in SASS: tl.dot must take half inputs")
+    tf32 = spec.constexprs(DTYPES[record["dtype"]]).get("PRECISION") == "tf32"
+    if spec.tensor_core and tf32 and not record["tensor_core"]:
+        problems.append("no tensor-core instruction (HMMA/HGMMA) in SASS for a TF32 dot")
     return problems
 
 
