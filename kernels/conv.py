@@ -187,6 +187,26 @@ def _signature(pointers, strides, constexprs, extra_ints=()):
 
 # ---------------------------------------------------------------------------------------------- forward
 @triton.jit
+def _unflatten(index, middle, inner):
+    """(outer, mid, in) with index = (outer * middle + mid) * inner + in: a flattened 3-D index split."""
+    low = index % inner
+    mid = (index // inner) % middle
+    return index // (middle * inner), mid, low
+
+
+@triton.jit
+def _next_chunk(c0, kw, kh, C, KW, BLOCK: tl.constexpr):
+    """The channel-chunked reduction's next step: channels from c0 + BLOCK, else the next tap (kh, kw)
+    of a KW-wide row of taps, from channel 0. Counters, so a step divides nothing."""
+    c0 += BLOCK
+    next_tap = c0 >= C
+    c0 = tl.where(next_tap, 0, c0)
+    kw = tl.where(next_tap, kw + 1, kw)
+    next_row = kw >= KW
+    return c0, tl.where(next_row, 0, kw), tl.where(next_row, kh + 1, kh)
+
+
+@triton.jit
 def _conv_fwd_reduce(
     acc, x_row, w_ptr, ih0, iw0, m_ok, oc, n_ok,
     H, W, KH, KW, Cg, dil_h, dil_w, sxc, sxh, sxw, swn, swc, swh, sww,
@@ -217,20 +237,12 @@ def _conv_fwd_reduce(
                         other=0.0)
             b = tl.load(w_tile + (c0 * swc + kh * swh + kw * sww), mask=c_ok[:, None] & n_ok[None, :], other=0.0)
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
-            c0 += BLOCK_K
-            next_tap = c0 >= Cg
-            c0 = tl.where(next_tap, 0, c0)
-            kw = tl.where(next_tap, kw + 1, kw)
-            next_row = kw >= KW
-            kw = tl.where(next_row, 0, kw)
-            kh = tl.where(next_row, kh + 1, kh)
+            c0, kw, kh = _next_chunk(c0, kw, kh, Cg, KW, BLOCK_K)
     else:
         K = KH * KW * Cg
         for k0 in range(0, K, BLOCK_K):
             rk = k0 + tl.arange(0, BLOCK_K)
-            c = rk % Cg
-            kw = (rk // Cg) % KW
-            kh = rk // (Cg * KW)
+            kh, kw, c = _unflatten(rk, KW, Cg)
             k_ok = rk < K
             a_mask = m_ok[:, None] & k_ok[None, :]
             if PADDED:  # 0 <= ih0 + kh*dil_h < H, compared without forming the sum
@@ -470,13 +482,7 @@ def conv2d_input_grad_kernel(
             acc = _dgrad_step(acc, g_ptr, r_ptr, w_ptr, g_row, r_row, row_h, row_w, m_ok, rn, n_ok,
                               group * OCg + oc0 + rk, (oc0 + rk) < OCg, j * step_h, i * step_w, w_k, OH, OW,
                               sgc, sgh, sgw, src, srh, srw, swn, swc, HAS_MASK, PRECISION)
-            oc0 += BLOCK_K
-            next_tap = oc0 >= OCg
-            oc0 = tl.where(next_tap, 0, oc0)
-            i = tl.where(next_tap, i + 1, i)
-            next_row = i >= TW
-            i = tl.where(next_row, 0, i)
-            j = tl.where(next_row, j + 1, j)
+            oc0, i, j = _next_chunk(oc0, i, j, OCg, TW, BLOCK_K)
     else:  # a step: BLOCK_K consecutive k = (j, i, oc) of the flattened reduction
         K = TH * TW * OCg
         for k0 in range(0, K, BLOCK_K):
@@ -549,9 +555,7 @@ def conv2d_weight_grad_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for p0 in range(p_begin, p_end, BLOCK_K):
         rp = p0 + tl.arange(0, BLOCK_K)
-        ow = rp % OW
-        oh = (rp // OW) % OH
-        n = rp // (OW * OH)
+        n, oh, ow = _unflatten(rp, OH, OW)
         p_ok = rp < p_end
         a_mask = m_ok[:, None] & p_ok[None, :]
         g_col = n * sgn + oh * sgh + ow * sgw
