@@ -89,10 +89,11 @@ def tuned_kernel(
     instance, either ``interp_configs`` (large blocks, a single config so nothing is benchmarked) or
     ``interp_heuristics`` (``triton.heuristics`` values: block sizes computed from the launch's
     arguments, so one program covers as much of the problem as numpy handles well).
-    ``config_for_dtype(config, dtype, arch)`` restricts the GPU configs per dtype and arch (float32 ``tl.dot`` without
-    TF32 runs on FMA units and needs smaller tiles than half precision); the dtype is that of the
-    kernel's first tensor argument. ``variants`` names further launch patterns the AOT gate must
-    compile too (``{"strided": constexprs}`` registers ``<name>_strided``, the same kernel and configs).
+    ``config_for_dtype(config, dtype, arch, launch)`` restricts the GPU configs per dtype, arch and
+    launch arguments (float32 ``tl.dot`` without TF32 runs on FMA units and needs smaller tiles than
+    half precision); the dtype is that of the kernel's first tensor argument. ``variants`` names
+    further launch patterns the AOT gate must compile too (``{"strided": constexprs}`` registers
+    ``<name>_strided``, the same kernel and configs).
     ``tf32``: the kernel has a ``PRECISION`` constexpr that PyTorch's TF32 switches set for float32
     launches (on by default for convolutions), so every pattern is also registered float32-only with
     ``PRECISION="tf32"`` (``<name>_tf32``, ``<name>_strided_tf32``).
