@@ -81,6 +81,7 @@ def _constexprs(dtype):
     signature=_signature,
     constexprs=_constexprs,
     tensor_core=True,
+    tf32=True,
 )
 @triton.jit
 def gemm_kernel(
