@@ -2,8 +2,11 @@
 shared memory, and (GEMM-class, half precision) on tensor cores; plus tests of the gate itself on
 test-only kernels that it must pass or reject."""
 
+import fcntl
+import multiprocessing
 import os
 import signal
+import time
 import warnings
 from pathlib import Path
 
@@ -297,14 +300,57 @@ def _crash_on_sm90(job):
     return {"kernel": job[0], "arch": job[2], "error": None}
 
 
-def test_a_compiler_crash_is_recorded_against_its_job(monkeypatch):
+def test_a_compiler_crash_is_recorded_against_its_job(monkeypatch, tmp_path):
     monkeypatch.setitem(REGISTRY, "toy_crash", spec(name="toy_crash", gpu_configs=(triton.Config({}),)))
     monkeypatch.setattr(aot, "run_job", _crash_on_sm90)
     jobs = [("toy_crash", 0, arch, dtype) for arch in aot.ARCHS for dtype in ("float32", "float16")]
-    results = aot._run_jobs(jobs, workers=2)
+    results = aot._run_jobs([(job, f"key{i}", tmp_path, True) for i, job in enumerate(jobs)], workers=2)
     assert [r["error"] is None for r in results] == [True, True, False, False]
     for result in results[2:]:
         assert result["arch"] == "sm_90" and "compiler process crashed" in result["error"]
+    assert sorted(p.name for p in tmp_path.glob("*.json")) == ["key0.json", "key1.json"]  # no crash cached
+
+
+def _slow_job(job):
+    time.sleep(3.0)
+    return {"kernel": job[0], "error": None, "seconds": 3.0}
+
+
+def _hold_lock_until_killed(directory, key, ready):
+    with open(directory / f"{key}.lock", "w") as lock:
+        fcntl.lockf(lock, fcntl.LOCK_EX)
+        ready.set()
+        time.sleep(600)
+
+
+def test_a_compile_waits_only_for_its_own_artifact(monkeypatch, tmp_path):
+    """One run compiling artifact A (slowly) does not hold up another run's artifact B; a run that
+    needs A itself waits for it and reads it instead of compiling it again."""
+    monkeypatch.setattr(aot, "run_job", _slow_job)
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(1) as pool:
+        busy = pool.apply_async(aot.run_cached_job, (("toy", 0, "sm_80", "float32"), "A", tmp_path, True))
+        time.sleep(0.5)  # the other run now holds A's lock
+        start = time.perf_counter()
+        other = aot.run_cached_job(("toy", 1, "sm_80", "float32"), "B", tmp_path, True)
+        assert time.perf_counter() - start < 3.0 + 2.0 and other["cached"] is False
+        assert busy.get(timeout=600)["cached"] is False
+    monkeypatch.setattr(aot, "run_job", lambda job: pytest.fail("artifact A was compiled twice"))
+    assert aot.run_cached_job(("toy", 0, "sm_80", "float32"), "A", tmp_path, True)["cached"] is True
+
+
+def test_a_killed_gate_leaves_no_lock_held(monkeypatch, tmp_path):
+    ctx = multiprocessing.get_context("fork")
+    ready = ctx.Event()
+    holder = ctx.Process(target=_hold_lock_until_killed, args=(tmp_path, "A", ready))
+    holder.start()
+    assert ready.wait(60)
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.join()
+    monkeypatch.setattr(aot, "run_job", lambda job: {"kernel": job[0], "error": None, "seconds": 0.0})
+    with open(tmp_path / "A.lock", "w") as lock:  # free again at once: the kernel dropped the dead lock
+        fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    assert aot.run_cached_job(("toy", 0, "sm_80", "float32"), "A", tmp_path, True)["cached"] is False
 
 
 # --- pure checks (no compiling) --------------------------------------------------------------------------

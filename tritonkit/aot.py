@@ -405,26 +405,53 @@ def run_job(job) -> dict:
     return record
 
 
-def _run_jobs(jobs_: list, workers: int) -> list[dict]:
-    """``run_job`` over ``jobs_`` in ``workers`` forked processes (they inherit the imported registry).
+def run_cached_job(job, key: str | None, directory: Path, use_cache: bool) -> dict:
+    """``run_job`` through the cache: ``record["cached"]`` says whether it was compiled here.
 
-    A compiler that aborts (an MLIR or LLVM assertion) kills its worker and breaks the pool; the jobs
+    Each artifact has its own POSIX record lock (``<key>.lock``), held while it is looked up and
+    compiled: concurrent gate runs (pytest-xdist workers, a CLI table beside the suite) wait only for
+    an artifact another run is compiling right now, then read it, and never queue behind unrelated
+    compiles. The kernel releases a record lock when its process dies, so a killed gate leaves none
+    held (the empty ``.lock`` files stay; they are not locks by existing). Records are written to a
+    temporary name and renamed, so a reader never sees half a record.
+    """
+    if key is None:
+        return {**run_job(job), "cached": False}
+    path = directory / f"{key}.json"
+    with open(directory / f"{key}.lock", "w") as lock:
+        fcntl.lockf(lock, fcntl.LOCK_EX)
+        if use_cache and path.exists():
+            return {**json.loads(path.read_text()), "cached": True}
+        record = {**run_job(job), "cached": False}
+        if not record["error"]:
+            partial = directory / f"{key}.{os.getpid()}.tmp"
+            partial.write_text(json.dumps(record))
+            os.replace(partial, path)
+        return record
+
+
+def _run_jobs(tasks: list[tuple], workers: int) -> list[dict]:
+    """``run_cached_job(*task)`` over ``tasks`` in ``workers`` forked processes (they inherit the
+    imported registry).
+
+    A compiler that aborts (an MLIR or LLVM assertion) kills its worker and breaks the pool; the tasks
     left without a result then run one per process, so the crash is recorded against its own job.
     """
-    if workers <= 1 or len(jobs_) <= 1:
-        return [run_job(job) for job in jobs_]
+    if workers <= 1 or len(tasks) <= 1:
+        return [run_cached_job(*task) for task in tasks]
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
-        futures = [pool.submit(run_job, job) for job in jobs_]
+        futures = [pool.submit(run_cached_job, *task) for task in tasks]
         results = [None if future.exception() else future.result() for future in futures]
-    return [result or _run_isolated(job) for job, result in zip(jobs_, results)]
+    return [result or _run_isolated(task) for task, result in zip(tasks, results)]
 
 
-def _run_isolated(job) -> dict:
+def _run_isolated(task) -> dict:
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork")) as pool:
         try:
-            return pool.submit(run_job, job).result()
+            return pool.submit(run_cached_job, *task).result()
         except BrokenProcessPool:
-            return {**_record_base(job), "error": "the compiler process crashed (killed by a signal)", "seconds": 0.0}
+            return {**_record_base(task[0]), "error": "the compiler process crashed (killed by a signal)",
+                    "seconds": 0.0, "cached": False}
 
 
 def gate(kernels=None, workers: int = 2, use_cache: bool = True) -> dict:
@@ -434,36 +461,32 @@ def gate(kernels=None, workers: int = 2, use_cache: bool = True) -> dict:
     directory.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     records, misses = {}, {}  # misses: cache key (or job) -> jobs that compile to the same thing
-    # Concurrent runs (pytest-xdist) wait, then hit the cache. A POSIX record lock, not flock: forked
-    # compile workers do not inherit it, so a killed gate never leaves an orphan worker holding it.
-    with open(directory / ".lock", "w") as lock:
-        fcntl.lockf(lock, fcntl.LOCK_EX)
-        for job in todo:
-            key = _cache_key(job)
-            path = directory / f"{key}.json" if key else None
-            if use_cache and path is not None and path.exists():
-                records[job] = {**json.loads(path.read_text()), **_record_base(job), "cached": True}
-            else:
-                misses.setdefault(key or job, []).append(job)
-        compile_jobs = [same[0] for same in misses.values()]
-        results = _run_jobs(compile_jobs, workers)
-        for (key, same), record in zip(misses.items(), results):
-            for job in same:
-                records[job] = {**record, **_record_base(job), "cached": False}
-            if isinstance(key, str) and not record["error"]:
-                (directory / f"{key}.json").write_text(json.dumps(record))
+    for job in todo:
+        key = _cache_key(job)
+        path = directory / f"{key}.json" if key else None
+        if use_cache and path is not None and path.exists():
+            records[job] = {**json.loads(path.read_text()), **_record_base(job), "cached": True}
+        else:
+            misses.setdefault(key or job, []).append(job)
+    tasks = [(same[0], key if isinstance(key, str) else None, directory, use_cache)
+             for key, same in misses.items()]
+    results = _run_jobs(tasks, workers)
+    for same, record in zip(misses.values(), results):
+        for job in same:
+            records[job] = {**record, **_record_base(job)}
     ordered = [records[job] for job in todo]
     for record in ordered:
         record["problems"] = check(REGISTRY[record["kernel"]], record)
     names = sorted({job[0] for job in todo})
+    compiled = [r for r in results if not r["cached"]]
     return {
         "records": ordered,
         "problems": {name: check_kernel(REGISTRY[name], [r for r in ordered if r["kernel"] == name]) for name in names},
         "stats": {
             "jobs": len(todo),
-            "compiled": len(compile_jobs),
+            "compiled": len(compiled),
             "cached": sum(r["cached"] for r in records.values()),
-            "compile_seconds": round(sum(r["seconds"] for r in results), 1),
+            "compile_seconds": round(sum(r["seconds"] for r in compiled), 1),
             "wall_seconds": round(time.perf_counter() - start, 1),
             "triton": triton.__version__,
         },
