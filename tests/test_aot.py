@@ -16,6 +16,7 @@ import triton.language as tl
 
 from tritonkit import aot
 from tritonkit.kernels.common import REGISTRY
+from tritonkit.testing import HANG_TIMEOUT_S
 
 REPO = Path(__file__).resolve().parents[1]
 TABLE = REPO / "bench" / "results" / "aot.md"
@@ -334,7 +335,7 @@ def test_a_compile_waits_only_for_its_own_artifact(monkeypatch, tmp_path):
         start = time.perf_counter()
         other = aot.run_cached_job(("toy", 1, "sm_80", "float32"), "B", tmp_path, True)
         assert time.perf_counter() - start < 3.0 + 2.0 and other["cached"] is False
-        assert busy.get(timeout=600)["cached"] is False
+        assert busy.get(timeout=HANG_TIMEOUT_S)["cached"] is False
     monkeypatch.setattr(aot, "run_job", lambda job: pytest.fail("artifact A was compiled twice"))
     assert aot.run_cached_job(("toy", 0, "sm_80", "float32"), "A", tmp_path, True)["cached"] is True
 

@@ -9,6 +9,7 @@ import pytest
 from tritonkit import aot
 from tritonkit.cli import main
 from tritonkit.kernels.common import REGISTRY
+from tritonkit.testing import HANG_TIMEOUT_S
 
 aot.import_kernel_modules()
 GEMMS = sorted(name for name, spec in REGISTRY.items() if spec.tensor_core)
@@ -43,7 +44,7 @@ def toy(tmp_path_factory):
 
 def tritonkit(*args, command=(sys.executable, "-m", "tritonkit"), env=None):
     return subprocess.run(
-        [*command, *map(str, args)], capture_output=True, text=True, timeout=300, check=False, env=env
+        [*command, *map(str, args)], capture_output=True, text=True, timeout=HANG_TIMEOUT_S, check=False, env=env
     )
 
 

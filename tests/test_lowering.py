@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from tritonkit.lowering import LoweringError, backend, explain
 from tritonkit.models import LeNet
 from tritonkit.runtime import INTERPRET, default_device
-from tritonkit.testing import TRAINING_TOLERANCES, assert_close
+from tritonkit.testing import HANG_TIMEOUT_S, TRAINING_TOLERANCES, assert_close
 
 DEVICE = default_device()
 
@@ -141,7 +141,7 @@ def test_backend_name_works_in_a_fresh_process_without_importing_tritonkit():
     """) % DEVICE
     env = {**os.environ, "TRITONKIT_LOG": ""}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
-                          timeout=300, check=False)
+                          timeout=HANG_TIMEOUT_S, check=False)
     assert done.returncode == 0, done.stderr
     assert "OK" in done.stdout
     assert "convolution + relu -> tritonkit.conv2d(relu=True)" in done.stderr

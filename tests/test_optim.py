@@ -16,7 +16,7 @@ from torch import nn
 
 import tritonkit.optim as tko
 from tritonkit.kernels import optim as kernels
-from tritonkit.testing import OPTIM_TOLERANCES
+from tritonkit.testing import HANG_TIMEOUT_S, OPTIM_TOLERANCES
 
 TORCH = {"SGD": torch.optim.SGD, "Adam": torch.optim.Adam, "AdamW": torch.optim.AdamW,
          "RMSprop": torch.optim.RMSprop, "Adagrad": torch.optim.Adagrad}
@@ -602,7 +602,7 @@ def test_kernels_compile_for_sm90_with_vector_accesses():
     128-bit accesses (2 per thread: 32 bytes), read once and written once."""
     env = {**os.environ, "TRITONKIT_INTERPRET": "0", "TRITON_INTERPRET": "0"}
     done = subprocess.run([sys.executable, "-c", _AOT_SCRIPT, json.dumps(_FLAGS)], env=env,
-                          capture_output=True, text=True, timeout=600, check=False)
+                          capture_output=True, text=True, timeout=HANG_TIMEOUT_S, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(done.stdout.strip().splitlines()[-1])
     assert len(results) == sum(2 ** len(f) for f in _FLAGS.values()) + 2 * len(_FLAGS)

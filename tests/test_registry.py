@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from tritonkit.testing import HANG_TIMEOUT_S
+
 # For two GEMM-class kernels and two dtypes: how many configs the autotuner keeps, how many the
 # dtype allows, whether every kept one is allowed, and whether the first kept is the first allowed.
 CODE = """
@@ -36,7 +38,8 @@ print(json.dumps(out))
 @pytest.mark.parametrize("mode", ["full", "first"])
 def test_gpu_autotuning_respects_dtype_configs_and_autotune_first(mode):
     env = {**os.environ, "TRITONKIT_INTERPRET": "0", "TRITONKIT_AUTOTUNE": mode}
-    result = subprocess.run([sys.executable, "-c", CODE], capture_output=True, text=True, env=env, timeout=300)
+    result = subprocess.run([sys.executable, "-c", CODE], capture_output=True, text=True, env=env,
+                            timeout=HANG_TIMEOUT_S)
     assert result.returncode == 0, result.stderr
     counts = json.loads(result.stdout)
     for key, (kept, allowed, all_allowed, first_is_first, *_) in counts.items():

@@ -8,12 +8,14 @@ import pytest
 import torch
 
 import tritonkit
+from tritonkit.testing import HANG_TIMEOUT_S
 
 
 def _python(code: str, **env) -> subprocess.CompletedProcess:
     full_env = {k: v for k, v in os.environ.items() if k not in ("TRITONKIT_INTERPRET", "TRITON_INTERPRET")}
     full_env.update(env)
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env, timeout=300)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env,
+                          timeout=HANG_TIMEOUT_S)
 
 
 def test_mode_follows_cuda_availability():

@@ -123,3 +123,9 @@ def check_against_eager(tk_fn, eager_fn, leaves, views=None, *, backward=True, s
             assert t.grad is not None, f"input {i} got no gradient"
             assert_close(t.grad, r.grad.to(t.dtype), grad=True, msg=f"gradient of input {i}")
     return out
+
+# Subprocess tests (the CLI, a compiled-mode child, a gloo run) pass or fail on what the child prints
+# and returns, never on time: this limit only stops a hung child. The slowest child (a cold AOT gate
+# table, ~5 min on a quiet 2-core machine) gets six times that, room for a machine 2-3x slower that is
+# also running another job.
+HANG_TIMEOUT_S = 1800

@@ -1,0 +1,101 @@
+"""Elementwise rules: ``relu``, ``sum`` over all dims but one (a bias gradient), and ReLU backward
+(``threshold_backward``), which is folded into its consumers' loads where every consumer can take it."""
+
+from __future__ import annotations
+
+import logging
+
+from tritonkit.lowering.graph import VIEWS, Fail, New, Rewrite, aten, bind, is_call, val
+from tritonkit.lowering.report import Lowered
+from tritonkit.lowering.rules import MASK_CONSUMERS, mask_consumer, rule
+
+log = logging.getLogger("tritonkit.lowering")
+
+
+@rule(aten.relu.default)
+def relu(lw, node):
+    (x,) = node.args
+    lw.checker.tensors_ok(input=x)
+    return Rewrite([lw.spec("relu", (x,), node)], (node,))
+
+
+def _bias_dim(node) -> int | None:
+    a = bind(node)
+    value = val(a["self"])
+    if a.get("dtype") is not None or not hasattr(value, "dim") or value.dim() < 2:
+        return None
+    if not a["dim"]:  # an empty dim list sums over everything
+        return None
+    reduced = {d % value.dim() for d in a["dim"]}
+    kept = set(range(value.dim())) - reduced
+    return kept.pop() if len(kept) == 1 else None
+
+
+def _bias_grad_specs(lw, node, g=None, mask=None):
+    dim = _bias_dim(node)
+    if dim is None:
+        return None
+    a = bind(node)
+    g = a["self"] if g is None else g
+    lw.checker.tensors_ok(grad_output=a["self"])
+    post = None
+    if a["keepdim"]:  # (1, ..., size of dim, ..., 1)
+        sizes = [1] * val(a["self"]).dim()
+        sizes[dim] = lw.sizes(a["self"], g)[dim]
+        post = [(aten.view.default, (sizes,), {})]
+    return [lw.spec("bias_grad", (g, mask, dim), node, post=post)]
+
+
+@rule(aten.sum.dim_IntList)
+def sum_all_but_one(lw, node):
+    """``sum`` over every dim but one: ``bias_grad`` (a keepdim result is viewed back)."""
+    specs = _bias_grad_specs(lw, node)
+    return None if specs is None else Rewrite(specs, (node,))
+
+
+@mask_consumer(aten.sum.dim_IntList)
+def sum_masked(lw, user, grad, g, y):
+    if user.args[0] is not grad:
+        return None
+    specs = _bias_grad_specs(lw, user, g, y)
+    return None if specs is None else {user: specs}
+
+
+@rule(aten.threshold_backward.default)
+def threshold_backward(lw, node):
+    """ReLU backward: folded (``relu_output=y`` of each consumer) when every consumer takes the mask
+    in its loads, else ``relu_backward``."""
+    g, y, threshold = node.args
+    lw.checker.tensors_ok(grad_output=g, output=y)
+    if threshold != 0:
+        raise Fail(f"threshold {threshold} (tritonkit's ReLU backward masks at 0)")
+    if tuple(val(g).shape) != tuple(val(y).shape):
+        raise Fail("grad_output and output shapes differ (broadcasting)")
+    if lw.opts.fuse_relu:
+        planned = {}
+        if _fold(lw, node, g, y, planned):
+            names = [node.name] + [c.name for c in planned]
+            labels = [s.describe(y.name) for specs in planned.values() for s in specs]
+            lw.lowered.append(Lowered(tuple(names), tuple(labels)))
+            return Rewrite([], planned=planned, report=False)
+    return Rewrite([lw.spec("relu_backward", (g, y), node)], (node,))
+
+
+def _fold(lw, grad, g, y, out: dict) -> bool:
+    """Can every consumer of ``grad`` (= g masked by y > 0) take g and y instead? Fills ``out``."""
+    for user in grad.users:
+        try:
+            if is_call(user, *VIEWS) and user.args[0] is grad:
+                shape = user.args[1]
+                if not _fold(lw, user, New(aten.view.default, (g, shape)), New(aten.view.default, (y, shape)), out):
+                    return False
+                continue
+            consumer = MASK_CONSUMERS.get(user.target) if user.op == "call_function" else None
+            specs = consumer(lw, user, grad, g, y) if consumer is not None else None
+            if specs is None:
+                return False
+            out.update(specs)
+        except Fail as why:
+            log.debug("%s: ReLU mask not folded into %s: %s", lw.name, user.name, why)
+            return False
+    return True
