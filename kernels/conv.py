@@ -29,6 +29,8 @@ weight gradient:
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 
 import torch
@@ -41,7 +43,6 @@ from tritonkit.kernels.common import (
     check_int32_indexing,
     dot_precision,
     empty,
-    interp_block,
     per_dtype_configs,
     per_flag_configs,
     tuned_kernel,
@@ -120,34 +121,81 @@ WGRAD_GPU_CONFIGS, WGRAD_CONFIG_FOR_DTYPE = per_dtype_configs(
 )
 
 
-# Interpreter: one tile spans all columns and up to 128 reduction steps; rows fill INTERP_TILE.
-def _gemm_heuristics(rows, cols, red):
-    def block_k(a):
-        return interp_block(red(a), 16, 128)
-
-    return {
-        "BLOCK_N": lambda a: interp_block(cols(a), 16, 64),
-        "BLOCK_K": block_k,
-        "BLOCK_M": lambda a: interp_block(rows(a), 16, INTERP_TILE // block_k(a)),
-    }
-
-
-def _fwd_reduction(a):  # one step's reduction span: channels of one tap, or the whole flattened k
-    return a["Cg"] if a["CHANNEL_INNER"] else a["KH"] * a["KW"] * a["Cg"]
+# Interpreter tiles. The interpreter's cost is mostly Python work per Triton operation (0.05-0.2 ms;
+# int32 arithmetic is checked for overflow, several operations more) plus numpy work per element, so
+# a launch should run as few program instances and reduction steps as its shape allows, with tiles
+# mostly in bounds. Capped tiles (64 columns, 128-channel steps) made ResNet-18's many-channel layers
+# at small spatial size run 8-144 programs where one to five do. _interp_tiles picks, among
+# power-of-two tiles of at most INTERP_TILE elements per 2-D operand, the one of lowest modelled cost
+# (constants fitted on a 2-core CPU with Triton 3.9: seconds per program, per reduction step, per
+# element loaded or stored, per multiply-add).
+_INTERP_COST = {"program": 10e-3, "step": 5e-3, "element": 4e-8, "mac": 1e-10}
+_INTERP_LIMIT = None  # set by interp_block_limit()
 
 
-FWD_INTERP = _gemm_heuristics(lambda a: a["N"] * a["OH"] * a["OW"], lambda a: a["OCg"], _fwd_reduction)
-DGRAD_INTERP = _gemm_heuristics(
-    lambda a: a["N"] * triton.cdiv(a["H"], a["stride_h"]) * triton.cdiv(a["W"], a["stride_w"]), lambda a: a["Cg"],
-    lambda a: a["OCg"] * (1 if a["CHANNEL_INNER"] else triton.cdiv(a["KH"], a["tap_h"]) * triton.cdiv(a["KW"],
-                                                                                                   a["tap_w"])))
-WGRAD_INTERP = {
-    "BLOCK_M": lambda a: interp_block(a["OCg"], 16, 64),
-    "BLOCK_N": lambda a: interp_block(a["KH"] * a["KW"] * a["Cg"], 16, 256),
-    "BLOCK_K": lambda a: interp_block(
-        a["N"] * a["OH"] * a["OW"], 16, INTERP_TILE // interp_block(a["KH"] * a["KW"] * a["Cg"], 16, 256)
-    ),
-}
+@contextlib.contextmanager
+def interp_block_limit(limit: int):
+    """Within this block interpreter tiles are at most ``limit`` (a power of two >= 16) in every
+    dimension, so launches run several programs and channel chunks: tests use it to exercise the
+    paths that tiles covering the whole problem skip."""
+    global _INTERP_LIMIT
+    previous, _INTERP_LIMIT = _INTERP_LIMIT, limit
+    try:
+        yield
+    finally:
+        _INTERP_LIMIT = previous
+
+
+@functools.lru_cache(maxsize=4096)
+def _interp_tiles(rows: int, cols: int, red: int, passes: int = 1, limit: int | None = None) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K) for a GEMM of ``rows`` x ``cols`` whose reduction runs ``passes``
+    times over ``red`` (the channel-chunked path: passes = taps, red = channels per tap)."""
+    cost = _INTERP_COST
+
+    def sizes(n):
+        top = min(triton.next_power_of_2(max(int(n), 16)), limit or INTERP_TILE // 16)
+        return [1 << p for p in range(4, top.bit_length())]
+
+    best = None
+    for bm in sizes(rows):
+        for bn in sizes(cols):
+            if bm * bn > INTERP_TILE:
+                break
+            for bk in sizes(red):
+                if bm * bk > INTERP_TILE or bk * bn > INTERP_TILE:
+                    break
+                steps = passes * triton.cdiv(red, bk)
+                per_step = cost["step"] + cost["element"] * (bm * bk + bk * bn) + cost["mac"] * bm * bn * bk
+                total = triton.cdiv(rows, bm) * triton.cdiv(cols, bn) * (
+                    cost["program"] + cost["element"] * bm * bn + steps * per_step)
+                if best is None or total < best[0]:
+                    best = (total, (bm, bn, bk))
+    return best[1]
+
+
+def _gemm_heuristics(shape):
+    """``triton.heuristics`` values from ``shape(args) -> (rows, cols, red, passes)``."""
+    def block(i):
+        return lambda a: _interp_tiles(*shape(a), _INTERP_LIMIT)[i]
+
+    return {"BLOCK_M": block(0), "BLOCK_N": block(1), "BLOCK_K": block(2)}
+
+
+def _fwd_reduction(a):  # (span of one pass, passes): channels of each tap, or the whole flattened k once
+    return (a["Cg"], a["KH"] * a["KW"]) if a["CHANNEL_INNER"] else (a["KH"] * a["KW"] * a["Cg"], 1)
+
+
+FWD_INTERP = _gemm_heuristics(lambda a: (a["N"] * a["OH"] * a["OW"], a["OCg"], *_fwd_reduction(a)))
+
+
+def _dgrad_shape(a):  # per phase: rows, input channels, and the phase's taps over output channels
+    taps = triton.cdiv(a["KH"], a["tap_h"]) * triton.cdiv(a["KW"], a["tap_w"])
+    rows = a["N"] * triton.cdiv(a["H"], a["stride_h"]) * triton.cdiv(a["W"], a["stride_w"])
+    return (rows, a["Cg"], *((a["OCg"], taps) if a["CHANNEL_INNER"] else (a["OCg"] * taps, 1)))
+
+
+DGRAD_INTERP = _gemm_heuristics(_dgrad_shape)
+WGRAD_INTERP = _gemm_heuristics(lambda a: (a["OCg"], a["KH"] * a["KW"] * a["Cg"], a["N"] * a["OH"] * a["OW"], 1))
 
 _SHAPE_ARGS = ("N", "C", "H", "W", "OC", "OH", "OW", "KH", "KW", "Cg", "OCg")
 _CONV_ARGS = ("stride_h", "stride_w", "pad_h", "pad_w", "dil_h", "dil_w")
@@ -313,7 +361,8 @@ def conv2d_fwd_kernel(
 
 
 # ------------------------------------------------------------------- forward + ReLU + max-pool (inference)
-POOL_INTERP = _gemm_heuristics(lambda a: a["N"] * a["PH"] * a["PW"], lambda a: a["OCg"], _fwd_reduction)
+POOL_INTERP = _gemm_heuristics(  # the reduction runs once per pool-window position
+    lambda a: (a["N"] * a["PH"] * a["PW"], a["OCg"], _fwd_reduction(a)[0], _fwd_reduction(a)[1] * a["PKH"] * a["PKW"]))
 
 
 def _pool_2x2(size):  # the typical pool arguments, as _typical gives the conv's

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tritonkit.functional as TF
+from tritonkit.kernels import conv as conv_kernels
 from tritonkit.runtime import INTERPRET
 from tritonkit.testing import assert_close, check_against_eager
 
@@ -77,6 +78,26 @@ SWEEP = [
 def test_sweep_float32(case, relu):
     n, c, h, w, oc, k, stride, padding, dilation, groups = case
     _run(n, c, h, w, oc, k, stride, padding, dilation, groups, relu=relu)
+
+
+# In the interpreter a launch's tiles cover as much of the problem as they can (one program, one chunk
+# per tap for the sweep's shapes); with tiles capped, the same convolutions run several row and column
+# programs and several channel chunks per tap in the forward and both gradients, as GPU tiles do.
+@pytest.mark.parametrize("case,limit", [(SWEEP[2], 32), (SWEEP[11], 32), (SWEEP[12], 64), (SWEEP[13], 128),
+                                        (SWEEP[14], 64)], ids=str)
+def test_sweep_small_interpreter_tiles(case, limit):
+    with conv_kernels.interp_block_limit(limit):
+        _run(*case, relu=True)
+
+
+def test_interpreter_tiles_cover_small_spatial_layers():
+    tiles = conv_kernels._interp_tiles
+    assert tiles(2, 512, 512, 9) == (16, 512, 512)  # ResNet-18 layer 4 at 32x32 input: one program, 9 steps
+    assert tiles(512, 4608, 2) == (512, 2048, 16)  # its weight gradient: 3 programs of one step
+    assert tiles(2, 512, 512, 9, 16) == (16, 16, 16)
+    for rows, cols, red, passes in ((12544, 6, 75, 1), (100000, 300, 2700, 1), (7, 3, 5000, 49)):
+        bm, bn, bk = tiles(rows, cols, red, passes)
+        assert max(bm * bn, bm * bk, bk * bn) <= conv_kernels.INTERP_TILE
 
 
 @pytest.mark.parametrize("layout", ["channels_last", "strided"])
@@ -215,11 +236,11 @@ FUSED_POOL = [
 ]
 
 
-@pytest.mark.parametrize("case", FUSED_POOL, ids=str)
-def test_conv_relu_maxpool_inference(case):
+@pytest.mark.parametrize("case,limit", [(case, None) for case in FUSED_POOL] + [(FUSED_POOL[4], 16)], ids=str)
+def test_conv_relu_maxpool_inference(case, limit):
     n, c, h, w, oc, k, stride, padding, pk, ps, pp, ceil = case
     x, weight, b = torch.randn(n, c, h, w), torch.randn(oc, c, k, k), torch.randn(oc)
-    with torch.no_grad():
+    with torch.no_grad(), conv_kernels.interp_block_limit(limit):
         out = TF.conv2d_relu_maxpool(x, weight, b, stride, padding, pool_kernel_size=pk, pool_stride=ps,
                                      pool_padding=pp, ceil_mode=ceil)
     ref = F.max_pool2d(F.relu(F.conv2d(x, weight, b, stride, padding)), pk, ps, pp, ceil_mode=ceil)
