@@ -129,3 +129,65 @@ def check_against_eager(tk_fn, eager_fn, leaves, views=None, *, backward=True, s
 # table, ~5 min on a quiet 2-core machine) gets six times that, room for a machine 2-3x slower that is
 # also running another job.
 HANG_TIMEOUT_S = 1800
+
+
+# --- BatchNorm ----------------------------------------------------------------------------------------
+# Statistics are float32 for every input dtype and are checked against float64 (not against eager's own
+# float32 statistics, which are no more exact). The mean comes out within a few float32 ulps of its
+# magnitude: shifted Welford keeps the running means small, so the only sizeable rounding is the final
+# ``ref + mean'`` (half an ulp); 1e-6 relative to (|mean| + std) is ~16 ulps. The variance is a sum of
+# K squared deviations whose float32 rounding grows like sqrt(K) * 2**-24 (K <= ~1e6 in the tests:
+# < 2e-5 at worst, measured ~1e-7 at K ~ 200); invstd halves that relative error; 2e-5 relative.
+BN_MEAN_RTOL = 1e-6
+BN_INVSTD_RTOL = 2e-5
+
+
+def batch_norm_reference(input, weight=None, bias=None, running_mean=None, running_var=None, *, training=True,
+                         momentum=0.1, eps=1e-5, residual=None, relu=False):
+    """BatchNorm2d in float64 on the given (already rounded) values: ``(out, mean, invstd, running_mean,
+    running_var)``, all float64 (running stats None when not given); ``out = relu?(bn(x) + residual)``."""
+    x = input.double()
+    dims = (0, 2, 3)
+    if training:
+        mean = x.mean(dims)
+        var = x.var(dims, unbiased=False)
+        n = x.numel() // x.shape[1]
+        new_rm = None if running_mean is None else (1 - momentum) * running_mean.double() + momentum * mean
+        new_rv = None if running_var is None else (1 - momentum) * running_var.double() + momentum * var * n / (n - 1)
+    else:
+        mean, var = running_mean.double(), running_var.double()
+        new_rm, new_rv = mean, var
+    invstd = 1 / torch.sqrt(var + eps)
+    out = (x - mean[:, None, None]) * invstd[:, None, None]
+    if weight is not None:
+        out = out * weight.double()[:, None, None]
+    if bias is not None:
+        out = out + bias.double()[:, None, None]
+    if residual is not None:
+        out = out + residual.double()
+    if relu:
+        out = out.clamp_min(0)
+    return out, mean, invstd, new_rm, new_rv
+
+
+def assert_batch_norm_stats_close(mean: torch.Tensor, invstd: torch.Tensor, input: torch.Tensor, eps: float,
+                                  msg: str = "") -> None:
+    """float32 ``mean`` / ``invstd`` against float64 statistics of ``input`` at ``BN_*_RTOL`` (see above)."""
+    assert mean.dtype == invstd.dtype == torch.float32, f"{msg} stats must be float32, got {mean.dtype}"
+    x = input.double()
+    ref_mean, ref_std = x.mean((0, 2, 3)), x.std((0, 2, 3), unbiased=False)
+    ref_invstd = 1 / torch.sqrt(x.var((0, 2, 3), unbiased=False) + eps)
+    err = (mean.double() - ref_mean).abs()
+    bound = BN_MEAN_RTOL * (ref_mean.abs() + ref_std)
+    assert bool((err <= bound).all()), f"{msg} mean: error {err.max().item():.3g} > bound {bound.min().item():.3g}"
+    torch.testing.assert_close(invstd.double(), ref_invstd, rtol=BN_INVSTD_RTOL, atol=0,
+                               msg=lambda m: f"{msg} invstd\n{m}")
+
+
+def batch_norm_output_atol(mean: torch.Tensor, invstd: torch.Tensor, weight: torch.Tensor | None) -> float:
+    """Absolute error the float32 mean's own rounding puts on a normalised output: the output is
+    ``(x - mean32) * invstd * w``, and ``mean32`` may sit up to 2 float32 ulps of ``|mean|`` from the exact
+    mean (half an ulp is unavoidable), so large-mean inputs (x ~ 100 + 0.01 * randn: mean ulp 7.6e-6 against
+    std 0.01) carry ~1e-3 of it in every output element; eager's float32 path carries at least as much."""
+    w = weight.double().abs() if weight is not None else torch.ones_like(mean, dtype=torch.float64)
+    return float((2 * 2**-23 * mean.double().abs() * invstd.double() * w).max()) + 1e-5

@@ -1,0 +1,546 @@
+"""BatchNorm2d ops (tritonkit::batch_norm_stats / _train / _eval / _backward) against eager PyTorch.
+
+Values are compared with eager evaluated in float32 on the same (already rounded) inputs at the dtype's
+tolerance; statistics also against float64 (tritonkit.testing explains both). Output metadata (dtype,
+strides) is compared with eager run on the real dtype. Outputs are NaN-poisoned before every launch
+(tests/conftest.py).
+"""
+
+import pytest
+import torch
+
+import tritonkit.ops.norm  # noqa: F401  (registers the ops)
+from tritonkit.kernels import norm as kernels
+from tritonkit.runtime import default_device
+from tritonkit.testing import (
+    assert_batch_norm_stats_close,
+    assert_close,
+    batch_norm_output_atol,
+    batch_norm_reference,
+    reference_dtype_cast,
+)
+
+ops = torch.ops.tritonkit
+aten = torch.ops.aten
+DEVICE = default_device()
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+LAYOUTS = ["contiguous", "channels_last"]
+EPS = 1e-5
+
+
+def make(shape, layout="contiguous", dtype=torch.float32, scale=1.0, shift=0.0):
+    """Random normal values (``* scale + shift``) of 4-D ``shape`` in a memory layout."""
+    n, c, h, w = shape
+    if layout == "sliced":  # not dense: every other channel, one row cut off
+        x = torch.randn(n, 2 * c, h + 1, w)[:, ::2, 1:]
+    elif layout == "permuted":  # dense, in an unusual order
+        x = torch.randn(w, c, n, h).permute(2, 1, 3, 0)
+    else:
+        x = torch.randn(shape)
+    x = x * scale + shift
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x.to(dtype).to(DEVICE)
+
+
+def vec(c, dtype=torch.float32, positive=False):
+    v = torch.rand(c) + 0.5 if positive else torch.randn(c)
+    return v.to(dtype).to(DEVICE)
+
+
+def params(c, dtype, affine=True, running=True):
+    w, b = (vec(c, dtype), vec(c, dtype)) if affine else (None, None)
+    rm, rv = (vec(c, dtype), vec(c, dtype, positive=True)) if running else (None, None)
+    return w, b, rm, rv
+
+
+def eager_train(x, w, b, rm, rv, momentum, eps=EPS, residual=None, relu=False):
+    """aten's functional training batch norm (+ residual, relu) in float32; None running stats allowed."""
+    def fn(x, w, b, rm, rv, residual):
+        if rm is None:
+            out, mean, invstd = aten._native_batch_norm_legit.no_stats(x, w, b, True, momentum, eps)
+            new_rm = new_rv = None
+        else:
+            out, mean, invstd, new_rm, new_rv = aten._native_batch_norm_legit_functional(
+                x, w, b, rm, rv, True, momentum, eps)
+        if residual is not None:
+            out = out + residual
+        if relu:
+            out = torch.relu(out)
+        return out, mean, invstd, new_rm, new_rv
+
+    tensors = [x.cpu(), *(None if t is None else t.cpu() for t in (w, b, rm, rv, residual))]
+    values = fn(*(None if t is None else t.float() for t in tensors))
+    meta = fn(*tensors)  # eager on the real dtype: output dtypes and strides
+    return values, meta
+
+
+def check_train(x, w, b, rm, rv, momentum, residual=None, relu=False):
+    result = ops.batch_norm_train(x, w, b, rm, rv, momentum, EPS, residual, relu)
+    values, meta = eager_train(x, w, b, rm, rv, momentum, residual=residual, relu=relu)
+    names = ["out", "save_mean", "save_invstd", "running_mean", "running_var"]
+    for name, got, ref, m in zip(names, result, values, meta):
+        if ref is None:
+            assert got is None, name
+            continue
+        assert got.dtype == m.dtype and got.shape == m.shape, (name, got.dtype, m.dtype, got.shape, m.shape)
+        assert got.stride() == m.stride(), (name, got.stride(), m.stride())
+        assert_close(got.cpu(), ref.to(got.dtype), msg=name)
+    return result
+
+
+# ------------------------------------------------------------------------------------ training forward
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("affine,running", [(True, True), (False, True), (True, False), (False, False)])
+def test_train_forward(layout, dtype, affine, running):
+    x = make((3, 5, 7, 9), layout, dtype, scale=2.0, shift=0.5)
+    check_train(x, *params(5, dtype, affine, running), momentum=0.1)
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 5, 5), (2, 7, 1, 1), (3, 1, 4, 3), (1, 6, 1, 2), (2, 11, 13, 1),
+                                   (3, 9, 17, 3)], ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_train_forward_shapes(shape, layout):
+    """Sizes that are not multiples of any block; size-1 dims with ambiguous strides."""
+    x = make(shape, layout)
+    check_train(x, *params(shape[1], torch.float32), momentum=0.1)
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.1, 0.37, 1.0])
+def test_running_stat_update(momentum):
+    """new = (1 - momentum) * old + momentum * batch, the unbiased variance in running_var."""
+    x = make((2, 4, 3, 5))
+    w, b, rm, rv = params(4, torch.float32)
+    _, _, _, new_rm, new_rv = check_train(x, w, b, rm, rv, momentum)
+    _, _, _, ref_rm, ref_rv = batch_norm_reference(x, w, b, rm, rv, momentum=momentum)
+    assert_close(new_rm, ref_rm.float())
+    assert_close(new_rv, ref_rv.float())
+
+
+@pytest.mark.parametrize("layouts", [("contiguous", "contiguous"), ("channels_last", "channels_last"),
+                                     ("contiguous", "channels_last"), ("channels_last", "sliced")])
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_train_forward_residual_relu(layouts, relu, dtype):
+    """out = relu(bn(x) + residual), the residual in the same or another layout."""
+    x = make((2, 6, 5, 7), layouts[0], dtype)
+    residual = make((2, 6, 5, 7), layouts[1], dtype)
+    check_train(x, *params(6, dtype), momentum=0.1, residual=residual, relu=relu)
+
+
+def test_train_forward_relu_only_and_nan():
+    """ReLU without a residual; a NaN in the input makes its channel's statistics NaN, as eager."""
+    x = make((2, 3, 4, 5), "channels_last")
+    check_train(x, *params(3, torch.float32), momentum=0.1, relu=True)
+    x[1, 1, 2, 3] = float("nan")
+    out, mean, invstd, rm, _ = ops.batch_norm_train(x, *params(3, torch.float32), 0.1, EPS)
+    assert out[:, 1].isnan().all() and mean[1].isnan() and rm[1].isnan()
+    assert out[:, [0, 2]].isfinite().all() and mean[[0, 2]].isfinite().all()
+
+
+@pytest.mark.parametrize("layout", ["sliced", "permuted"])
+def test_train_forward_other_layouts(layout):
+    """Inputs in no standard layout are read through a copy; out takes eager's memory format."""
+    check_train(make((3, 4, 5, 6), layout), *params(4, torch.float32), momentum=0.2)
+
+
+# ------------------------------------------------------------------------------------------ statistics
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_batch_norm_stats(layout, dtype):
+    x = make((3, 6, 5, 7), layout, dtype, scale=3.0, shift=-1.0)
+    mean, invstd = ops.batch_norm_stats(x, EPS)
+    assert mean.shape == invstd.shape == (6,)
+    assert_batch_norm_stats_close(mean, invstd, x, EPS)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("split", [1, 3])
+def test_large_mean_precision(layout, split):
+    """x = 100 + 0.01 * randn: float32 statistics within a few ulps of float64 (no cancellation), and
+    outputs within what the float32 mean's own rounding allows."""
+    x = make((3, 5, 17, 11), layout, scale=0.01, shift=100.0)
+    mean, invstd = kernels.batch_norm_stats(x, EPS, split=split)
+    assert_batch_norm_stats_close(mean, invstd, x, EPS)
+    w, b, rm, rv = params(5, torch.float32)
+    out, save_mean, save_invstd, _, new_rv = kernels.batch_norm_train(x, w, b, rm, rv, 0.1, EPS, split=split)
+    ref_out, ref_mean, ref_invstd, _, ref_rv = batch_norm_reference(x, w, b, rm, rv)
+    assert_batch_norm_stats_close(save_mean, save_invstd, x, EPS)
+    torch.testing.assert_close(out.double(), ref_out, rtol=1e-4, atol=batch_norm_output_atol(ref_mean, ref_invstd, w))
+    torch.testing.assert_close(new_rv.double(), ref_rv, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_large_mean_half_statistics_are_float32(dtype):
+    """Half-precision inputs far from zero: statistics are float32-exact on the rounded values."""
+    x = make((2, 3, 9, 13), "channels_last", dtype, scale=4.0, shift=1000.0)
+    mean, invstd = ops.batch_norm_stats(x, EPS)
+    assert_batch_norm_stats_close(mean, invstd, x, EPS)
+
+
+def test_stats_many_channels_and_rows():
+    """More channels than one interpreter channel block, and more rows than one tile."""
+    x = make((2, 1100, 1, 3), "channels_last")
+    assert_batch_norm_stats_close(*ops.batch_norm_stats(x, EPS), x, EPS)
+    x = make((1, 1, 1030, 1025), scale=0.5, shift=3.0)  # B = 2**20 + 9070: two interpreter tiles
+    assert_batch_norm_stats_close(*ops.batch_norm_stats(x, EPS), x, EPS)
+
+
+@pytest.mark.parametrize("layout,split", [("contiguous", 2), ("contiguous", 7), ("channels_last", 2),
+                                          ("channels_last", 7), ("channels_last", 32)])
+def test_split_partials(layout, split):
+    """Several partials per channel block combined by the finalize kernel, including splits with no tiles
+    (channels_last at 32: 18 tiles); same statistics as one partial, and bit-identical on a rerun."""
+    x = make((3, 5, 4, 6), layout, scale=0.5, shift=7.0)
+    w, b, rm, rv = params(5, torch.float32)
+    first = kernels.batch_norm_train(x, w, b, rm, rv, 0.1, EPS, split=split)
+    assert_batch_norm_stats_close(first[1], first[2], x, EPS)
+    again = kernels.batch_norm_train(x, w, b, rm, rv, 0.1, EPS, split=split)
+    assert all(torch.equal(p, q) for p, q in zip(first, again))
+    g = make((3, 5, 4, 6), layout)
+    grads = kernels.batch_norm_backward(g, x, w, rm, rv, first[1], first[2], True, EPS, [True] * 3, split=split)
+    ref = aten.native_batch_norm_backward(g, x, w, rm, rv, first[1], first[2], True, EPS, [True] * 3)
+    for got, r in zip(grads, ref):
+        assert_close(got, r, grad=True)
+    regrads = kernels.batch_norm_backward(g, x, w, rm, rv, first[1], first[2], True, EPS, [True] * 3, split=split)
+    assert all(torch.equal(p, q) for p, q in zip(grads, regrads))
+
+
+def test_deterministic():
+    """No atomics: two runs of every op give identical bits."""
+    x = make((3, 7, 6, 5), "channels_last", scale=0.1, shift=2.0)
+    w, b, rm, rv = params(7, torch.float32)
+    assert all(torch.equal(p, q) for p, q in zip(ops.batch_norm_stats(x, EPS), ops.batch_norm_stats(x, EPS)))
+    first, again = (ops.batch_norm_train(x, w, b, rm, rv, 0.1, EPS) for _ in range(2))
+    assert all(torch.equal(p, q) for p, q in zip(first, again))
+    g = make((3, 7, 6, 5))
+    first, again = (ops.batch_norm_backward(g, x, w, rm, rv, first[1], first[2], True, EPS, [True] * 3)
+                    for _ in range(2))
+    assert all(torch.equal(p, q) for p, q in zip(first, again))
+
+
+# ------------------------------------------------------------------------------------------ eval forward
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("affine", [True, False])
+def test_eval_forward(layout, dtype, affine):
+    x = make((3, 5, 7, 9), layout, dtype)
+    w, b, rm, rv = params(5, dtype, affine)
+    out = ops.batch_norm_eval(x, w, b, rm, rv, EPS)
+    ref = reference_dtype_cast(
+        lambda *t: aten._native_batch_norm_legit_no_training(*t, 0.1, EPS)[0], x, w, b, rm, rv)
+    meta = aten._native_batch_norm_legit_no_training(x, w, b, rm, rv, 0.1, EPS)[0]
+    assert out.stride() == meta.stride() and out.dtype == meta.dtype
+    assert_close(out, ref)
+
+
+@pytest.mark.parametrize("layouts", [("contiguous", "channels_last"), ("channels_last", "channels_last")])
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_eval_forward_residual_relu(layouts, relu, dtype):
+    x, residual = make((2, 6, 3, 5), layouts[0], dtype), make((2, 6, 3, 5), layouts[1], dtype)
+    w, b, rm, rv = params(6, dtype)
+    out = ops.batch_norm_eval(x, w, b, rm, rv, EPS, residual, relu)
+    ref = batch_norm_reference(x.float(), w.float(), b.float(), rm.float(), rv.float(), training=False,
+                               residual=residual.float(), relu=relu)[0]
+    assert_close(out, ref.to(dtype))
+    assert out.stride() == x.stride()
+
+
+def test_eval_forward_one_value_per_channel():
+    """Eval needs no batch statistics: one value per channel is fine (training refuses it)."""
+    x = make((1, 4, 1, 1))
+    w, b, rm, rv = params(4, torch.float32)
+    assert_close(ops.batch_norm_eval(x, w, b, rm, rv, EPS),
+                 aten._native_batch_norm_legit_no_training(x, w, b, rm, rv, 0.1, EPS)[0])
+
+
+# ---------------------------------------------------------------------------------------------- backward
+
+
+def eager_backward(g, x, w, rm, rv, save_mean, save_invstd, train, mask, relu_output=None):
+    """aten's backward in float32 on the same rounded values (ReLU mask as threshold_backward)."""
+    g, x = g.float(), x.float()
+    if relu_output is not None:
+        g = aten.threshold_backward(g, relu_output.float(), 0)
+    up = [None if t is None else t.float() for t in (w, rm, rv, save_mean, save_invstd)]
+    return aten.native_batch_norm_backward(g, x, *up, train, EPS, mask)
+
+
+def check_backward(g, x, w, rm, rv, train, mask=(True, True, True), relu_output=None, save=None):
+    if save is None:  # float32 batch statistics from eager on the same rounded input
+        save = aten._native_batch_norm_legit.no_stats(x.float(), None, None, True, 0.1, EPS)[1:]
+    result = ops.batch_norm_backward(g, x, w, rm, rv, *save, train, EPS, list(mask), relu_output)
+    ref = eager_backward(g, x, w, rm, rv, *save, train, list(mask), relu_output)
+    for name, got, r, want in zip(["grad_input", "grad_weight", "grad_bias"], result, ref, mask):
+        if not want:
+            assert got is None, name
+            continue
+        assert got.dtype == x.dtype and got.shape == r.shape, (name, got.dtype, got.shape)
+        assert_close(got, r.to(x.dtype), grad=True, msg=name)
+    meta = aten.native_batch_norm_backward(g, x, w, rm, rv, *(s.to(x.dtype) for s in save), train, EPS,
+                                           [True] * 3)[0]
+    if mask[0]:
+        assert result[0].stride() == meta.stride(), (result[0].stride(), meta.stride())
+    return result
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("affine", [True, False])
+def test_backward_train(layout, dtype, affine):
+    x = make((3, 5, 7, 9), layout, dtype, scale=2.0, shift=1.0)
+    w, _, rm, rv = params(5, dtype, affine)
+    check_backward(make((3, 5, 7, 9), layout, dtype), x, w, rm, rv, True)
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 5, 5), (2, 7, 1, 1), (3, 1, 4, 3), (3, 9, 17, 3)], ids=str)
+@pytest.mark.parametrize("layouts", [("contiguous", "contiguous"), ("channels_last", "channels_last"),
+                                     ("channels_last", "contiguous"), ("sliced", "channels_last")])
+def test_backward_shapes_and_layouts(shape, layouts):
+    """grad_out in the input's or another layout; grad_input takes the input's memory format."""
+    x = make(shape, layouts[1])
+    check_backward(make(shape, layouts[0]), x, vec(shape[1]), None, None, True)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_backward_eval(layout, dtype):
+    """train=False: grad_input = g * w / sqrt(running_var + eps); the save stats are ignored."""
+    x = make((2, 5, 6, 7), layout, dtype)
+    w, _, rm, rv = params(5, dtype)
+    check_backward(make((2, 5, 6, 7), layout, dtype), x, w, rm, rv, False)
+
+
+@pytest.mark.parametrize("layouts", [("contiguous", "contiguous"), ("channels_last", "contiguous")])
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_relu_mask(layouts, train, dtype):
+    """relu_output masks grad_out as threshold_backward(g, y, 0): NaN gradients where y <= 0 vanish, a
+    NaN output lets its gradient through."""
+    x = make((3, 4, 5, 6), layouts[1], dtype)
+    y = make((3, 4, 5, 6), layouts[0], dtype).relu()
+    g = make((3, 4, 5, 6), layouts[1], dtype)
+    dead = (y == 0) & (torch.rand(y.shape, device=DEVICE) < 0.5)
+    g = torch.where(dead, float("nan"), g)
+    y = torch.where(~dead & (torch.rand(y.shape, device=DEVICE) < 0.1), float("nan"), y)
+    w, _, rm, rv = params(4, dtype)
+    result = check_backward(g, x, w, rm, rv, train, relu_output=y)
+    assert all(r.isfinite().all() for r in result)
+
+
+MASKS = [(True, True, True), (True, False, False), (False, True, False), (False, False, True),
+         (True, True, False), (False, True, True), (True, False, True), (False, False, False)]
+
+
+@pytest.mark.parametrize("mask", MASKS, ids=str)
+@pytest.mark.parametrize("train", [True, False])
+def test_backward_output_mask(mask, train):
+    x = make((2, 5, 3, 7), "channels_last")
+    w, _, rm, rv = params(5, torch.float32)
+    check_backward(make((2, 5, 3, 7), "channels_last"), x, w, rm, rv, train, mask)
+
+
+class _Launches:
+    """Counts the launches of the backward's kernels (monkeypatched into the kernel module)."""
+
+    def __init__(self, monkeypatch):
+        self.count = {}
+        for name in ("batch_norm_bwd_reduce_kernel", "batch_norm_bwd_finalize_kernel", "batch_norm_bwd_apply_kernel"):
+            monkeypatch.setattr(kernels, name, self._wrap(name, getattr(kernels, name)))
+
+    def _wrap(self, name, kernel):
+        counts = self.count
+
+        class Wrapped:
+            def __getitem__(self, grid):
+                counts[name] = counts.get(name, 0) + 1
+                return kernel[grid]
+
+        return Wrapped()
+
+
+@pytest.mark.parametrize("train,mask,expected", [
+    (False, (True, False, False), {"finalize", "apply"}),  # eval grad_input: no reduction
+    (True, (False, False, True), {"reduce", "finalize"}),
+    (True, (True, True, True), {"reduce", "finalize", "apply"}),
+])
+def test_backward_launches_only_what_output_mask_needs(monkeypatch, train, mask, expected):
+    launches = _Launches(monkeypatch)
+    x = make((2, 3, 4, 5))
+    w, _, rm, rv = params(3, torch.float32)
+    mean, invstd = ops.batch_norm_stats(x, EPS)
+    ops.batch_norm_backward(make((2, 3, 4, 5)), x, w, rm, rv, mean, invstd, train, EPS, list(mask))
+    assert {k.split("_")[3] for k in launches.count} == expected, launches.count
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_forward_backward_chain(dtype):
+    """The backward fed with the forward's own save stats (the input's dtype on the CPU) matches eager's
+    chain; the ReLU output of the fused forward masks the gradient."""
+    x = make((3, 4, 6, 5), "channels_last", dtype)
+    w, b, rm, rv = params(4, dtype)
+    out, save_mean, save_invstd, _, _ = ops.batch_norm_train(x, w, b, rm, rv, 0.1, EPS, None, True)
+    assert save_mean.dtype == kernels.save_stats_dtype(x)
+    g = make((3, 4, 6, 5), "channels_last", dtype)
+    result = ops.batch_norm_backward(g, x, w, rm, rv, save_mean, save_invstd, True, EPS, [True] * 3, out)
+    ref = eager_backward(g, x, w, rm, rv, save_mean, save_invstd, True, [True] * 3, out)
+    for got, r in zip(result, ref):
+        assert_close(got, r.to(dtype), grad=True)
+
+
+def test_backward_large_mean():
+    """Training gradients for x = 100 + 0.01 * randn against float64 (the centring is exact)."""
+    x = make((2, 3, 11, 7), scale=0.01, shift=100.0)
+    w = vec(3)
+    mean, invstd = ops.batch_norm_stats(x, EPS)
+    g = make((2, 3, 11, 7))
+    gi, gw, gb = ops.batch_norm_backward(g, x, w, None, None, mean, invstd, True, EPS, [True] * 3)
+    x64 = x.double().requires_grad_()
+    w64 = w.double().requires_grad_()
+    torch.nn.functional.batch_norm(x64, None, None, w64, None, training=True, eps=EPS).backward(g.double())
+    scale = float(invstd.max() * w.abs().max())  # grad_input ~ w * invstd * g
+    torch.testing.assert_close(gi.double(), x64.grad, rtol=1e-3, atol=1e-3 * scale)
+    torch.testing.assert_close(gw.double(), w64.grad, rtol=1e-3, atol=1e-2)
+    torch.testing.assert_close(gb.double(), g.double().sum((0, 2, 3)), rtol=1e-5, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------ opcheck, errors
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_opcheck(layout):
+    x = make((2, 3, 4, 5), layout)
+    w, b, rm, rv = params(3, torch.float32)
+    torch.library.opcheck(ops.batch_norm_stats, (x, EPS))
+    torch.library.opcheck(ops.batch_norm_train, (x, w, b, rm, rv, 0.1, EPS))
+    torch.library.opcheck(ops.batch_norm_train, (x, None, None, None, None, 0.1, EPS, make((2, 3, 4, 5)), True))
+    torch.library.opcheck(ops.batch_norm_eval, (x, w, b, rm, rv, EPS, x.relu(), True))
+    mean, invstd = ops.batch_norm_stats(x, EPS)
+    torch.library.opcheck(ops.batch_norm_backward, (make((2, 3, 4, 5)), x, w, rm, rv, mean, invstd, True, EPS,
+                                                    [True, True, True], x.relu()))
+    torch.library.opcheck(ops.batch_norm_backward, (make((2, 3, 4, 5)), x, w, rm, rv, None, None, False, EPS,
+                                                    [True, False, True]))
+
+
+def test_opcheck_half_save_stats():
+    x = make((2, 3, 4, 5), dtype=torch.bfloat16)
+    torch.library.opcheck(ops.batch_norm_train, (x, *params(3, torch.bfloat16), 0.1, EPS))
+
+
+def _errors(x, w=None, b=None, rm=None, rv=None, training=True):
+    """(eager error, ours): F.batch_norm's exception next to tritonkit's for the same arguments."""
+    try:
+        torch.nn.functional.batch_norm(x, rm, rv, w, b, training=training)
+    except Exception as err:  # noqa: BLE001
+        eager = err
+    else:
+        eager = None
+    try:
+        if training:
+            ops.batch_norm_train(x, w, b, rm, rv, 0.1, EPS)
+        else:
+            ops.batch_norm_eval(x, w, b, rm, rv, EPS)
+    except Exception as err:  # noqa: BLE001
+        return eager, err
+    return eager, None
+
+
+@pytest.mark.parametrize("case", ["running_mean", "running_var", "weight", "bias"])
+def test_wrong_vector_length(case):
+    x = make((2, 3, 4, 5))
+    args = {"w": vec(3), "b": vec(3), "rm": vec(3), "rv": vec(3, positive=True)}
+    key = {"running_mean": "rm", "running_var": "rv", "weight": "w", "bias": "b"}[case]
+    args[key] = vec(4, positive=True)
+    for training in (True, False):
+        eager, ours = _errors(x, **args, training=training)
+        assert type(ours) is type(eager) is RuntimeError, (eager, ours)
+        assert f"{case} should contain 3 elements not 4" in str(ours) and f"{case} should contain" in str(eager)
+
+
+def test_one_value_per_channel_when_training():
+    x = make((1, 3, 1, 1))
+    eager, ours = _errors(x, rm=vec(3), rv=vec(3, positive=True))
+    assert type(ours) is type(eager) is ValueError
+    assert str(eager) in str(ours)  # "Expected more than 1 value per channel when training, got input size ..."
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        ops.batch_norm_train(x, None, None, None, None, 0.1, EPS)
+
+
+def test_non_4d_input():
+    with pytest.raises(ValueError, match="expected 4D input"):
+        torch.nn.BatchNorm2d(3)(torch.randn(2, 3, 4))
+    for shape in [(2, 3, 4), (2, 3, 4, 5, 6)]:
+        x = torch.randn(shape).to(DEVICE)
+        with pytest.raises(ValueError, match=f"expected 4D input \\(got {len(shape)}D input\\)"):
+            ops.batch_norm_train(x, None, None, None, None, 0.1, EPS)
+        with pytest.raises(ValueError, match="expected 4D input"):
+            ops.batch_norm_stats(x, EPS)
+        with pytest.raises(ValueError, match="expected 4D input"):
+            ops.batch_norm_backward(x, x, None, None, None, vec(3), vec(3), True, EPS, [True] * 3)
+
+
+def test_empty_input():
+    x = make((0, 3, 2, 2))
+    with pytest.raises(RuntimeError, match="at least one element"):
+        aten.native_batch_norm(x, None, None, None, None, True, 0.1, EPS)
+    with pytest.raises(RuntimeError, match="at least one element"):
+        ops.batch_norm_train(x, None, None, None, None, 0.1, EPS)
+
+
+def test_mixed_dtypes():
+    x = make((2, 3, 4, 5), dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="weight dtype torch.float32 must match input dtype torch.float16"):
+        ops.batch_norm_train(x, vec(3), None, None, None, 0.1, EPS)
+    with pytest.raises(RuntimeError, match="running_var dtype"):
+        ops.batch_norm_eval(x, None, None, vec(3, torch.float16), vec(3), EPS)
+    with pytest.raises(RuntimeError, match="residual dtype"):
+        ops.batch_norm_train(x, None, None, None, None, 0.1, EPS, make((2, 3, 4, 5)))
+    with pytest.raises(RuntimeError, match="grad_out dtype"):
+        ops.batch_norm_backward(make((2, 3, 4, 5)), x, None, None, None, vec(3), vec(3), True, EPS, [True] * 3)
+    with pytest.raises(RuntimeError, match="save_mean must be float32 or"):
+        ops.batch_norm_backward(x, x, None, None, None, vec(3, torch.bfloat16), vec(3), True, EPS, [True] * 3)
+    with pytest.raises(RuntimeError, match="must be float32, float16 or bfloat16"):
+        ops.batch_norm_stats(x.to(torch.float64), EPS)
+
+
+def test_other_bad_arguments():
+    x = make((2, 3, 4, 5))
+    with pytest.raises(ValueError, match="both be None or neither"):
+        ops.batch_norm_train(x, None, None, vec(3), None, 0.1, EPS)
+    with pytest.raises(RuntimeError, match="residual shape"):
+        ops.batch_norm_train(x, None, None, None, None, 0.1, EPS, make((2, 3, 4, 4)))
+    with pytest.raises(RuntimeError, match="grad_out shape"):
+        ops.batch_norm_backward(make((2, 3, 4, 4)), x, None, None, None, vec(3), vec(3), True, EPS, [True] * 3)
+    with pytest.raises(RuntimeError, match="relu_output shape"):
+        ops.batch_norm_backward(x, x, None, None, None, vec(3), vec(3), True, EPS, [True] * 3, make((1, 3, 4, 5)))
+    with pytest.raises(RuntimeError, match="save_mean and save_invstd must be given"):
+        ops.batch_norm_backward(x, x, None, None, None, None, None, True, EPS, [True] * 3)
+    with pytest.raises(RuntimeError, match="running_mean and running_var must be given"):
+        ops.batch_norm_backward(x, x, None, None, None, vec(3), vec(3), False, EPS, [True] * 3)
+    with pytest.raises(RuntimeError, match="save_invstd should contain 3 elements not 2"):
+        ops.batch_norm_backward(x, x, None, None, None, vec(3), vec(2), True, EPS, [True] * 3)
+    fake = torch._subclasses.fake_tensor.FakeTensorMode()
+    with fake, pytest.raises(RuntimeError, match="running_mean should contain 3 elements not 4"):  # fake impl too
+        ops.batch_norm_train(fake.from_tensor(x), None, None, fake.from_tensor(vec(4)), fake.from_tensor(vec(4)),
+                             0.1, EPS)
+
+
+def test_errors_come_before_any_launch(monkeypatch):
+    def no_launch(*args, **kwargs):
+        raise AssertionError("a kernel was launched")
+
+    for name in ("batch_norm_train", "batch_norm_stats", "batch_norm_backward"):
+        monkeypatch.setattr(kernels, name, no_launch)
+    x = make((1, 3, 1, 1))
+    with pytest.raises(ValueError):
+        ops.batch_norm_train(x, None, None, None, None, 0.1, EPS)
+    with pytest.raises(RuntimeError):
+        ops.batch_norm_backward(x, x, vec(2), None, None, vec(3), vec(3), True, EPS, [True] * 3)

@@ -1,0 +1,212 @@
+"""BatchNorm2d custom ops: ``tritonkit::batch_norm_stats``, ``batch_norm_train``, ``batch_norm_eval``,
+``batch_norm_backward``.
+
+* ``batch_norm_stats(input, eps) -> (mean, invstd)``: per-channel float32 statistics of 4-D
+  ``input`` (any float dtype), ``invstd = 1 / sqrt(biased_var + eps)``; deterministic (no atomics).
+* ``batch_norm_train(input, weight, bias, running_mean, running_var, momentum, eps, residual=None,
+  relu=False) -> (out, save_mean, save_invstd, running_mean_out, running_var_out)``: eager's
+  ``aten._native_batch_norm_legit_functional(..., training=True, ...)``, and with ``residual`` /
+  ``relu`` the ResNet block end ``relu(bn(x) + residual)`` in one pass. The running outputs are new
+  tensors (``(1 - momentum) * old + momentum * batch``, unbiased variance), None when the running
+  stats are None (``track_running_stats=False``). ``momentum=None`` (cumulative average) is the
+  caller's ``momentum = 1 / num_batches_tracked``. ``save_*`` are float32 on a GPU and in the input's
+  dtype on the CPU, as eager returns them on each device.
+* ``batch_norm_eval(input, weight, bias, running_mean, running_var, eps, residual=None, relu=False)
+  -> out``: ``relu?((x - running_mean) / sqrt(running_var + eps) * weight + bias [+ residual])``.
+* ``batch_norm_backward(grad_out, input, weight, running_mean, running_var, save_mean, save_invstd,
+  train, eps, output_mask, relu_output=None) -> (grad_input?, grad_weight?, grad_bias?)``:
+  ``aten.native_batch_norm_backward``; each output is None unless ``output_mask`` asks for it. With
+  ``relu_output`` (the forward's ``relu=True`` output) ``grad_out`` is first masked as
+  ``threshold_backward(grad_out, relu_output, 0)`` inside the kernels. A residual branch's gradient
+  is that masked gradient itself: a caller that needs it computes ``relu_backward`` once and passes
+  it here with ``relu_output=None``.
+
+``out`` and ``grad_input`` take the input's memory format (``suggest_memory_format``: channels_last in,
+channels_last out; otherwise contiguous), as eager's CPU and cuDNN kernels allocate them. Every tensor
+argument must share the input's dtype and device (``save_*``: float32 or the input's dtype).
+Arguments are checked before any launch (real and fake impl) with eager's exception types and messages:
+``F.batch_norm``'s RuntimeError for vectors of the wrong length and ValueError for one value per channel
+when training, ``nn.BatchNorm2d``'s ValueError for a non-4-D input, aten's RuntimeError for an empty one.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tritonkit.kernels import norm as kernels
+from tritonkit.kernels.pool import output_memory_format
+from tritonkit.ops.checks import check_float_tensors
+
+_STATS, _TRAIN, _EVAL, _BWD = ("tritonkit::batch_norm_stats", "tritonkit::batch_norm_train",
+                               "tritonkit::batch_norm_eval", "tritonkit::batch_norm_backward")
+
+
+def _check_input(op: str, input: torch.Tensor) -> int:
+    """4-D, non-empty; returns C."""
+    if input.dim() != 4:
+        raise ValueError(f"{op}: expected 4D input (got {input.dim()}D input)")
+    if input.numel() == 0:
+        raise RuntimeError(f"{op}: input tensor must have at least one element, but got input_sizes = "
+                           f"{list(input.shape)}")
+    return input.shape[1]
+
+
+def _check_vectors(op: str, C: int, **vectors: torch.Tensor | None) -> None:
+    for name, t in vectors.items():
+        if t is not None and t.numel() != C:
+            raise RuntimeError(f"{op}: {name} should contain {C} elements not {t.numel()}")
+
+
+def _check_running(op: str, running_mean, running_var) -> None:
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(f"{op}: running_mean and running_var must either both be None or neither be None")
+
+
+def _check_same_shape(op: str, name: str, t: torch.Tensor | None, input: torch.Tensor) -> None:
+    if t is not None and t.shape != input.shape:
+        raise RuntimeError(f"{op}: {name} shape {tuple(t.shape)} must match input shape {tuple(input.shape)}")
+
+
+def _check_training_size(op: str, input: torch.Tensor) -> None:
+    if input.numel() // input.shape[1] == 1:
+        raise ValueError(f"{op}: Expected more than 1 value per channel when training, got input size "
+                         f"{input.shape}")
+
+
+def _out_like(input: torch.Tensor) -> torch.Tensor:
+    return torch.empty(input.shape, dtype=input.dtype, device=input.device,
+                       memory_format=output_memory_format(input))
+
+
+# --- batch_norm_stats ---------------------------------------------------------------------------------------
+
+
+def _check_stats(input):
+    check_float_tensors(_STATS, input=input)
+    return _check_input(_STATS, input)
+
+
+@torch.library.custom_op(_STATS, mutates_args=(), schema="(Tensor input, float eps) -> (Tensor, Tensor)")
+def batch_norm_stats(input: torch.Tensor, eps: float):
+    _check_stats(input)
+    return kernels.batch_norm_stats(input, eps)
+
+
+@batch_norm_stats.register_fake
+def _(input, eps):
+    C = _check_stats(input)
+    return input.new_empty((C,), dtype=torch.float32), input.new_empty((C,), dtype=torch.float32)
+
+
+# --- batch_norm_train ---------------------------------------------------------------------------------------
+
+
+def _check_forward(op, input, weight, bias, running_mean, running_var, residual, training):
+    check_float_tensors(op, input=input, weight=weight, bias=bias, running_mean=running_mean,
+                        running_var=running_var, residual=residual)
+    C = _check_input(op, input)
+    _check_running(op, running_mean, running_var)
+    _check_vectors(op, C, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
+    _check_same_shape(op, "residual", residual, input)
+    if training:
+        _check_training_size(op, input)
+    return C
+
+
+@torch.library.custom_op(
+    _TRAIN,
+    mutates_args=(),
+    schema="(Tensor input, Tensor? weight, Tensor? bias, Tensor? running_mean, Tensor? running_var, "
+           "float momentum, float eps, Tensor? residual=None, bool relu=False) "
+           "-> (Tensor, Tensor, Tensor, Tensor?, Tensor?)",
+)
+def batch_norm_train(input, weight, bias, running_mean, running_var, momentum, eps, residual=None, relu=False):
+    _check_forward(_TRAIN, input, weight, bias, running_mean, running_var, residual, True)
+    return kernels.batch_norm_train(input, weight, bias, running_mean, running_var, momentum, eps, residual, relu)
+
+
+@batch_norm_train.register_fake
+def _(input, weight, bias, running_mean, running_var, momentum, eps, residual=None, relu=False):
+    C = _check_forward(_TRAIN, input, weight, bias, running_mean, running_var, residual, True)
+    save_dtype = kernels.save_stats_dtype(input)
+    running = [None if t is None else t.new_empty((C,)) for t in (running_mean, running_var)]
+    return (_out_like(input), input.new_empty((C,), dtype=save_dtype), input.new_empty((C,), dtype=save_dtype),
+            *running)
+
+
+# --- batch_norm_eval ----------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op(
+    _EVAL,
+    mutates_args=(),
+    schema="(Tensor input, Tensor? weight, Tensor? bias, Tensor running_mean, Tensor running_var, float eps, "
+           "Tensor? residual=None, bool relu=False) -> Tensor",
+)
+def batch_norm_eval(input, weight, bias, running_mean, running_var, eps, residual=None, relu=False):
+    _check_forward(_EVAL, input, weight, bias, running_mean, running_var, residual, False)
+    return kernels.batch_norm_eval(input, weight, bias, running_mean, running_var, eps, residual, relu)
+
+
+@batch_norm_eval.register_fake
+def _(input, weight, bias, running_mean, running_var, eps, residual=None, relu=False):
+    _check_forward(_EVAL, input, weight, bias, running_mean, running_var, residual, False)
+    return _out_like(input)
+
+
+# --- batch_norm_backward ------------------------------------------------------------------------------------
+
+
+def _check_backward(grad_out, input, weight, running_mean, running_var, save_mean, save_invstd, train,
+                    output_mask, relu_output):
+    op = _BWD
+    check_float_tensors(op, input=input, grad_out=grad_out, weight=weight, running_mean=running_mean,
+                        running_var=running_var, relu_output=relu_output)
+    C = _check_input(op, input)
+    _check_same_shape(op, "grad_out", grad_out, input)
+    _check_same_shape(op, "relu_output", relu_output, input)
+    if len(output_mask) != 3:
+        raise RuntimeError(f"{op}: output_mask must have 3 entries, got {list(output_mask)}")
+    for name, t in (("save_mean", save_mean), ("save_invstd", save_invstd)):
+        if t is None:
+            continue
+        if t.dtype not in (torch.float32, input.dtype):
+            raise RuntimeError(f"{op}: {name} must be float32 or the input's dtype {input.dtype}, got {t.dtype}")
+        if t.device != input.device:
+            raise RuntimeError(f"{op}: {name} is on {t.device} but input is on {input.device}; expected one device")
+    if train and (save_mean is None or save_invstd is None):
+        raise RuntimeError(f"{op}: save_mean and save_invstd must be given when train=True")
+    if not train and (running_mean is None or running_var is None):
+        raise RuntimeError(f"{op}: running_mean and running_var must be given when train=False")
+    _check_vectors(op, C, weight=weight, running_mean=running_mean, running_var=running_var,
+                   save_mean=save_mean, save_invstd=save_invstd)
+    return C
+
+
+@torch.library.custom_op(
+    _BWD,
+    mutates_args=(),
+    schema="(Tensor grad_out, Tensor input, Tensor? weight, Tensor? running_mean, Tensor? running_var, "
+           "Tensor? save_mean, Tensor? save_invstd, bool train, float eps, bool[3] output_mask, "
+           "Tensor? relu_output=None) -> (Tensor?, Tensor?, Tensor?)",
+)
+def batch_norm_backward(grad_out, input, weight, running_mean, running_var, save_mean, save_invstd, train, eps,
+                        output_mask, relu_output=None):
+    _check_backward(grad_out, input, weight, running_mean, running_var, save_mean, save_invstd, train,
+                    output_mask, relu_output)
+    return kernels.batch_norm_backward(grad_out, input, weight, running_mean, running_var, save_mean, save_invstd,
+                                       train, eps, output_mask, relu_output)
+
+
+@batch_norm_backward.register_fake
+def _(grad_out, input, weight, running_mean, running_var, save_mean, save_invstd, train, eps, output_mask,
+      relu_output=None):
+    C = _check_backward(grad_out, input, weight, running_mean, running_var, save_mean, save_invstd, train,
+                        output_mask, relu_output)
+    want_dx, want_gw, want_gb = output_mask
+    return (_out_like(input) if want_dx else None,
+            input.new_empty((C,)) if want_gw else None,
+            input.new_empty((C,)) if want_gb else None)
+
+
+__all__ = ["batch_norm_backward", "batch_norm_eval", "batch_norm_stats", "batch_norm_train"]
