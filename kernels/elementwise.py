@@ -5,10 +5,15 @@
   lets the gradient through and a NaN gradient is zeroed where ``y <= 0``.
 * ``bias_grad(g, y, dim)[c] = sum over all other dims of relu_backward(g, y)`` (just ``g`` without
   ``y``), accumulated in float32, rounded once to ``g``'s dtype.
+* ``add_relu(a, b) = relu(a + b)`` (a residual add and its ReLU in one pass): the sum in float32,
+  rounded once (eager rounds the sum, then ReLU commutes with that rounding), NaN kept. Its backward
+  is ``relu_backward(g, add_relu(a, b))``, the gradient of both ``a`` and ``b``: no kernel of its own.
 
 ReLU kernels are flat 1-D passes over the storage of dense tensors (any dense layout: contiguous,
 channels_last, permuted); the result has the input's strides. Non-dense inputs (slices, expanded
 views) are first copied densely (``clone``, which keeps their stride order) - one extra pass.
+``add_relu``'s result has the strides eager's ``torch.add`` gives (computed on meta tensors); an
+operand laid out otherwise is first copied into those strides.
 
 ``bias_grad`` views ``g`` as ``[A1, A2, B, C]`` by coalescing the non-reduced dims (B is the
 innermost in memory), so NCHW (A1 = N, B = H*W), channels_last (B = N*H*W) and ``(*, N)`` linear
@@ -75,6 +80,21 @@ def relu_bwd_kernel(g_ptr, y_ptr, dx_ptr, numel, BLOCK: tl.constexpr):
     g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
     y = tl.load(y_ptr + offs, mask=mask).to(tl.float32)
     tl.store(dx_ptr + offs, tl.where(y <= 0, 0.0, g).to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+def _add_relu_signature(dtype):
+    t = TRITON_TYPE[dtype]
+    return {"a_ptr": f"*{t}", "b_ptr": f"*{t}", "y_ptr": f"*{t}", "numel": "i32", "BLOCK": "constexpr"}
+
+
+@tuned_kernel("add_relu_fwd", gpu_configs=_FLAT_GPU_CONFIGS, interp_heuristics=_FLAT_INTERP, key=["numel"],
+              signature=_add_relu_signature)
+@triton.jit
+def add_relu_fwd_kernel(a_ptr, b_ptr, y_ptr, numel, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    s = tl.load(a_ptr + offs, mask=mask).to(tl.float32) + tl.load(b_ptr + offs, mask=mask).to(tl.float32)
+    tl.store(y_ptr + offs, tl.where(s < 0, 0.0, s).to(y_ptr.dtype.element_ty), mask=mask)
 
 
 # bias_grad partial sums. Channel-contiguous layouts (channels_last, linear) want wide C tiles,
@@ -208,6 +228,29 @@ def relu_backward(grad_output: torch.Tensor, output: torch.Tensor) -> torch.Tens
     return dx
 
 
+def add_output_strides(a: torch.Tensor, b: torch.Tensor) -> tuple:
+    """The strides eager's ``torch.add(a, b)`` gives its result (same shapes), from meta tensors."""
+    def meta(t):
+        return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
+
+    return torch.add(meta(a), meta(b)).stride()
+
+
+def add_relu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``relu(a + b)`` for same-shape, same-dtype ``a`` and ``b``, laid out as ``torch.add(a, b)``."""
+    stride = add_output_strides(a, b)
+    y = empty_strided(a.shape, stride, dtype=a.dtype, device=a.device)
+    if y.numel() == 0:
+        return y
+    def in_place(t):  # same memory order as y (strides of size-1 dims do not matter)
+        return all(st == ys for size, st, ys in zip(t.shape, t.stride(), stride) if size != 1)
+
+    a, b = (t if in_place(t) else torch.empty_like(y).copy_(t) for t in (a, b))
+    check_int32_indexing(y)
+    add_relu_fwd_kernel[lambda meta: (triton.cdiv(y.numel(), meta["BLOCK"]),)](a, b, y, y.numel())
+    return y
+
+
 def _reduced_groups(g: torch.Tensor, r: torch.Tensor | None, dim: int):
     """The dims other than ``dim`` coalesced into at most 3 groups ``[size, g_stride, r_stride]``,
     outermost first (padded with size-1 groups), or None when they do not coalesce that far."""
@@ -271,4 +314,4 @@ def bias_grad(grad_output: torch.Tensor, relu_output: torch.Tensor | None, dim: 
     return out
 
 
-__all__ = ["bias_grad", "relu", "relu_backward"]
+__all__ = ["add_output_strides", "add_relu", "bias_grad", "relu", "relu_backward"]

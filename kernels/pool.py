@@ -20,6 +20,13 @@ index does not lie inside them (only the no-in-range-tap case above) contribute 
 Both kernels tile ``[BLOCK_P, BLOCK_C]``: P runs over (n, y, x) positions, C over channels, with
 every stride a runtime argument, so NCHW (long P tiles) and channels_last (wide C tiles) layouts are
 both coalesced; the autotune key includes the channel stride so each layout tunes separately.
+
+Global average pool (``mean(x, [-1, -2], keepdim=True)``, ``adaptive_avg_pool2d(x, 1)``): each
+``(n, c)`` averages its ``H x W`` plane in float32 (sum, then one correctly rounded division by
+``H * W``, rounded once to the output dtype); the backward writes ``grad[n, c] / (H * W)`` to every
+position. Both tile ``[BLOCK_R, BLOCK_C]`` over (plane position, channel) with the plane flattened to
+one stride, which every dense layout allows (NCHW: unit stride along R; channels_last: along C);
+other layouts are first copied densely.
 """
 
 from __future__ import annotations
@@ -170,6 +177,98 @@ def max_pool2d_bwd_kernel(
     tl.store(dx_ptr + d_off, acc.to(dx_ptr.dtype.element_ty), mask=tile_ok)
 
 
+# --- global average pool ----------------------------------------------------------------------------
+
+
+def _gap_config(block_r, block_c, warps):
+    return triton.Config({"BLOCK_R": block_r, "BLOCK_C": block_c}, num_warps=warps, num_stages=1)
+
+
+# NCHW (plane contiguous) wants long R tiles; channels_last (channels contiguous) wide C tiles.
+_GAP_GPU_CONFIGS = [_gap_config(64, 16, 4), _gap_config(128, 8, 4), _gap_config(256, 4, 4),
+                    _gap_config(8, 128, 4), _gap_config(16, 128, 8), _gap_config(4, 256, 4)]
+_GAP_INTERP = {  # up to 1024 x 1024: planes of more than 1024 positions take several row tiles
+    "BLOCK_C": lambda a: interp_block(a["C"], 1, 1024),
+    "BLOCK_R": lambda a: interp_block(a["HW"], 1, min(1024, INTERP_TILE // interp_block(a["C"], 1, 1024))),
+}
+
+
+def _gap_plane_strides(prefix, layout, C=2048, HW=49):
+    """N, C and plane strides of a ``[N, C, H, W]`` tensor in ``layout`` ("nhwc" or "nchw"): the gate's
+    variants use ResNet-50's last stage (2048 channels at 7x7)."""
+    strides = (HW * C, 1, C) if layout == "nhwc" else (HW * C, HW, 1)
+    return dict(zip((f"{prefix}_sn", f"{prefix}_sc", f"{prefix}_sr"), strides))
+
+
+def _gap_fwd_signature(dtype):
+    t = TRITON_TYPE[dtype]
+    ints = ["C", "HW", "x_sn", "x_sc", "x_sr", "o_sn", "o_sc"]
+    return {"x_ptr": f"*{t}", "out_ptr": f"*{t}", **{k: "i32" for k in ints},
+            "BLOCK_R": "constexpr", "BLOCK_C": "constexpr"}
+
+
+def _gap_fwd_constexprs(layout):
+    return lambda dtype: {"C": 2048, "HW": 49, **_gap_plane_strides("x", layout), "o_sn": 2048, "o_sc": 1}
+
+
+@tuned_kernel("global_avg_pool2d_fwd", gpu_configs=_GAP_GPU_CONFIGS, interp_heuristics=_GAP_INTERP,
+              key=["C", "HW", "x_sc"], signature=_gap_fwd_signature, constexprs=_gap_fwd_constexprs("nhwc"),
+              variants={"nchw": _gap_fwd_constexprs("nchw")})
+@triton.jit
+def global_avg_pool2d_fwd_kernel(
+    x_ptr, out_ptr, C, HW,
+    x_sn, x_sc, x_sr,  # x_sr: the stride of the flattened H x W plane
+    o_sn, o_sc,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """out[n, c] = (sum over the plane of x[n, c]) / HW; grid (channel blocks, N)."""
+    n = tl.program_id(1)
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    x_nc = x_ptr + n.to(tl.int64) * x_sn + (c * x_sc)[None, :]
+    acc = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
+    for r0 in range(0, HW, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        v = tl.load(x_nc + (r * x_sr)[:, None], mask=(r < HW)[:, None] & c_ok[None, :], other=0.0)
+        acc += v.to(tl.float32)
+    mean = tl.math.div_rn(tl.sum(acc, axis=0), tl.zeros([BLOCK_C], tl.float32) + HW)
+    tl.store(out_ptr + n * o_sn + c * o_sc, mean.to(out_ptr.dtype.element_ty), mask=c_ok)
+
+
+def _gap_bwd_signature(dtype):
+    t = TRITON_TYPE[dtype]
+    ints = ["C", "HW", "g_sn", "g_sc", "d_sn", "d_sc", "d_sr"]
+    return {"grad_ptr": f"*{t}", "dx_ptr": f"*{t}", **{k: "i32" for k in ints},
+            "BLOCK_R": "constexpr", "BLOCK_C": "constexpr"}
+
+
+def _gap_bwd_constexprs(layout):
+    return lambda dtype: {"C": 2048, "HW": 49, "g_sn": 2048, "g_sc": 1, **_gap_plane_strides("d", layout)}
+
+
+@tuned_kernel("global_avg_pool2d_bwd", gpu_configs=_GAP_GPU_CONFIGS, interp_heuristics=_GAP_INTERP,
+              key=["C", "HW", "d_sc"], signature=_gap_bwd_signature, constexprs=_gap_bwd_constexprs("nhwc"),
+              variants={"nchw": _gap_bwd_constexprs("nchw")})
+@triton.jit
+def global_avg_pool2d_bwd_kernel(
+    grad_ptr, dx_ptr, C, HW,
+    g_sn, g_sc,
+    d_sn, d_sc, d_sr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """dx[n, c, r] = grad[n, c] / HW; grid (plane blocks x channel blocks, N)."""
+    n = tl.program_id(1)
+    c_blocks = tl.cdiv(C, BLOCK_C)
+    r = (tl.program_id(0) // c_blocks) * BLOCK_R + tl.arange(0, BLOCK_R)
+    c = (tl.program_id(0) % c_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    g = tl.load(grad_ptr + n * g_sn + c * g_sc, mask=c_ok, other=0.0).to(tl.float32)
+    g = tl.math.div_rn(g, tl.zeros([BLOCK_C], tl.float32) + HW)
+    value = tl.zeros([BLOCK_R, BLOCK_C], tl.float32) + g[None, :]
+    offs = n.to(tl.int64) * d_sn + (r * d_sr)[:, None] + (c * d_sc)[None, :]
+    tl.store(dx_ptr + offs, value.to(dx_ptr.dtype.element_ty), mask=(r < HW)[:, None] & c_ok[None, :])
+
+
 # --- launchers --------------------------------------------------------------------------------------
 
 
@@ -250,4 +349,59 @@ def max_pool2d_backward(grad_output: torch.Tensor, x: torch.Tensor, indices: tor
     return grad_input
 
 
-__all__ = ["max_pool2d_backward", "max_pool2d_forward", "output_memory_format", "pool_output_size"]
+def _plane_stride(t: torch.Tensor) -> int | None:
+    """The one stride of ``t``'s flattened ``H x W`` plane, or None when H and W do not flatten."""
+    H, W = t.shape[2:]
+    if H == 1:
+        return t.stride(3)
+    if W == 1:
+        return t.stride(2)
+    return t.stride(3) if t.stride(2) == W * t.stride(3) else None
+
+
+def global_avg_pool2d(x: torch.Tensor) -> torch.Tensor:
+    """``mean(x, [-1, -2], keepdim=True)`` of 4-D ``x``: ``[N, C, 1, 1]`` with strides ``(C, 1, 1, 1)``,
+    as eager's ``mean`` gives for every input layout."""
+    N, C, H, W = x.shape
+    out = empty((N, C, 1, 1), dtype=x.dtype, device=x.device)
+    if out.numel() == 0:
+        return out
+    sr = _plane_stride(x)
+    if sr is None:  # H and W not one stride apart (a sliced plane): read a dense copy
+        x = x.contiguous(memory_format=output_memory_format(x))
+        sr = _plane_stride(x)
+    check_int32_indexing(x)
+    global_avg_pool2d_fwd_kernel[lambda meta: (triton.cdiv(C, meta["BLOCK_C"]), N)](
+        x, out, C, H * W, x.stride(0), x.stride(1), sr, out.stride(0), out.stride(1),
+    )
+    return out
+
+
+def global_avg_pool2d_backward(grad_output: torch.Tensor, input_size, channels_last: bool) -> torch.Tensor:
+    """``grad_output[n, c] / (H * W)`` broadcast to ``input_size`` (N, C, H, W), contiguous or channels_last."""
+    N, C, H, W = input_size
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    dx = empty((N, C, H, W), dtype=grad_output.dtype, device=grad_output.device, memory_format=fmt)
+    if dx.numel() == 0:
+        return dx
+    check_int32_indexing(dx)
+    HW = H * W
+
+    def grid(meta):
+        return (triton.cdiv(HW, meta["BLOCK_R"]) * triton.cdiv(C, meta["BLOCK_C"]), N)
+
+    global_avg_pool2d_bwd_kernel[grid](
+        grad_output, dx, C, HW, grad_output.stride(0), grad_output.stride(1), dx.stride(0), dx.stride(1),
+        _plane_stride(dx),
+    )
+    return dx
+
+
+__all__ = [
+    "global_avg_pool2d",
+    "global_avg_pool2d_backward",
+    "max_pool2d_backward",
+    "max_pool2d_forward",
+    "output_memory_format",
+    "pool_output_size",
+]

@@ -211,6 +211,74 @@ def test_bias_grad_fuzz(shape, data, masked, dtype):
     check_bias_grad(grad, relu_output, dim)
 
 
+# ------------------------------------------------------------------------------------ add_relu
+
+
+@pytest.mark.parametrize("layouts", [("contiguous", "contiguous"), ("channels_last", "channels_last"),
+                                     ("contiguous", "channels_last"), ("channels_last", "contiguous"),
+                                     ("sliced", "permuted"), ("expanded", "channels_last")])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.filterwarnings("ignore:invalid value encountered")  # inf + -inf
+def test_add_relu(layouts, dtype):
+    """relu(a + b) as eager computes it (NaN and infinities included), laid out as eager's torch.add."""
+    a = make((2, 3, 7, 9), layouts[0], dtype, specials=True)
+    b = make((2, 3, 7, 9), layouts[1], dtype, specials=True)
+    y = ops.add_relu(a, b)
+    ref = torch.relu(a.cpu().float() + b.cpu().float()).to(dtype)
+    assert torch.equal(y.cpu().isnan(), ref.isnan())
+    assert_close(y.cpu(), ref)
+    assert y.stride() == torch.add(a.cpu(), b.cpu()).stride(), (y.stride(), torch.add(a.cpu(), b.cpu()).stride())
+
+
+@pytest.mark.parametrize("shape", [(0, 3), (1,), (1000,), (3, 1, 7), (2**20 + 3,)], ids=str)
+def test_add_relu_sizes(shape):
+    """Empty, tiny, off-block and bigger-than-one-interpreter-block sizes; size-1 dims' strides as eager."""
+    a, b = torch.randn(shape).to(DEVICE), torch.randn(shape).to(DEVICE)
+    y = ops.add_relu(a, b)
+    assert torch.equal(y.cpu(), torch.relu(a.cpu() + b.cpu()))
+    assert y.stride() == torch.add(a, b).stride()
+
+
+def test_add_relu_output_strides():
+    """Where eager's torch.add does not simply copy the first operand's strides."""
+    cases = [
+        (torch.randn(3, 7).as_strided((3, 1, 7), (7, 100, 1)), torch.randn(3, 1, 7)),  # odd size-1 stride
+        (torch.randn(2, 3, 1, 5).expand(2, 3, 4, 5),  # a broadcast dim: the other operand's order decides it
+         torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last)),
+    ]
+    for a, b in cases:
+        a, b = a.to(DEVICE), b.to(DEVICE)
+        y = ops.add_relu(a, b)
+        assert y.stride() == torch.add(a, b).stride() != torch.empty_like(a).stride()
+        assert torch.equal(y.cpu(), torch.relu(a.cpu() + b.cpu()))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_add_relu_backward_is_relu_backward(dtype):
+    """The gradient of both operands is relu_backward(g, add_relu(a, b)): no kernel of its own."""
+    a = make((2, 5, 6, 7), "channels_last", dtype).requires_grad_()
+    b = make((2, 5, 6, 7), "channels_last", dtype).requires_grad_()
+    grad = make((2, 5, 6, 7), "channels_last", dtype)
+    a32, b32 = (t.detach().cpu().float().requires_grad_() for t in (a, b))
+    torch.relu(a32 + b32).backward(grad.cpu().float())
+    dx = ops.relu_backward(grad, ops.add_relu(a.detach(), b.detach()))
+    assert_close(dx.cpu(), a32.grad.to(dtype), grad=True)
+    assert_close(dx.cpu(), b32.grad.to(dtype), grad=True)
+
+
+def test_add_relu_bad_arguments():
+    a = make((2, 3, 4, 5))
+    with pytest.raises(RuntimeError, match="b shape"):
+        ops.add_relu(a, make((2, 3, 4, 4)))
+    with pytest.raises(RuntimeError, match="b dtype"):
+        ops.add_relu(a, make((2, 3, 4, 5), dtype=torch.float16))
+    with pytest.raises(RuntimeError, match="a must be float32"):
+        ops.add_relu(a.long(), a.long())
+    fake = torch._subclasses.fake_tensor.FakeTensorMode()
+    with fake, pytest.raises(RuntimeError, match="b shape"):  # the fake impl checks too
+        ops.add_relu(fake.from_tensor(a), fake.from_tensor(make((2, 3, 4, 4))))
+
+
 # ------------------------------------------------------------------------------- opcheck, errors
 
 
@@ -221,6 +289,7 @@ def test_opcheck(layout):
     torch.library.opcheck(ops.relu_backward, (make((2, 3, 5, 4)), x.relu()))
     torch.library.opcheck(ops.bias_grad, (x, make((2, 3, 5, 4)).relu(), 1))
     torch.library.opcheck(ops.bias_grad, (x, None, -1))
+    torch.library.opcheck(ops.add_relu, (x, make((2, 3, 5, 4), "channels_last")))
 
 
 def test_relu_refuses_integer_input():

@@ -301,3 +301,92 @@ def test_backward_bad_arguments(what, changes):
             )
     with pytest.raises(RuntimeError, match=what):
         ops.max_pool2d_backward(args["grad_output"], args["input"], args["indices"], *pool)
+
+
+# ------------------------------------------------------------------------------ global average pool
+
+
+def eager_gap_grad(grad, x):
+    """Eager autograd gradient (float32, CPU) of mean(x, [-1, -2], keepdim=True) for ``grad``."""
+    x32 = x.detach().cpu().float().requires_grad_()
+    x32.mean([-1, -2], keepdim=True).backward(grad.cpu().float())
+    return x32.grad.to(x.dtype)
+
+
+def check_gap(x):
+    out = ops.global_avg_pool2d(x)
+    ref = x.cpu().float().mean([-1, -2], keepdim=True).to(x.dtype)
+    assert_close(out.cpu(), ref)
+    assert out.stride() == x.cpu().mean([-1, -2], keepdim=True).stride() == torch.empty_like(ref).stride()
+    assert_close(out.cpu(), F.adaptive_avg_pool2d(x.cpu().float(), 1).to(x.dtype))
+    grad = torch.randn(out.shape, dtype=x.dtype).to(DEVICE)
+    ref_grad = eager_gap_grad(grad, x)
+    eager_layout = grad.cpu().expand(x.shape).div(x.shape[2] * x.shape[3])  # the backward graph's div
+    for channels_last in (False, True):
+        grad_input = ops.global_avg_pool2d_backward(grad, list(x.shape), channels_last)
+        assert_close(grad_input.cpu(), ref_grad, grad=True)
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        assert grad_input.is_contiguous(memory_format=fmt)
+        if not channels_last:
+            assert grad_input.stride() == eager_layout.stride()
+    return out
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 7, 7), (3, 300, 5, 3), (2, 5, 1, 1), (1, 2, 1, 9), (2, 3, 9, 1),
+                                   (1, 4, 37, 41)], ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_global_avg_pool2d(shape, layout):
+    """Plane sizes and channel counts off the block sizes (7x7 as ResNet's last stage), in every layout."""
+    check_gap(make_input(shape, layout))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_global_avg_pool2d_half(layout, dtype):
+    check_gap(make_input((2, 70, 7, 7), layout, dtype, values=lambda *s: torch.randn(s) + 3.0))
+
+
+def test_global_avg_pool2d_gradient_of_other_layouts():
+    """grad_output read with its own strides (a channels_last pooled gradient, a column of a wider one)."""
+    x = make_input((3, 5, 4, 6), "contiguous")
+    for grad in (torch.randn(3, 5, 1, 1).contiguous(memory_format=torch.channels_last).as_strided((3, 5, 1, 1),
+                                                                                                   (5, 1, 5, 5)),
+                 torch.randn(3, 10, 1, 1)[:, ::2]):
+        grad_input = ops.global_avg_pool2d_backward(grad.to(DEVICE), [3, 5, 4, 6], False)
+        assert_close(grad_input.cpu(), eager_gap_grad(grad, x), grad=True)
+
+
+def test_global_avg_pool2d_empty():
+    assert ops.global_avg_pool2d(make_input((0, 3, 4, 4), "contiguous")).shape == (0, 3, 1, 1)
+    grad = torch.randn(0, 3, 1, 1).to(DEVICE)
+    assert ops.global_avg_pool2d_backward(grad, [0, 3, 4, 4], True).shape == (0, 3, 4, 4)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_global_avg_pool2d_opcheck(layout):
+    x = make_input((2, 3, 5, 4), layout)
+    torch.library.opcheck(ops.global_avg_pool2d, (x,))
+    grad = torch.randn(2, 3, 1, 1).to(DEVICE)
+    for channels_last in (False, True):
+        torch.library.opcheck(ops.global_avg_pool2d_backward, (grad, [2, 3, 5, 4], channels_last))
+
+
+def test_global_avg_pool2d_bad_arguments():
+    with pytest.raises(RuntimeError):
+        torch.ones(2, 3, 4, 4, dtype=torch.int64).mean([-1, -2])
+    with pytest.raises(RuntimeError, match="input must be float32"):
+        ops.global_avg_pool2d(torch.ones(2, 3, 4, 4, dtype=torch.int64, device=DEVICE))
+    with pytest.raises(RuntimeError, match="4-D"):
+        ops.global_avg_pool2d(make_input((1, 2, 6, 6), "contiguous")[0])
+    fake = torch._subclasses.fake_tensor.FakeTensorMode()
+    with fake, pytest.raises(RuntimeError, match="4-D"):
+        ops.global_avg_pool2d(fake.from_tensor(make_input((1, 2, 6, 6), "contiguous")[0]))
+    grad = torch.randn(2, 3, 1, 1).to(DEVICE)
+    with pytest.raises(RuntimeError, match="grad_output of the pooled shape"):
+        ops.global_avg_pool2d_backward(grad, [2, 4, 5, 5], False)
+    with pytest.raises(RuntimeError, match="grad_output of the pooled shape"):
+        ops.global_avg_pool2d_backward(grad[..., 0], [2, 3, 5, 5], False)
+    with pytest.raises(RuntimeError, match="input_size"):
+        ops.global_avg_pool2d_backward(grad, [2, 3, 5], False)
+    with pytest.raises(RuntimeError, match="grad_output must be float32"):
+        ops.global_avg_pool2d_backward(grad.long(), [2, 3, 5, 5], False)

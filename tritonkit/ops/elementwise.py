@@ -1,4 +1,5 @@
-"""``tritonkit::relu``, ``tritonkit::relu_backward`` and ``tritonkit::bias_grad`` custom ops.
+"""``tritonkit::relu``, ``tritonkit::relu_backward``, ``tritonkit::bias_grad`` and ``tritonkit::add_relu``
+custom ops.
 
 * ``relu(input)``: ``torch.relu``; the result has ``input``'s strides when ``input`` is dense
   (``torch.empty_like`` strides otherwise).
@@ -7,6 +8,10 @@
 * ``bias_grad(grad_output, relu_output, dim)``: ``grad_output`` (ReLU-masked as above when
   ``relu_output`` is given) summed over every dim but ``dim``; float32 accumulation, result of shape
   ``(grad_output.shape[dim],)`` in ``grad_output``'s dtype. Conv bias: ``dim=1``; linear: ``dim=-1``.
+
+* ``add_relu(a, b)``: ``torch.relu(a + b)`` for ``a``, ``b`` of one shape and dtype (no broadcasting or
+  type promotion), laid out as eager's ``torch.add(a, b)``. Its backward is ``relu_backward(g, output)``
+  (aten's ``threshold_backward`` on the output), the gradient of both operands.
 
 Inputs are validated (in the real and the fake impl, before any launch) with the exception types
 PyTorch raises for the same mistakes.
@@ -93,4 +98,22 @@ def _(grad_output, relu_output, dim):
     return grad_output.new_empty((grad_output.shape[dim],))
 
 
-__all__ = ["bias_grad", "relu", "relu_backward"]
+def _check_add_relu(a: torch.Tensor, b: torch.Tensor) -> None:
+    op = "tritonkit::add_relu"
+    check_float_tensors(op, a=a, b=b)
+    _check_same_shape(op, "b", b, "a", a)
+
+
+@torch.library.custom_op("tritonkit::add_relu", mutates_args=(), schema="(Tensor a, Tensor b) -> Tensor")
+def add_relu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    _check_add_relu(a, b)
+    return kernels.add_relu(a, b)
+
+
+@add_relu.register_fake
+def _(a, b):
+    _check_add_relu(a, b)
+    return torch.empty_strided(a.shape, torch.add(a, b).stride(), dtype=a.dtype, device=a.device)
+
+
+__all__ = ["add_relu", "bias_grad", "relu", "relu_backward"]

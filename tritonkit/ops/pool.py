@@ -9,6 +9,16 @@ memory format eager picks (channels_last in, channels_last out).
 ``max_pool2d_backward(grad_output, input, indices, ...)`` scatters (as a deterministic gather)
 ``grad_output`` to the positions ``indices`` name; the result is laid out like eager's grad_input.
 
+``global_avg_pool2d(input) -> Tensor`` is ``aten.mean.dim(input, [-1, -2], keepdim=True)`` (what
+``adaptive_avg_pool2d(input, 1)`` becomes in AOTAutograd's graphs) on 4-D input: ``[N, C, 1, 1]`` with
+strides ``(C, 1, 1, 1)`` for every input layout, as eager's mean; float32 accumulation.
+
+``global_avg_pool2d_backward(grad_output, input_size, channels_last) -> Tensor`` is the backward
+graph's ``div(expand(grad_output, input_size), H * W)``: ``grad_output`` (``[N, C, 1, 1]``, any strides)
+divided by ``H * W`` at every position of ``input_size``, contiguous (what eager's ``div`` of the
+expanded gradient gives) or, with ``channels_last``, channels_last (what an eager-autograd face wants
+for a channels_last input, as ``_adaptive_avg_pool2d_backward`` gives).
+
 Arguments are checked before any launch, in the order and with the exception types aten uses.
 """
 
@@ -124,4 +134,52 @@ def _(grad_output, input, indices, kernel_size, stride, padding, dilation, ceil_
                        memory_format=kernels.output_memory_format(input))
 
 
-__all__ = ["max_pool2d", "max_pool2d_backward"]
+_GAP, _GAP_BWD = "tritonkit::global_avg_pool2d", "tritonkit::global_avg_pool2d_backward"
+
+
+def _check_global_avg_pool2d(input):
+    check_float_tensors(_GAP, input=input)
+    if input.dim() != 4:
+        raise RuntimeError(f"{_GAP}: expected a 4-D (N, C, H, W) input, got shape {tuple(input.shape)}")
+
+
+@torch.library.custom_op(_GAP, mutates_args=(), schema="(Tensor input) -> Tensor")
+def global_avg_pool2d(input):
+    _check_global_avg_pool2d(input)
+    return kernels.global_avg_pool2d(input)
+
+
+@global_avg_pool2d.register_fake
+def _(input):
+    _check_global_avg_pool2d(input)
+    return input.new_empty((input.shape[0], input.shape[1], 1, 1))
+
+
+def _check_global_avg_pool2d_backward(grad_output, input_size):
+    check_float_tensors(_GAP_BWD, grad_output=grad_output)
+    if len(input_size) != 4:
+        raise RuntimeError(f"{_GAP_BWD}: expected input_size (N, C, H, W), got {list(input_size)}")
+    if min(input_size) < 0:
+        raise RuntimeError(f"{_GAP_BWD}: input_size must be non-negative, got {list(input_size)}")
+    expected = (input_size[0], input_size[1], 1, 1)
+    if tuple(grad_output.shape) != expected:
+        raise RuntimeError(f"{_GAP_BWD}: expected grad_output of the pooled shape {expected}, "
+                           f"got {tuple(grad_output.shape)}")
+
+
+@torch.library.custom_op(
+    _GAP_BWD, mutates_args=(), schema="(Tensor grad_output, SymInt[] input_size, bool channels_last) -> Tensor"
+)
+def global_avg_pool2d_backward(grad_output, input_size, channels_last):
+    _check_global_avg_pool2d_backward(grad_output, input_size)
+    return kernels.global_avg_pool2d_backward(grad_output, input_size, channels_last)
+
+
+@global_avg_pool2d_backward.register_fake
+def _(grad_output, input_size, channels_last):
+    _check_global_avg_pool2d_backward(grad_output, input_size)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return torch.empty(list(input_size), dtype=grad_output.dtype, device=grad_output.device, memory_format=fmt)
+
+
+__all__ = ["global_avg_pool2d", "global_avg_pool2d_backward", "max_pool2d", "max_pool2d_backward"]
