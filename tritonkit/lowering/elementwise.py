@@ -19,6 +19,24 @@ def relu(lw, node):
     return Rewrite([lw.spec("relu", (x,), node)], (node,))
 
 
+@rule(aten.add.Tensor)
+def add_relu(lw, node):
+    """``relu(a + b)`` of two same-shape tensors (a residual block's end) -> ``add_relu``."""
+    a = bind(node)
+    x, y = a["self"], a["other"]
+    relu = lw.relu_after(node)
+    if relu is None or relu.args[0] is not node:
+        return None
+    if not all(hasattr(val(t), "shape") for t in (x, y)):
+        return None
+    lw.checker.tensors_ok(a=x, b=y)
+    if a.get("alpha", 1) != 1:
+        raise Fail(f"add with alpha={a['alpha']}")
+    if tuple(val(x).shape) != tuple(val(y).shape):
+        raise Fail("add of different shapes (broadcasting)")
+    return Rewrite([lw.spec("add_relu", (x, y), relu)], (node, relu))
+
+
 def _bias_dim(node) -> int | None:
     a = bind(node)
     value = val(a["self"])
@@ -75,7 +93,7 @@ def threshold_backward(lw, node):
         planned = {}
         if _fold(lw, node, g, y, planned):
             names = [node.name] + [c.name for c in planned]
-            labels = [s.describe(y.name) for specs in planned.values() for s in specs]
+            labels = dict.fromkeys(s.describe(y.name) for specs in planned.values() for s in specs)
             lw.lowered.append(Lowered(tuple(names), tuple(labels)))
             return Rewrite([], planned=planned, report=False)
     return Rewrite([lw.spec("relu_backward", (g, y), node)], (node,))

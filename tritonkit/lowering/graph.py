@@ -13,9 +13,10 @@ aten = torch.ops.aten
 
 VIEWS = (aten.view.default, aten._unsafe_view.default)
 
-# Nodes that launch nothing: getitem, views of metadata, size queries.
+# Nodes that launch nothing: getitem, views of metadata, size queries, allocations left uninitialised.
 _FREE = {operator.getitem, aten._unsafe_view.default, aten.sym_size.int, aten.sym_stride.int,
-         aten.sym_numel.default, aten.sym_storage_offset.default}
+         aten.sym_numel.default, aten.sym_storage_offset.default, aten.new_empty.default,
+         aten.empty.memory_format}
 
 
 class Fail(Exception):

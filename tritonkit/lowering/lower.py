@@ -22,7 +22,8 @@ class GraphLowering:
     """Rewrites one AOTAutograd graph in place; :meth:`run` returns its :class:`GraphReport`.
 
     What rules use: ``spec()`` (a checked replacement), ``checker.tensors_ok()``, ``sizes()``,
-    ``relu_after()``, ``opts``, ``name`` and ``lowered`` (for rules that report their own rewrite).
+    ``relu_after()``, ``defined_before()``, ``in_graph_order()``, ``opts``, ``name`` and ``lowered``
+    (for rules that report their own rewrite).
     """
 
     def __init__(self, gm: fx.GraphModule, name: str, kind: str, opts: Options):
@@ -40,7 +41,7 @@ class GraphLowering:
         self.consumed: set[fx.Node] = set()  # nodes already rewritten (or fused into another rewrite)
         self.replaced: dict[fx.Node, fx.Node] = {}  # old node -> the node that now holds its value
         self.created: set[fx.Node] = set()  # tritonkit calls the rewrite inserted
-        self.emitted: dict[int, fx.Node] = {}  # id(New) -> its node
+        self.emitted: dict[int, tuple[New, fx.Node]] = {}  # id(New) -> (it, its node)
 
     # -------------------------------------------------------------------------------- entry point
     def run(self) -> GraphReport:
@@ -99,6 +100,23 @@ class GraphLowering:
         return [int(s) if is_concrete_int(s) else New(aten.sym_size.int, (source, d))
                 for d, s in enumerate(val(node).shape)]
 
+    def defined_before(self, a, b: fx.Node) -> bool:
+        """Whether ``a`` (a node, or a constant) comes before node ``b`` in the graph as it is now."""
+        if not isinstance(a, fx.Node):
+            return True
+        for node in self.graph.nodes:
+            if node is a:
+                return True
+            if node is b:
+                return False
+        return False
+
+    def in_graph_order(self, specs: list[Spec]) -> list[Spec]:
+        """``specs`` sorted by where their replaced nodes are, so that a call several specs share is
+        emitted before its first use."""
+        order = {node: i for i, node in enumerate(self.graph.nodes)}
+        return sorted(specs, key=lambda spec: order[spec.replaces])
+
     def relu_after(self, node: fx.Node) -> fx.Node | None:
         """The ReLU that is the only consumer of ``node`` (through single-user views), if fusable."""
         if not self.opts.fuse_relu:
@@ -121,8 +139,9 @@ class GraphLowering:
                 node = self.graph.call_function(a.target, tuple(self._materialize(x) for x in a.args))
                 with self.checker.context():
                     node.meta["val"] = self.checker.fake(a, {})
-                self.emitted[id(a)] = node
-            return self.emitted[id(a)]
+                self.emitted[id(a)] = (a, node)  # holding ``a`` keeps its id from being reused
+                self.created.add(node)
+            return self.emitted[id(a)][1]
         if isinstance(a, (list, tuple)):
             return type(a)(self._materialize(x) for x in a)
         while isinstance(a, fx.Node) and a in self.replaced:  # rewritten since the spec was made
@@ -146,7 +165,7 @@ class GraphLowering:
             self.replaced[spec.replaces] = new
             self.touched.add(spec.replaces)
         if rewrite.report and rewrite.specs:
-            labels = tuple(s.describe() for s in rewrite.specs if s.op is not None)
+            labels = tuple(dict.fromkeys(s.describe() for s in rewrite.specs if s.op is not None))
             self.lowered.append(Lowered(tuple(n.name for n in rewrite.absorbed), labels))
         for node in rewrite.absorbed:
             self.touched.add(node)

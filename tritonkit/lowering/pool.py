@@ -1,8 +1,11 @@
-"""Pooling rules: ``max_pool2d_with_indices`` and its backward."""
+"""Pooling rules: ``max_pool2d_with_indices`` and its backward; the global average pool (``mean`` over
+H and W, what ``adaptive_avg_pool2d(x, 1)`` traces to) and its backward (``div(expand(g), H*W)``)."""
 
 from __future__ import annotations
 
-from tritonkit.lowering.graph import Rewrite, aten, bind
+import torch
+
+from tritonkit.lowering.graph import Fail, Rewrite, aten, bind, is_call, val
 from tritonkit.lowering.rules import rule
 
 
@@ -22,3 +25,34 @@ def max_pool2d_backward(lw, node):
     args = (a["grad_output"], a["self"], a["indices"], list(a["kernel_size"]), list(a["stride"]),
             list(a["padding"]), list(a["dilation"]), a["ceil_mode"])
     return Rewrite([lw.spec("max_pool2d_backward", args, node)], (node,))
+
+
+@rule(aten.mean.dim)
+def global_avg_pool(lw, node):
+    a = bind(node)
+    x = a["self"]
+    value = val(x)
+    if not hasattr(value, "dim") or value.dim() != 4 or {d % 4 for d in a["dim"] or ()} != {2, 3}:
+        return None
+    lw.checker.tensors_ok(input=x)
+    if a.get("dtype") is not None:
+        raise Fail(f"mean with dtype={a['dtype']}")
+    post = [] if a["keepdim"] else [(aten.view.default, (lw.sizes(x)[:2],), {})]
+    return Rewrite([lw.spec("global_avg_pool2d", (x,), node, post=post)], (node,))
+
+
+@rule(aten.div.Scalar)
+def global_avg_pool_backward(lw, node):
+    """``div(expand(g[N, C, 1, 1], [N, C, H, W]), H * W)``: the gradient of a global average pool."""
+    expand, divisor = node.args
+    if not is_call(expand, aten.expand.default):
+        return None
+    g, size = expand.args
+    gval, out = val(g), val(node)
+    if not hasattr(gval, "shape") or len(size) != 4 or tuple(gval.shape[2:]) != (1, 1):
+        return None
+    if tuple(gval.shape[:2]) != tuple(out.shape[:2]) or divisor != out.shape[2] * out.shape[3]:
+        return None
+    lw.checker.tensors_ok(grad_output=g)
+    channels_last = out.dim() == 4 and not out.is_contiguous() and out.is_contiguous(memory_format=torch.channels_last)
+    return Rewrite([lw.spec("global_avg_pool2d_backward", (g, list(size), channels_last), node)], (node,))

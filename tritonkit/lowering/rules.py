@@ -21,7 +21,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 
-FAMILIES = ("conv", "linear", "pool", "elementwise")
+FAMILIES = ("conv", "linear", "pool", "norm", "elementwise", "loss")
 
 RULES: dict[object, Callable] = {}
 MASK_CONSUMERS: dict[object, Callable] = {}

@@ -1,0 +1,192 @@
+"""BatchNorm ResNets under ``torch.compile(backend="tritonkit")``: training steps and inference against
+eager, judged against a float64 copy of the model (BatchNorm over small batches amplifies rounding, so
+float32 eager itself is off there; tritonkit must stay within a small factor of eager's own error)."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tritonkit.lowering import explain
+from tritonkit.runtime import default_device
+from tritonkit.testing import BN_ERROR_FACTOR, relative_error
+
+DEVICE = default_device()
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin, cout, stride=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + identity)
+
+
+class Bottleneck(nn.Module):
+    def __init__(self, cin, width, cout, stride=1):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(cin, width, 1, bias=False), nn.BatchNorm2d(width)
+        self.conv2, self.bn2 = nn.Conv2d(width, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width)
+        self.conv3, self.bn3 = nn.Conv2d(width, cout, 1, bias=False), nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU()
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        return self.relu(self.bn3(self.conv3(out)) + identity)
+
+
+class SmallResNet(nn.Module):
+    """A ResNet in miniature: 7x7/2 stem + BN + ReLU + 3x3/2 max-pool, basic blocks (one with the
+    stride-2 downsample branch), a bottleneck, global average pool, linear classifier."""
+
+    def __init__(self, classes=5):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 7, 2, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                                  nn.MaxPool2d(3, 2, 1))
+        self.layers = nn.Sequential(BasicBlock(8, 8), BasicBlock(8, 16, stride=2), Bottleneck(16, 4, 16))
+        self.fc = nn.Linear(16, classes)
+
+    def forward(self, x):
+        x = self.layers(self.stem(x))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def _train(model, xs, ts, compiled: bool, steps: int):
+    run = torch.compile(model, backend="tritonkit") if compiled else model
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    losses = []
+    for x, t in zip(xs[:steps], ts[:steps]):
+        opt.zero_grad()
+        loss = F.cross_entropy(run(x), t)
+        loss.backward()
+        opt.step()
+        losses.append(loss.detach())
+    return torch.stack(losses)
+
+
+def _state(model):
+    return {k: v.detach().double() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def data():
+    torch.manual_seed(1)
+    xs = [torch.randn(4, 3, 20, 20, device=DEVICE) for _ in range(3)]
+    ts = [torch.randint(0, 5, (4,), device=DEVICE) for _ in range(3)]
+    return xs, ts
+
+
+def test_small_resnet_trains_like_eager(data):
+    torch._dynamo.reset()
+    xs, ts = data
+    torch.manual_seed(0)
+    model = SmallResNet().to(DEVICE)
+    ref64 = copy.deepcopy(model).double()
+    eager, ours = copy.deepcopy(model), copy.deepcopy(model)
+    losses64 = _train(ref64, [x.double() for x in xs], ts, False, 3)
+    losses_eager = _train(eager, xs, ts, False, 3)
+    losses_ours = _train(ours, xs, ts, True, 3)
+    err_eager = relative_error(losses_eager, losses64)
+    assert relative_error(losses_ours, losses64) <= BN_ERROR_FACTOR * err_eager + 1e-5
+    want, base, got = _state(ref64), _state(eager), _state(ours)
+    for name in want:
+        if name.endswith("num_batches_tracked"):
+            assert torch.equal(got[name], want[name]), name
+            continue
+        bound = BN_ERROR_FACTOR * relative_error(base[name], want[name]) + 1e-5
+        assert relative_error(got[name], want[name]) <= bound, name
+
+
+def test_small_resnet_inference_matches_eager(data):
+    torch._dynamo.reset()
+    xs, _ = data
+    torch.manual_seed(0)
+    model = SmallResNet().to(DEVICE)
+    _train(model, xs, data[1], False, 2)  # running statistics that are not the initial 0 / 1
+    model.eval()
+    ref64 = copy.deepcopy(model).double()
+    with torch.no_grad():
+        want = ref64(xs[0].double())
+        got = torch.compile(model, backend="tritonkit")(xs[0])
+        eager = model(xs[0])
+    assert relative_error(got, want) <= BN_ERROR_FACTOR * relative_error(eager, want) + 1e-5
+
+
+def test_explain_lowers_every_layer_of_a_resnet(data):
+    torch._dynamo.reset()
+    xs, ts = data
+    model = SmallResNet().to(DEVICE)
+    report = explain(lambda x, t: F.cross_entropy(model(x), t), xs[0], ts[0])
+    assert not report.fallbacks, str(report)
+    leftover = {op for g in report.graphs for op in g.eager_ops}
+    # eager keeps: num_batches_tracked += 1 (an int64 add per BN), the log-softmax the backward reads,
+    # and the sum of the two gradients a residual branch receives
+    assert leftover <= {"aten.add.Tensor", "aten._log_softmax.default"}, str(report)
+    assert report.launches < report.launches_eager
+
+    torch._dynamo.reset()
+    model.eval()
+    with torch.no_grad():
+        report = explain(model, xs[0])
+    assert not report.fallbacks and not report.graphs[0].eager_ops, str(report)
+
+
+@pytest.mark.parametrize("kwargs", [{"affine": False}, {"track_running_stats": False}, {"momentum": 0.3}])
+def test_batch_norm_variants_train_like_eager(kwargs):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, bias=False), nn.BatchNorm2d(6, **kwargs), nn.ReLU(),
+                          nn.Conv2d(6, 4, 3), nn.BatchNorm2d(4, **kwargs)).to(DEVICE)
+    ref64, ours, eager = copy.deepcopy(model).double(), copy.deepcopy(model), copy.deepcopy(model)
+    xs = [torch.randn(3, 3, 9, 9, device=DEVICE) for _ in range(3)]
+    probe = torch.randn(3, 4, 5, 5, device=DEVICE)  # a loss whose gradient is not ~0 through the last BN
+    run = torch.compile(ours, backend="tritonkit")
+    for x in xs:
+        for m, f, inp in ((ref64, ref64, x.double()), (eager, eager, x), (ours, run, x)):
+            m.zero_grad()
+            (f(inp) * probe.to(inp.dtype)).sum().backward()
+            with torch.no_grad():
+                for p in m.parameters():
+                    p -= 0.1 * p.grad
+    want, base, got = _state(ref64), _state(eager), _state(ours)
+    assert want.keys() == got.keys()
+    for name in want:
+        bound = BN_ERROR_FACTOR * relative_error(base[name], want[name]) + 1e-5
+        assert relative_error(got[name], want[name]) <= bound, name
+
+
+def test_eval_mode_graph_with_backward_matches_eager():
+    """model.eval() still traces forward + backward when inputs need grad (frozen BN fine-tuning)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 2, 1)).to(DEVICE)
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1)
+        model[1].running_var.uniform_(0.5, 2)
+    model.eval()
+    x = torch.randn(2, 3, 7, 7, device=DEVICE, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    ours = copy.deepcopy(model)
+    report = explain(ours, x)
+    assert not report.fallbacks, str(report)
+    torch.compile(ours, backend="tritonkit")(x).sum().backward()
+    model(x2).sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-4, atol=1e-5)
+    for p, q in zip(ours.parameters(), model.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-4)

@@ -1,0 +1,60 @@
+"""Loss rules: ``_log_softmax`` + ``nll_loss_forward`` (what ``F.cross_entropy`` traces to) as
+``cross_entropy``, and ``nll_loss_backward`` + ``_log_softmax_backward_data`` as one
+``cross_entropy_backward``. Label smoothing traces to a decomposition around these nodes; it stays ATen."""
+
+from __future__ import annotations
+
+import operator
+
+from tritonkit.lowering.graph import Fail, New, Rewrite, Spec, aten, bind, is_call, only_user, val
+from tritonkit.lowering.rules import rule
+
+
+def _class_dim_ok(logits, dim) -> None:
+    if val(logits).dim() != 2 or dim % 2 != 1:
+        raise Fail(f"log-softmax over dim {dim} of a {val(logits).dim()}-D tensor (tritonkit: class dim 1 of [N, C])")
+
+
+@rule(aten.nll_loss_forward.default)
+def nll_loss_forward(lw, node):
+    """``nll_loss_forward(_log_softmax(x))`` -> ``cross_entropy(x)`` (the log-probabilities never
+    written) when nothing else uses them; otherwise ``cross_entropy`` of the log-probabilities, whose
+    log-sum-exp is 0 (training graphs save them for the backward)."""
+    a = bind(node)
+    logp, target, weight = a["self"], a["target"], a["weight"]
+    lw.checker.tensors_ok(input=logp, weight=weight)
+    absorbed = (node,)
+    logits = logp
+    if is_call(logp, aten._log_softmax.default) and only_user(logp) is node:
+        x, dim, half_to_float = logp.args
+        _class_dim_ok(x, dim)
+        if half_to_float:
+            raise Fail("log-softmax with half_to_float")
+        logits, absorbed = x, (logp, node)
+    getitems = list(node.users)
+    if not all(is_call(u, operator.getitem) for u in getitems):
+        raise Fail("an output is used other than through getitem")
+    call = New(lw.tk.cross_entropy.default,
+               (logits, target, weight, a["reduction"], a["ignore_index"], 0.0, False))
+    specs = []
+    for u in getitems:  # nll_loss_forward's (loss, total_weight) are cross_entropy's outputs 0 and 2
+        spec = Spec(operator.getitem, (call, 0 if u.args[1] == 0 else 2), u, "cross_entropy")
+        lw.checker.check(spec)
+        specs.append(spec)
+    return Rewrite(specs, absorbed) if specs else None
+
+
+@rule(aten.nll_loss_backward.default)
+def nll_loss_backward(lw, node):
+    """``_log_softmax_backward_data(nll_loss_backward(g, ...), logp)`` -> ``cross_entropy_backward(g,
+    logp)``: the softmax of the log-probabilities is the softmax of the logits."""
+    a = bind(node)
+    user = only_user(node)
+    if not is_call(user, aten._log_softmax_backward_data.default) or user.args[0] is not node:
+        return None
+    _, logp, dim, _input_dtype = user.args
+    _class_dim_ok(logp, dim)
+    lw.checker.tensors_ok(grad_output=a["grad_output"], output=logp, weight=a["weight"])
+    args = (a["grad_output"], logp, a["target"], a["weight"], None, a["total_weight"], a["reduction"],
+            a["ignore_index"], 0.0)
+    return Rewrite([lw.spec("cross_entropy_backward", args, user)], (node, user))
