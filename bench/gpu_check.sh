@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
 # GPU check: the machine and versions, the test suite on compiled kernels, then the full `tritonkit bench`,
 # everything under $OUT (default ./runs/gpu), a short headline table printed last. Sized for one lent
-# H200 (16 cores, no network) in under 8 minutes: every stage has its own timeout.
+# H200 (16 cores, no network) in under 9 minutes: every stage has its own timeout.
 #
 #   bash bench/gpu_check.sh                       # from anywhere; it works in the repository root
 #   OUT=/tmp/gpu T_TESTS=240 bash bench/gpu_check.sh
+#   FAMILIES=bn,e2e T_TESTS=0 T_BENCH=420 bash bench/gpu_check.sh   # the BatchNorm rows and ResNet steps only
+#
+# The full bench runs every family (FAMILIES unset), the conv+BN+ReLU layers (bn) and the ResNet-18/50
+# training steps (last in e2e) included; the ResNet steps need minutes of compiles, so --budget-s may
+# skip them (listed under "skipped" with the reason): the FAMILIES line above gives them the time.
 #
 # Nothing is fetched. tritonkit must import with `tritonkit.kernels` (setuptools maps ./kernels there):
 # if it does not, the script tries `pip install -e . --no-deps --no-build-isolation`, and if that fails
@@ -19,9 +24,10 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 PY="${PYTHON:-python3}"
 T_SETUP="${T_SETUP:-60}"    # seconds: install / import check
-T_TESTS="${T_TESTS:-180}"   # seconds: pytest, hard limit
-T_BENCH="${T_BENCH:-240}"   # seconds: bench, hard limit (its --budget-s is 60 s less, so it ends on its own)
+T_TESTS="${T_TESTS:-180}"   # seconds: pytest, hard limit; 0 skips the tests
+T_BENCH="${T_BENCH:-300}"   # seconds: bench, hard limit (its --budget-s is 60 s less, so it ends on its own)
 JOBS="${JOBS:-8}"           # pytest-xdist workers sharing the one GPU
+FAMILIES="${FAMILIES:-}"    # bench --family (comma-separated); empty: every family
 export PYTHONUNBUFFERED=1
 exec > >(tee "$OUT/gpu_check.log") 2>&1
 stage() { printf '\n=== %s  (t=%ss)\n' "$*" "$SECONDS"; }
@@ -72,7 +78,11 @@ fi
 
 TEST_RC=skipped
 BENCH_RC=skipped
-if [ "$HAVE_GPU" = "1" ]; then
+FAMILY_ARGS=()
+[ -n "$FAMILIES" ] && FAMILY_ARGS=(--family "$FAMILIES")
+if [ "$HAVE_GPU" = "1" ] && [ "$T_TESTS" = "0" ]; then
+    stage "tests skipped (T_TESTS=0)"
+elif [ "$HAVE_GPU" = "1" ]; then
     stage "tests on compiled kernels (TRITONKIT_INTERPRET=0, -n $JOBS, limit ${T_TESTS}s)"
     EXTRA=()  # optional plugins: a per-test limit (pytest-timeout), parallel workers (pytest-xdist)
     if $PY -c "import pytest_timeout" 2>/dev/null; then EXTRA+=(--timeout=150); fi
@@ -83,9 +93,11 @@ if [ "$HAVE_GPU" = "1" ]; then
         ${EXTRA[@]+"${EXTRA[@]}"} --junitxml="$OUT/pytest.xml" --ignore=tests/test_aot.py tests
     TEST_RC=$?
     [ "$TEST_RC" = 124 ] && echo "-> pytest stopped at its ${T_TESTS}s limit"
-
-    stage "tritonkit bench, full (limit ${T_BENCH}s)"
-    TRITONKIT_INTERPRET=0 timeout -k 15 "$T_BENCH" $PY -m tritonkit.bench --out "$OUT" --budget-s $((T_BENCH - 60))
+fi
+if [ "$HAVE_GPU" = "1" ]; then
+    stage "tritonkit bench, full (${FAMILIES:-every family}; limit ${T_BENCH}s)"
+    TRITONKIT_INTERPRET=0 timeout -k 15 "$T_BENCH" $PY -m tritonkit.bench --out "$OUT" --budget-s $((T_BENCH - 60)) \
+        ${FAMILY_ARGS[@]+"${FAMILY_ARGS[@]}"}
     BENCH_RC=$?
 else
     echo
@@ -94,7 +106,8 @@ else
     echo "################################################################################################"
     if [ "${GPU_CHECK_CPU_SMOKE:-1}" = "1" ]; then
         stage "instead: tritonkit bench --quick in the interpreter (plumbing check, not GPU figures)"
-        timeout -k 10 "$T_BENCH" $PY -m tritonkit.bench --quick --competitors eager --out "$OUT"
+        timeout -k 10 "$T_BENCH" $PY -m tritonkit.bench --quick --competitors eager --out "$OUT" \
+            ${FAMILY_ARGS[@]+"${FAMILY_ARGS[@]}"}
         BENCH_RC=$?
     fi
 fi

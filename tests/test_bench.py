@@ -8,8 +8,10 @@ import argparse
 import csv
 import json
 import math
+import re
 
 import pytest
+import torch
 
 from tritonkit import bench
 from tritonkit.runtime import INTERPRET
@@ -51,9 +53,12 @@ def test_quick_every_family_against_eager(tmp_path, capsys):
     assert status == 0
     _check_rows(doc, list(bench.FAMILIES), ["eager"])
     rows = doc["results"]
-    assert {r["direction"] for r in rows if r["family"] in ("conv", "linear", "pool", "relu")} == {"fwd", "bwd"}
+    assert {r["direction"] for r in rows if r["family"] in ("conv", "linear", "pool", "relu", "bn")} == {"fwd", "bwd"}
     assert {r["case"].split()[0] for r in rows if r["family"] == "optim"} == set(bench.OPTIMIZERS)
     assert {r["subject"] for r in rows if r["family"] == "e2e"} == {"tritonkit", "tritonkit.nn"}
+    assert {r["case"].split()[0] for r in rows if r["family"] == "e2e"} == {"lenet", "resnet18", "resnet50"}
+    assert all("torch.compile(backend=tritonkit)" in r["impl_notes"]["tritonkit"] for r in rows
+               if r["family"] == "bn" or r["case"].startswith("resnet"))
     with open(tmp_path / "bench.csv") as f:
         assert len(list(csv.DictReader(f))) == sum(len(r["times_ms"]) for r in rows)
     assert (tmp_path / "speedups.png").stat().st_size > 0
@@ -117,3 +122,45 @@ def test_a_wrong_kernel_fails_its_check(tmp_path, capsys, monkeypatch):
     assert status == 1
     assert all(r["check"] is False and "forward" in r["check_error"] for r in doc["results"])
     assert "CHECK FAILED" in out and "2 failed or errored" in out
+
+
+def test_a_wrong_bn_layer_fails_its_check(tmp_path, capsys, monkeypatch):
+    compiled = bench._compiled
+
+    def off_by_one_percent(impl, module):
+        fn = compiled(impl, module)
+        return (lambda x: fn(x) * 1.01) if impl == "tritonkit" else fn
+
+    monkeypatch.setattr(bench, "_compiled", off_by_one_percent)
+    status, doc, out = _run(tmp_path, capsys, "--family", "bn", "--competitors", "eager")
+    assert status == 1 and len(doc["results"]) == 2
+    assert all(r["check"] is False and "output: relative error" in r["check_error"] for r in doc["results"])
+
+
+def test_check_vs_reference_bounds_by_eagers_error():
+    from tritonkit.testing import BN_ERROR_FACTOR
+
+    ref = {"y": torch.linspace(-1, 1, 11, dtype=torch.float64), "n": torch.tensor(3)}
+    eager = {"y": ref["y"] + 1e-3, "n": torch.tensor(3)}
+    ok = BN_ERROR_FACTOR * 1e-3 + bench.BN_FLOOR[torch.float32]
+    bench.check_vs_reference({"y": ref["y"] - 0.99 * ok, "n": torch.tensor(3)}, eager, ref, torch.float32)
+    for ours, message in (({"y": ref["y"] - 1.01 * ok, "n": torch.tensor(3)}, "y: relative error"),
+                          ({"y": ref["y"] * float("nan"), "n": torch.tensor(3)}, "y: relative error inf"),
+                          ({"y": ref["y"], "n": torch.tensor(4)}, "n: 4 != 3")):
+        with pytest.raises(AssertionError, match=message):
+            bench.check_vs_reference(ours, eager, ref, torch.float32)
+
+
+def test_budget_skips_say_why(tmp_path, capsys, monkeypatch):
+    def case(name, need):
+        def thunk(competitors, timer):
+            return [bench.Result("relu", name, "fwd", "float32", "-", bytes=1e6, times_ms={"tritonkit": 1.0},
+                                 check=True)]
+        return ("relu", name, thunk, None, need)
+
+    monkeypatch.setattr(bench, "plan", lambda families, quick, gpu: [case("fits", 0), case("too long", 10**6)])
+    status, doc, _ = _run(tmp_path, capsys, "--family", "relu", "--competitors", "eager", "--budget-s", "100")
+    assert status == 0 and [r["case"] for r in doc["results"]] == ["fits"]
+    assert len(doc["skipped"]) == 1
+    assert re.fullmatch(r"relu: too long \(needs ~1000000 s, \d+ s of --budget-s left\)", doc["skipped"][0])
+    assert not doc["meta"]["complete"]

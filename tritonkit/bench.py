@@ -6,8 +6,12 @@ Families (``--family``), each timed forward and backward (optimizers: one step):
   linear  transformer-sized GEMMs (bfloat16; plain, fused bias+ReLU, transposed operand layouts), LeNet's fc
   pool    max-pool: ResNet-50 stem (3x3/2 pad 1, NHWC bfloat16), LeNet's 2x2 pools
   relu    standalone ReLU
+  bn      ResNet-50 conv+BatchNorm+ReLU layers in train mode (NHWC bfloat16, batch 64) as one
+          nn.Sequential: eager, inductor and the tritonkit backend (torch.compile) each run it
   optim   SGD (momentum), Adam, AdamW, RMSprop, Adagrad over 100M and 10M float32 parameters
-  e2e     one LeNet training step, batch 256: eager, inductor, tritonkit backend, tritonkit.nn
+  e2e     one LeNet training step, batch 256: eager, inductor, tritonkit backend, tritonkit.nn;
+          one ResNet-18 (batch 128) and ResNet-50 (batch 64) training step on 224x224 NHWC bfloat16
+          images: eager, inductor, tritonkit backend
 
 Competitors (``--competitors``): ``eager`` (cuDNN / cuBLAS / aten; torch's fused=True optimizers where
 torch has them, else foreach) and ``inductor`` (``torch.compile``; for optimizers the step is compiled).
@@ -17,14 +21,18 @@ GB/s and TFLOP/s over the row's floor bytes and FLOPs, percent of the roofline f
 and FLOPs over the copy bandwidth and matmul rate measured at the start of the same run), and the
 speedup of tritonkit over each competitor. Before timing, each tritonkit result is checked once
 against eager PyTorch (float32 reference, TF32 off, outputs NaN-poisoned) with tritonkit.testing's
-tolerances. Without a GPU only ``--quick`` runs: tiny shapes in Triton's interpreter, timed with
-``time.perf_counter``, which checks that every benchmark works; its times are not GPU figures.
+tolerances; BatchNorm rows (``bn``, the ResNet steps) instead against a copy of the module in a wider
+dtype (float32 for bfloat16 rows, float64 for float32 ones), where tritonkit's relative error must stay
+within ``BN_ERROR_FACTOR`` times eager's own. Without a GPU only ``--quick`` runs: tiny shapes in
+Triton's interpreter, timed with ``time.perf_counter``, which checks that every benchmark works; its
+times are not GPU figures.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import csv
 import datetime
 import json
@@ -45,13 +53,13 @@ import torch.nn.functional as F
 import tritonkit
 from tritonkit.runtime import INTERPRET, default_device
 
-FAMILIES = ("conv", "linear", "pool", "relu", "optim", "e2e")
+FAMILIES = ("conv", "linear", "pool", "relu", "bn", "optim", "e2e")
 COMPETITORS = ("eager", "inductor")
 # Share of --budget-s each family may use (time a family leaves unused passes to the next ones).
-BUDGET_WEIGHTS = {"conv": 0.25, "linear": 0.2, "pool": 0.08, "relu": 0.05, "optim": 0.3, "e2e": 0.12}
+BUDGET_WEIGHTS = {"conv": 0.2, "linear": 0.15, "pool": 0.06, "relu": 0.04, "bn": 0.1, "optim": 0.2, "e2e": 0.25}
 CPU_NOTE = ("NOTE: no GPU - these are Triton-interpreter / CPU times, NOT GPU figures; "
             "this run only checks that every benchmark works end to end.")
-bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
+bf16, fp16, fp32, fp64 = torch.bfloat16, torch.float16, torch.float32, torch.float64
 MB = 1e6
 
 
@@ -356,6 +364,166 @@ def _time_op(case: OpCase, impl: str, fn: Callable, timer: Timer) -> tuple[tuple
     return (timer(lambda: fn(*leaves)), timer(lambda: torch.autograd.grad(out, needs, dy, retain_graph=True))), note
 
 
+# ================================================================ BatchNorm layers (modules, compiled)
+def _wide(dtype: torch.dtype) -> torch.dtype:
+    """The reference dtype of a BatchNorm check: float32 for half types, float64 for float32."""
+    return fp64 if dtype == fp32 else fp32
+
+
+# Added to BN_ERROR_FACTOR x eager's error: eager's own error can be tiny where it accumulates in float64
+# (the CPU's BatchNorm statistics), and a mean of zero-mean values magnifies any rounding relative to it.
+BN_FLOOR = {fp32: 1e-4, fp16: 1e-2, bf16: 1e-2}
+
+
+def check_vs_reference(ours: dict, eager: dict, ref: dict, dtype: torch.dtype) -> None:
+    """Each named tensor of ``ours`` (tritonkit) against ``ref`` (the same computation in a wider dtype):
+    its relative error (``max |diff| / max |ref|``) at most ``BN_ERROR_FACTOR`` times eager's own plus
+    ``BN_FLOOR``; integer tensors (``num_batches_tracked``) exactly. Raises AssertionError."""
+    from tritonkit.testing import BN_ERROR_FACTOR, relative_error
+
+    floor = BN_FLOOR.get(dtype, 1e-3)
+    for name, want in ref.items():
+        got = ours[name]
+        if not want.is_floating_point():
+            assert torch.equal(got.cpu(), want.cpu()), f"{name}: {got.tolist()} != {want.tolist()}"
+            continue
+        err, base = relative_error(got, want), relative_error(eager[name], want)
+        bound = BN_ERROR_FACTOR * base + floor
+        assert err <= bound, (f"{name}: relative error {err:.3g} vs the {_dtype_name(want.dtype)} reference > "
+                              f"{bound:.3g} ({BN_ERROR_FACTOR:g} x eager's {base:.3g} + {floor:g})")
+
+
+@dataclass
+class LayerCase:
+    """A small ``nn.Module`` in train mode on one input. ``make()`` returns a fresh module (same weights
+    every call) and input (requires grad); each implementation runs its own copy."""
+
+    family: str
+    name: str
+    dtype: torch.dtype
+    shape: str
+    make: Callable[[], tuple]
+    flops: tuple = (None, None)
+    bytes: tuple = (None, None)
+    peak_key: str | None = None
+    eager_note: str = ""
+
+
+def conv_bn_case(name, n, c, hw, oc, k, stride, pad, dtype) -> LayerCase:
+    """``nn.Sequential(Conv2d(bias=False), BatchNorm2d, ReLU)``, channels_last, in train mode."""
+    device = default_device()
+    oh = _conv_out(hw, k, stride, pad)
+    es = torch.tensor([], dtype=dtype).element_size()
+    x_n, w_n, y_n = n * c * hw * hw, oc * c * k * k, n * oc * oh * oh
+    gemm = 2.0 * y_n * c * k * k
+    # floor: x and w read, y written (the statistics need all of the conv's output before any of it is
+    # normalized, so this is a floor, not one pass); backward: dy, x, w and the saved conv output read,
+    # dx and dw written
+    fwd_bytes, bwd_bytes = es * (x_n + w_n + y_n), es * (2 * y_n + 2 * x_n + 2 * w_n)
+
+    def make():
+        gen = torch.Generator().manual_seed(0)
+        conv = torch.nn.Conv2d(c, oc, k, stride, pad, bias=False)
+        bn = torch.nn.BatchNorm2d(oc)
+        with torch.no_grad():
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen) * (c * k * k) ** -0.5)
+            bn.weight.copy_(torch.rand(oc, generator=gen) + 0.5)
+            bn.bias.copy_(torch.rand(oc, generator=gen) - 0.5)
+        module = torch.nn.Sequential(conv, bn, torch.nn.ReLU()).to(device=device, dtype=dtype,
+                                                                    memory_format=torch.channels_last)
+        x = torch.randn(n, c, hw, hw, generator=gen).to(device=device, dtype=dtype)
+        return module.train(), x.contiguous(memory_format=torch.channels_last).requires_grad_()
+
+    shape = f"x[{n},{c},{hw},{hw}] NHWC w[{oc},{c},{k},{k}] s{stride} p{pad} +bn(train)+relu"
+    return LayerCase("bn", name, dtype, shape, make, (gemm, 2 * gemm), (fwd_bytes, bwd_bytes),
+                     matmul_key(dtype, torch.backends.cudnn.allow_tf32),
+                     "cuDNN conv + torch's BatchNorm (cuDNN or its CUDA kernel, as torch dispatches) + ReLU"
+                     if not INTERPRET else "aten conv + BatchNorm + ReLU")
+
+
+def _compiled(impl: str, module: torch.nn.Module):
+    """``module`` for ``impl``: itself (eager), ``torch.compile`` with inductor, or with the tritonkit backend."""
+    if impl == "eager":
+        return module
+    if impl == "inductor":
+        return torch.compile(module, dynamic=False)
+    return torch.compile(module, backend=tritonkit.backend, dynamic=False)
+
+
+def _layer_results(module, out, x, dy) -> dict:
+    """The output, the gradients of the input and of every parameter, and the buffers after one call."""
+    named = {"input": x, **dict(module.named_parameters())}
+    grads = torch.autograd.grad(out, list(named.values()), dy)
+    return {"output": out.detach(), **{f"grad {k}": g for k, g in zip(named, grads)},
+            **{k: b.detach().clone() for k, b in module.named_buffers()}}
+
+
+def check_layer(case: LayerCase, module, fn) -> None:
+    """The first training forward and backward of ``fn`` (tritonkit, compiling ``module``) against eager
+    and a wide-dtype eager copy, on the same values, with ``check_vs_reference``; raises AssertionError."""
+    from tritonkit.kernels.common import poison_outputs
+
+    eager, x = case.make()
+    wide = _wide(case.dtype)
+    ref = copy.deepcopy(eager).to(wide)
+    xr = x.detach().to(wide).requires_grad_()
+    with exact_float32():
+        with poison_outputs():
+            out = fn(x)
+        dy = torch.randn_like(out)
+        got = _layer_results(module, out, x, dy)
+        base = _layer_results(eager, eager(x), x, dy)
+        want = _layer_results(ref, ref(xr), xr, dy.to(wide))
+    check_vs_reference(got, base, want, case.dtype)
+
+
+def run_layer(case: LayerCase, competitors, timer: Timer) -> list[Result]:
+    """Forward and backward rows, like ``run_op``; the subject is ``torch.compile(backend=tritonkit)``."""
+    rows = [Result(case.family, case.name, d, _dtype_name(case.dtype), case.shape, case.flops[i], case.bytes[i],
+                   case.peak_key) for i, d in enumerate(("fwd", "bwd"))]
+    torch._dynamo.reset()  # once per case: each implementation compiles its own module once
+    for impl in ("tritonkit", *competitors):
+        try:  # no donated buffers: the timed backward reruns one retained graph
+            with torch._functorch.config.patch(donated_buffer=False):
+                times, note, check = _time_layer(case, impl, timer)
+            for r, ms in zip(rows, times):
+                r.times_ms[impl], r.impl_notes[impl] = ms, note
+                if check is not None:
+                    r.check, r.check_error = check
+        except Exception as e:  # noqa: BLE001  (one broken implementation must not hide the others' figures)
+            for r in rows:
+                r.impl_notes[impl] = f"failed: {_short(e)}"
+                if impl == "tritonkit":
+                    r.error = f"tritonkit failed: {_short(e)}"
+        _free()
+    return rows
+
+
+def _time_layer(case: LayerCase, impl: str, timer: Timer) -> tuple:
+    """``((forward ms, backward ms), note, (check ok, why) or None)``: times as in ``_time_op``, after
+    the first call, which for tritonkit is the check."""
+    module, x = case.make()
+    start = time.perf_counter()
+    fn = _compiled(impl, module)
+    check = None
+    if impl == "tritonkit":
+        try:
+            check_layer(case, module, fn)
+            check = True, ""
+        except Exception as e:  # noqa: BLE001  (AssertionError: wrong numbers; else the tritonkit path crashed)
+            check = False, _short(e)
+    out = fn(x)
+    needs = [x, *module.parameters()]
+    dy = torch.randn_like(out)
+    torch.autograd.grad(out, needs, dy, retain_graph=True)
+    note = {"eager": case.eager_note, "inductor": "torch.compile (inductor)",
+            "tritonkit": "torch.compile(backend=tritonkit)"}[impl]
+    if impl != "eager":
+        note += f"; first forward+backward {time.perf_counter() - start:.1f} s"
+    times = timer(lambda: fn(x)), timer(lambda: torch.autograd.grad(out, needs, dy, retain_graph=True))
+    return times, note, check
+
+
 # ========================================================================================== optimizers
 OPTIMIZERS = {  # name -> (torch.optim class name, constructor kwargs)
     "sgd": ("SGD", {"lr": 1e-2, "momentum": 0.9}),
@@ -465,24 +633,121 @@ def run_optim(name: str, total: int, big: tuple, competitors, timer: Timer) -> l
 
 
 # ========================================================================================= end to end
+SGD_ARGS = {"lr": 1e-2, "momentum": 0.9}
+
+
 def lenet_flops(batch: int) -> float:
     """GEMM FLOPs of one LeNet training step: forward, weight gradients, input gradients but conv1's."""
     layers = [2 * 6 * 28 * 28 * 75, 2 * 16 * 10 * 10 * 150, 2 * 400 * 120, 2 * 120 * 84, 2 * 84 * 10]
     return float(batch * (3 * sum(layers) - layers[0]))
 
 
+def step_flops(build: Callable[[], torch.nn.Module], x_shape) -> float:
+    """GEMM FLOPs of one training step of ``build()``'s net (convs and linears, counted on the meta
+    device): forward, weight gradients, input gradients but the first layer's."""
+    gemms = []
+
+    def hook(module, inputs, out):
+        per_output = module.weight[0].numel()  # in_channels/groups x kernel, or in_features
+        gemms.append(2.0 * out.numel() * per_output)
+
+    with torch.device("meta"):
+        model = build()
+    for m in model.modules():
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+            m.register_forward_hook(hook)
+    model(torch.empty(x_shape, device="meta"))
+    return 3 * sum(gemms) - gemms[0]
+
+
 def _named_params(model) -> dict:
     return {n.replace("_orig_mod.", ""): p for n, p in model.named_parameters()}
 
 
-def run_e2e(batch: int, competitors, timer: Timer) -> list[Result]:
-    """Two rows (subjects: the tritonkit backend, tritonkit.nn) sharing one timing of each competitor.
+def _step_fn(model, opt, x, y):
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        return loss
+    return step
+
+
+def _first_step(step):
+    with exact_float32():
+        return step().detach()
+
+
+def _build_step(impl: str, model_for: Callable, label: str, x, y) -> tuple:
+    """``(model, step, loss of the first step, note)``: the tritonkit backend or tritonkit.nn with
+    tritonkit.optim.SGD, or eager / inductor with torch's fastest SGD."""
+    from tritonkit import optim as tko
+
+    if impl in ("tritonkit", "tritonkit.nn"):
+        raw = model_for(impl)
+        model = torch.compile(raw, backend=tritonkit.backend, dynamic=False) if impl == "tritonkit" else raw
+        step = _step_fn(model, tko.SGD(raw.parameters(), **SGD_ARGS), x, y)
+        note = ("torch.compile(backend=tritonkit)" if impl == "tritonkit" else f"tritonkit.nn {label}") + \
+            " + tritonkit.optim.SGD"
+        return raw, step, _first_step(step), note
+    holder = {}
+
+    def make_params():
+        holder["raw"] = model_for(impl)
+        holder["model"] = torch.compile(holder["raw"], dynamic=False) if impl == "inductor" else holder["raw"]
+        return list(holder["raw"].parameters())
+
+    def warm(opt):
+        holder["step"] = _step_fn(holder["model"], opt, x, y)
+        holder["loss"] = _first_step(holder["step"])
+
+    _, _, note = _build_torch_optimizer("sgd", make_params, False, warm)
+    prefix = f"torch.compile(inductor) {label}" if impl == "inductor" else f"eager {label}"
+    return holder["raw"], holder["step"], holder["loss"], f"{prefix} + {note}"
+
+
+def run_train_step(rows: dict, model_for: Callable, label: str, x, y, check: Callable,
+                   competitors, timer: Timer) -> list[Result]:
+    """Rows (one per subject: the tritonkit backend, tritonkit.nn) sharing one timing of each competitor.
 
     Every path starts from the same weights and takes one step on the same batch with TF32 off (the
-    compile, and the step the check compares with eager's), then is timed.
+    compile, and the step that ``check(subject's, eager's)`` compares; each a ``_build_step`` tuple),
+    then is timed.
     """
-    from tritonkit import optim as tko
-    from tritonkit.lowering import backend as tritonkit_backend
+    torch._dynamo.reset()
+    built, notes = {}, {}
+    for impl in dict.fromkeys(("eager", *rows, *competitors)):
+        start = time.perf_counter()
+        try:
+            built[impl] = _build_step(impl, model_for, label, x, y)
+            notes[impl] = built[impl][3] + (f"; first step {time.perf_counter() - start:.1f} s"
+                                            if impl in ("tritonkit", "inductor") else "")
+        except Exception as e:  # noqa: BLE001  (a failed path is reported and left out, the rest still run)
+            notes[impl] = f"failed: {_short(e)}"
+            print(f"{label} train step: {impl} failed, left out of the timings: {_short(e)}", flush=True)
+            if impl in rows:
+                rows[impl].error = f"{impl} failed: {_short(e)}"
+        _free()
+    for s, r in rows.items():
+        if s in built and "eager" in built:
+            try:
+                check(built[s], built["eager"])
+                r.check = True
+            except AssertionError as e:
+                r.check, r.check_error = False, _short(e)
+            except Exception as e:  # noqa: BLE001  (the reference crashed: no verdict, the timings still count)
+                r.check_error = f"check crashed: {_short(e)}"
+    times = {impl: timer(built[impl][1]) for impl in dict.fromkeys((*rows, *competitors)) if impl in built}
+    for s, r in rows.items():
+        r.times_ms = {k: v for k, v in times.items() if k == s or k in competitors}
+        r.impl_notes = {k: v for k, v in notes.items() if k == s or k in competitors}
+    return list(rows.values())
+
+
+def run_e2e(batch: int, competitors, timer: Timer) -> list[Result]:
+    """The LeNet step, two rows (subjects: the tritonkit backend, tritonkit.nn); checked against eager
+    with ``TRAINING_TOLERANCES`` (float32, TF32 off)."""
     from tritonkit.models import LeNet, TritonkitLeNet
     from tritonkit.testing import TRAINING_TOLERANCES
 
@@ -491,98 +756,107 @@ def run_e2e(batch: int, competitors, timer: Timer) -> list[Result]:
     state = LeNet().state_dict()
     x = torch.randn(batch, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
-    sgd = {"lr": 1e-2, "momentum": 0.9}
 
     def model_for(impl):
         model = (TritonkitLeNet() if impl == "tritonkit.nn" else LeNet()).to(device)
         model.load_state_dict(state)
         return model
 
-    def step_fn(model, opt):
-        def step():
-            opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(x), y)
-            loss.backward()
-            opt.step()
-            return loss
-        return step
+    def check(ours, eager):
+        torch.testing.assert_close(ours[2], eager[2], **TRAINING_TOLERANCES)
+        mine = _named_params(ours[0])
+        for pname, p in _named_params(eager[0]).items():
+            torch.testing.assert_close(mine[pname], p, **TRAINING_TOLERANCES,
+                                       msg=lambda m, n=pname: f"{n} after one step: {m}")
 
-    def first_step(step):
-        with exact_float32():
-            return step().detach()
-
-    def build(impl):
-        """``(model, step, loss of the first step, note)``."""
-        if impl in ("tritonkit", "tritonkit.nn"):
-            raw = model_for(impl)
-            model = torch.compile(raw, backend=tritonkit_backend) if impl == "tritonkit" else raw
-            step = step_fn(model, tko.SGD(raw.parameters(), **sgd))
-            note = ("torch.compile(backend=tritonkit)" if impl == "tritonkit" else "tritonkit.nn LeNet") + \
-                " + tritonkit.optim.SGD"
-            return raw, step, first_step(step), note
-        holder = {}
-
-        def make_params():
-            holder["raw"] = model_for(impl)
-            holder["model"] = torch.compile(holder["raw"], dynamic=False) if impl == "inductor" else holder["raw"]
-            return list(holder["raw"].parameters())
-
-        def warm(opt):
-            holder["step"] = step_fn(holder["model"], opt)
-            holder["loss"] = first_step(holder["step"])
-
-        _, _, note = _build_torch_optimizer("sgd", make_params, False, warm)
-        prefix = "torch.compile(inductor) LeNet" if impl == "inductor" else "eager LeNet"
-        return holder["raw"], holder["step"], holder["loss"], f"{prefix} + {note}"
-
-    subjects = ("tritonkit", "tritonkit.nn")
     shape = f"LeNet batch {batch} float32, SGD momentum 0.9: forward, cross-entropy, backward, step"
     rows = {s: Result("e2e", f"lenet train step [{s}]", "step", "float32", shape, lenet_flops(batch), None,
-                      matmul_key(fp32, torch.backends.cudnn.allow_tf32), subject=s) for s in subjects}
-    torch._dynamo.reset()
-    built, notes = {}, {}
-    for impl in dict.fromkeys(("eager", *subjects, *competitors)):
-        start = time.perf_counter()
-        try:
-            built[impl] = build(impl)
-            notes[impl] = built[impl][3] + (f"; first step {time.perf_counter() - start:.1f} s"
-                                            if impl in ("tritonkit", "inductor") else "")
-        except Exception as e:  # noqa: BLE001  (a failed path is reported, the rest still run)
-            notes[impl] = f"failed: {_short(e)}"
-            if impl in rows:
-                rows[impl].error = f"{impl} failed: {_short(e)}"
-    for s, r in rows.items():
-        if s in built and "eager" in built:
-            try:
-                torch.testing.assert_close(built[s][2], built["eager"][2], **TRAINING_TOLERANCES)
-                ours = _named_params(built[s][0])
-                for pname, p in _named_params(built["eager"][0]).items():
-                    torch.testing.assert_close(ours[pname], p, **TRAINING_TOLERANCES,
-                                               msg=lambda m, n=pname: f"{n} after one step: {m}")
-                r.check = True
-            except AssertionError as e:
-                r.check, r.check_error = False, _short(e)
-    times = {impl: timer(built[impl][1]) for impl in dict.fromkeys((*subjects, *competitors)) if impl in built}
-    for s, r in rows.items():
-        r.times_ms = {k: v for k, v in times.items() if k == s or k in competitors}
-        r.impl_notes = {k: v for k, v in notes.items() if k == s or k in competitors}
-    return list(rows.values())
+                      matmul_key(fp32, torch.backends.cudnn.allow_tf32), subject=s)
+            for s in ("tritonkit", "tritonkit.nn")}
+    return run_train_step(rows, model_for, "LeNet", x, y, check, competitors, timer)
+
+
+RESNETS = {"resnet18": ("BasicBlock", (2, 2, 2, 2)), "resnet50": ("Bottleneck", (3, 4, 6, 3))}
+
+
+def _step_record(model, loss, init: dict) -> dict:
+    """What one training step produced: the loss, every gradient and parameter update, every buffer."""
+    out = {"loss": loss}
+    for n, p in _named_params(model).items():
+        out[f"{n} grad"] = p.grad
+        out[f"{n} update"] = p.detach().double() - init[n].double()
+    return {**out, **{n: b.detach() for n, b in model.named_buffers()}}
+
+
+def run_e2e_resnet(arch: str, batch: int, hw: int, dtype: torch.dtype, competitors, timer: Timer, *,
+                   width: int = 64, layers: tuple | None = None, classes: int = 1000) -> list[Result]:
+    """One ResNet training step (``tritonkit.models.resnet18``/``resnet50``, channels_last, every
+    parameter and the images in ``dtype``; SGD momentum 0.9), subject: the tritonkit backend.
+
+    Checked with ``check_vs_reference``: the first step's loss, gradients, parameter updates and
+    BatchNorm buffers against the same step of a wide-dtype eager copy (TF32 off), each within
+    ``BN_ERROR_FACTOR`` of eager's own error. ``width``/``layers`` shrink the net (quick mode).
+    """
+    from tritonkit import models
+
+    device = default_device()
+    wide = _wide(dtype)
+
+    def build():
+        kwargs = {"width": width, **({"layers": layers} if layers else {})}
+        return getattr(models, arch)(classes, **kwargs)
+
+    def model_for(impl, dt=dtype, memory_format=torch.channels_last):
+        with torch.device("meta"):
+            model = build()
+        model = model.to_empty(device=device).to(dtype=dt, memory_format=memory_format)
+        model.load_state_dict(state)
+        return model.train()
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        state = build().to(dtype).state_dict()
+    x = torch.randn(batch, 3, hw, hw, device=device).to(dtype).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, classes, (batch,), device=device)
+    init = {k: v.clone() for k, v in state.items()}
+
+    def check(ours, eager):
+        ref = model_for("reference", wide, torch.contiguous_format)  # the layout changes no value
+        loss = _first_step(_step_fn(ref, torch.optim.SGD(ref.parameters(), **SGD_ARGS, foreach=False),
+                                    x.to(wide).contiguous(), y))
+        want = _step_record(ref, loss, init)
+        del ref
+        check_vs_reference(_step_record(ours[0], ours[2], init), _step_record(eager[0], eager[2], init), want, dtype)
+
+    block, depth = RESNETS[arch]
+    tiny = layers is not None or width != 64
+    name = f"{arch}{' (tiny)' if tiny else ''} train step b{batch} @{hw}"
+    shape = (f"{arch}(): {block} {list(layers or depth)}, width {width}, {classes} classes, x[{batch},3,{hw},{hw}] "
+             f"NHWC, {_dtype_name(dtype)} parameters, SGD momentum 0.9: forward, cross-entropy, backward, step")
+    rows = {"tritonkit": Result("e2e", name, "step", _dtype_name(dtype), shape, step_flops(build, x.shape), None,
+                                matmul_key(dtype, torch.backends.cudnn.allow_tf32))}
+    return run_train_step(rows, model_for, arch, x, y, check, competitors, timer)
 
 
 # ============================================================================================= cases
-def plan(families, quick: bool, gpu: bool) -> list[tuple[str, str, Callable, str | None]]:
-    """``(family, case name, thunk, matmul peak key)``; each thunk takes (competitors, timer) and returns
-    Results.
+def plan(families, quick: bool, gpu: bool) -> list[tuple]:
+    """``(family, case name, thunk, matmul peak key[, seconds])``; each thunk takes (competitors, timer)
+    and returns Results. ``seconds``: what the case needs on a GPU, compiles included (a guess); under
+    ``--budget-s`` it is skipped when less than that is left of the whole budget.
 
     Cases that matter most for the headline come first in each family (a time budget cuts the tail).
     In the interpreter, GEMM cases use float16 where a GPU run uses bfloat16 (the interpreter's
     bfloat16 ``tl.dot`` is wrong).
     """
     gemm_half = bf16 if gpu else fp16
-    cases: list[tuple[str, str, Callable, str | None]] = []
+    cases: list[tuple] = []
 
     def op(case: OpCase):
         cases.append((case.family, case.name, lambda comps, timer: run_op(case, comps, timer), case.peak_key))
+
+    def layer(case: LayerCase):  # three compiles of a small module: allow ~30 s on a GPU
+        cases.append((case.family, case.name, lambda comps, timer: run_layer(case, comps, timer), case.peak_key,
+                      0 if quick else 30))
 
     for family in families:
         if family == "conv":
@@ -632,6 +906,13 @@ def plan(families, quick: bool, gpu: bool) -> list[tuple[str, str, Callable, str
                 continue
             op(relu_case("resnet50 activation 256ch @56", (32, 256, 56, 56), bf16, nhwc=True))
             op(relu_case("lenet conv1 activation", (256, 6, 28, 28), fp32, nhwc=False))
+        elif family == "bn":
+            if quick:
+                layer(conv_bn_case("conv3x3 8->8 +bn+relu @8", 2, 8, 8, 8, 3, 1, 1, fp32))
+                continue
+            for name, c, hw in (("resnet50 3x3 256->256 +bn+relu @14", 256, 14),  # layer3
+                                ("resnet50 3x3 64->64 +bn+relu @56", 64, 56)):  # layer1
+                layer(conv_bn_case(name, 64, c, hw, c, 3, 1, 1, bf16))
         elif family == "optim":
             sizes = ((20_000, (64, 64)),) if quick else ((100_000_000, (2048, 2048)), (10_000_000, (1024, 1024)))
             for total, big in sizes:
@@ -644,6 +925,15 @@ def plan(families, quick: bool, gpu: bool) -> list[tuple[str, str, Callable, str
             cases.append(("e2e", f"lenet train step b{batch}",
                           lambda comps, timer, b=batch: run_e2e(b, comps, timer),
                           matmul_key(fp32, torch.backends.cudnn.allow_tf32)))
+            # quick: the same builders shrunk (one block per stage, width 4, 64x64, 10 classes), float32;
+            # full: torchvision's nets on 224x224 (H200: a few GB of activations at these batches)
+            for arch, batch, est_s in (("resnet18", 128, 90), ("resnet50", 64, 120)):
+                kwargs = {"width": 4, "layers": (1, 1, 1, 1), "classes": 10} if quick else {}
+                hw, dtype = (64, fp32) if quick else (224, bf16)  # 64: layer4's BatchNorms see 2x2x2 values
+                name = f"{arch}{' (tiny)' if quick else ''} train step b{2 if quick else batch} @{hw}"
+                cases.append(("e2e", name, lambda comps, timer, a=arch, b=2 if quick else batch, h=hw, d=dtype,
+                              kw=kwargs: run_e2e_resnet(a, b, h, d, comps, timer, **kw),
+                              matmul_key(dtype, torch.backends.cudnn.allow_tf32), 0 if quick else est_s))
     return cases
 
 
@@ -744,8 +1034,12 @@ def headline(rows: list[dict], gpu: bool = True) -> list[str]:
     largest = max(sizes, key=lambda size: float(size.rstrip("M")), default=None)
     target(f"optimizer step ({largest} params)", bw([r for r in pick("optim") if r["case"].endswith(f" {largest}")]),
            85, "bw")
+    lenet = pick("e2e", case=lambda c: c.startswith("lenet"))
     for comp in ("eager", "inductor"):
-        target(f"LeNet train step (tritonkit backend) vs {comp}", speedups(pick("e2e"), comp), 1.0)
+        target(f"LeNet train step (tritonkit backend) vs {comp}", speedups(lenet, comp), 1.0)
+    for r in pick("e2e", case=lambda c: c.startswith("resnet")) + pick("bn"):  # no target: the figures
+        out.append(f"{r['case']} {r['direction']} (tritonkit backend): "
+                   + ", ".join(f"{v:.2f}x vs {c}" for c, v in r["speedup"].items() if v) + " (no target set)")
     for family in FAMILIES:
         for comp in ("eager", "inductor"):
             g = _geomean(speedups(pick(family), comp))
@@ -916,9 +1210,14 @@ def _measure(cases, families, competitors, timer, peaks, args, meta) -> tuple[li
             peaks.copy_gbps, ", ".join(f"{k} {v:.4g} TFLOP/s" for k, v in peaks.matmul_tflops.items()) or "-"),
             flush=True)
         deadlines = _deadlines(families, args.budget_s, start)
-        for i, (family, name, thunk, _) in enumerate(cases):
-            if deadlines and time.perf_counter() > deadlines[family]():
-                skipped.append(f"{family}: {name}")
+        for i, (family, name, thunk, *rest) in enumerate(cases):
+            need, now = (rest[1] if len(rest) > 1 else 0), time.perf_counter()
+            if deadlines and now > deadlines[family]():
+                skipped.append(f"{family}: {name} (past the family's share of --budget-s)")
+                continue
+            if deadlines and need and now + need > start + args.budget_s:
+                skipped.append(f"{family}: {name} (needs ~{need} s, {start + args.budget_s - now:.0f} s of "
+                               "--budget-s left)")
                 continue
             t0 = time.perf_counter()
             try:

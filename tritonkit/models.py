@@ -51,3 +51,102 @@ class TritonkitLeNet(torch.nn.Module):
         x = self.pool(self.conv2(x))
         x = torch.flatten(x, 1)
         return self.fc3(self.fc2(self.fc1(x)))
+
+
+# ============================================================================================ ResNets
+def _conv(cin: int, cout: int, k: int, stride: int = 1) -> torch.nn.Conv2d:
+    return torch.nn.Conv2d(cin, cout, k, stride, k // 2, bias=False)
+
+
+class BasicBlock(torch.nn.Module):
+    """ResNet-18/34's block: 3x3 conv (the stride) + BN + ReLU, 3x3 conv + BN, + identity, ReLU."""
+
+    expansion = 1
+
+    def __init__(self, cin: int, planes: int, stride: int = 1, downsample: torch.nn.Module | None = None):
+        super().__init__()
+        self.conv1, self.bn1 = _conv(cin, planes, 3, stride), torch.nn.BatchNorm2d(planes)
+        self.relu = torch.nn.ReLU(inplace=True)
+        self.conv2, self.bn2 = _conv(planes, planes, 3), torch.nn.BatchNorm2d(planes)
+        self.downsample = downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + identity)
+
+
+class Bottleneck(torch.nn.Module):
+    """ResNet-50's block (torchvision's "v1.5": the stride on the 3x3 conv): 1x1 reduce, 3x3, 1x1
+    expand to ``4 * planes``, each + BN (+ ReLU), + identity, ReLU."""
+
+    expansion = 4
+
+    def __init__(self, cin: int, planes: int, stride: int = 1, downsample: torch.nn.Module | None = None):
+        super().__init__()
+        self.conv1, self.bn1 = _conv(cin, planes, 1), torch.nn.BatchNorm2d(planes)
+        self.conv2, self.bn2 = _conv(planes, planes, 3, stride), torch.nn.BatchNorm2d(planes)
+        self.conv3, self.bn3 = _conv(planes, planes * 4, 1), torch.nn.BatchNorm2d(planes * 4)
+        self.relu = torch.nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        return self.relu(self.bn3(self.conv3(out)) + identity)
+
+
+class ResNet(torch.nn.Module):
+    """torchvision's ResNet in plain torch.nn, with its module names, so ``state_dict`` keys match
+    (``conv1.weight``, ``bn1.running_mean``, ``layer1.0.conv1.weight``, ``layer2.0.downsample.0.weight``,
+    ``fc.weight``...) and its initialization (Kaiming-normal convs, BN weight 1 and bias 0).
+
+    7x7/2 stem conv + BN + ReLU + 3x3/2 max-pool; four stages of ``layers[i]`` blocks with
+    ``width * 2**i`` planes, stages 2-4 starting with stride 2 (a 1x1/2 conv + BN downsample on the
+    identity wherever the shape changes); adaptive average pool; fc. ``width`` (torchvision: 64)
+    shrinks the whole net for tests and interpreter runs.
+    """
+
+    def __init__(self, block: type, layers: list[int], num_classes: int = 1000, width: int = 64):
+        super().__init__()
+        self.inplanes = width
+        self.conv1 = torch.nn.Conv2d(3, width, 7, 2, 3, bias=False)
+        self.bn1 = torch.nn.BatchNorm2d(width)
+        self.relu = torch.nn.ReLU(inplace=True)
+        self.maxpool = torch.nn.MaxPool2d(3, 2, 1)
+        self.layer1, self.layer2, self.layer3, self.layer4 = (
+            self._make_layer(block, width * 2**i, n, 1 if i == 0 else 2) for i, n in enumerate(layers))
+        self.avgpool = torch.nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = torch.nn.Linear(width * 8 * block.expansion, num_classes)
+        for m in self.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                torch.nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, torch.nn.BatchNorm2d):
+                torch.nn.init.ones_(m.weight)
+                torch.nn.init.zeros_(m.bias)
+
+    def _make_layer(self, block: type, planes: int, blocks: int, stride: int) -> torch.nn.Sequential:
+        cout = planes * block.expansion
+        downsample = None
+        if stride != 1 or self.inplanes != cout:
+            downsample = torch.nn.Sequential(_conv(self.inplanes, cout, 1, stride), torch.nn.BatchNorm2d(cout))
+        layers = [block(self.inplanes, planes, stride, downsample)]
+        self.inplanes = cout
+        layers += [block(cout, planes) for _ in range(1, blocks)]
+        return torch.nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def resnet18(num_classes: int = 1000, width: int = 64, layers: tuple[int, ...] = (2, 2, 2, 2)) -> ResNet:
+    """torchvision's ``resnet18()`` (11,689,512 parameters at the defaults), untrained."""
+    return ResNet(BasicBlock, list(layers), num_classes, width)
+
+
+def resnet50(num_classes: int = 1000, width: int = 64, layers: tuple[int, ...] = (3, 4, 6, 3)) -> ResNet:
+    """torchvision's ``resnet50()`` (25,557,032 parameters at the defaults), untrained."""
+    return ResNet(Bottleneck, list(layers), num_classes, width)
