@@ -131,6 +131,9 @@ WGRAD_GPU_CONFIGS, WGRAD_CONFIG_FOR_DTYPE = per_dtype_configs(
 # element loaded or stored, per multiply-add).
 _INTERP_COST = {"program": 10e-3, "step": 5e-3, "element": 4e-8, "mac": 1e-10}
 _INTERP_LIMIT = None  # set by interp_block_limit()
+# Rows of the implicit GEMM (output pixels) per BatchNorm-statistics partial: a statistics launch's
+# BLOCK_M is a multiple of it, so the partials' layout does not depend on the tile the autotuner picks.
+BN_STAT_ROWS = 64
 
 
 @contextlib.contextmanager
@@ -147,17 +150,19 @@ def interp_block_limit(limit: int):
 
 
 @functools.lru_cache(maxsize=4096)
-def _interp_tiles(rows: int, cols: int, red: int, passes: int = 1, limit: int | None = None) -> tuple[int, int, int]:
+def _interp_tiles(rows: int, cols: int, red: int, passes: int = 1, min_rows: int = 16,
+                  limit: int | None = None) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K) for a GEMM of ``rows`` x ``cols`` whose reduction runs ``passes``
-    times over ``red`` (the channel-chunked path: passes = taps, red = channels per tap)."""
+    times over ``red`` (the channel-chunked path: passes = taps, red = channels per tap); BLOCK_M is
+    a multiple of ``min_rows`` (a power of two), which ``limit`` does not lower."""
     cost = _INTERP_COST
 
-    def sizes(n):
-        top = min(triton.next_power_of_2(max(int(n), 16)), limit or INTERP_TILE // 16)
-        return [1 << p for p in range(4, top.bit_length())]
+    def sizes(n, lo=16):
+        top = max(lo, min(triton.next_power_of_2(max(int(n), lo)), limit or INTERP_TILE // 16))
+        return [1 << p for p in range(lo.bit_length() - 1, top.bit_length())]
 
     best = None
-    for bm in sizes(rows):
+    for bm in sizes(rows, min_rows):
         for bn in sizes(cols):
             if bm * bn > INTERP_TILE:
                 break
@@ -176,7 +181,7 @@ def _interp_tiles(rows: int, cols: int, red: int, passes: int = 1, limit: int | 
 def _gemm_heuristics(shape):
     """``triton.heuristics`` values from ``shape(args) -> (rows, cols, red, passes)``."""
     def block(i):
-        return lambda a: _interp_tiles(*shape(a), _INTERP_LIMIT)[i]
+        return lambda a: _interp_tiles(*shape(a), limit=_INTERP_LIMIT)[i]
 
     return {"BLOCK_M": block(0), "BLOCK_N": block(1), "BLOCK_K": block(2)}
 
@@ -185,7 +190,8 @@ def _fwd_reduction(a):  # (span of one pass, passes): channels of each tap, or t
     return (a["Cg"], a["KH"] * a["KW"]) if a["CHANNEL_INNER"] else (a["KH"] * a["KW"] * a["Cg"], 1)
 
 
-FWD_INTERP = _gemm_heuristics(lambda a: (a["N"] * a["OH"] * a["OW"], a["OCg"], *_fwd_reduction(a)))
+FWD_INTERP = _gemm_heuristics(  # statistics tiles are whole BN_STAT_ROWS-row groups
+    lambda a: (a["N"] * a["OH"] * a["OW"], a["OCg"], *_fwd_reduction(a), BN_STAT_ROWS if a.get("STATS") else 16))
 
 
 def _dgrad_shape(a):  # per phase: rows, input channels, and the phase's taps over output channels
@@ -222,10 +228,16 @@ def _typical(n=32, c=64, hw=56, oc=64, k=3, pad=1, **layouts):
     return values
 
 
+# float32 buffers whatever the activations' dtype: split-K partial sums, BN statistics; per-channel
+# scale/shift vectors may be float32 or the input's dtype and are float32 in the gate (BatchNorm's
+# parameters stay float32 under autocast).
+_FLOAT32_POINTERS = ("partial_ptr", "stats_ptr", "scale_ptr", "shift_ptr", "in_scale_ptr", "in_shift_ptr")
+
+
 def _signature(pointers, strides, constexprs, extra_ints=()):
     def signature(dtype):
         t = "*" + TRITON_TYPE[dtype]
-        sig = {p: ("*fp32" if p == "partial_ptr" else t) for p in pointers}
+        sig = {p: ("*fp32" if p in _FLOAT32_POINTERS else t) for p in pointers}
         sig.update({a: "i32" for a in (*_SHAPE_ARGS, *_CONV_ARGS, *extra_ints, *strides)})
         sig.update({c: "constexpr" for c in (*constexprs, "BLOCK_M", "BLOCK_N", "BLOCK_K")})
         return sig
@@ -255,10 +267,28 @@ def _next_chunk(c0, kw, kh, C, KW, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _input_prologue(a, mask, in_scale_ptr, in_shift_ptr, channel, c_ok, PROLOGUE: tl.constexpr):
+    """x as the conv reads it: x * in_scale[c] + in_shift[c] (float32), then ReLU when PROLOGUE == 2;
+    padding and tails (``mask`` false) stay 0, so a padding tap contributes nothing. Rounded back to
+    x's dtype for the dot, as the normalised activation would be stored."""
+    scale = tl.load(in_scale_ptr + channel, mask=c_ok, other=0.0).to(tl.float32)
+    shift = tl.load(in_shift_ptr + channel, mask=c_ok, other=0.0).to(tl.float32)
+    if len(scale.shape) == 1:
+        scale = scale[None, :]
+        shift = shift[None, :]
+    v = a.to(tl.float32) * scale + shift
+    if PROLOGUE == 2:
+        v = tl.where(v < 0, 0.0, v)
+    return tl.where(mask, v, 0.0).to(a.dtype)
+
+
+@triton.jit
 def _conv_fwd_reduce(
     acc, x_row, w_ptr, ih0, iw0, m_ok, oc, n_ok,
     H, W, KH, KW, Cg, dil_h, dil_w, sxc, sxh, sxw, swn, swc, swh, sww,
+    in_scale_ptr, in_shift_ptr, c_base,
     PADDED: tl.constexpr, CHANNEL_INNER: tl.constexpr, PRECISION: tl.constexpr, BLOCK_K: tl.constexpr,
+    PROLOGUE: tl.constexpr,
 ):
     """``acc`` plus the implicit-GEMM product over the whole reduction k = (kh, kw, c).
 
@@ -266,6 +296,8 @@ def _conv_fwd_reduce(
     the tap, its padding test and its address offset are scalars per step and only the channel tail
     is masked per column. Otherwise (few channels, e.g. 3 or 6) a step is BLOCK_K consecutive k of
     the flattened reduction, spanning taps, which wastes no lanes but splits k per column.
+    PROLOGUE (1: scale/shift, 2: and ReLU) transforms x per input channel ``c_base + c`` as it is
+    loaded (``_input_prologue``).
     """
     if CHANNEL_INNER:
         rc = tl.arange(0, BLOCK_K)
@@ -281,8 +313,10 @@ def _conv_fwd_reduce(
                 iw = iw0 + kw * dil_w
                 row_ok = row_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
             c_ok = (c0 + rc) < Cg
-            a = tl.load(x_tile + (c0 * sxc + kh * dil_h * sxh + kw * dil_w * sxw), mask=row_ok[:, None] & c_ok[None, :],
-                        other=0.0)
+            a_mask = row_ok[:, None] & c_ok[None, :]
+            a = tl.load(x_tile + (c0 * sxc + kh * dil_h * sxh + kw * dil_w * sxw), mask=a_mask, other=0.0)
+            if PROLOGUE:
+                a = _input_prologue(a, a_mask, in_scale_ptr, in_shift_ptr, c_base + c0 + rc, c_ok, PROLOGUE)
             b = tl.load(w_tile + (c0 * swc + kh * swh + kw * sww), mask=c_ok[:, None] & n_ok[None, :], other=0.0)
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
             c0, kw, kh = _next_chunk(c0, kw, kh, Cg, KW, BLOCK_K)
@@ -300,6 +334,8 @@ def _conv_fwd_reduce(
                           & (iw0[:, None] >= -kw_d[None, :]) & (iw0[:, None] < (W - kw_d)[None, :]))
             x_col = c * sxc + kh * dil_h * sxh + kw * dil_w * sxw
             a = tl.load(x_row[:, None] + x_col[None, :], mask=a_mask, other=0.0)
+            if PROLOGUE:
+                a = _input_prologue(a, a_mask, in_scale_ptr, in_shift_ptr, c_base + c, k_ok, PROLOGUE)
             w_off = oc[None, :] * swn + (c * swc + kh * swh + kw * sww)[:, None]
             b = tl.load(w_ptr + w_off, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
@@ -307,12 +343,60 @@ def _conv_fwd_reduce(
 
 
 @triton.jit
-def _bias_relu(acc, b_ptr, oc, n_ok, HAS_BIAS: tl.constexpr, RELU: tl.constexpr):
+def _bias_scale(acc, b_ptr, scale_ptr, shift_ptr, oc, n_ok, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr):
+    """(acc + bias[oc]) * scale[oc] + shift[oc], in float32; either part optional."""
     if HAS_BIAS:
         acc += tl.load(b_ptr + oc, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_SCALE:
+        scale = tl.load(scale_ptr + oc, mask=n_ok, other=0.0).to(tl.float32)
+        shift = tl.load(shift_ptr + oc, mask=n_ok, other=0.0).to(tl.float32)
+        acc = acc * scale[None, :] + shift[None, :]
+    return acc
+
+
+@triton.jit
+def _relu(acc, RELU: tl.constexpr):
     if RELU:
         acc = tl.where(acc < 0, 0.0, acc)  # NaN stays NaN, as torch.relu keeps it
     return acc
+
+
+_STAT_ROWS = tl.constexpr(BN_STAT_ROWS)
+
+
+@triton.jit
+def _store_bn_partials(stats_ptr, v, pid_m, M, oc, n_ok, OC, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Welford partials of ``v`` (float32 [BLOCK_M, BLOCK_N], rows pid_m * BLOCK_M + i) per
+    _STAT_ROWS-row tile t and channel oc: stats[t, 0, oc] = valid rows, [t, 1, oc] = their mean,
+    [t, 2, oc] = M2 = sum of squared deviations from that mean (two passes over the tile in registers,
+    so no cancellation). Rows >= M count for nothing; tiles past the last are not stored."""
+    TILES: tl.constexpr = BLOCK_M // _STAT_ROWS
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    ok = rows < M
+    v = tl.where(ok[:, None], v, 0.0)
+    if TILES == 1:
+        count = tl.sum(ok.to(tl.float32), axis=0)
+        mean = tl.sum(v, axis=0) / tl.maximum(count, 1.0)
+        dev = tl.where(ok[:, None], v - mean[None, :], 0.0)
+        m2 = tl.sum(dev * dev, axis=0)
+        t = pid_m
+        count = tl.zeros_like(mean) + count
+        t_ok = n_ok
+        base = stats_ptr + t * (3 * OC) + oc
+    else:
+        ok3 = tl.reshape(ok, (TILES, _STAT_ROWS))
+        v3 = tl.reshape(v, (TILES, _STAT_ROWS, BLOCK_N))
+        count = tl.sum(ok3.to(tl.float32), axis=1)  # [TILES]
+        mean = tl.sum(v3, axis=1) / tl.maximum(count, 1.0)[:, None]
+        dev = tl.where(ok3[:, :, None], v3 - mean[:, None, :], 0.0)
+        m2 = tl.sum(dev * dev, axis=1)
+        t = pid_m * TILES + tl.arange(0, TILES)
+        count = tl.zeros_like(mean) + count[:, None]
+        t_ok = (t < tl.cdiv(M, _STAT_ROWS))[:, None] & n_ok[None, :]
+        base = stats_ptr + (t * (3 * OC))[:, None] + oc[None, :]
+    tl.store(base, count, mask=t_ok)
+    tl.store(base + OC, mean, mask=t_ok)
+    tl.store(base + 2 * OC, m2, mask=t_ok)
 
 
 @tuned_kernel(
@@ -340,6 +424,8 @@ def conv2d_fwd_kernel(
     HAS_BIAS: tl.constexpr, RELU: tl.constexpr, PADDED: tl.constexpr, CHANNEL_INNER: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    """y = act(conv + bias). The fused variants (BatchNorm epilogue, residual, statistics, input
+    prologue) are conv2d_fwd_bn_kernel, so this launch compiles exactly as before they existed."""
     group = tl.program_id(2)
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     ow = rm % OW
@@ -354,10 +440,93 @@ def conv2d_fwd_kernel(
     x_row = x_ptr + n * sxn + ih0 * sxh + iw0 * sxw + group * Cg * sxc
     acc = _conv_fwd_reduce(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), x_row, w_ptr, ih0, iw0, m_ok, oc, n_ok,
                            H, W, KH, KW, Cg, dil_h, dil_w, sxc, sxh, sxw, swn, swc, swh, sww,
-                           PADDED, CHANNEL_INNER, PRECISION, BLOCK_K)
-    acc = _bias_relu(acc, b_ptr, oc, n_ok, HAS_BIAS, RELU)
+                           x_ptr, x_ptr, 0, PADDED, CHANNEL_INNER, PRECISION, BLOCK_K, 0)
+    acc = _relu(_bias_scale(acc, b_ptr, b_ptr, b_ptr, oc, n_ok, HAS_BIAS, False), RELU)
     y_off = (n * syn + oh * syh + ow * syw)[:, None] + (oc * syc)[None, :]
     tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+_FWD_POINTERS = ("x_ptr", "w_ptr", "b_ptr", "y_ptr", "scale_ptr", "shift_ptr", "r_ptr", "stats_ptr", "in_scale_ptr",
+                 "in_shift_ptr")
+_FWD_FLAGS = ("HAS_BIAS", "RELU", "PADDED", "CHANNEL_INNER", "PRECISION", "HAS_SCALE", "HAS_RESIDUAL", "STATS",
+              "PROLOGUE")
+_FWD_PLAIN = {"HAS_BIAS": True, "RELU": True, "PADDED": True, "CHANNEL_INNER": True, "PRECISION": "ieee",
+              "HAS_SCALE": False, "HAS_RESIDUAL": False, "STATS": False, "PROLOGUE": 0}
+
+
+def _fwd_bn_config_for(config, dtype, arch=None, launch=None) -> bool:
+    """CONFIG_FOR_DTYPE, and for statistics launches only tiles of whole BN_STAT_ROWS-row groups, less
+    the float32 128x16 tile (its statistics epilogue spills 16 B on sm_80 with an FMA dot)."""
+    if (launch or {}).get("STATS") and (config.kwargs["BLOCK_M"] % BN_STAT_ROWS or (
+            dtype == torch.float32 and config is _C["128x16w4"])):
+        return False
+    return CONFIG_FOR_DTYPE(config, dtype, arch, launch)
+
+
+# conv2d_fwd_bn's pattern: ResNet basic block's second conv in inference (conv + BatchNorm + residual + ReLU);
+# variants: training's conv writing BatchNorm partial statistics, ResNet-style, with its input normalised
+# (BN + ReLU) on load, and on the stem (3 -> 64, 7x7 stride 2 at 224x224, NCHW input).
+@tuned_kernel(
+    "conv2d_fwd_bn",
+    gpu_configs=GPU_CONFIGS,
+    config_for_dtype=_fwd_bn_config_for,
+    interp_heuristics=FWD_INTERP,
+    key=["N", "C", "H", "W", "OC", "KH", "KW", "Cg", "STATS", "HAS_RESIDUAL", "PROLOGUE"],
+    signature=_signature(_FWD_POINTERS, _strides("x", "w", "y", "r"), _FWD_FLAGS),
+    constexprs=lambda dtype: {**_FWD_PLAIN, "HAS_BIAS": False, "HAS_SCALE": True, "HAS_RESIDUAL": True,
+                              **_typical(x="nhwc", w="nhwc", y="nhwc", r="nhwc")},
+    variants={
+        "stats": lambda dtype: {**_FWD_PLAIN, "HAS_BIAS": False, "RELU": False, "STATS": True,
+                                **_typical(x="nhwc", w="nhwc", y="nhwc", r="nhwc")},
+        "stats_prologue": lambda dtype: {**_FWD_PLAIN, "HAS_BIAS": False, "RELU": False, "STATS": True, "PROLOGUE": 2,
+                                         **_typical(x="nhwc", w="nhwc", y="nhwc", r="nhwc")},
+        "stats_few_channels": lambda dtype: {
+            **_FWD_PLAIN, "HAS_BIAS": False, "RELU": False, "STATS": True, "PADDED": True, "CHANNEL_INNER": False,
+            **_typical(n=32, c=3, hw=224, oc=64, k=7, pad=3, x="nchw", w="nchw", y="nhwc", r="nhwc"),
+            "stride_h": 2, "stride_w": 2, "OH": 112, "OW": 112},
+    },
+    tensor_core=True,
+    tf32=True,
+)
+@triton.jit
+def conv2d_fwd_bn_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr, scale_ptr, shift_ptr, r_ptr, stats_ptr, in_scale_ptr, in_shift_ptr,
+    N, C, H, W, OC, OH, OW, KH, KW, Cg, OCg,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    sxn, sxc, sxh, sxw, swn, swc, swh, sww, syn, syc, syh, syw, srn, src, srh, srw,
+    HAS_BIAS: tl.constexpr, RELU: tl.constexpr, PADDED: tl.constexpr, CHANNEL_INNER: tl.constexpr,
+    PRECISION: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, STATS: tl.constexpr,
+    PROLOGUE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """y = act(((conv + bias) * scale + shift) + residual), act = ReLU or none, every part optional
+    (constexpr flags); STATS also writes the BatchNorm partials of conv + bias (``_store_bn_partials``);
+    PROLOGUE transforms x per input channel as it is loaded (``_input_prologue``)."""
+    group = tl.program_id(2)
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    ow = rm % OW
+    oh = (rm // OW) % OH
+    n = rm // (OW * OH)
+    m_ok = rm < N * OH * OW
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    oc = group * OCg + rn
+    n_ok = rn < OCg
+    ih0 = oh * stride_h - pad_h
+    iw0 = ow * stride_w - pad_w
+    x_row = x_ptr + n * sxn + ih0 * sxh + iw0 * sxw + group * Cg * sxc
+    acc = _conv_fwd_reduce(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), x_row, w_ptr, ih0, iw0, m_ok, oc, n_ok,
+                           H, W, KH, KW, Cg, dil_h, dil_w, sxc, sxh, sxw, swn, swc, swh, sww,
+                           in_scale_ptr, in_shift_ptr, group * Cg, PADDED, CHANNEL_INNER, PRECISION, BLOCK_K, PROLOGUE)
+    acc = _bias_scale(acc, b_ptr, scale_ptr, shift_ptr, oc, n_ok, HAS_BIAS, False)
+    if STATS:
+        _store_bn_partials(stats_ptr, acc, tl.program_id(0), N * OH * OW, oc, n_ok, OC, BLOCK_M, BLOCK_N)
+    acc = _bias_scale(acc, b_ptr, scale_ptr, shift_ptr, oc, n_ok, False, HAS_SCALE)
+    out_mask = m_ok[:, None] & n_ok[None, :]
+    if HAS_RESIDUAL:
+        r_off = (n * srn + oh * srh + ow * srw)[:, None] + (oc * src)[None, :]
+        acc += tl.load(r_ptr + r_off, mask=out_mask, other=0.0).to(tl.float32)
+    acc = _relu(acc, RELU)
+    y_off = (n * syn + oh * syh + ow * syw)[:, None] + (oc * syc)[None, :]
+    tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
 
 
 # ------------------------------------------------------------------- forward + ReLU + max-pool (inference)
@@ -379,28 +548,35 @@ _POOL_ARGS = ("PH", "PW", "PKH", "PKW", "pstride_h", "pstride_w", "ppad_h", "ppa
     config_for_dtype=POOL_CONFIG_FOR_DTYPE,
     interp_heuristics=POOL_INTERP,
     key=["N", "C", "H", "W", "OC", "KH", "KW", "Cg", "PKH", "PKW"],
-    signature=_signature(("x_ptr", "w_ptr", "b_ptr", "y_ptr"), _strides("x", "w", "y"),
-                         ("HAS_BIAS", "PADDED", "CHANNEL_INNER", "PRECISION"), _POOL_ARGS),
+    signature=_signature(("x_ptr", "w_ptr", "b_ptr", "y_ptr", "scale_ptr", "shift_ptr"), _strides("x", "w", "y"),
+                         ("HAS_BIAS", "PADDED", "CHANNEL_INNER", "PRECISION", "HAS_SCALE"), _POOL_ARGS),
     constexprs=lambda dtype: {"HAS_BIAS": True, "PADDED": True, "CHANNEL_INNER": True, "PRECISION": "ieee",
-                              **_typical(x="nhwc", w="nhwc", y="nhwc"), **_pool_2x2(28)},
-    variants={"few_channels": lambda dtype: {  # the seed's LeNet conv2 + 2x2 pool, NCHW
-        "HAS_BIAS": True, "PADDED": False, "CHANNEL_INNER": False, "PRECISION": "ieee",
-        **_typical(n=16, c=6, hw=14, oc=16, k=5, pad=0, x="nchw", w="nchw", y="nchw"), **_pool_2x2(5)}},
+                              "HAS_SCALE": False, **_typical(x="nhwc", w="nhwc", y="nhwc"), **_pool_2x2(28)},
+    variants={
+        "few_channels": lambda dtype: {  # the seed's LeNet conv2 + 2x2 pool, NCHW
+            "HAS_BIAS": True, "PADDED": False, "CHANNEL_INNER": False, "PRECISION": "ieee", "HAS_SCALE": False,
+            **_typical(n=16, c=6, hw=14, oc=16, k=5, pad=0, x="nchw", w="nchw", y="nchw"), **_pool_2x2(5)},
+        "bn_stem": lambda dtype: {  # ResNet stem in inference: 7x7/2 conv + BatchNorm + ReLU + 3x3/2 max-pool
+            "HAS_BIAS": False, "PADDED": True, "CHANNEL_INNER": False, "PRECISION": "ieee", "HAS_SCALE": True,
+            **_typical(n=32, c=3, hw=224, oc=64, k=7, pad=3, x="nchw", w="nchw", y="nhwc"),
+            "stride_h": 2, "stride_w": 2, "OH": 112, "OW": 112, **_pool_2x2(56), "PKH": 3, "PKW": 3, "ppad_h": 1,
+            "ppad_w": 1}},
     tensor_core=True,
     tf32=True,
 )
 @triton.jit
 def conv2d_relu_maxpool_fwd_kernel(
-    x_ptr, w_ptr, b_ptr, y_ptr,
+    x_ptr, w_ptr, b_ptr, y_ptr, scale_ptr, shift_ptr,
     N, C, H, W, OC, OH, OW, KH, KW, Cg, OCg,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     PH, PW, PKH, PKW, pstride_h, pstride_w, ppad_h, ppad_w, pdil_h, pdil_w,
     sxn, sxc, sxh, sxw, swn, swc, swh, sww, syn, syc, syh, syw,
     HAS_BIAS: tl.constexpr, PADDED: tl.constexpr, CHANNEL_INNER: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """y[n, oc, ph, pw] = max over the pool window of relu(bias + conv) at (oh, ow) inside the conv
-    output; the unpooled activation never reaches memory. Overlapping windows recompute conv tiles."""
+    """y[n, oc, ph, pw] = max over the pool window of relu((conv + bias) * scale + shift) at (oh, ow)
+    inside the conv output (bias, scale/shift optional); the unpooled activation never reaches memory.
+    Overlapping windows recompute conv tiles."""
     group = tl.program_id(2)
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     pw = rm % PW
@@ -421,8 +597,8 @@ def conv2d_relu_maxpool_fwd_kernel(
             x_row = x_ptr + n * sxn + ih0 * sxh + iw0 * sxw + group * Cg * sxc
             v = _conv_fwd_reduce(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), x_row, w_ptr, ih0, iw0, inside, oc,
                                  n_ok, H, W, KH, KW, Cg, dil_h, dil_w, sxc, sxh, sxw, swn, swc, swh, sww,
-                                 PADDED, CHANNEL_INNER, PRECISION, BLOCK_K)
-            v = _bias_relu(v, b_ptr, oc, n_ok, HAS_BIAS, True)
+                                 x_ptr, x_ptr, 0, PADDED, CHANNEL_INNER, PRECISION, BLOCK_K, 0)
+            v = _relu(_bias_scale(v, b_ptr, scale_ptr, shift_ptr, oc, n_ok, HAS_BIAS, HAS_SCALE), True)
             take = inside[:, None] & ((v > best) | (v != v))  # NaN wins, as in max_pool2d
             best = tl.where(take, v, best)
     y_off = (n * syn + ph * syh + pw * syw)[:, None] + (oc * syc)[None, :]
@@ -659,30 +835,56 @@ def _geometry(x_shape, w_shape, stride, padding, dilation, groups):
     return (N, C, H, W, OC, OH, OW, KH, KW, Cg, OC // groups), (*stride, *padding, *dilation)
 
 
+def bn_stat_tiles(rows: int) -> int:
+    """T, the partials' first dimension, for a conv output of ``rows`` = N * OH * OW pixels."""
+    return triton.cdiv(rows, BN_STAT_ROWS)
+
+
 def conv2d(x, w, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1, *, relu=False,
-           allow_tf32=False):
-    """``act(conv2d(x, w) + bias)`` for 4-D ``x``; output in ``x``'s memory format."""
+           allow_tf32=False, scale=None, shift=None, residual=None, stats=False, input_scale=None,
+           input_shift=None, input_relu=False):
+    """``act(((conv2d(x', w) + bias) * scale + shift) + residual)`` for 4-D ``x``, output in ``x``'s
+    memory format; ``act`` = ReLU when ``relu``, every other part optional (scale and shift together).
+    ``x'`` = x, or ``x * input_scale[c] + input_shift[c]`` (then ReLU'd when ``input_relu``) with zero
+    padding applied after that transform. ``stats``: also return the float32 BatchNorm partials of
+    conv + bias, shape [bn_stat_tiles(N*OH*OW), 3, OC] (see ``_store_bn_partials``)."""
     shape, conv = _geometry(x.shape, w.shape, stride, padding, dilation, groups)
     N, C, H, W, OC, OH, OW, KH, KW, Cg, OCg = shape
     y = empty((N, OC, OH, OW), dtype=x.dtype, device=x.device, memory_format=suggest_memory_format(x))
-    check_int32_indexing(x, w, y)
+    partials = None
+    if stats:
+        partials = empty((bn_stat_tiles(N * OH * OW), 3, OC), dtype=torch.float32, device=x.device)
+    check_int32_indexing(x, w, y, residual, partials)
     if y.numel() == 0:
-        return y
+        return (y, partials) if stats else y
+    r = residual if residual is not None else y
 
     def grid(meta):
         return (triton.cdiv(N * OH * OW, meta["BLOCK_M"]), triton.cdiv(OCg, meta["BLOCK_N"]), groups)
 
-    conv2d_fwd_kernel[grid](
-        x, w, bias if bias is not None else w, y, *shape, *conv, *x.stride(), *w.stride(), *y.stride(),
+    if scale is None and residual is None and not stats and input_scale is None:
+        conv2d_fwd_kernel[grid](
+            x, w, bias if bias is not None else w, y, *shape, *conv, *x.stride(), *w.stride(), *y.stride(),
+            HAS_BIAS=bias is not None, RELU=relu, PADDED=any(padding), CHANNEL_INNER=channel_inner(Cg),
+            PRECISION=dot_precision(x.dtype, allow_tf32),
+        )
+        return y
+    conv2d_fwd_bn_kernel[grid](
+        x, w, bias if bias is not None else w, y, *(t if t is not None else w for t in (scale, shift)), r,
+        partials if stats else w, *(t if t is not None else w for t in (input_scale, input_shift)),
+        *shape, *conv, *x.stride(), *w.stride(), *y.stride(), *r.stride(),
         HAS_BIAS=bias is not None, RELU=relu, PADDED=any(padding), CHANNEL_INNER=channel_inner(Cg),
-        PRECISION=dot_precision(x.dtype, allow_tf32),
+        PRECISION=dot_precision(x.dtype, allow_tf32), HAS_SCALE=scale is not None,
+        HAS_RESIDUAL=residual is not None, STATS=bool(stats),
+        PROLOGUE=0 if input_scale is None else 2 if input_relu else 1,
     )
-    return y
+    return (y, partials) if stats else y
 
 
 def conv2d_relu_maxpool(x, w, bias, stride, padding, dilation, groups, pool_kernel, pool_stride, pool_padding,
-                        pool_dilation, ceil_mode, *, allow_tf32=False):
-    """``max_pool2d(relu(conv2d(x, w) + bias))`` in one kernel (no indices: for inference)."""
+                        pool_dilation, ceil_mode, *, allow_tf32=False, scale=None, shift=None):
+    """``max_pool2d(relu((conv2d(x, w) + bias) * scale + shift))`` in one kernel (no indices: for
+    inference); bias and scale/shift optional."""
     shape, conv = _geometry(x.shape, w.shape, stride, padding, dilation, groups)
     N, C, H, W, OC, OH, OW, KH, KW, Cg, OCg = shape
     PH, PW = (pool_output_size(s, k, st, p, d, ceil_mode) for s, k, st, p, d in
@@ -696,11 +898,11 @@ def conv2d_relu_maxpool(x, w, bias, stride, padding, dilation, groups, pool_kern
         return (triton.cdiv(N * PH * PW, meta["BLOCK_M"]), triton.cdiv(OCg, meta["BLOCK_N"]), groups)
 
     conv2d_relu_maxpool_fwd_kernel[grid](
-        x, w, bias if bias is not None else w, y, *shape, *conv,
+        x, w, bias if bias is not None else w, y, *(t if t is not None else w for t in (scale, shift)), *shape, *conv,
         PH, PW, *pool_kernel, *pool_stride, *pool_padding, *pool_dilation,
         *x.stride(), *w.stride(), *y.stride(),
         HAS_BIAS=bias is not None, PADDED=any(padding), CHANNEL_INNER=channel_inner(Cg),
-        PRECISION=dot_precision(x.dtype, allow_tf32),
+        PRECISION=dot_precision(x.dtype, allow_tf32), HAS_SCALE=scale is not None,
     )
     return y
 

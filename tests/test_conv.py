@@ -94,7 +94,8 @@ def test_interpreter_tiles_cover_small_spatial_layers():
     tiles = conv_kernels._interp_tiles
     assert tiles(2, 512, 512, 9) == (16, 512, 512)  # ResNet-18 layer 4 at 32x32 input: one program, 9 steps
     assert tiles(512, 4608, 2) == (512, 2048, 16)  # its weight gradient: 3 programs of one step
-    assert tiles(2, 512, 512, 9, 16) == (16, 16, 16)
+    assert tiles(2, 512, 512, 9, limit=16) == (16, 16, 16)
+    assert tiles(2, 512, 512, 9, 64, limit=16) == (64, 16, 16)
     for rows, cols, red, passes in ((12544, 6, 75, 1), (100000, 300, 2700, 1), (7, 3, 5000, 49)):
         bm, bn, bk = tiles(rows, cols, red, passes)
         assert max(bm * bn, bm * bk, bk * bn) <= conv_kernels.INTERP_TILE
@@ -276,3 +277,226 @@ def test_conv_relu_maxpool_bad_pool_args_raise_like_torch(pool):
         F.max_pool2d(F.relu(F.conv2d(x, w)), *args)
     with torch.no_grad(), pytest.raises(expected.type):
         TF.conv2d_relu_maxpool(x, w, **pool)
+
+
+# --- BatchNorm-network fusions: eval-mode BN (+ residual) (+ ReLU) epilogue, BN statistics, input prologue
+HALF_DTYPES = [torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
+    INTERPRET, reason="Triton's interpreter computes tl.dot on bfloat16 wrongly (triton#4972, #11584)"))]
+# (n, c, h, w, oc, k, stride, padding, dilation, groups): channel-chunked with tails, few channels, grouped
+BN_CASES = [(2, 40, 9, 11, 36, 3, 2, 1, 1, 1), (2, 5, 11, 13, 7, 3, 1, 1, 1, 1),
+            (1, 4, 10, 9, 6, (3, 2), 1, (1, 0), 2, 2)]
+
+
+def _conv_inputs(case, dtype, layout="contiguous", bias=True):
+    n, c, h, w, oc, k, stride, padding, dilation, groups = case
+    kh, kw = (k, k) if isinstance(k, int) else k
+    x = torch.randn(n, c, h, w).to(dtype)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    weight = (torch.randn(oc, c // groups, kh, kw) / (c // groups * kh * kw) ** 0.5).to(dtype)
+    b = torch.randn(oc).to(dtype) if bias else None
+    pairs = [[v, v] if isinstance(v, int) else list(v) for v in (stride, padding, dilation)]
+    return x, weight, b, (*pairs, groups)
+
+
+def _eval_bn(channels):
+    """Random eval-mode BatchNorm parameters and the (scale, shift) that fold them, float32."""
+    mean, var = torch.randn(channels), torch.rand(channels) + 0.5
+    weight, bias, eps = torch.randn(channels), torch.randn(channels), 1e-5
+    scale = weight * torch.rsqrt(var + eps)
+    return (mean, var, weight, bias, eps), scale, bias - mean * scale
+
+
+def _input_transform(c, relu):
+    """Per-input-channel (scale, shift) with shifts mostly positive, so relu(shift) != 0: a padding tap
+    that contributed the transform of 0 instead of 0 would show."""
+    scale, shift = torch.rand(c) + 0.5, torch.randn(c) * 0.5 + 1.0
+
+    def apply(x):  # the activation as eager would store it in x's dtype, in float32
+        v = x.float() * scale[None, :, None, None] + shift[None, :, None, None]
+        return (F.relu(v) if relu else v).to(x.dtype).float()
+
+    return scale, shift, apply
+
+
+@pytest.mark.parametrize("case", BN_CASES, ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("residual,relu", [(False, True), (True, True), (True, False)])
+def test_conv_scale_shift_is_eval_batch_norm(case, layout, residual, relu):
+    x, w, b, geo = _conv_inputs(case, torch.float32, layout)
+    bn, scale, shift = _eval_bn(w.shape[0])
+    ref = F.batch_norm(F.conv2d(x, w, b, *geo), *bn[:2], *bn[2:4], False, 0.0, bn[4])
+    # any dense residual layout: the other memory format than the input's
+    res = torch.randn(ref.shape).to(memory_format=torch.channels_last if layout == "contiguous" else
+                                    torch.contiguous_format) if residual else None
+    ref = ref + res if residual else ref
+    out = ops.conv2d_scale_shift(x, w, scale, shift + b * scale, res, *geo, relu)
+    assert_close(out, F.relu(ref) if relu else ref)
+    assert out.is_contiguous(memory_format=conv_kernels.suggest_memory_format(x))
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("case", BN_CASES[:2], ids=str)
+def test_conv_scale_shift_half(dtype, layout, case):
+    x, w, _, geo = _conv_inputs(case, dtype, layout, bias=False)
+    bn, scale, shift = _eval_bn(w.shape[0])
+    ref = F.batch_norm(F.conv2d(x.float(), w.float(), None, *geo), *bn[:2], *bn[2:4], False, 0.0, bn[4])
+    res = torch.randn(ref.shape).to(dtype)
+    for params in ((scale, shift), (scale.to(dtype), shift.to(dtype))):  # float32 or the input's dtype
+        expected = F.relu(ref * (params[0].float() / scale)[None, :, None, None] + (params[1].float() - shift)[
+            None, :, None, None] + res.float())
+        assert_close(ops.conv2d_scale_shift(x, w, *params, res, *geo, True), expected.to(dtype))
+
+
+@pytest.mark.parametrize("case", [FUSED_POOL[2], FUSED_POOL[4], (2, 3, 20, 18, 8, 7, 2, 3, 3, 2, 1, False)], ids=str)
+def test_conv_bn_relu_maxpool_stem(case):
+    n, c, h, w, oc, k, stride, padding, pk, ps, pp, ceil = case
+    x, weight = torch.randn(n, c, h, w), torch.randn(oc, c, k, k)
+    bn, scale, shift = _eval_bn(oc)
+    out = ops.conv2d_relu_maxpool(x, weight, None, [stride] * 2, [padding] * 2, [1, 1], 1, [pk] * 2, [ps] * 2,
+                                  [pp] * 2, [1, 1], ceil, scale, shift)
+    ref = F.batch_norm(F.conv2d(x, weight, None, stride, padding), *bn[:2], *bn[2:4], False, 0.0, bn[4])
+    assert_close(out, F.max_pool2d(F.relu(ref), pk, ps, pp, ceil_mode=ceil))
+
+
+def _combine(partials):
+    """Chan's formula over the tiles, in float64: (count, mean, biased variance) per channel."""
+    p = partials.double()
+    count, mean, m2 = p[:, 0], p[:, 1], p[:, 2]
+    total = count.sum(0)
+    batch_mean = (count * mean).sum(0) / total
+    return total, batch_mean, (m2.sum(0) + (count * (mean - batch_mean) ** 2).sum(0)) / total
+
+
+def _tile_stats(ref):
+    """(count, mean, M2) per BN_STAT_ROWS-pixel tile of the (n, oh, ow) rows of ``ref``, float64."""
+    rows = ref.double().permute(0, 2, 3, 1).reshape(-1, ref.shape[1])
+    tiles = rows.split(conv_kernels.BN_STAT_ROWS)
+    means = torch.stack([t.mean(0) for t in tiles])
+    m2 = torch.stack([((t - t.mean(0)) ** 2).sum(0) for t in tiles])
+    counts = torch.tensor([float(len(t)) for t in tiles], dtype=torch.float64)[:, None].expand_as(means)
+    return torch.stack([counts, means, m2], 1)
+
+
+# (case, bias offset): rows N*OH*OW = 60 (one partial tile), 286, 90 (grouped); bias 100 makes the mean
+# large against the spread, where a float32 sum of squares would cancel.
+BN_STATS_CASES = [(BN_CASES[0], 0.0), (BN_CASES[1], 100.0), (BN_CASES[2], 100.0), (BN_CASES[1], 0.0)]
+
+
+@pytest.mark.parametrize("case,offset", BN_STATS_CASES, ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_conv_bn_stats(case, offset, layout):
+    x, w, b, geo = _conv_inputs(case, torch.float32, layout)
+    b = b + offset
+    out, partials = ops.conv2d_bn_stats(x, w, b, *geo)
+    ref = F.conv2d(x, w, b, *geo)
+    assert_close(out, ref)
+    rows = ref.shape[0] * ref.shape[2] * ref.shape[3]
+    assert partials.shape == (conv_kernels.bn_stat_tiles(rows), 3, ref.shape[1])
+    assert partials.dtype == torch.float32
+    # per tile: exact counts, and mean / M2 of the tile's rows (the layout the finalize kernel reads)
+    tiles = _tile_stats(ref)
+    assert torch.equal(partials[:, 0].double(), tiles[:, 0])
+    torch.testing.assert_close(partials[:, 1].double(), tiles[:, 1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(partials[:, 2].double(), tiles[:, 2], rtol=1e-4, atol=1e-4)
+    count, mean, var = _combine(partials)
+    assert torch.all(count == rows)
+    r64 = ref.double()
+    torch.testing.assert_close(mean, r64.mean((0, 2, 3)), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(var, r64.var((0, 2, 3), unbiased=False), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("limit", [16, 64])
+def test_conv_bn_stats_partials_do_not_depend_on_the_tile(limit):
+    # 2 x 12 x 13 = 312 rows: five 64-row partials, the last of 56; one program of 512 rows by default,
+    # five of 64 rows (BLOCK_M never drops below BN_STAT_ROWS) under the limit
+    x, w, b, geo = _conv_inputs((2, 6, 12, 13, 40, 3, 1, 1, 1, 1), torch.float32)
+    out, partials = ops.conv2d_bn_stats(x, w, b + 100, *geo)
+    with conv_kernels.interp_block_limit(limit):
+        out_small, partials_small = ops.conv2d_bn_stats(x, w, b + 100, *geo)
+    assert_close(out_small, out)
+    torch.testing.assert_close(partials_small, partials, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(partials[:, 2].double(), _tile_stats(F.conv2d(x, w, b + 100, *geo))[:, 2],
+                               rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_conv_bn_stats_half_uses_the_float32_accumulator(dtype):
+    x, w, b, geo = _conv_inputs(BN_CASES[0], dtype, "channels_last")
+    out, partials = ops.conv2d_bn_stats(x, w, b, *geo)
+    ref = F.conv2d(x.float(), w.float(), b.float(), *geo)
+    assert_close(out, ref.to(dtype))
+    _, mean, var = _combine(partials)
+    r64 = ref.double()  # before rounding to dtype: float32 agreement, not half
+    torch.testing.assert_close(mean, r64.mean((0, 2, 3)), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(var, r64.var((0, 2, 3), unbiased=False), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", BN_CASES + [SWEEP[0], SWEEP[12]], ids=str)
+@pytest.mark.parametrize("input_relu", [True, False])
+@pytest.mark.parametrize("op", ["scale_shift", "bn_stats"])
+def test_input_prologue(case, input_relu, op):
+    x, w, b, geo = _conv_inputs(case, torch.float32, "channels_last" if input_relu else "contiguous")
+    in_scale, in_shift, transform = _input_transform(x.shape[1], input_relu)
+    ref = F.conv2d(transform(x), w, b, *geo)  # F.conv2d zero-pads the transformed input
+    prologue = (in_scale, in_shift, input_relu)
+    if op == "scale_shift":
+        _, scale, shift = _eval_bn(w.shape[0])
+        out = ops.conv2d_scale_shift(x, w, scale, shift + b * scale, None, *geo, True, *prologue)
+        ref = F.relu(ref * scale[None, :, None, None] + shift[None, :, None, None])
+    else:
+        out, partials = ops.conv2d_bn_stats(x, w, b, *geo, *prologue)
+        _, mean, var = _combine(partials)
+        torch.testing.assert_close(mean, ref.double().mean((0, 2, 3)), rtol=1e-5, atol=1e-5)
+    assert_close(out, ref)
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_input_prologue_half(dtype):
+    x, w, b, geo = _conv_inputs(BN_CASES[0], dtype, "channels_last")
+    in_scale, in_shift, _ = _input_transform(x.shape[1], True)
+    out, _ = ops.conv2d_bn_stats(x, w, b, *geo, in_scale.to(dtype), in_shift.to(dtype), True)
+    v = x.float() * in_scale.to(dtype).float()[None, :, None, None] + in_shift.to(dtype).float()[None, :, None, None]
+    ref = F.conv2d(F.relu(v).to(dtype).float(), w.float(), b.float(), *geo)
+    assert_close(out, ref.to(dtype))
+
+
+def test_fused_opcheck():
+    x, w, b, geo = _conv_inputs(BN_CASES[2], torch.float32)
+    _, scale, shift = _eval_bn(w.shape[0])
+    in_scale, in_shift, _ = _input_transform(x.shape[1], True)
+    res = torch.randn(F.conv2d(x, w, None, *geo).shape)
+    torch.library.opcheck(ops.conv2d_scale_shift.default, (x, w, scale, shift, res, *geo, True))
+    torch.library.opcheck(ops.conv2d_scale_shift.default, (x, w, scale, shift, None, *geo, False, in_scale, in_shift,
+                                                           True))
+    torch.library.opcheck(ops.conv2d_bn_stats.default, (x, w, b, *geo))
+    torch.library.opcheck(ops.conv2d_bn_stats.default, (x, w, None, *geo, in_scale, in_shift, False))
+    args = (torch.randn(2, 3, 9, 9), torch.randn(4, 3, 3, 3), None, [1, 1], [1, 1], [1, 1], 1, [3, 3], [2, 2],
+            [1, 1], [1, 1], True, torch.rand(4), torch.randn(4))
+    torch.library.opcheck(ops.conv2d_relu_maxpool.default, args)
+
+
+FUSED_BAD = [
+    ("scale", dict(scale=torch.ones(5))),
+    ("scale", dict(scale=torch.ones(6, dtype=torch.float16))),
+    ("shift", dict(shift=torch.ones(6, 1))),
+    ("residual", dict(residual=torch.ones(2, 6, 6, 7))),
+    ("residual", dict(residual=torch.ones(2, 6, 6, 6, dtype=torch.float16))),
+    ("input_scale", dict(input_scale=torch.ones(4), input_shift=torch.ones(3))),
+    ("input_scale and input_shift", dict(input_scale=torch.ones(3))),
+    ("input_relu", dict(input_relu=True)),
+]
+
+
+@pytest.mark.parametrize("needle,bad", FUSED_BAD, ids=[f"{n}-{i}" for i, (n, _) in enumerate(FUSED_BAD)])
+def test_fused_bad_arguments_raise(needle, bad):
+    x, w = torch.randn(2, 3, 8, 8), torch.randn(6, 3, 3, 3)
+    args = dict(scale=torch.ones(6), shift=torch.zeros(6), residual=None) | bad
+    prologue = {k: args.pop(k) for k in ("input_scale", "input_shift", "input_relu") if k in args}
+    with pytest.raises(RuntimeError, match=needle):
+        ops.conv2d_scale_shift(x, w, args["scale"], args["shift"], args["residual"], [1, 1], [0, 0], [1, 1], 1, True,
+                               **prologue)
+    if prologue:
+        with pytest.raises(RuntimeError, match=needle):
+            ops.conv2d_bn_stats(x, w, None, [1, 1], [0, 0], [1, 1], 1, **prologue)

@@ -1,4 +1,26 @@
-"""``torch.ops.tritonkit.conv2d`` and its two gradient ops, over ``tritonkit.kernels.conv``.
+"""``torch.ops.tritonkit.conv2d`` and its two gradient ops, over ``tritonkit.kernels.conv``, and the
+fused forward ops for BatchNorm networks (no autograd: inference, or building blocks for a lowering):
+
+* ``conv2d_scale_shift(input, weight, scale, shift, residual, stride, padding, dilation, groups, relu,
+  input_scale=None, input_shift=None, input_relu=False) -> Tensor``:
+  ``act(conv2d(x', weight) * scale[oc] + shift[oc] (+ residual))`` in one kernel. With
+  ``scale = bn_weight * rsqrt(running_var + eps)`` and ``shift = bn_bias - running_mean * scale``
+  (``+ conv_bias * scale``) it is conv -> eval-mode BatchNorm (-> + residual) (-> ReLU).
+* ``conv2d_bn_stats(input, weight, bias, stride, padding, dilation, groups, input_scale=None,
+  input_shift=None, input_relu=False) -> (out, partials)``: ``out = conv2d(x', weight) + bias`` and
+  the float32 BatchNorm partial statistics of ``out`` (computed from the float32 accumulator, before
+  rounding to out's dtype), ``partials`` of shape ``[T, 3, OC]``, ``T = ceil(N*OH*OW / 64)``
+  (``kernels.conv.BN_STAT_ROWS`` output pixels per tile, in (n, oh, ow) order): for tile t and
+  channel c, ``partials[t, 0, c]`` = the number of output pixels in the tile (64, fewer in the last),
+  ``partials[t, 1, c]`` = their mean, ``partials[t, 2, c]`` = M2, the sum of squared deviations from
+  that tile mean. Combining the tiles with Chan's formula gives the batch mean and biased variance.
+* ``conv2d_relu_maxpool(..., scale=None, shift=None)``: the fused inference conv + ReLU + max-pool
+  with ``(conv + bias) * scale + shift`` before the ReLU (the ResNet stem's conv + BN + ReLU + pool).
+
+``x'`` is the input, or with ``input_scale``/``input_shift`` (per input channel) the input as the
+kernel loads it: ``x * input_scale[c] + input_shift[c]``, ReLU'd when ``input_relu``, with the zero
+padding applied after that transform (a padding tap contributes 0), so a previous layer's normalised
+activation never reaches memory. Per-channel vectors are 1-D, float32 or the input's dtype.
 
 Checks mirror aten's ``conv2d`` checks and exception types; the fake implementations compute the
 same shapes and memory formats as the kernels' launchers, so tracing sees what running produces.
@@ -136,10 +158,13 @@ def _(grad_output, input, relu_output, weight_size, stride, padding, dilation, g
 
 
 # ------------------------------------------------------------------- conv + ReLU + max-pool (inference)
-def _check_conv_relu_maxpool(input, weight, bias, stride, padding, dilation, groups, pool_args):
+def _check_conv_relu_maxpool(input, weight, bias, stride, padding, dilation, groups, pool_args, scale=None,
+                             shift=None):
     op = "tritonkit.conv2d_relu_maxpool"
     check_float_tensors(op, input=input, weight=weight, bias=bias)
     geometry = check_conv_args(op, input.shape, weight.shape, bias, stride, padding, dilation, groups)
+    _check_pair_given(op, scale, shift, ("scale", "shift"))
+    check_channel_vectors(op, input, weight.shape[0], "output channel", scale=scale, shift=shift)
     conv_out = torch.empty(_output_shape(input.shape, weight.shape, *geometry), dtype=input.dtype, device="meta")
     pool, pooled = pool_ops._pool_geometry(op, conv_out, *pool_args)
     return geometry, pool, (conv_out.shape[0], conv_out.shape[1], *pooled)
@@ -149,17 +174,112 @@ def _check_conv_relu_maxpool(input, weight, bias, stride, padding, dilation, gro
 def conv2d_relu_maxpool(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                         stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int,
                         pool_kernel_size: Sequence[int], pool_stride: Sequence[int], pool_padding: Sequence[int],
-                        pool_dilation: Sequence[int], ceil_mode: bool) -> torch.Tensor:
-    """``max_pool2d(relu(conv2d(input, weight) + bias))`` in one kernel, for inference (no indices)."""
+                        pool_dilation: Sequence[int], ceil_mode: bool, scale: Optional[torch.Tensor] = None,
+                        shift: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``max_pool2d(relu((conv2d(input, weight) + bias) * scale + shift))`` in one kernel, for inference
+    (no indices); ``scale``/``shift`` (per output channel, optional) fold an eval-mode BatchNorm in."""
     pool_args = (pool_kernel_size, pool_stride, pool_padding, pool_dilation, ceil_mode)
-    geometry, pool, _ = _check_conv_relu_maxpool(input, weight, bias, stride, padding, dilation, groups, pool_args)
+    geometry, pool, _ = _check_conv_relu_maxpool(input, weight, bias, stride, padding, dilation, groups, pool_args,
+                                                 scale, shift)
     return kernels.conv2d_relu_maxpool(input, weight, bias, *geometry, groups, *pool, ceil_mode,
-                                       allow_tf32=conv_allows_tf32())
+                                       allow_tf32=conv_allows_tf32(), scale=scale, shift=shift)
 
 
 @conv2d_relu_maxpool.register_fake
 def _(input, weight, bias, stride, padding, dilation, groups, pool_kernel_size, pool_stride, pool_padding,
-      pool_dilation, ceil_mode):
+      pool_dilation, ceil_mode, scale=None, shift=None):
     pool_args = (pool_kernel_size, pool_stride, pool_padding, pool_dilation, ceil_mode)
-    _, _, shape = _check_conv_relu_maxpool(input, weight, bias, stride, padding, dilation, groups, pool_args)
+    _, _, shape = _check_conv_relu_maxpool(input, weight, bias, stride, padding, dilation, groups, pool_args,
+                                           scale, shift)
     return input.new_empty(shape).contiguous(memory_format=kernels.suggest_memory_format(input))
+
+
+# ------------------------------------------------------------------------- BatchNorm prologue / epilogue
+def check_channel_vectors(op: str, input: torch.Tensor, channels: int, role: str, **vectors) -> None:
+    """1-D per-channel vectors of ``channels`` elements, float32 or ``input``'s dtype, on its device."""
+    for name, v in vectors.items():
+        if v is None:
+            continue
+        if v.dim() != 1 or v.shape[0] != channels:
+            raise RuntimeError(f"{op}: expected {name} to be 1-D with {channels} elements (one per {role}), but "
+                               f"got {name} of size {list(v.shape)}")
+        if v.dtype not in (torch.float32, input.dtype):
+            raise RuntimeError(f"{op}: {name} must be float32 or the input's dtype {input.dtype}, got {v.dtype}")
+        if v.device != input.device:
+            raise RuntimeError(f"{op}: {name} is on {v.device} but input is on {input.device}; expected one device")
+
+
+def _check_pair_given(op, first, second, names):
+    if (first is None) != (second is None):
+        raise RuntimeError(f"{op}: {names[0]} and {names[1]} must be given together")
+
+
+def _check_prologue(op, input, input_scale, input_shift, input_relu):
+    _check_pair_given(op, input_scale, input_shift, ("input_scale", "input_shift"))
+    if input_relu and input_scale is None:
+        raise RuntimeError(f"{op}: input_relu needs input_scale and input_shift")
+    check_channel_vectors(op, input, input.shape[1], "input channel", input_scale=input_scale,
+                          input_shift=input_shift)
+
+
+def _check_fused(op, input, weight, bias, stride, padding, dilation, groups, input_scale, input_shift, input_relu):
+    check_float_tensors(op, input=input, weight=weight, bias=bias)
+    geometry = check_conv_args(op, input.shape, weight.shape, bias, stride, padding, dilation, groups)
+    _check_prologue(op, input, input_scale, input_shift, input_relu)
+    return geometry, _output_shape(input.shape, weight.shape, *geometry)
+
+
+def _check_scale_shift(op, input, weight, scale, shift, residual, stride, padding, dilation, groups, input_scale,
+                       input_shift, input_relu):
+    geometry, shape = _check_fused(op, input, weight, None, stride, padding, dilation, groups, input_scale,
+                                   input_shift, input_relu)
+    check_channel_vectors(op, input, weight.shape[0], "output channel", scale=scale, shift=shift)
+    if residual is not None:
+        check_float_tensors(op, input=input, residual=residual)
+        if tuple(residual.shape) != tuple(shape):
+            raise RuntimeError(f"{op}: residual of size {list(residual.shape)} must match the output "
+                               f"{list(shape)}")
+    return geometry, shape
+
+
+@torch.library.custom_op("tritonkit::conv2d_scale_shift", mutates_args=())
+def conv2d_scale_shift(input: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+                       residual: Optional[torch.Tensor], stride: Sequence[int], padding: Sequence[int],
+                       dilation: Sequence[int], groups: int, relu: bool, input_scale: Optional[torch.Tensor] = None,
+                       input_shift: Optional[torch.Tensor] = None, input_relu: bool = False) -> torch.Tensor:
+    """``act(conv2d(x', weight) * scale[oc] + shift[oc] (+ residual))`` in one kernel (module doc)."""
+    geometry, _ = _check_scale_shift("tritonkit.conv2d_scale_shift", input, weight, scale, shift, residual, stride,
+                                     padding, dilation, groups, input_scale, input_shift, input_relu)
+    return kernels.conv2d(input, weight, None, *geometry, groups, relu=relu, allow_tf32=conv_allows_tf32(),
+                          scale=scale, shift=shift, residual=residual, input_scale=input_scale,
+                          input_shift=input_shift, input_relu=input_relu)
+
+
+@conv2d_scale_shift.register_fake
+def _(input, weight, scale, shift, residual, stride, padding, dilation, groups, relu, input_scale=None,
+      input_shift=None, input_relu=False):
+    _, shape = _check_scale_shift("tritonkit.conv2d_scale_shift", input, weight, scale, shift, residual, stride,
+                                  padding, dilation, groups, input_scale, input_shift, input_relu)
+    return input.new_empty(shape).contiguous(memory_format=kernels.suggest_memory_format(input))
+
+
+@torch.library.custom_op("tritonkit::conv2d_bn_stats", mutates_args=())
+def conv2d_bn_stats(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: Sequence[int],
+                    padding: Sequence[int], dilation: Sequence[int], groups: int,
+                    input_scale: Optional[torch.Tensor] = None, input_shift: Optional[torch.Tensor] = None,
+                    input_relu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(conv2d(x', weight) + bias, partials)``: the output and its float32 BatchNorm partials
+    ``[T, 3, OC]`` = (count, mean, M2) per 64-pixel tile and channel (module doc)."""
+    geometry, _ = _check_fused("tritonkit.conv2d_bn_stats", input, weight, bias, stride, padding, dilation, groups,
+                               input_scale, input_shift, input_relu)
+    return kernels.conv2d(input, weight, bias, *geometry, groups, allow_tf32=conv_allows_tf32(), stats=True,
+                          input_scale=input_scale, input_shift=input_shift, input_relu=input_relu)
+
+
+@conv2d_bn_stats.register_fake
+def _(input, weight, bias, stride, padding, dilation, groups, input_scale=None, input_shift=None, input_relu=False):
+    _, shape = _check_fused("tritonkit.conv2d_bn_stats", input, weight, bias, stride, padding, dilation, groups,
+                            input_scale, input_shift, input_relu)
+    out = input.new_empty(shape).contiguous(memory_format=kernels.suggest_memory_format(input))
+    tiles = kernels.bn_stat_tiles(shape[0] * shape[2] * shape[3])
+    return out, input.new_empty((tiles, 3, shape[1]), dtype=torch.float32)
