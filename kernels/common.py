@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 from dataclasses import dataclass
 from typing import Callable
@@ -224,6 +225,21 @@ def interp_block(n: int, lo: int, hi: int) -> int:
 INTERP_TILE = 2**20
 
 
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def reduction_split(channels: int, rows: int, device: torch.device, max_split: int) -> int:
+    """Programs per 64-channel block of a per-channel reduction over ``rows`` (bias and BatchNorm
+    gradients, BatchNorm statistics): enough to fill the GPU (~4 per SM), each reducing >= 1024 rows,
+    at most ``max_split``; one in the interpreter, where every program costs."""
+    if INTERPRET:
+        return 1
+    return max(1, min(triton.cdiv(4 * _sm_count(device), triton.cdiv(channels, 64)), triton.cdiv(rows, 1024),
+                      max_split))
+
+
 def check_int32_indexing(*tensors: torch.Tensor) -> None:
     """Kernels index with int32 offsets; refuse (before launch) tensors whose extent would overflow."""
     for t in tensors:
@@ -249,6 +265,7 @@ __all__ = [
     "per_dtype_configs",
     "per_flag_configs",
     "interp_block",
+    "reduction_split",
     "INTERP_TILE",
     "TRITON_TYPE",
     "FLOAT_DTYPES",

@@ -25,8 +25,6 @@ partials in a fixed order, so the result is deterministic (no atomics).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
@@ -38,9 +36,9 @@ from tritonkit.kernels.common import (
     empty,
     empty_strided,
     interp_block,
+    reduction_split,
     tuned_kernel,
 )
-from tritonkit.runtime import INTERPRET
 
 _FLAT_GPU_CONFIGS = [
     triton.Config({"BLOCK": 1024}, num_warps=4),
@@ -268,18 +266,6 @@ def _reduced_groups(g: torch.Tensor, r: torch.Tensor | None, dim: int):
     return [[1, 0, 0]] * (3 - len(groups)) + groups
 
 
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def _default_split(C: int, rows: int, device: torch.device) -> int:
-    """Programs per channel block: enough to fill the GPU (~4 per SM), each summing >= 1024 rows."""
-    if INTERPRET:
-        return 1
-    return max(1, min(triton.cdiv(4 * _sm_count(device), triton.cdiv(C, 64)), triton.cdiv(rows, 1024), 512))
-
-
 def bias_grad(grad_output: torch.Tensor, relu_output: torch.Tensor | None, dim: int,
               split: int | None = None) -> torch.Tensor:
     """``sum`` of ``grad_output`` (masked where ``relu_output <= 0``) over every dim but ``dim``.
@@ -302,7 +288,7 @@ def bias_grad(grad_output: torch.Tensor, relu_output: torch.Tensor | None, dim: 
     (A1, g_sa1, r_sa1), (A2, g_sa2, r_sa2), (B, g_sb, r_sb) = groups
     g_sc = g.stride(dim)
     r_sc = r.stride(dim) if r is not None else g_sc
-    split = split or _default_split(C, A1 * A2 * B, g.device)
+    split = split or reduction_split(C, A1 * A2 * B, g.device, 512)
     direct = split == 1 and g.dtype == torch.float32
     part = out if direct else empty((split, C), dtype=torch.float32, device=g.device)
     bias_grad_partial_kernel[lambda meta: (triton.cdiv(C, meta["BLOCK_C"]), split)](

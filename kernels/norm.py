@@ -47,8 +47,6 @@ one): ``batch_norm_stats_partial``, ``batch_norm_stats_finalize`` (+ ``_stats_on
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
@@ -59,10 +57,10 @@ from tritonkit.kernels.common import (
     check_int32_indexing,
     empty,
     interp_block,
+    reduction_split,
     tuned_kernel,
 )
 from tritonkit.kernels.pool import output_memory_format
-from tritonkit.runtime import INTERPRET
 
 
 def _config(block_b, block_c, warps):
@@ -535,18 +533,6 @@ def _layout(x: torch.Tensor):
     return x, ref, fmt
 
 
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def _default_split(C: int, rows: int, device: torch.device) -> int:
-    """Programs per channel block: enough to fill the GPU (~4 per SM), each reducing >= 1024 rows."""
-    if INTERPRET:
-        return 1
-    return max(1, min(triton.cdiv(4 * _sm_count(device), triton.cdiv(C, 64)), triton.cdiv(rows, 1024), 1024))
-
-
 def save_stats_dtype(input: torch.Tensor) -> torch.dtype:
     """dtype of ``save_mean`` / ``save_invstd``: float32 on a GPU, the input's dtype on the CPU (eager's
     rule on each device, so a graph's recorded metadata stays right when tritonkit replaces aten)."""
@@ -557,7 +543,7 @@ def _stats(x, view, eps, running, momentum, split, save_dtype):
     """Stage one + finalize. Returns (mean32, invstd32, save_mean, save_invstd, rm_out, rv_out)."""
     A, B, C, s_a, s_b, s_c = view
     dev = x.device
-    split = split or _default_split(C, A * B, dev)
+    split = split or reduction_split(C, A * B, dev, 1024)
     part = empty((split, 4, C), dtype=torch.float32, device=dev)
     batch_norm_stats_partial_kernel[lambda meta: (triton.cdiv(C, meta["BLOCK_C"]), split)](
         x, part, A, B, C, s_a, s_b, s_c, split)
@@ -651,7 +637,7 @@ def batch_norm_backward(grad_out, input, weight, running_mean, running_var, save
     weight = _vec(weight)
     need_sum = want_gb or (want_dx and train)
     need_dot = want_gw or (want_dx and train)
-    split = (split or _default_split(C, A * B, dev)) if (need_sum or need_dot) else 0
+    split = (split or reduction_split(C, A * B, dev, 1024)) if (need_sum or need_dot) else 0
     part = empty((max(split, 1), 2, C), dtype=torch.float32, device=dev)
     if split:
         batch_norm_bwd_reduce_kernel[lambda meta: (triton.cdiv(C, meta["BLOCK_C"]), split)](
