@@ -10,6 +10,10 @@ forward, per group g (the grid's second axis):
     GEMM rows (n, oh, ow), columns oc, reduction k = (kh, kw, c), c fastest: contiguous in channels_last.
     The input offset of (row, k) splits into row_part[row] + k_part[k], so only the padding mask is
     computed per element.
+    Fused epilogue (conv2d_fwd_bn_kernel, conv2d_relu_maxpool_fwd_kernel before its pool), float32,
+    rounded once: y = act(BN(acc + bias[oc]) + residual) with eval-mode BatchNorm read from its
+    parameters, BN(v) = (v - running_mean[oc]) * (bn_weight[oc] / sqrt(running_var[oc] + eps)) + bn_bias[oc],
+    centred first as eager's eval BatchNorm, so large-mean activations do not cancel.
 
 input gradient (dy' = dy * (y > 0) when the forward fused ReLU, applied while loading dy):
     dx[n, c, h, w] = sum_{oc, kh, kw} dy'[n, oc, oh, ow] * w[oc, c, kh, kw]
@@ -229,16 +233,19 @@ def _typical(n=32, c=64, hw=56, oc=64, k=3, pad=1, **layouts):
 
 
 # float32 buffers whatever the activations' dtype: split-K partial sums, BN statistics; per-channel
-# scale/shift vectors may be float32 or the input's dtype and are float32 in the gate (BatchNorm's
-# parameters stay float32 under autocast).
-_FLOAT32_POINTERS = ("partial_ptr", "stats_ptr", "scale_ptr", "shift_ptr", "in_scale_ptr", "in_shift_ptr")
+# vectors (BatchNorm parameters and running statistics, the input prologue's scale/shift) may be
+# float32 or the input's dtype and are float32 in the gate (BatchNorm's parameters and buffers stay
+# float32 under autocast).
+_BN_EVAL_POINTERS = ("bn_weight_ptr", "bn_bias_ptr", "mean_ptr", "var_ptr")
+_FLOAT32_POINTERS = ("partial_ptr", "stats_ptr", *_BN_EVAL_POINTERS, "in_scale_ptr", "in_shift_ptr")
 
 
-def _signature(pointers, strides, constexprs, extra_ints=()):
+def _signature(pointers, strides, constexprs, extra_ints=(), floats=()):
     def signature(dtype):
         t = "*" + TRITON_TYPE[dtype]
         sig = {p: ("*fp32" if p in _FLOAT32_POINTERS else t) for p in pointers}
         sig.update({a: "i32" for a in (*_SHAPE_ARGS, *_CONV_ARGS, *extra_ints, *strides)})
+        sig.update({a: "fp32" for a in floats})
         sig.update({c: "constexpr" for c in (*constexprs, "BLOCK_M", "BLOCK_N", "BLOCK_K")})
         return sig
 
@@ -343,15 +350,36 @@ def _conv_fwd_reduce(
 
 
 @triton.jit
-def _bias_scale(acc, b_ptr, scale_ptr, shift_ptr, oc, n_ok, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr):
-    """(acc + bias[oc]) * scale[oc] + shift[oc], in float32; either part optional."""
+def _add_bias(acc, b_ptr, oc, n_ok, HAS_BIAS: tl.constexpr):
+    """acc + bias[oc], in float32 (bias optional)."""
     if HAS_BIAS:
         acc += tl.load(b_ptr + oc, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    if HAS_SCALE:
-        scale = tl.load(scale_ptr + oc, mask=n_ok, other=0.0).to(tl.float32)
-        shift = tl.load(shift_ptr + oc, mask=n_ok, other=0.0).to(tl.float32)
-        acc = acc * scale[None, :] + shift[None, :]
     return acc
+
+
+@triton.jit
+def _bn_eval_coefficients(bn_weight_ptr, bn_bias_ptr, mean_ptr, var_ptr, eps, oc, n_ok,
+                          HAS_BN_WEIGHT: tl.constexpr, HAS_BN_BIAS: tl.constexpr):
+    """Eval-mode BatchNorm per output channel, float32 [BLOCK_N] vectors (mean, k, beta):
+    mean = running_mean[oc], k = bn_weight[oc] / sqrt(running_var[oc] + eps) (bn_weight = 1 without
+    affine), beta = bn_bias[oc] (0 without affine); ``_bn_eval`` applies them. 1/sqrt is correctly
+    rounded (div_rn, sqrt_rn) like eager's invstd."""
+    mean = tl.load(mean_ptr + oc, mask=n_ok, other=0.0).to(tl.float32)
+    var = tl.load(var_ptr + oc, mask=n_ok, other=1.0).to(tl.float32)
+    k = tl.div_rn(1.0, tl.sqrt_rn(var + eps))
+    if HAS_BN_WEIGHT:
+        k = k * tl.load(bn_weight_ptr + oc, mask=n_ok, other=0.0).to(tl.float32)
+    beta = tl.zeros_like(k)
+    if HAS_BN_BIAS:
+        beta = tl.load(bn_bias_ptr + oc, mask=n_ok, other=0.0).to(tl.float32)
+    return mean, k, beta
+
+
+@triton.jit
+def _bn_eval(v, mean, k, beta):
+    """(v - mean) * k + beta per column, float32: centred first, as eager's eval BatchNorm, so a
+    large-mean activation keeps its low bits (v * k + (beta - mean * k) would cancel them)."""
+    return (v - mean[None, :]) * k[None, :] + beta[None, :]
 
 
 @triton.jit
@@ -441,17 +469,20 @@ def conv2d_fwd_kernel(
     acc = _conv_fwd_reduce(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), x_row, w_ptr, ih0, iw0, m_ok, oc, n_ok,
                            H, W, KH, KW, Cg, dil_h, dil_w, sxc, sxh, sxw, swn, swc, swh, sww,
                            x_ptr, x_ptr, 0, PADDED, CHANNEL_INNER, PRECISION, BLOCK_K, 0)
-    acc = _relu(_bias_scale(acc, b_ptr, b_ptr, b_ptr, oc, n_ok, HAS_BIAS, False), RELU)
+    acc = _relu(_add_bias(acc, b_ptr, oc, n_ok, HAS_BIAS), RELU)
     y_off = (n * syn + oh * syh + ow * syw)[:, None] + (oc * syc)[None, :]
     tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-_FWD_POINTERS = ("x_ptr", "w_ptr", "b_ptr", "y_ptr", "scale_ptr", "shift_ptr", "r_ptr", "stats_ptr", "in_scale_ptr",
+_FWD_POINTERS = ("x_ptr", "w_ptr", "b_ptr", "y_ptr", *_BN_EVAL_POINTERS, "r_ptr", "stats_ptr", "in_scale_ptr",
                  "in_shift_ptr")
-_FWD_FLAGS = ("HAS_BIAS", "RELU", "PADDED", "CHANNEL_INNER", "PRECISION", "HAS_SCALE", "HAS_RESIDUAL", "STATS",
+_BN_EVAL_FLAGS = ("BATCH_NORM", "HAS_BN_WEIGHT", "HAS_BN_BIAS")
+_FWD_FLAGS = ("HAS_BIAS", "RELU", "PADDED", "CHANNEL_INNER", "PRECISION", *_BN_EVAL_FLAGS, "HAS_RESIDUAL", "STATS",
               "PROLOGUE")
+_NO_BN = {"BATCH_NORM": False, "HAS_BN_WEIGHT": False, "HAS_BN_BIAS": False}
+_BN_AFFINE = {"BATCH_NORM": True, "HAS_BN_WEIGHT": True, "HAS_BN_BIAS": True}
 _FWD_PLAIN = {"HAS_BIAS": True, "RELU": True, "PADDED": True, "CHANNEL_INNER": True, "PRECISION": "ieee",
-              "HAS_SCALE": False, "HAS_RESIDUAL": False, "STATS": False, "PROLOGUE": 0}
+              **_NO_BN, "HAS_RESIDUAL": False, "STATS": False, "PROLOGUE": 0}
 
 
 def _fwd_bn_config_for(config, dtype, arch=None, launch=None) -> bool:
@@ -463,7 +494,7 @@ def _fwd_bn_config_for(config, dtype, arch=None, launch=None) -> bool:
     return CONFIG_FOR_DTYPE(config, dtype, arch, launch)
 
 
-# conv2d_fwd_bn's pattern: ResNet basic block's second conv in inference (conv + BatchNorm + residual + ReLU);
+# conv2d_fwd_bn's pattern: ResNet basic block's second conv in inference (conv + eval BatchNorm + residual + ReLU);
 # variants: training's conv writing BatchNorm partial statistics, ResNet-style, with its input normalised
 # (BN + ReLU) on load, and on the stem (3 -> 64, 7x7 stride 2 at 224x224, NCHW input).
 @tuned_kernel(
@@ -471,9 +502,9 @@ def _fwd_bn_config_for(config, dtype, arch=None, launch=None) -> bool:
     gpu_configs=GPU_CONFIGS,
     config_for_dtype=_fwd_bn_config_for,
     interp_heuristics=FWD_INTERP,
-    key=["N", "C", "H", "W", "OC", "KH", "KW", "Cg", "STATS", "HAS_RESIDUAL", "PROLOGUE"],
-    signature=_signature(_FWD_POINTERS, _strides("x", "w", "y", "r"), _FWD_FLAGS),
-    constexprs=lambda dtype: {**_FWD_PLAIN, "HAS_BIAS": False, "HAS_SCALE": True, "HAS_RESIDUAL": True,
+    key=["N", "C", "H", "W", "OC", "KH", "KW", "Cg", "STATS", "BATCH_NORM", "HAS_RESIDUAL", "PROLOGUE"],
+    signature=_signature(_FWD_POINTERS, _strides("x", "w", "y", "r"), _FWD_FLAGS, floats=("eps",)),
+    constexprs=lambda dtype: {**_FWD_PLAIN, "HAS_BIAS": False, **_BN_AFFINE, "HAS_RESIDUAL": True,
                               **_typical(x="nhwc", w="nhwc", y="nhwc", r="nhwc")},
     variants={
         "stats": lambda dtype: {**_FWD_PLAIN, "HAS_BIAS": False, "RELU": False, "STATS": True,
@@ -490,17 +521,22 @@ def _fwd_bn_config_for(config, dtype, arch=None, launch=None) -> bool:
 )
 @triton.jit
 def conv2d_fwd_bn_kernel(
-    x_ptr, w_ptr, b_ptr, y_ptr, scale_ptr, shift_ptr, r_ptr, stats_ptr, in_scale_ptr, in_shift_ptr,
+    x_ptr, w_ptr, b_ptr, y_ptr, bn_weight_ptr, bn_bias_ptr, mean_ptr, var_ptr, r_ptr, stats_ptr, in_scale_ptr,
+    in_shift_ptr,
     N, C, H, W, OC, OH, OW, KH, KW, Cg, OCg,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    sxn, sxc, sxh, sxw, swn, swc, swh, sww, syn, syc, syh, syw, srn, src, srh, srw,
+    sxn, sxc, sxh, sxw, swn, swc, swh, sww, syn, syc, syh, syw, srn, src, srh, srw, eps,
     HAS_BIAS: tl.constexpr, RELU: tl.constexpr, PADDED: tl.constexpr, CHANNEL_INNER: tl.constexpr,
-    PRECISION: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, STATS: tl.constexpr,
-    PROLOGUE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr, BATCH_NORM: tl.constexpr, HAS_BN_WEIGHT: tl.constexpr, HAS_BN_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, STATS: tl.constexpr, PROLOGUE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """y = act(((conv + bias) * scale + shift) + residual), act = ReLU or none, every part optional
-    (constexpr flags); STATS also writes the BatchNorm partials of conv + bias (``_store_bn_partials``);
-    PROLOGUE transforms x per input channel as it is loaded (``_input_prologue``)."""
+    """y = act(BN((conv + bias)) + residual) in float32, rounded once; act = ReLU or none, every part
+    optional (constexpr flags). BATCH_NORM is eval-mode BatchNorm read from its parameters,
+    BN(v) = (v - running_mean[oc]) * (bn_weight[oc] / sqrt(running_var[oc] + eps)) + bn_bias[oc]
+    (``_bn_eval``; bn_weight/bn_bias optional: HAS_BN_WEIGHT, HAS_BN_BIAS). STATS also writes the
+    BatchNorm partials of conv + bias (``_store_bn_partials``); PROLOGUE transforms x per input channel
+    as it is loaded (``_input_prologue``)."""
     group = tl.program_id(2)
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     ow = rm % OW
@@ -516,10 +552,13 @@ def conv2d_fwd_bn_kernel(
     acc = _conv_fwd_reduce(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), x_row, w_ptr, ih0, iw0, m_ok, oc, n_ok,
                            H, W, KH, KW, Cg, dil_h, dil_w, sxc, sxh, sxw, swn, swc, swh, sww,
                            in_scale_ptr, in_shift_ptr, group * Cg, PADDED, CHANNEL_INNER, PRECISION, BLOCK_K, PROLOGUE)
-    acc = _bias_scale(acc, b_ptr, scale_ptr, shift_ptr, oc, n_ok, HAS_BIAS, False)
+    acc = _add_bias(acc, b_ptr, oc, n_ok, HAS_BIAS)
     if STATS:
         _store_bn_partials(stats_ptr, acc, tl.program_id(0), N * OH * OW, oc, n_ok, OC, BLOCK_M, BLOCK_N)
-    acc = _bias_scale(acc, b_ptr, scale_ptr, shift_ptr, oc, n_ok, False, HAS_SCALE)
+    if BATCH_NORM:
+        mean, k, beta = _bn_eval_coefficients(bn_weight_ptr, bn_bias_ptr, mean_ptr, var_ptr, eps, oc, n_ok,
+                                              HAS_BN_WEIGHT, HAS_BN_BIAS)
+        acc = _bn_eval(acc, mean, k, beta)
     out_mask = m_ok[:, None] & n_ok[None, :]
     if HAS_RESIDUAL:
         r_off = (n * srn + oh * srh + ow * srw)[:, None] + (oc * src)[None, :]
@@ -548,16 +587,17 @@ _POOL_ARGS = ("PH", "PW", "PKH", "PKW", "pstride_h", "pstride_w", "ppad_h", "ppa
     config_for_dtype=POOL_CONFIG_FOR_DTYPE,
     interp_heuristics=POOL_INTERP,
     key=["N", "C", "H", "W", "OC", "KH", "KW", "Cg", "PKH", "PKW"],
-    signature=_signature(("x_ptr", "w_ptr", "b_ptr", "y_ptr", "scale_ptr", "shift_ptr"), _strides("x", "w", "y"),
-                         ("HAS_BIAS", "PADDED", "CHANNEL_INNER", "PRECISION", "HAS_SCALE"), _POOL_ARGS),
+    signature=_signature(("x_ptr", "w_ptr", "b_ptr", "y_ptr", *_BN_EVAL_POINTERS), _strides("x", "w", "y"),
+                         ("HAS_BIAS", "PADDED", "CHANNEL_INNER", "PRECISION", *_BN_EVAL_FLAGS), _POOL_ARGS,
+                         floats=("eps",)),
     constexprs=lambda dtype: {"HAS_BIAS": True, "PADDED": True, "CHANNEL_INNER": True, "PRECISION": "ieee",
-                              "HAS_SCALE": False, **_typical(x="nhwc", w="nhwc", y="nhwc"), **_pool_2x2(28)},
+                              **_NO_BN, **_typical(x="nhwc", w="nhwc", y="nhwc"), **_pool_2x2(28)},
     variants={
         "few_channels": lambda dtype: {  # the seed's LeNet conv2 + 2x2 pool, NCHW
-            "HAS_BIAS": True, "PADDED": False, "CHANNEL_INNER": False, "PRECISION": "ieee", "HAS_SCALE": False,
+            "HAS_BIAS": True, "PADDED": False, "CHANNEL_INNER": False, "PRECISION": "ieee", **_NO_BN,
             **_typical(n=16, c=6, hw=14, oc=16, k=5, pad=0, x="nchw", w="nchw", y="nchw"), **_pool_2x2(5)},
-        "bn_stem": lambda dtype: {  # ResNet stem in inference: 7x7/2 conv + BatchNorm + ReLU + 3x3/2 max-pool
-            "HAS_BIAS": False, "PADDED": True, "CHANNEL_INNER": False, "PRECISION": "ieee", "HAS_SCALE": True,
+        "bn_stem": lambda dtype: {  # ResNet stem in inference: 7x7/2 conv + eval BatchNorm + ReLU + 3x3/2 max-pool
+            "HAS_BIAS": False, "PADDED": True, "CHANNEL_INNER": False, "PRECISION": "ieee", **_BN_AFFINE,
             **_typical(n=32, c=3, hw=224, oc=64, k=7, pad=3, x="nchw", w="nchw", y="nhwc"),
             "stride_h": 2, "stride_w": 2, "OH": 112, "OW": 112, **_pool_2x2(56), "PKH": 3, "PKW": 3, "ppad_h": 1,
             "ppad_w": 1}},
@@ -566,16 +606,18 @@ _POOL_ARGS = ("PH", "PW", "PKH", "PKW", "pstride_h", "pstride_w", "ppad_h", "ppa
 )
 @triton.jit
 def conv2d_relu_maxpool_fwd_kernel(
-    x_ptr, w_ptr, b_ptr, y_ptr, scale_ptr, shift_ptr,
+    x_ptr, w_ptr, b_ptr, y_ptr, bn_weight_ptr, bn_bias_ptr, mean_ptr, var_ptr,
     N, C, H, W, OC, OH, OW, KH, KW, Cg, OCg,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     PH, PW, PKH, PKW, pstride_h, pstride_w, ppad_h, ppad_w, pdil_h, pdil_w,
-    sxn, sxc, sxh, sxw, swn, swc, swh, sww, syn, syc, syh, syw,
+    sxn, sxc, sxh, sxw, swn, swc, swh, sww, syn, syc, syh, syw, eps,
     HAS_BIAS: tl.constexpr, PADDED: tl.constexpr, CHANNEL_INNER: tl.constexpr, PRECISION: tl.constexpr,
-    HAS_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BATCH_NORM: tl.constexpr, HAS_BN_WEIGHT: tl.constexpr, HAS_BN_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """y[n, oc, ph, pw] = max over the pool window of relu((conv + bias) * scale + shift) at (oh, ow)
-    inside the conv output (bias, scale/shift optional); the unpooled activation never reaches memory.
+    """y[n, oc, ph, pw] = max over the pool window of relu(BN(conv + bias)) at (oh, ow) inside the conv
+    output, BN = eval-mode BatchNorm as in conv2d_fwd_bn_kernel (``_bn_eval``, per-channel coefficients
+    loaded once per program), bias and BN optional; the unpooled activation never reaches memory.
     Overlapping windows recompute conv tiles."""
     group = tl.program_id(2)
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -586,6 +628,9 @@ def conv2d_relu_maxpool_fwd_kernel(
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     oc = group * OCg + rn
     n_ok = rn < OCg
+    if BATCH_NORM:
+        mean, k, beta = _bn_eval_coefficients(bn_weight_ptr, bn_bias_ptr, mean_ptr, var_ptr, eps, oc, n_ok,
+                                              HAS_BN_WEIGHT, HAS_BN_BIAS)
     best = tl.full((BLOCK_M, BLOCK_N), float("-inf"), tl.float32)
     for i in range(0, PKH):
         oh = ph * pstride_h - ppad_h + i * pdil_h
@@ -598,7 +643,10 @@ def conv2d_relu_maxpool_fwd_kernel(
             v = _conv_fwd_reduce(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), x_row, w_ptr, ih0, iw0, inside, oc,
                                  n_ok, H, W, KH, KW, Cg, dil_h, dil_w, sxc, sxh, sxw, swn, swc, swh, sww,
                                  x_ptr, x_ptr, 0, PADDED, CHANNEL_INNER, PRECISION, BLOCK_K, 0)
-            v = _relu(_bias_scale(v, b_ptr, scale_ptr, shift_ptr, oc, n_ok, HAS_BIAS, HAS_SCALE), True)
+            v = _add_bias(v, b_ptr, oc, n_ok, HAS_BIAS)
+            if BATCH_NORM:
+                v = _bn_eval(v, mean, k, beta)
+            v = _relu(v, True)
             take = inside[:, None] & ((v > best) | (v != v))  # NaN wins, as in max_pool2d
             best = tl.where(take, v, best)
     y_off = (n * syn + ph * syh + pw * syw)[:, None] + (oc * syc)[None, :]
@@ -840,14 +888,24 @@ def bn_stat_tiles(rows: int) -> int:
     return triton.cdiv(rows, BN_STAT_ROWS)
 
 
+def _bn_eval_args(w, bn_weight, bn_bias, running_mean, running_var):
+    """The four BatchNorm pointers (``w`` for absent ones) and the BATCH_NORM/HAS_BN_* flags."""
+    pointers = [t if t is not None else w for t in (bn_weight, bn_bias, running_mean, running_var)]
+    flags = {"BATCH_NORM": running_mean is not None, "HAS_BN_WEIGHT": bn_weight is not None,
+             "HAS_BN_BIAS": bn_bias is not None}
+    return pointers, flags
+
+
 def conv2d(x, w, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1, *, relu=False,
-           allow_tf32=False, scale=None, shift=None, residual=None, stats=False, input_scale=None,
-           input_shift=None, input_relu=False):
-    """``act(((conv2d(x', w) + bias) * scale + shift) + residual)`` for 4-D ``x``, output in ``x``'s
-    memory format; ``act`` = ReLU when ``relu``, every other part optional (scale and shift together).
-    ``x'`` = x, or ``x * input_scale[c] + input_shift[c]`` (then ReLU'd when ``input_relu``) with zero
-    padding applied after that transform. ``stats``: also return the float32 BatchNorm partials of
-    conv + bias, shape [bn_stat_tiles(N*OH*OW), 3, OC] (see ``_store_bn_partials``)."""
+           allow_tf32=False, bn_weight=None, bn_bias=None, running_mean=None, running_var=None, eps=1e-5,
+           residual=None, stats=False, input_scale=None, input_shift=None, input_relu=False):
+    """``act(BN(conv2d(x', w) + bias) + residual)`` for 4-D ``x``, output in ``x``'s memory format;
+    ``act`` = ReLU when ``relu``, every other part optional. BN is eval-mode BatchNorm when
+    ``running_mean``/``running_var`` are given: ``(v - running_mean) * bn_weight / sqrt(running_var +
+    eps) + bn_bias`` per output channel (bn_weight, bn_bias optional). ``x'`` = x, or
+    ``x * input_scale[c] + input_shift[c]`` (then ReLU'd when ``input_relu``) with zero padding applied
+    after that transform. ``stats``: also return the float32 BatchNorm partials of conv + bias, shape
+    [bn_stat_tiles(N*OH*OW), 3, OC] (see ``_store_bn_partials``)."""
     shape, conv = _geometry(x.shape, w.shape, stride, padding, dilation, groups)
     N, C, H, W, OC, OH, OW, KH, KW, Cg, OCg = shape
     y = empty((N, OC, OH, OW), dtype=x.dtype, device=x.device, memory_format=suggest_memory_format(x))
@@ -862,19 +920,20 @@ def conv2d(x, w, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), grou
     def grid(meta):
         return (triton.cdiv(N * OH * OW, meta["BLOCK_M"]), triton.cdiv(OCg, meta["BLOCK_N"]), groups)
 
-    if scale is None and residual is None and not stats and input_scale is None:
+    if running_mean is None and residual is None and not stats and input_scale is None:
         conv2d_fwd_kernel[grid](
             x, w, bias if bias is not None else w, y, *shape, *conv, *x.stride(), *w.stride(), *y.stride(),
             HAS_BIAS=bias is not None, RELU=relu, PADDED=any(padding), CHANNEL_INNER=channel_inner(Cg),
             PRECISION=dot_precision(x.dtype, allow_tf32),
         )
         return y
+    bn_pointers, bn_flags = _bn_eval_args(w, bn_weight, bn_bias, running_mean, running_var)
     conv2d_fwd_bn_kernel[grid](
-        x, w, bias if bias is not None else w, y, *(t if t is not None else w for t in (scale, shift)), r,
+        x, w, bias if bias is not None else w, y, *bn_pointers, r,
         partials if stats else w, *(t if t is not None else w for t in (input_scale, input_shift)),
-        *shape, *conv, *x.stride(), *w.stride(), *y.stride(), *r.stride(),
+        *shape, *conv, *x.stride(), *w.stride(), *y.stride(), *r.stride(), float(eps),
         HAS_BIAS=bias is not None, RELU=relu, PADDED=any(padding), CHANNEL_INNER=channel_inner(Cg),
-        PRECISION=dot_precision(x.dtype, allow_tf32), HAS_SCALE=scale is not None,
+        PRECISION=dot_precision(x.dtype, allow_tf32), **bn_flags,
         HAS_RESIDUAL=residual is not None, STATS=bool(stats),
         PROLOGUE=0 if input_scale is None else 2 if input_relu else 1,
     )
@@ -882,9 +941,10 @@ def conv2d(x, w, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), grou
 
 
 def conv2d_relu_maxpool(x, w, bias, stride, padding, dilation, groups, pool_kernel, pool_stride, pool_padding,
-                        pool_dilation, ceil_mode, *, allow_tf32=False, scale=None, shift=None):
-    """``max_pool2d(relu((conv2d(x, w) + bias) * scale + shift))`` in one kernel (no indices: for
-    inference); bias and scale/shift optional."""
+                        pool_dilation, ceil_mode, *, allow_tf32=False, bn_weight=None, bn_bias=None,
+                        running_mean=None, running_var=None, eps=1e-5):
+    """``max_pool2d(relu(BN(conv2d(x, w) + bias)))`` in one kernel (no indices: for inference); bias
+    and the eval-mode BatchNorm BN (as in ``conv2d``: running_mean/running_var given) optional."""
     shape, conv = _geometry(x.shape, w.shape, stride, padding, dilation, groups)
     N, C, H, W, OC, OH, OW, KH, KW, Cg, OCg = shape
     PH, PW = (pool_output_size(s, k, st, p, d, ceil_mode) for s, k, st, p, d in
@@ -897,12 +957,13 @@ def conv2d_relu_maxpool(x, w, bias, stride, padding, dilation, groups, pool_kern
     def grid(meta):
         return (triton.cdiv(N * PH * PW, meta["BLOCK_M"]), triton.cdiv(OCg, meta["BLOCK_N"]), groups)
 
+    bn_pointers, bn_flags = _bn_eval_args(w, bn_weight, bn_bias, running_mean, running_var)
     conv2d_relu_maxpool_fwd_kernel[grid](
-        x, w, bias if bias is not None else w, y, *(t if t is not None else w for t in (scale, shift)), *shape, *conv,
+        x, w, bias if bias is not None else w, y, *bn_pointers, *shape, *conv,
         PH, PW, *pool_kernel, *pool_stride, *pool_padding, *pool_dilation,
-        *x.stride(), *w.stride(), *y.stride(),
+        *x.stride(), *w.stride(), *y.stride(), float(eps),
         HAS_BIAS=bias is not None, PADDED=any(padding), CHANNEL_INNER=channel_inner(Cg),
-        PRECISION=dot_precision(x.dtype, allow_tf32), HAS_SCALE=scale is not None,
+        PRECISION=dot_precision(x.dtype, allow_tf32), **bn_flags,
     )
     return y
 

@@ -299,12 +299,18 @@ def _conv_inputs(case, dtype, layout="contiguous", bias=True):
     return x, weight, b, (*pairs, groups)
 
 
-def _eval_bn(channels):
-    """Random eval-mode BatchNorm parameters and the (scale, shift) that fold them, float32."""
-    mean, var = torch.randn(channels), torch.rand(channels) + 0.5
-    weight, bias, eps = torch.randn(channels), torch.randn(channels), 1e-5
-    scale = weight * torch.rsqrt(var + eps)
-    return (mean, var, weight, bias, eps), scale, bias - mean * scale
+def _eval_bn(channels, dtype=torch.float32, affine=True):
+    """Random eval-mode BatchNorm (bn_weight, bn_bias, running_mean, running_var, eps); no affine
+    parameters (None) when not ``affine``."""
+    weight, bias = (torch.randn(channels).to(dtype), torch.randn(channels).to(dtype)) if affine else (None, None)
+    return weight, bias, torch.randn(channels).to(dtype), (torch.rand(channels) + 0.5).to(dtype), 1e-3
+
+
+def _batch_norm_ref(v, bn):
+    """Eager eval-mode F.batch_norm of ``v`` with ``_eval_bn``'s parameters, in ``v``'s dtype."""
+    weight, bias, mean, var, eps = bn
+    up = [t.to(v.dtype) if t is not None else None for t in (mean, var, weight, bias)]
+    return F.batch_norm(v, *up, training=False, eps=eps)
 
 
 def _input_transform(c, relu):
@@ -319,45 +325,121 @@ def _input_transform(c, relu):
     return scale, shift, apply
 
 
+def _conv_batch_norm(x, w, b, bn, res, geo, relu):
+    weight, bias, mean, var, eps = bn
+    return ops.conv2d_batch_norm(x, w, b, weight, bias, mean, var, eps, res, *geo, relu)
+
+
 @pytest.mark.parametrize("case", BN_CASES, ids=str)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("residual,relu", [(False, True), (True, True), (True, False)])
-def test_conv_scale_shift_is_eval_batch_norm(case, layout, residual, relu):
-    x, w, b, geo = _conv_inputs(case, torch.float32, layout)
-    bn, scale, shift = _eval_bn(w.shape[0])
-    ref = F.batch_norm(F.conv2d(x, w, b, *geo), *bn[:2], *bn[2:4], False, 0.0, bn[4])
+@pytest.mark.parametrize("residual,relu,bias,affine", [(False, True, True, True), (True, True, True, True),
+                                                       (True, False, False, True), (True, True, True, False)])
+def test_conv_batch_norm_matches_eager(case, layout, residual, relu, bias, affine):
+    x, w, b, geo = _conv_inputs(case, torch.float32, layout, bias)
+    bn = _eval_bn(w.shape[0], affine=affine)
+    ref = _batch_norm_ref(F.conv2d(x, w, b, *geo), bn)
     # any dense residual layout: the other memory format than the input's
     res = torch.randn(ref.shape).to(memory_format=torch.channels_last if layout == "contiguous" else
                                     torch.contiguous_format) if residual else None
     ref = ref + res if residual else ref
-    out = ops.conv2d_scale_shift(x, w, scale, shift + b * scale, res, *geo, relu)
+    out = _conv_batch_norm(x, w, b, bn, res, geo, relu)
     assert_close(out, F.relu(ref) if relu else ref)
     assert out.is_contiguous(memory_format=conv_kernels.suggest_memory_format(x))
+
+
+def test_conv_batch_norm_several_programs_and_chunks():
+    x, w, b, geo = _conv_inputs(BN_CASES[0], torch.float32, "channels_last")
+    bn = _eval_bn(w.shape[0])
+    res = torch.randn(F.conv2d(x, w, b, *geo).shape)
+    ref = F.relu(_batch_norm_ref(F.conv2d(x, w, b, *geo), bn) + res)
+    with conv_kernels.interp_block_limit(16):
+        assert_close(_conv_batch_norm(x, w, b, bn, res, geo, True), ref)
+
+
+def test_conv_batch_norm_strided_residual():
+    x, w, b, geo = _conv_inputs(BN_CASES[1], torch.float32)
+    bn = _eval_bn(w.shape[0])
+    ref = _batch_norm_ref(F.conv2d(x, w, b, *geo), bn)
+    res = torch.randn(*ref.shape[:3], 2 * ref.shape[3])[..., ::2]  # a non-dense view, read in place
+    assert_close(_conv_batch_norm(x, w, b, bn, res, geo, True), F.relu(ref + res))
 
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("case", BN_CASES[:2], ids=str)
-def test_conv_scale_shift_half(dtype, layout, case):
-    x, w, _, geo = _conv_inputs(case, dtype, layout, bias=False)
-    bn, scale, shift = _eval_bn(w.shape[0])
-    ref = F.batch_norm(F.conv2d(x.float(), w.float(), None, *geo), *bn[:2], *bn[2:4], False, 0.0, bn[4])
-    res = torch.randn(ref.shape).to(dtype)
-    for params in ((scale, shift), (scale.to(dtype), shift.to(dtype))):  # float32 or the input's dtype
-        expected = F.relu(ref * (params[0].float() / scale)[None, :, None, None] + (params[1].float() - shift)[
-            None, :, None, None] + res.float())
-        assert_close(ops.conv2d_scale_shift(x, w, *params, res, *geo, True), expected.to(dtype))
+@pytest.mark.parametrize("stats_dtype", ["float32", "input"])
+def test_conv_batch_norm_half(dtype, layout, case, stats_dtype):
+    """Half inputs; BatchNorm parameters and running statistics float32 (as under autocast) or the
+    input's dtype. The reference is eager in float32 on the same rounded values, rounded once."""
+    x, w, b, geo = _conv_inputs(case, dtype, layout)
+    bn = _eval_bn(w.shape[0], torch.float32 if stats_dtype == "float32" else dtype)
+    res = torch.randn(F.conv2d(x.float(), w.float(), None, *geo).shape).to(dtype)
+    ref = F.relu(_batch_norm_ref(F.conv2d(x.float(), w.float(), b.float(), *geo), bn) + res.float())
+    assert_close(_conv_batch_norm(x, w, b, bn, res, geo, True), ref.to(dtype))
 
 
-@pytest.mark.parametrize("case", [FUSED_POOL[2], FUSED_POOL[4], (2, 3, 20, 18, 8, 7, 2, 3, 3, 2, 1, False)], ids=str)
-def test_conv_bn_relu_maxpool_stem(case):
+def _large_mean_case():
+    """conv outputs 100 + ~0.01 * N(0, 1) per channel, exact in float32 (integer inputs, weights
+    multiples of 2**-14, bias 100: every product and partial sum is representable), with running
+    statistics those of the activation (mean ~100, var ~1e-4), so BatchNorm scales by ~100."""
+    x = torch.randint(-8, 9, (2, 4, 9, 11)).float()
+    w = torch.randint(-8, 9, (6, 4, 3, 3)).float() / 2**14
+    b = torch.full((6,), 100.0)
+    geo = ([1, 1], [1, 1], [1, 1], 1)
+    y = F.conv2d(x, w, b, *geo)
+    assert torch.equal(y.double(), F.conv2d(x.double(), w.double(), b.double(), *geo))  # exact
+    mean, var = y.double().mean((0, 2, 3)).float(), y.double().var((0, 2, 3)).float()
+    return x, w, b, geo, y, (torch.rand(6) + 0.5, torch.randn(6), mean, var, 1e-5)
+
+
+def test_conv_batch_norm_large_mean_is_centred():
+    """Centred first, (v - mean) is exact here (Sterbenz) and the output agrees with a float64
+    BatchNorm of the (exact) conv output to float32 rounding; the folded v * k + (beta - mean * k)
+    loses ~1e-3 absolute to cancellation at v * k ~ 1e4 (shown for the record)."""
+    x, w, b, geo, y, bn = _large_mean_case()
+    weight, bias, mean, var, eps = bn
+    ref = F.batch_norm(y.double(), mean.double(), var.double(), weight.double(), bias.double(), False, 0.0, eps)
+    res = torch.randn(y.shape)
+    out = _conv_batch_norm(x, w, b, bn, res, geo, False)
+    assert_close(out, (ref + res.double()).float())
+    k = weight * torch.rsqrt(var + eps)
+    folded = y * k[None, :, None, None] + (bias - mean * k)[None, :, None, None]
+    assert (folded.double() - ref).abs().max() > 10 * (out.double() - res.double() - ref).abs().max()
+
+
+def test_conv_bn_relu_maxpool_large_mean():
+    x, w, b, geo, y, bn = _large_mean_case()
+    weight, bias, mean, var, eps = bn
+    ref = F.batch_norm(y.double(), mean.double(), var.double(), weight.double(), bias.double(), False, 0.0, eps)
+    out = ops.conv2d_relu_maxpool(x, w, b, *geo, [3, 3], [2, 2], [1, 1], [1, 1], False, *bn)
+    assert_close(out, F.max_pool2d(F.relu(ref), 3, 2, 1).float())
+
+
+STEM_CASES = [FUSED_POOL[2], FUSED_POOL[4], (2, 3, 20, 18, 8, 7, 2, 3, 3, 2, 1, False)]
+
+
+@pytest.mark.parametrize("case", STEM_CASES, ids=str)
+@pytest.mark.parametrize("affine,bias", [(True, False), (False, True)])
+def test_conv_bn_relu_maxpool_stem(case, affine, bias):
     n, c, h, w, oc, k, stride, padding, pk, ps, pp, ceil = case
     x, weight = torch.randn(n, c, h, w), torch.randn(oc, c, k, k)
-    bn, scale, shift = _eval_bn(oc)
-    out = ops.conv2d_relu_maxpool(x, weight, None, [stride] * 2, [padding] * 2, [1, 1], 1, [pk] * 2, [ps] * 2,
-                                  [pp] * 2, [1, 1], ceil, scale, shift)
-    ref = F.batch_norm(F.conv2d(x, weight, None, stride, padding), *bn[:2], *bn[2:4], False, 0.0, bn[4])
+    b = torch.randn(oc) if bias else None
+    bn = _eval_bn(oc, affine=affine)
+    out = ops.conv2d_relu_maxpool(x, weight, b, [stride] * 2, [padding] * 2, [1, 1], 1, [pk] * 2, [ps] * 2,
+                                  [pp] * 2, [1, 1], ceil, *bn)
+    ref = _batch_norm_ref(F.conv2d(x, weight, b, stride, padding), bn)
     assert_close(out, F.max_pool2d(F.relu(ref), pk, ps, pp, ceil_mode=ceil))
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_conv_bn_relu_maxpool_stem_half(dtype, layout):
+    x, w, b, geo = _conv_inputs((2, 3, 20, 18, 8, 7, 2, 3, 1, 1), dtype, layout, bias=False)
+    bn = _eval_bn(w.shape[0])  # float32 parameters under a half input, as autocast keeps them
+    out = ops.conv2d_relu_maxpool(x, w, None, *geo, [3, 3], [2, 2], [1, 1], [1, 1], False, *bn)
+    ref = F.max_pool2d(F.relu(_batch_norm_ref(F.conv2d(x.float(), w.float(), None, *geo), bn)), 3, 2, 1)
+    assert_close(out, ref.to(dtype))
+    assert out.is_contiguous(memory_format=conv_kernels.suggest_memory_format(x))
 
 
 def _combine(partials):
@@ -435,20 +517,13 @@ def test_conv_bn_stats_half_uses_the_float32_accumulator(dtype):
 
 @pytest.mark.parametrize("case", BN_CASES + [SWEEP[0], SWEEP[12]], ids=str)
 @pytest.mark.parametrize("input_relu", [True, False])
-@pytest.mark.parametrize("op", ["scale_shift", "bn_stats"])
-def test_input_prologue(case, input_relu, op):
+def test_input_prologue(case, input_relu):
     x, w, b, geo = _conv_inputs(case, torch.float32, "channels_last" if input_relu else "contiguous")
     in_scale, in_shift, transform = _input_transform(x.shape[1], input_relu)
     ref = F.conv2d(transform(x), w, b, *geo)  # F.conv2d zero-pads the transformed input
-    prologue = (in_scale, in_shift, input_relu)
-    if op == "scale_shift":
-        _, scale, shift = _eval_bn(w.shape[0])
-        out = ops.conv2d_scale_shift(x, w, scale, shift + b * scale, None, *geo, True, *prologue)
-        ref = F.relu(ref * scale[None, :, None, None] + shift[None, :, None, None])
-    else:
-        out, partials = ops.conv2d_bn_stats(x, w, b, *geo, *prologue)
-        _, mean, var = _combine(partials)
-        torch.testing.assert_close(mean, ref.double().mean((0, 2, 3)), rtol=1e-5, atol=1e-5)
+    out, partials = ops.conv2d_bn_stats(x, w, b, *geo, in_scale, in_shift, input_relu)
+    _, mean, var = _combine(partials)
+    torch.testing.assert_close(mean, ref.double().mean((0, 2, 3)), rtol=1e-5, atol=1e-5)
     assert_close(out, ref)
 
 
@@ -464,39 +539,86 @@ def test_input_prologue_half(dtype):
 
 def test_fused_opcheck():
     x, w, b, geo = _conv_inputs(BN_CASES[2], torch.float32)
-    _, scale, shift = _eval_bn(w.shape[0])
+    weight, bias, mean, var, eps = _eval_bn(w.shape[0])
     in_scale, in_shift, _ = _input_transform(x.shape[1], True)
     res = torch.randn(F.conv2d(x, w, None, *geo).shape)
-    torch.library.opcheck(ops.conv2d_scale_shift.default, (x, w, scale, shift, res, *geo, True))
-    torch.library.opcheck(ops.conv2d_scale_shift.default, (x, w, scale, shift, None, *geo, False, in_scale, in_shift,
-                                                           True))
+    torch.library.opcheck(ops.conv2d_batch_norm.default, (x, w, b, weight, bias, mean, var, eps, res, *geo, True))
+    torch.library.opcheck(ops.conv2d_batch_norm.default, (x, w, None, None, None, mean, var, eps, None, *geo, False))
     torch.library.opcheck(ops.conv2d_bn_stats.default, (x, w, b, *geo))
     torch.library.opcheck(ops.conv2d_bn_stats.default, (x, w, None, *geo, in_scale, in_shift, False))
     args = (torch.randn(2, 3, 9, 9), torch.randn(4, 3, 3, 3), None, [1, 1], [1, 1], [1, 1], 1, [3, 3], [2, 2],
-            [1, 1], [1, 1], True, torch.rand(4), torch.randn(4))
+            [1, 1], [1, 1], True, *_eval_bn(4))
     torch.library.opcheck(ops.conv2d_relu_maxpool.default, args)
 
 
+# Bad BatchNorm arguments: (needle, overrides of (bn_weight, bn_bias, running_mean, running_var) for a
+# 6-channel conv output). Each fails before any launch with the exception eager's F.batch_norm raises
+# for the same mistake (checked), naming the argument and what was expected.
+BN_BAD = [
+    ("running_mean should be 1-D and contain 6 elements", dict(running_mean=torch.zeros(5))),
+    ("running_var should be 1-D and contain 6 elements", dict(running_var=torch.ones(7))),
+    ("bn_weight should be 1-D and contain 6 elements", dict(bn_weight=torch.ones(5))),
+    ("bn_bias should be 1-D and contain 6 elements", dict(bn_bias=torch.ones(4))),
+    ("running_mean should be 1-D", dict(running_mean=torch.zeros(6, 1))),
+    ("running_var must be float32", dict(running_var=torch.ones(6, dtype=torch.float64))),
+    ("running_mean must be float32", dict(running_mean=torch.zeros(6, dtype=torch.int64))),
+]
+
+
+@pytest.mark.parametrize("needle,bad", BN_BAD, ids=[f"{n.split()[0]}-{i}" for i, (n, _) in enumerate(BN_BAD)])
+@pytest.mark.parametrize("op", ["conv2d_batch_norm", "conv2d_relu_maxpool"])
+def test_batch_norm_bad_arguments_raise_like_torch(needle, bad, op):
+    x, w = torch.randn(2, 3, 8, 8), torch.randn(6, 3, 3, 3)
+    bn = dict(bn_weight=torch.ones(6), bn_bias=torch.zeros(6), running_mean=torch.zeros(6), running_var=torch.ones(6))
+    bn |= bad
+    with pytest.raises(Exception) as expected:
+        F.batch_norm(F.conv2d(x, w), bn["running_mean"], bn["running_var"], bn["bn_weight"], bn["bn_bias"], False)
+    with pytest.raises(expected.type, match=needle):
+        if op == "conv2d_batch_norm":
+            ops.conv2d_batch_norm(x, w, None, *bn.values(), 1e-5, None, [1, 1], [0, 0], [1, 1], 1, True)
+        else:
+            ops.conv2d_relu_maxpool(x, w, None, [1, 1], [0, 0], [1, 1], 1, [2, 2], [2, 2], [0, 0], [1, 1], False,
+                                    *bn.values())
+
+
+@pytest.mark.parametrize("missing", ["running_mean", "running_var"])
+def test_conv_relu_maxpool_running_stats_given_together(missing):
+    x, w = torch.randn(2, 3, 8, 8), torch.randn(6, 3, 3, 3)
+    stats = dict(running_mean=torch.zeros(6), running_var=torch.ones(6)) | {missing: None}
+    with pytest.raises(Exception) as expected:
+        F.batch_norm(F.conv2d(x, w), *stats.values(), training=False)
+    pool = ([2, 2], [2, 2], [0, 0], [1, 1], False)
+    with pytest.raises(expected.type, match=f"{missing} must be defined in evaluation mode"):
+        ops.conv2d_relu_maxpool(x, w, None, [1, 1], [0, 0], [1, 1], 1, *pool, **stats)
+    with pytest.raises(RuntimeError, match="bn_weight and bn_bias need running_mean and running_var"):
+        ops.conv2d_relu_maxpool(x, w, None, [1, 1], [0, 0], [1, 1], 1, *pool, torch.ones(6))
+
+
 FUSED_BAD = [
-    ("scale", dict(scale=torch.ones(5))),
-    ("scale", dict(scale=torch.ones(6, dtype=torch.float16))),
-    ("shift", dict(shift=torch.ones(6, 1))),
     ("residual", dict(residual=torch.ones(2, 6, 6, 7))),
     ("residual", dict(residual=torch.ones(2, 6, 6, 6, dtype=torch.float16))),
+    ("bias", dict(bias=torch.ones(5))),
+]
+
+
+@pytest.mark.parametrize("needle,bad", FUSED_BAD, ids=[f"{n}-{i}" for i, (n, _) in enumerate(FUSED_BAD)])
+def test_conv_batch_norm_bad_arguments_raise(needle, bad):
+    x, w = torch.randn(2, 3, 8, 8), torch.randn(6, 3, 3, 3)
+    args = dict(bias=None, residual=None) | bad
+    with pytest.raises(RuntimeError, match=needle):
+        ops.conv2d_batch_norm(x, w, args["bias"], None, None, torch.zeros(6), torch.ones(6), 1e-5, args["residual"],
+                              [1, 1], [0, 0], [1, 1], 1, True)
+
+
+PROLOGUE_BAD = [
     ("input_scale", dict(input_scale=torch.ones(4), input_shift=torch.ones(3))),
     ("input_scale and input_shift", dict(input_scale=torch.ones(3))),
     ("input_relu", dict(input_relu=True)),
 ]
 
 
-@pytest.mark.parametrize("needle,bad", FUSED_BAD, ids=[f"{n}-{i}" for i, (n, _) in enumerate(FUSED_BAD)])
-def test_fused_bad_arguments_raise(needle, bad):
+@pytest.mark.parametrize("needle,prologue", PROLOGUE_BAD, ids=[f"{n}-{i}" for i, (n, _) in enumerate(PROLOGUE_BAD)])
+def test_prologue_bad_arguments_raise(needle, prologue):
     x, w = torch.randn(2, 3, 8, 8), torch.randn(6, 3, 3, 3)
-    args = dict(scale=torch.ones(6), shift=torch.zeros(6), residual=None) | bad
-    prologue = {k: args.pop(k) for k in ("input_scale", "input_shift", "input_relu") if k in args}
     with pytest.raises(RuntimeError, match=needle):
-        ops.conv2d_scale_shift(x, w, args["scale"], args["shift"], args["residual"], [1, 1], [0, 0], [1, 1], 1, True,
-                               **prologue)
-    if prologue:
-        with pytest.raises(RuntimeError, match=needle):
-            ops.conv2d_bn_stats(x, w, None, [1, 1], [0, 0], [1, 1], 1, **prologue)
+        ops.conv2d_bn_stats(x, w, None, [1, 1], [0, 0], [1, 1], 1, **prologue)

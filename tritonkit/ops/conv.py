@@ -1,11 +1,14 @@
 """``torch.ops.tritonkit.conv2d`` and its two gradient ops, over ``tritonkit.kernels.conv``, and the
 fused forward ops for BatchNorm networks (no autograd: inference, or building blocks for a lowering):
 
-* ``conv2d_scale_shift(input, weight, scale, shift, residual, stride, padding, dilation, groups, relu,
-  input_scale=None, input_shift=None, input_relu=False) -> Tensor``:
-  ``act(conv2d(x', weight) * scale[oc] + shift[oc] (+ residual))`` in one kernel. With
-  ``scale = bn_weight * rsqrt(running_var + eps)`` and ``shift = bn_bias - running_mean * scale``
-  (``+ conv_bias * scale``) it is conv -> eval-mode BatchNorm (-> + residual) (-> ReLU).
+* ``conv2d_batch_norm(input, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, residual,
+  stride, padding, dilation, groups, relu) -> Tensor``: conv -> eval-mode BatchNorm (-> + residual)
+  (-> ReLU) in one kernel, the BatchNorm computed in the epilogue from its parameters, per output
+  channel oc, in float32 and rounded once:
+  ``act(((conv2d(input, weight) + bias[oc]) - running_mean[oc]) * (bn_weight[oc] / sqrt(running_var[oc] + eps))
+  + bn_bias[oc] (+ residual))``, centred first like eager's eval BatchNorm. ``bias``, ``bn_weight``,
+  ``bn_bias`` (affine=False: 1 and 0) and ``residual`` (any layout, the output's shape and dtype)
+  optional.
 * ``conv2d_bn_stats(input, weight, bias, stride, padding, dilation, groups, input_scale=None,
   input_shift=None, input_relu=False) -> (out, partials)``: ``out = conv2d(x', weight) + bias`` and
   the float32 BatchNorm partial statistics of ``out`` (computed from the float32 accumulator, before
@@ -14,13 +17,17 @@ fused forward ops for BatchNorm networks (no autograd: inference, or building bl
   channel c, ``partials[t, 0, c]`` = the number of output pixels in the tile (64, fewer in the last),
   ``partials[t, 1, c]`` = their mean, ``partials[t, 2, c]`` = M2, the sum of squared deviations from
   that tile mean. Combining the tiles with Chan's formula gives the batch mean and biased variance.
-* ``conv2d_relu_maxpool(..., scale=None, shift=None)``: the fused inference conv + ReLU + max-pool
-  with ``(conv + bias) * scale + shift`` before the ReLU (the ResNet stem's conv + BN + ReLU + pool).
+* ``conv2d_relu_maxpool(..., bn_weight=None, bn_bias=None, running_mean=None, running_var=None,
+  eps=1e-5)``: the fused inference conv + ReLU + max-pool, with the same eval-mode BatchNorm of
+  ``conv + bias`` before the ReLU when ``running_mean``/``running_var`` are given (together): the
+  ResNet stem's conv -> BN -> ReLU -> max-pool in one launch.
 
 ``x'`` is the input, or with ``input_scale``/``input_shift`` (per input channel) the input as the
 kernel loads it: ``x * input_scale[c] + input_shift[c]``, ReLU'd when ``input_relu``, with the zero
 padding applied after that transform (a padding tap contributes 0), so a previous layer's normalised
-activation never reaches memory. Per-channel vectors are 1-D, float32 or the input's dtype.
+activation never reaches memory. Per-channel vectors (BatchNorm parameters and running statistics
+too) are 1-D, float32 or the input's dtype; they are checked before any launch, raising what eager's
+``F.batch_norm`` raises for the same mistake (RuntimeError).
 
 Checks mirror aten's ``conv2d`` checks and exception types; the fake implementations compute the
 same shapes and memory formats as the kernels' launchers, so tracing sees what running produces.
@@ -158,13 +165,18 @@ def _(grad_output, input, relu_output, weight_size, stride, padding, dilation, g
 
 
 # ------------------------------------------------------------------- conv + ReLU + max-pool (inference)
-def _check_conv_relu_maxpool(input, weight, bias, stride, padding, dilation, groups, pool_args, scale=None,
-                             shift=None):
+def _check_conv_relu_maxpool(input, weight, bias, stride, padding, dilation, groups, pool_args, bn):
     op = "tritonkit.conv2d_relu_maxpool"
     check_float_tensors(op, input=input, weight=weight, bias=bias)
     geometry = check_conv_args(op, input.shape, weight.shape, bias, stride, padding, dilation, groups)
-    _check_pair_given(op, scale, shift, ("scale", "shift"))
-    check_channel_vectors(op, input, weight.shape[0], "output channel", scale=scale, shift=shift)
+    bn_weight, bn_bias, running_mean, running_var = bn
+    if (running_mean is None) != (running_var is None):
+        missing = "running_mean" if running_mean is None else "running_var"
+        raise RuntimeError(f"{op}: {missing} must be defined in evaluation mode (running_mean and running_var "
+                           "are given together)")
+    if running_mean is None and (bn_weight is not None or bn_bias is not None):
+        raise RuntimeError(f"{op}: bn_weight and bn_bias need running_mean and running_var (eval-mode BatchNorm)")
+    _check_bn_eval(op, input, weight.shape[0], *bn)
     conv_out = torch.empty(_output_shape(input.shape, weight.shape, *geometry), dtype=input.dtype, device="meta")
     pool, pooled = pool_ops._pool_geometry(op, conv_out, *pool_args)
     return geometry, pool, (conv_out.shape[0], conv_out.shape[1], *pooled)
@@ -174,23 +186,27 @@ def _check_conv_relu_maxpool(input, weight, bias, stride, padding, dilation, gro
 def conv2d_relu_maxpool(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                         stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int,
                         pool_kernel_size: Sequence[int], pool_stride: Sequence[int], pool_padding: Sequence[int],
-                        pool_dilation: Sequence[int], ceil_mode: bool, scale: Optional[torch.Tensor] = None,
-                        shift: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``max_pool2d(relu((conv2d(input, weight) + bias) * scale + shift))`` in one kernel, for inference
-    (no indices); ``scale``/``shift`` (per output channel, optional) fold an eval-mode BatchNorm in."""
+                        pool_dilation: Sequence[int], ceil_mode: bool, bn_weight: Optional[torch.Tensor] = None,
+                        bn_bias: Optional[torch.Tensor] = None, running_mean: Optional[torch.Tensor] = None,
+                        running_var: Optional[torch.Tensor] = None, eps: float = 1e-5) -> torch.Tensor:
+    """``max_pool2d(relu(BN(conv2d(input, weight) + bias)))`` in one kernel, for inference (no indices);
+    BN: eval-mode BatchNorm from its parameters when ``running_mean``/``running_var`` are given
+    (module doc), else none."""
     pool_args = (pool_kernel_size, pool_stride, pool_padding, pool_dilation, ceil_mode)
+    bn = (bn_weight, bn_bias, running_mean, running_var)
     geometry, pool, _ = _check_conv_relu_maxpool(input, weight, bias, stride, padding, dilation, groups, pool_args,
-                                                 scale, shift)
+                                                 bn)
     return kernels.conv2d_relu_maxpool(input, weight, bias, *geometry, groups, *pool, ceil_mode,
-                                       allow_tf32=conv_allows_tf32(), scale=scale, shift=shift)
+                                       allow_tf32=conv_allows_tf32(), bn_weight=bn_weight, bn_bias=bn_bias,
+                                       running_mean=running_mean, running_var=running_var, eps=eps)
 
 
 @conv2d_relu_maxpool.register_fake
 def _(input, weight, bias, stride, padding, dilation, groups, pool_kernel_size, pool_stride, pool_padding,
-      pool_dilation, ceil_mode, scale=None, shift=None):
+      pool_dilation, ceil_mode, bn_weight=None, bn_bias=None, running_mean=None, running_var=None, eps=1e-5):
     pool_args = (pool_kernel_size, pool_stride, pool_padding, pool_dilation, ceil_mode)
     _, _, shape = _check_conv_relu_maxpool(input, weight, bias, stride, padding, dilation, groups, pool_args,
-                                           scale, shift)
+                                           (bn_weight, bn_bias, running_mean, running_var))
     return input.new_empty(shape).contiguous(memory_format=kernels.suggest_memory_format(input))
 
 
@@ -201,8 +217,8 @@ def check_channel_vectors(op: str, input: torch.Tensor, channels: int, role: str
         if v is None:
             continue
         if v.dim() != 1 or v.shape[0] != channels:
-            raise RuntimeError(f"{op}: expected {name} to be 1-D with {channels} elements (one per {role}), but "
-                               f"got {name} of size {list(v.shape)}")
+            raise RuntimeError(f"{op}: {name} should be 1-D and contain {channels} elements (one per {role}), "
+                               f"not {name} of size {list(v.shape)}")
         if v.dtype not in (torch.float32, input.dtype):
             raise RuntimeError(f"{op}: {name} must be float32 or the input's dtype {input.dtype}, got {v.dtype}")
         if v.device != input.device:
@@ -229,11 +245,18 @@ def _check_fused(op, input, weight, bias, stride, padding, dilation, groups, inp
     return geometry, _output_shape(input.shape, weight.shape, *geometry)
 
 
-def _check_scale_shift(op, input, weight, scale, shift, residual, stride, padding, dilation, groups, input_scale,
-                       input_shift, input_relu):
-    geometry, shape = _check_fused(op, input, weight, None, stride, padding, dilation, groups, input_scale,
-                                   input_shift, input_relu)
-    check_channel_vectors(op, input, weight.shape[0], "output channel", scale=scale, shift=shift)
+def _check_bn_eval(op, input, channels, bn_weight, bn_bias, running_mean, running_var):
+    """Eval-mode BatchNorm's per-output-channel vectors (None: not given)."""
+    check_channel_vectors(op, input, channels, "output channel", bn_weight=bn_weight, bn_bias=bn_bias,
+                          running_mean=running_mean, running_var=running_var)
+
+
+def _check_conv_batch_norm(op, input, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, stride,
+                           padding, dilation, groups):
+    check_float_tensors(op, input=input, weight=weight, bias=bias)
+    geometry = check_conv_args(op, input.shape, weight.shape, bias, stride, padding, dilation, groups)
+    shape = _output_shape(input.shape, weight.shape, *geometry)
+    _check_bn_eval(op, input, weight.shape[0], bn_weight, bn_bias, running_mean, running_var)
     if residual is not None:
         check_float_tensors(op, input=input, residual=residual)
         if tuple(residual.shape) != tuple(shape):
@@ -242,24 +265,24 @@ def _check_scale_shift(op, input, weight, scale, shift, residual, stride, paddin
     return geometry, shape
 
 
-@torch.library.custom_op("tritonkit::conv2d_scale_shift", mutates_args=())
-def conv2d_scale_shift(input: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
-                       residual: Optional[torch.Tensor], stride: Sequence[int], padding: Sequence[int],
-                       dilation: Sequence[int], groups: int, relu: bool, input_scale: Optional[torch.Tensor] = None,
-                       input_shift: Optional[torch.Tensor] = None, input_relu: bool = False) -> torch.Tensor:
-    """``act(conv2d(x', weight) * scale[oc] + shift[oc] (+ residual))`` in one kernel (module doc)."""
-    geometry, _ = _check_scale_shift("tritonkit.conv2d_scale_shift", input, weight, scale, shift, residual, stride,
-                                     padding, dilation, groups, input_scale, input_shift, input_relu)
-    return kernels.conv2d(input, weight, None, *geometry, groups, relu=relu, allow_tf32=conv_allows_tf32(),
-                          scale=scale, shift=shift, residual=residual, input_scale=input_scale,
-                          input_shift=input_shift, input_relu=input_relu)
+@torch.library.custom_op("tritonkit::conv2d_batch_norm", mutates_args=())
+def conv2d_batch_norm(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                      bn_weight: Optional[torch.Tensor], bn_bias: Optional[torch.Tensor], running_mean: torch.Tensor,
+                      running_var: torch.Tensor, eps: float, residual: Optional[torch.Tensor], stride: Sequence[int],
+                      padding: Sequence[int], dilation: Sequence[int], groups: int, relu: bool) -> torch.Tensor:
+    """``act(BN_eval(conv2d(input, weight) + bias) (+ residual))`` in one kernel (module doc)."""
+    geometry, _ = _check_conv_batch_norm("tritonkit.conv2d_batch_norm", input, weight, bias, bn_weight, bn_bias,
+                                         running_mean, running_var, residual, stride, padding, dilation, groups)
+    return kernels.conv2d(input, weight, bias, *geometry, groups, relu=relu, allow_tf32=conv_allows_tf32(),
+                          bn_weight=bn_weight, bn_bias=bn_bias, running_mean=running_mean, running_var=running_var,
+                          eps=eps, residual=residual)
 
 
-@conv2d_scale_shift.register_fake
-def _(input, weight, scale, shift, residual, stride, padding, dilation, groups, relu, input_scale=None,
-      input_shift=None, input_relu=False):
-    _, shape = _check_scale_shift("tritonkit.conv2d_scale_shift", input, weight, scale, shift, residual, stride,
-                                  padding, dilation, groups, input_scale, input_shift, input_relu)
+@conv2d_batch_norm.register_fake
+def _(input, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, residual, stride, padding, dilation,
+      groups, relu):
+    _, shape = _check_conv_batch_norm("tritonkit.conv2d_batch_norm", input, weight, bias, bn_weight, bn_bias,
+                                      running_mean, running_var, residual, stride, padding, dilation, groups)
     return input.new_empty(shape).contiguous(memory_format=kernels.suggest_memory_format(input))
 
 
