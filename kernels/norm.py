@@ -22,7 +22,10 @@ No atomics: for a given launch configuration two runs give identical bits (on a 
 choice of tile is part of that configuration; ``TRITONKIT_AUTOTUNE=first`` pins it).
 The finalize kernel also writes the running-stat update ``new = (1 - momentum) * old + momentum *
 batch`` with the *unbiased* variance ``M2 / (n - 1)`` (the biased ``M2 / n`` normalises), as eager.
-``momentum=None`` (a cumulative average) is the caller's ``momentum = 1 / num_batches_tracked``.
+With ``num_batches_tracked`` (nn.BatchNorm2d's int64 counter) the finalize's first program also
+writes ``num_batches_tracked + 1`` to a new tensor (the step AOTAutograd otherwise launches as its own
+``aten.add``), and ``momentum=None`` (eager's cumulative moving average) takes the factor
+``1 / (num_batches_tracked + 1)``, formed in float32 on the device from the counter (no host sync).
 
 The apply kernel computes ``relu?((x - mean) * (invstd * w) + b [+ residual])`` in float32 and rounds
 once: centring first keeps large-mean inputs exact (``x * scale + shift`` would cancel). In eval mode
@@ -204,25 +207,35 @@ def batch_norm_stats_partial_kernel(
 def _stats_finalize_signature(dtype):
     t = f"*{TRITON_TYPE[dtype]}"
     return {"part_ptr": "*fp32", "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "save_mean_ptr": t,
-            "save_rstd_ptr": t, "rm_ptr": t, "rv_ptr": t, "rm_out_ptr": t, "rv_out_ptr": t, "C": "i32",
-            "SPLIT": "i32", "momentum": "fp32", "eps": "fp32", "HAS_RUNNING": "constexpr",
-            "WRITE_SAVE": "constexpr", "BLOCK_S": "constexpr", "BLOCK_C": "constexpr"}
+            "save_rstd_ptr": t, "rm_ptr": t, "rv_ptr": t, "rm_out_ptr": t, "rv_out_ptr": t, "nbt_ptr": "*i64",
+            "nbt_out_ptr": "*i64", "C": "i32", "SPLIT": "i32", "momentum": "fp32", "eps": "fp32",
+            **dict.fromkeys(["HAS_RUNNING", "WRITE_SAVE", "HAS_COUNTER", "CUMULATIVE", "BLOCK_S", "BLOCK_C"],
+                            "constexpr")}
+
+
+# nn.BatchNorm2d's training step: running stats and num_batches_tracked (momentum 0.1, or None: cumulative).
+_FINISH_FLAGS = {"HAS_RUNNING": True, "WRITE_SAVE": False, "HAS_COUNTER": True, "C": 64}
 
 
 @tuned_kernel("batch_norm_stats_finalize", gpu_configs=_FINISH_GPU_CONFIGS, interp_heuristics=_FINISH_INTERP,
               key=["C", "SPLIT"], signature=_stats_finalize_signature,
-              constexprs=lambda dtype: {"HAS_RUNNING": True, "WRITE_SAVE": False, "C": 64},
-              variants={"stats_only": lambda dtype: {"HAS_RUNNING": False, "WRITE_SAVE": False, "C": 64}})
+              constexprs=lambda dtype: {**_FINISH_FLAGS, "CUMULATIVE": False},
+              variants={"cumulative": lambda dtype: {**_FINISH_FLAGS, "CUMULATIVE": True},
+                        "stats_only": lambda dtype: {"HAS_RUNNING": False, "WRITE_SAVE": False, "HAS_COUNTER": False,
+                                                     "CUMULATIVE": False, "C": 64}})
 @triton.jit
 def batch_norm_stats_finalize_kernel(
     part_ptr, mean_ptr, rstd_ptr, save_mean_ptr, save_rstd_ptr,
-    rm_ptr, rv_ptr, rm_out_ptr, rv_out_ptr,
+    rm_ptr, rv_ptr, rm_out_ptr, rv_out_ptr, nbt_ptr, nbt_out_ptr,
     C, SPLIT, momentum, eps,
     HAS_RUNNING: tl.constexpr,  # running stats given: write their update to rm_out / rv_out
     WRITE_SAVE: tl.constexpr,  # also write mean / invstd rounded to save_*'s dtype (eager on CPU)
+    HAS_COUNTER: tl.constexpr,  # num_batches_tracked given: program 0 writes nbt_out = nbt + 1
+    CUMULATIVE: tl.constexpr,  # momentum=None: the factor is 1 / (nbt + 1), read here (no host sync)
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Combine the partials (Chan, ascending split order); mean, invstd (float32), running-stat update."""
+    """Combine the partials (Chan, ascending split order); mean, invstd (float32), running-stat update,
+    num_batches_tracked + 1."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
     n_acc = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
@@ -252,6 +265,11 @@ def batch_norm_stats_finalize_kernel(
     if WRITE_SAVE:
         tl.store(save_mean_ptr + c, mean.to(save_mean_ptr.dtype.element_ty), mask=c_ok)
         tl.store(save_rstd_ptr + c, rstd.to(save_rstd_ptr.dtype.element_ty), mask=c_ok)
+    if HAS_COUNTER:
+        batches = tl.load(nbt_ptr) + 1  # int64
+        tl.store(nbt_out_ptr, batches, mask=tl.program_id(0) == 0)
+        if CUMULATIVE:
+            momentum = tl.div_rn(1.0, batches.to(tl.float32))
     if HAS_RUNNING:
         rm = tl.load(rm_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
         rv = tl.load(rv_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
@@ -539,14 +557,20 @@ def save_stats_dtype(input: torch.Tensor) -> torch.dtype:
     return input.dtype if input.device.type == "cpu" else torch.float32
 
 
-def _stats(x, view, eps, running, momentum, split, save_dtype):
-    """Stage one + finalize. Returns (mean32, invstd32, save_mean, save_invstd, rm_out, rv_out)."""
+def _stats(x, view, eps, running, momentum, counter, split, save_dtype):
+    """Stage one + finalize. Returns (mean32, invstd32, save_mean, save_invstd, rm_out, rv_out, nbt_out)."""
     A, B, C, s_a, s_b, s_c = view
-    dev = x.device
-    split = split or reduction_split(C, A * B, dev, 1024)
-    part = empty((split, 4, C), dtype=torch.float32, device=dev)
+    split = split or reduction_split(C, A * B, x.device, 1024)
+    part = empty((split, 4, C), dtype=torch.float32, device=x.device)
     batch_norm_stats_partial_kernel[lambda meta: (triton.cdiv(C, meta["BLOCK_C"]), split)](
         x, part, A, B, C, s_a, s_b, s_c, split)
+    return _finalize(part, split, eps, running, momentum, counter, save_dtype)
+
+
+def _finalize(part, entries, eps, running, momentum, counter, save_dtype):
+    """The finalize launch over ``entries`` partials ``part``: outputs as :func:`_stats`. ``momentum``
+    None (with ``counter``): the cumulative factor ``1 / (counter + 1)``, formed on the device."""
+    C, dev = part.shape[-1], part.device
     mean = empty((C,), dtype=torch.float32, device=dev)
     rstd = empty((C,), dtype=torch.float32, device=dev)
     write_save = save_dtype != torch.float32
@@ -556,12 +580,16 @@ def _stats(x, view, eps, running, momentum, split, save_dtype):
     has_running = rm is not None
     rm_out = empty((C,), dtype=rm.dtype, device=dev) if has_running else None
     rv_out = empty((C,), dtype=rv.dtype, device=dev) if has_running else None
+    nbt_out = None if counter is None else empty(counter.shape, dtype=counter.dtype, device=dev)
     batch_norm_stats_finalize_kernel[lambda meta: (triton.cdiv(C, meta["BLOCK_C"]),)](
         part, mean, rstd, save_mean, save_rstd,
         rm if has_running else save_mean, rv if has_running else save_rstd,
         rm_out if has_running else save_mean, rv_out if has_running else save_rstd,
-        C, split, float(momentum), float(eps), HAS_RUNNING=has_running, WRITE_SAVE=write_save)
-    return mean, rstd, save_mean, save_rstd, rm_out, rv_out
+        counter if counter is not None else part, nbt_out if counter is not None else part,
+        C, entries, 0.0 if momentum is None else float(momentum), float(eps),
+        HAS_RUNNING=has_running, WRITE_SAVE=write_save, HAS_COUNTER=counter is not None,
+        CUMULATIVE=momentum is None and has_running)
+    return mean, rstd, save_mean, save_rstd, rm_out, rv_out, nbt_out
 
 
 def batch_norm_stats(input: torch.Tensor, eps: float, split: int | None = None):
@@ -570,7 +598,7 @@ def batch_norm_stats(input: torch.Tensor, eps: float, split: int | None = None):
     ``split`` overrides how many partials each channel block is cut into (tests use it)."""
     x, view, _ = _layout(input)
     check_int32_indexing(x)
-    mean, rstd, *_ = _stats(x, view, eps, (None, None), 0.0, split, torch.float32)
+    mean, rstd, *_ = _stats(x, view, eps, (None, None), 0.0, None, split, torch.float32)
     return mean, rstd
 
 
@@ -599,18 +627,21 @@ def _apply(kernel, x, view, fmt, mean, rstd, weight, bias, residual, relu, eps, 
     return out
 
 
-def batch_norm_train(input, weight, bias, running_mean, running_var, momentum, eps, residual=None, relu=False,
-                     split=None):
-    """Training forward: ``(out, save_mean, save_invstd, running_mean_out, running_var_out)``.
+def batch_norm_train(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
+                     residual=None, relu=False, split=None):
+    """Training forward: ``(out, save_mean, save_invstd, running_mean_out, running_var_out,
+    num_batches_tracked_out)``.
 
     ``out = relu?(bn(input) + residual)`` in ``input``'s dtype and memory format; the running outputs
-    are new tensors (None without running stats); ``save_*`` in :func:`save_stats_dtype`."""
+    are new tensors (None without running stats), ``num_batches_tracked_out = num_batches_tracked + 1``
+    (None without it), written by the finalize launch; ``momentum=None`` takes the factor
+    ``1 / num_batches_tracked_out`` (eager's cumulative average); ``save_*`` in :func:`save_stats_dtype`."""
     x, view, fmt = _layout(input)
     check_int32_indexing(x)
-    mean, rstd, save_mean, save_rstd, rm_out, rv_out = _stats(
-        x, view, eps, (running_mean, running_var), momentum, split, save_stats_dtype(input))
+    mean, rstd, *saved = _stats(x, view, eps, (running_mean, running_var), momentum, num_batches_tracked, split,
+                                save_stats_dtype(input))
     out = _apply(batch_norm_apply_kernel, x, view, fmt, mean, rstd, weight, bias, residual, relu, eps, False)
-    return out, save_mean, save_rstd, rm_out, rv_out
+    return out, *saved
 
 
 def batch_norm_eval(input, weight, bias, running_mean, running_var, eps, residual=None, relu=False):

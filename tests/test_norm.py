@@ -28,6 +28,11 @@ LAYOUTS = ["contiguous", "channels_last"]
 EPS = 1e-5
 
 
+def same(first, again) -> bool:
+    """Two runs' outputs are bit-identical (None where one is None)."""
+    return all(p is q is None or torch.equal(p, q) for p, q in zip(first, again, strict=True))
+
+
 def make(shape, layout="contiguous", dtype=torch.float32, scale=1.0, shift=0.0):
     """Random normal values (``* scale + shift``) of 4-D ``shape`` in a memory layout."""
     n, c, h, w = shape
@@ -75,9 +80,8 @@ def eager_train(x, w, b, rm, rv, momentum, eps=EPS, residual=None, relu=False):
     return values, meta
 
 
-def check_train(x, w, b, rm, rv, momentum, residual=None, relu=False):
-    result = ops.batch_norm_train(x, w, b, rm, rv, momentum, EPS, residual, relu)
-    values, meta = eager_train(x, w, b, rm, rv, momentum, residual=residual, relu=relu)
+def check_outputs(result, values, meta):
+    """Training-op outputs against eager's values (float32) and metadata (the real dtype)."""
     names = ["out", "save_mean", "save_invstd", "running_mean", "running_var"]
     for name, got, ref, m in zip(names, result, values, meta):
         if ref is None:
@@ -86,6 +90,12 @@ def check_train(x, w, b, rm, rv, momentum, residual=None, relu=False):
         assert got.dtype == m.dtype and got.shape == m.shape, (name, got.dtype, m.dtype, got.shape, m.shape)
         assert got.stride() == m.stride(), (name, got.stride(), m.stride())
         assert_close(got.cpu(), ref.to(got.dtype), msg=name)
+
+
+def check_train(x, w, b, rm, rv, momentum, residual=None, relu=False):
+    result = ops.batch_norm_train(x, w, b, rm, rv, None, momentum, EPS, residual, relu)
+    assert len(result) == 6 and result[5] is None  # no num_batches_tracked given: no counter output
+    check_outputs(result, *eager_train(x, w, b, rm, rv, momentum, residual=residual, relu=relu))
     return result
 
 
@@ -114,7 +124,7 @@ def test_running_stat_update(momentum):
     """new = (1 - momentum) * old + momentum * batch, the unbiased variance in running_var."""
     x = make((2, 4, 3, 5))
     w, b, rm, rv = params(4, torch.float32)
-    _, _, _, new_rm, new_rv = check_train(x, w, b, rm, rv, momentum)
+    _, _, _, new_rm, new_rv, _ = check_train(x, w, b, rm, rv, momentum)
     _, _, _, ref_rm, ref_rv = batch_norm_reference(x, w, b, rm, rv, momentum=momentum)
     assert_close(new_rm, ref_rm.float())
     assert_close(new_rv, ref_rv.float())
@@ -136,7 +146,7 @@ def test_train_forward_relu_only_and_nan():
     x = make((2, 3, 4, 5), "channels_last")
     check_train(x, *params(3, torch.float32), momentum=0.1, relu=True)
     x[1, 1, 2, 3] = float("nan")
-    out, mean, invstd, rm, _ = ops.batch_norm_train(x, *params(3, torch.float32), 0.1, EPS)
+    out, mean, invstd, rm, *_ = ops.batch_norm_train(x, *params(3, torch.float32), None, 0.1, EPS)
     assert out[:, 1].isnan().all() and mean[1].isnan() and rm[1].isnan()
     assert out[:, [0, 2]].isfinite().all() and mean[[0, 2]].isfinite().all()
 
@@ -145,6 +155,73 @@ def test_train_forward_relu_only_and_nan():
 def test_train_forward_other_layouts(layout):
     """Inputs in no standard layout are read through a copy; out takes eager's memory format."""
     check_train(make((3, 4, 5, 6), layout), *params(4, torch.float32), momentum=0.2)
+
+
+# ---------------------------------------------------------------------------------- num_batches_tracked
+
+
+def run_module_steps(module, batches, step, counter_shape=()):
+    """Train-mode nn.BatchNorm2d ``module`` against ``step(x, w, b, rm, rv, nbt, momentum)`` (a tritonkit
+    training op, returning its six outputs) over ``batches``, feeding the new running stats and counter
+    (of ``counter_shape``) back; outputs, running stats and counter are compared after every step."""
+    w, b = module.weight, module.bias
+    rm, rv = (t.detach().clone() for t in (module.running_mean, module.running_var))
+    nbt = module.num_batches_tracked.detach().clone().reshape(counter_shape)
+    for x in batches:
+        nbt_in = nbt.clone()
+        out, _, _, rm, rv, nbt = step(x, w.detach(), b.detach(), rm, rv, nbt, module.momentum)
+        assert torch.equal(nbt_in, nbt - 1)  # a new tensor; the input is not mutated
+        with torch.no_grad():
+            ref = module(x)
+        assert nbt.dtype == torch.int64 and nbt.shape == counter_shape
+        assert torch.equal(nbt.reshape(()), module.num_batches_tracked)
+        assert_close(out, ref, msg="out")
+        assert_close(rm, module.running_mean, msg="running_mean")
+        assert_close(rv, module.running_var, msg="running_var")
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("counter_shape", [(), (1,)], ids=["0-d", "1-element"])
+def test_num_batches_tracked_matches_nn_batchnorm(momentum, counter_shape):
+    """Four steps of nn.BatchNorm2d(momentum=0.1 or None: the cumulative average 1 / num_batches_tracked):
+    running stats and the counter as eager's module, the counter in the shape it was given."""
+    module = torch.nn.BatchNorm2d(5, momentum=momentum).to(DEVICE).train()
+    with torch.no_grad():
+        module.weight.copy_(vec(5))
+        module.bias.copy_(vec(5))
+        module.running_mean.copy_(vec(5))
+        module.running_var.copy_(vec(5, positive=True))
+        module.num_batches_tracked.fill_(3)
+    batches = [make((3, 5, 4, 7), layout, scale=2.0, shift=s) for s, layout in
+               zip([0.5, -1.0, 3.0, 0.0], LAYOUTS * 2)]
+
+    def step(x, w, b, rm, rv, nbt, momentum):
+        return ops.batch_norm_train(x, w, b, rm, rv, nbt, momentum, EPS)
+
+    run_module_steps(module, batches, step, counter_shape)
+
+
+def test_num_batches_tracked_without_running_stats():
+    """The counter output without running stats (momentum=None is then unused, as in eager)."""
+    x = make((2, 4, 3, 5))
+    nbt = torch.tensor(41, device=DEVICE)
+    out, mean, invstd, rm, rv, new = ops.batch_norm_train(x, None, None, None, None, nbt, None, EPS, None, True)
+    assert rm is None and rv is None and new.item() == 42 and nbt.item() == 41
+    check_outputs((out, mean, invstd), *eager_train(x, None, None, None, None, 0.1, relu=True))
+
+
+def test_num_batches_tracked_bad_arguments(monkeypatch):
+    monkeypatch.setattr(kernels, "batch_norm_train", lambda *a, **k: pytest.fail("a kernel was launched"))
+    x = make((2, 3, 4, 5))
+    w, b, rm, rv = params(3, torch.float32)
+    with pytest.raises(RuntimeError, match="num_batches_tracked must be int64"):
+        ops.batch_norm_train(x, w, b, rm, rv, torch.tensor(1, dtype=torch.int32), 0.1, EPS)
+    with pytest.raises(RuntimeError, match="num_batches_tracked must have one element"):
+        ops.batch_norm_train(x, w, b, rm, rv, torch.zeros(2, dtype=torch.int64), 0.1, EPS)
+    with pytest.raises(TypeError, match="momentum"):
+        torch.nn.functional.batch_norm(x, rm, rv, training=True, momentum=None)
+    with pytest.raises(TypeError, match="momentum=None .* needs num_batches_tracked"):
+        ops.batch_norm_train(x, w, b, rm, rv, None, None, EPS)
 
 
 # ------------------------------------------------------------------------------------------ statistics
@@ -168,7 +245,7 @@ def test_large_mean_precision(layout, split):
     mean, invstd = kernels.batch_norm_stats(x, EPS, split=split)
     assert_batch_norm_stats_close(mean, invstd, x, EPS)
     w, b, rm, rv = params(5, torch.float32)
-    out, save_mean, save_invstd, _, new_rv = kernels.batch_norm_train(x, w, b, rm, rv, 0.1, EPS, split=split)
+    out, save_mean, save_invstd, _, new_rv, _ = kernels.batch_norm_train(x, w, b, rm, rv, None, 0.1, EPS, split=split)
     ref_out, ref_mean, ref_invstd, _, ref_rv = batch_norm_reference(x, w, b, rm, rv)
     assert_batch_norm_stats_close(save_mean, save_invstd, x, EPS)
     torch.testing.assert_close(out.double(), ref_out, rtol=1e-4, atol=batch_norm_output_atol(ref_mean, ref_invstd, w))
@@ -198,30 +275,30 @@ def test_split_partials(layout, split):
     (channels_last at 32: 18 tiles); same statistics as one partial, and bit-identical on a rerun."""
     x = make((3, 5, 4, 6), layout, scale=0.5, shift=7.0)
     w, b, rm, rv = params(5, torch.float32)
-    first = kernels.batch_norm_train(x, w, b, rm, rv, 0.1, EPS, split=split)
+    first = kernels.batch_norm_train(x, w, b, rm, rv, None, 0.1, EPS, split=split)
     assert_batch_norm_stats_close(first[1], first[2], x, EPS)
-    again = kernels.batch_norm_train(x, w, b, rm, rv, 0.1, EPS, split=split)
-    assert all(torch.equal(p, q) for p, q in zip(first, again))
+    again = kernels.batch_norm_train(x, w, b, rm, rv, None, 0.1, EPS, split=split)
+    assert same(first, again)
     g = make((3, 5, 4, 6), layout)
     grads = kernels.batch_norm_backward(g, x, w, rm, rv, first[1], first[2], True, EPS, [True] * 3, split=split)
     ref = aten.native_batch_norm_backward(g, x, w, rm, rv, first[1], first[2], True, EPS, [True] * 3)
     for got, r in zip(grads, ref):
         assert_close(got, r, grad=True)
     regrads = kernels.batch_norm_backward(g, x, w, rm, rv, first[1], first[2], True, EPS, [True] * 3, split=split)
-    assert all(torch.equal(p, q) for p, q in zip(grads, regrads))
+    assert same(grads, regrads)
 
 
 def test_deterministic():
     """No atomics: two runs of every op give identical bits."""
     x = make((3, 7, 6, 5), "channels_last", scale=0.1, shift=2.0)
     w, b, rm, rv = params(7, torch.float32)
-    assert all(torch.equal(p, q) for p, q in zip(ops.batch_norm_stats(x, EPS), ops.batch_norm_stats(x, EPS)))
-    first, again = (ops.batch_norm_train(x, w, b, rm, rv, 0.1, EPS) for _ in range(2))
-    assert all(torch.equal(p, q) for p, q in zip(first, again))
+    assert same(ops.batch_norm_stats(x, EPS), ops.batch_norm_stats(x, EPS))
+    first, again = (ops.batch_norm_train(x, w, b, rm, rv, None, 0.1, EPS) for _ in range(2))
+    assert same(first, again)
     g = make((3, 7, 6, 5))
     first, again = (ops.batch_norm_backward(g, x, w, rm, rv, first[1], first[2], True, EPS, [True] * 3)
                     for _ in range(2))
-    assert all(torch.equal(p, q) for p, q in zip(first, again))
+    assert same(first, again)
 
 
 # ------------------------------------------------------------------------------------------ eval forward
@@ -387,7 +464,7 @@ def test_forward_backward_chain(dtype):
     chain; the ReLU output of the fused forward masks the gradient."""
     x = make((3, 4, 6, 5), "channels_last", dtype)
     w, b, rm, rv = params(4, dtype)
-    out, save_mean, save_invstd, _, _ = ops.batch_norm_train(x, w, b, rm, rv, 0.1, EPS, None, True)
+    out, save_mean, save_invstd, *_ = ops.batch_norm_train(x, w, b, rm, rv, None, 0.1, EPS, None, True)
     assert save_mean.dtype == kernels.save_stats_dtype(x)
     g = make((3, 4, 6, 5), "channels_last", dtype)
     result = ops.batch_norm_backward(g, x, w, rm, rv, save_mean, save_invstd, True, EPS, [True] * 3, out)
@@ -420,8 +497,9 @@ def test_opcheck(layout):
     x = make((2, 3, 4, 5), layout)
     w, b, rm, rv = params(3, torch.float32)
     torch.library.opcheck(ops.batch_norm_stats, (x, EPS))
-    torch.library.opcheck(ops.batch_norm_train, (x, w, b, rm, rv, 0.1, EPS))
-    torch.library.opcheck(ops.batch_norm_train, (x, None, None, None, None, 0.1, EPS, make((2, 3, 4, 5)), True))
+    torch.library.opcheck(ops.batch_norm_train, (x, w, b, rm, rv, None, 0.1, EPS))
+    torch.library.opcheck(ops.batch_norm_train, (x, None, None, None, None, None, 0.1, EPS, make((2, 3, 4, 5)), True))
+    torch.library.opcheck(ops.batch_norm_train, (x, w, b, rm, rv, torch.tensor(2), None, EPS))
     torch.library.opcheck(ops.batch_norm_eval, (x, w, b, rm, rv, EPS, x.relu(), True))
     mean, invstd = ops.batch_norm_stats(x, EPS)
     torch.library.opcheck(ops.batch_norm_backward, (make((2, 3, 4, 5)), x, w, rm, rv, mean, invstd, True, EPS,
@@ -432,7 +510,7 @@ def test_opcheck(layout):
 
 def test_opcheck_half_save_stats():
     x = make((2, 3, 4, 5), dtype=torch.bfloat16)
-    torch.library.opcheck(ops.batch_norm_train, (x, *params(3, torch.bfloat16), 0.1, EPS))
+    torch.library.opcheck(ops.batch_norm_train, (x, *params(3, torch.bfloat16), None, 0.1, EPS))
 
 
 def _errors(x, w=None, b=None, rm=None, rv=None, training=True):
@@ -445,7 +523,7 @@ def _errors(x, w=None, b=None, rm=None, rv=None, training=True):
         eager = None
     try:
         if training:
-            ops.batch_norm_train(x, w, b, rm, rv, 0.1, EPS)
+            ops.batch_norm_train(x, w, b, rm, rv, None, 0.1, EPS)
         else:
             ops.batch_norm_eval(x, w, b, rm, rv, EPS)
     except Exception as err:  # noqa: BLE001
@@ -471,7 +549,7 @@ def test_one_value_per_channel_when_training():
     assert type(ours) is type(eager) is ValueError
     assert str(eager) in str(ours)  # "Expected more than 1 value per channel when training, got input size ..."
     with pytest.raises(ValueError, match="more than 1 value per channel"):
-        ops.batch_norm_train(x, None, None, None, None, 0.1, EPS)
+        ops.batch_norm_train(x, None, None, None, None, None, 0.1, EPS)
 
 
 def test_non_4d_input():
@@ -480,7 +558,7 @@ def test_non_4d_input():
     for shape in [(2, 3, 4), (2, 3, 4, 5, 6)]:
         x = torch.randn(shape).to(DEVICE)
         with pytest.raises(ValueError, match=f"expected 4D input \\(got {len(shape)}D input\\)"):
-            ops.batch_norm_train(x, None, None, None, None, 0.1, EPS)
+            ops.batch_norm_train(x, None, None, None, None, None, 0.1, EPS)
         with pytest.raises(ValueError, match="expected 4D input"):
             ops.batch_norm_stats(x, EPS)
         with pytest.raises(ValueError, match="expected 4D input"):
@@ -492,17 +570,17 @@ def test_empty_input():
     with pytest.raises(RuntimeError, match="at least one element"):
         aten.native_batch_norm(x, None, None, None, None, True, 0.1, EPS)
     with pytest.raises(RuntimeError, match="at least one element"):
-        ops.batch_norm_train(x, None, None, None, None, 0.1, EPS)
+        ops.batch_norm_train(x, None, None, None, None, None, 0.1, EPS)
 
 
 def test_mixed_dtypes():
     x = make((2, 3, 4, 5), dtype=torch.float16)
     with pytest.raises(RuntimeError, match="weight dtype torch.float32 must match input dtype torch.float16"):
-        ops.batch_norm_train(x, vec(3), None, None, None, 0.1, EPS)
+        ops.batch_norm_train(x, vec(3), None, None, None, None, 0.1, EPS)
     with pytest.raises(RuntimeError, match="running_var dtype"):
         ops.batch_norm_eval(x, None, None, vec(3, torch.float16), vec(3), EPS)
     with pytest.raises(RuntimeError, match="residual dtype"):
-        ops.batch_norm_train(x, None, None, None, None, 0.1, EPS, make((2, 3, 4, 5)))
+        ops.batch_norm_train(x, None, None, None, None, None, 0.1, EPS, make((2, 3, 4, 5)))
     with pytest.raises(RuntimeError, match="grad_out dtype"):
         ops.batch_norm_backward(make((2, 3, 4, 5)), x, None, None, None, vec(3), vec(3), True, EPS, [True] * 3)
     with pytest.raises(RuntimeError, match="save_mean must be float32 or"):
@@ -514,9 +592,9 @@ def test_mixed_dtypes():
 def test_other_bad_arguments():
     x = make((2, 3, 4, 5))
     with pytest.raises(ValueError, match="both be None or neither"):
-        ops.batch_norm_train(x, None, None, vec(3), None, 0.1, EPS)
+        ops.batch_norm_train(x, None, None, vec(3), None, None, 0.1, EPS)
     with pytest.raises(RuntimeError, match="residual shape"):
-        ops.batch_norm_train(x, None, None, None, None, 0.1, EPS, make((2, 3, 4, 4)))
+        ops.batch_norm_train(x, None, None, None, None, None, 0.1, EPS, make((2, 3, 4, 4)))
     with pytest.raises(RuntimeError, match="grad_out shape"):
         ops.batch_norm_backward(make((2, 3, 4, 4)), x, None, None, None, vec(3), vec(3), True, EPS, [True] * 3)
     with pytest.raises(RuntimeError, match="relu_output shape"):
@@ -530,7 +608,7 @@ def test_other_bad_arguments():
     fake = torch._subclasses.fake_tensor.FakeTensorMode()
     with fake, pytest.raises(RuntimeError, match="running_mean should contain 3 elements not 4"):  # fake impl too
         ops.batch_norm_train(fake.from_tensor(x), None, None, fake.from_tensor(vec(4)), fake.from_tensor(vec(4)),
-                             0.1, EPS)
+                             None, 0.1, EPS)
 
 
 def test_errors_come_before_any_launch(monkeypatch):
@@ -541,6 +619,6 @@ def test_errors_come_before_any_launch(monkeypatch):
         monkeypatch.setattr(kernels, name, no_launch)
     x = make((1, 3, 1, 1))
     with pytest.raises(ValueError):
-        ops.batch_norm_train(x, None, None, None, None, 0.1, EPS)
+        ops.batch_norm_train(x, None, None, None, None, None, 0.1, EPS)
     with pytest.raises(RuntimeError):
         ops.batch_norm_backward(x, x, vec(2), None, None, vec(3), vec(3), True, EPS, [True] * 3)

@@ -3,14 +3,20 @@
 
 * ``batch_norm_stats(input, eps) -> (mean, invstd)``: per-channel float32 statistics of 4-D
   ``input`` (any float dtype), ``invstd = 1 / sqrt(biased_var + eps)``; deterministic (no atomics).
-* ``batch_norm_train(input, weight, bias, running_mean, running_var, momentum, eps, residual=None,
-  relu=False) -> (out, save_mean, save_invstd, running_mean_out, running_var_out)``: eager's
+* ``batch_norm_train(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
+  residual=None, relu=False) -> (out, save_mean, save_invstd, running_mean_out,
+  running_var_out, num_batches_tracked_out)``: eager's
   ``aten._native_batch_norm_legit_functional(..., training=True, ...)``, and with ``residual`` /
   ``relu`` the ResNet block end ``relu(bn(x) + residual)`` in one pass. The running outputs are new
   tensors (``(1 - momentum) * old + momentum * batch``, unbiased variance), None when the running
-  stats are None (``track_running_stats=False``). ``momentum=None`` (cumulative average) is the
-  caller's ``momentum = 1 / num_batches_tracked``. ``save_*`` are float32 on a GPU and in the input's
-  dtype on the CPU, as eager returns them on each device.
+  stats are None (``track_running_stats=False``). ``num_batches_tracked`` (None, or int64 with one
+  element: 0-d as nn.BatchNorm2d holds it, or shape [1]; the argument order of ``_from_partials``) gives ``num_batches_tracked_out = num_batches_tracked + 1``,
+  a new tensor of its shape (the input is not mutated), written by the statistics' finalize launch;
+  without it that output is None. ``momentum=None`` is nn.BatchNorm2d's cumulative moving average,
+  the factor ``1 / num_batches_tracked_out`` computed on the device (so it needs ``num_batches_tracked``
+  when there are running stats; TypeError otherwise, as ``F.batch_norm`` raises for a None momentum).
+  ``save_*`` are float32 on a GPU and in the input's dtype on the CPU, as eager returns them on each
+  device.
 * ``batch_norm_eval(input, weight, bias, running_mean, running_var, eps, residual=None, relu=False)
   -> out``: ``relu?((x - running_mean) / sqrt(running_var + eps) * weight + bias [+ residual])``.
 * ``batch_norm_backward(grad_out, input, weight, running_mean, running_var, save_mean, save_invstd,
@@ -113,25 +119,56 @@ def _check_forward(op, input, weight, bias, running_mean, running_var, residual,
     return C
 
 
+def _check_counter(op, input, running_mean, num_batches_tracked, momentum) -> None:
+    """num_batches_tracked: one int64 element on the input's device; momentum=None needs it (with running
+    stats)."""
+    t = num_batches_tracked
+    if t is not None:
+        if t.dtype != torch.int64:
+            raise RuntimeError(f"{op}: num_batches_tracked must be int64 (torch.long), got {t.dtype}")
+        if t.numel() != 1:
+            raise RuntimeError(f"{op}: num_batches_tracked must have one element, got shape {tuple(t.shape)}")
+        if t.device != input.device:
+            raise RuntimeError(f"{op}: num_batches_tracked is on {t.device} but input is on {input.device}; "
+                               "expected one device")
+    if momentum is None and running_mean is not None and t is None:
+        raise TypeError(f"{op}: momentum=None (cumulative moving average) needs num_batches_tracked")
+
+
+def _train_outputs(input, C, running_mean, running_var, num_batches_tracked):
+    """Fake outputs of the training ops: (out, save_mean, save_invstd, rm_out?, rv_out?, nbt_out?)."""
+    save_dtype = kernels.save_stats_dtype(input)
+    running = [None if t is None else t.new_empty((C,)) for t in (running_mean, running_var)]
+    counter = None if num_batches_tracked is None else torch.empty_like(num_batches_tracked)
+    return (_out_like(input), input.new_empty((C,), dtype=save_dtype), input.new_empty((C,), dtype=save_dtype),
+            *running, counter)
+
+
+def _check_train(input, weight, bias, running_mean, running_var, momentum, residual, num_batches_tracked):
+    C = _check_forward(_TRAIN, input, weight, bias, running_mean, running_var, residual, True)
+    _check_counter(_TRAIN, input, running_mean, num_batches_tracked, momentum)
+    return C
+
+
 @torch.library.custom_op(
     _TRAIN,
     mutates_args=(),
     schema="(Tensor input, Tensor? weight, Tensor? bias, Tensor? running_mean, Tensor? running_var, "
-           "float momentum, float eps, Tensor? residual=None, bool relu=False) "
-           "-> (Tensor, Tensor, Tensor, Tensor?, Tensor?)",
+           "Tensor? num_batches_tracked, float? momentum, float eps, Tensor? residual=None, bool relu=False) "
+           "-> (Tensor, Tensor, Tensor, Tensor?, Tensor?, Tensor?)",
 )
-def batch_norm_train(input, weight, bias, running_mean, running_var, momentum, eps, residual=None, relu=False):
-    _check_forward(_TRAIN, input, weight, bias, running_mean, running_var, residual, True)
-    return kernels.batch_norm_train(input, weight, bias, running_mean, running_var, momentum, eps, residual, relu)
+def batch_norm_train(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
+                     residual=None, relu=False):
+    _check_train(input, weight, bias, running_mean, running_var, momentum, residual, num_batches_tracked)
+    return kernels.batch_norm_train(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum,
+                                    eps, residual, relu)
 
 
 @batch_norm_train.register_fake
-def _(input, weight, bias, running_mean, running_var, momentum, eps, residual=None, relu=False):
-    C = _check_forward(_TRAIN, input, weight, bias, running_mean, running_var, residual, True)
-    save_dtype = kernels.save_stats_dtype(input)
-    running = [None if t is None else t.new_empty((C,)) for t in (running_mean, running_var)]
-    return (_out_like(input), input.new_empty((C,), dtype=save_dtype), input.new_empty((C,), dtype=save_dtype),
-            *running)
+def _(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, residual=None,
+      relu=False):
+    C = _check_train(input, weight, bias, running_mean, running_var, momentum, residual, num_batches_tracked)
+    return _train_outputs(input, C, running_mean, running_var, num_batches_tracked)
 
 
 # --- batch_norm_eval ----------------------------------------------------------------------------------------
