@@ -22,7 +22,10 @@ Kernels: ``cross_entropy_fwd`` runs one program per block of ``BLOCK_N`` rows an
 ``BLOCK_C`` chunks with an online (max, sum-exp) pass in float32 (coalesced along C). Nothing cancels
 at a large common offset of the logits: the max ``m`` and ``log sum exp(x - m)`` stay apart (eager's
 accuracy at any offset) and the smoothing term's class sum is taken relative to ``x[n, 0]``. With
-``COMPUTE_GRAD`` a second loop writes the gradient for ``g_n = 1``. ``cross_entropy_bwd`` recomputes
+``COMPUTE_GRAD`` a second loop writes the gradient for ``g_n = 1``; with ``WRITE_LOG_PROBS`` the same
+loop writes the log-softmax ``log_probs[n, c] = (x[n, c] - m) - log_s`` (float32, rounded once to the
+logits' dtype; what a training graph saves for the backward, so eager's separate ``_log_softmax``
+launch and its re-read of the logits go away). ``cross_entropy_bwd`` recomputes
 the gradient from the logits and the saved float32 ``lse`` (softmax relative error about
 ``|lse| * 2**-24``, 1e-6 for logits of size 20), or recomputes ``(m, log sum)`` first when ``lse`` is not
 given, scaled by the upstream gradient read on the device. ``cross_entropy_reduce`` is one program that
@@ -79,7 +82,7 @@ _ROWS_INTERP = {
 # What the gate compiles: a ResNet/ImageNet step (mean over 1000 classes, contiguous logits), whose C
 # keeps the short-chunk configs, and a language-model vocabulary, whose C keeps the long-chunk ones.
 def _typical(C):
-    return {"C": C, "s_n": C, "s_c": 1, "g_sn": C}
+    return {"C": C, "s_n": C, "s_c": 1, "out_sn": C}
 
 
 @triton.jit
@@ -150,11 +153,14 @@ def _online_stats(logits_ptr, weight_ptr, row_base, row_ok, C, s_c,
 
 
 @triton.jit
-def _grad_pass(logits_ptr, weight_ptr, grad_ptr, row_base, grad_base, row_ok, ignored, bad, t, w_t, shift, log_s,
-               scale, w_total, C, s_c, eps,
-               HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, BLOCK_C: tl.constexpr):
-    """grad[n, c] = scale_n * (a_n * softmax[c] - b_n * [c == t] - eps / C * w[c]); 0 on ignored rows.
-    softmax[c] = exp((x[c] - shift) - log_s): (m, log s) from the online pass, or (lse, 0)."""
+def _row_outputs_pass(logits_ptr, weight_ptr, grad_ptr, log_probs_ptr, row_base, out_base, row_ok, ignored, bad, t,
+                      w_t, shift, log_s, scale, w_total, C, s_c, eps,
+                      HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, WRITE_GRAD: tl.constexpr,
+                      WRITE_LOG_PROBS: tl.constexpr, BLOCK_C: tl.constexpr):
+    """One pass over C writing the contiguous [N, C] outputs from z[c] = (x[c] - shift) - log_s, the
+    log-softmax in float32 ((m, log s) from the online pass, or (lse, 0)):
+    WRITE_LOG_PROBS: log_probs[n, c] = z[c], rounded once to the output's dtype;
+    WRITE_GRAD: grad[n, c] = scale_n * (a_n * exp(z[c]) - b_n * [c == t] - eps / C * w[c]); 0 on ignored rows."""
     if SMOOTH:
         a = (1.0 - eps) * w_t + eps * w_total / C
         b = (1.0 - eps) * w_t
@@ -172,47 +178,59 @@ def _grad_pass(logits_ptr, weight_ptr, grad_ptr, row_base, grad_base, row_ok, ig
         c_ok = c < C
         ok = row_ok[:, None] & c_ok[None, :]
         x = tl.load(logits_ptr + row_base[:, None] + (c * s_c)[None, :], mask=ok, other=0.0).to(tl.float32)
-        g = a[:, None] * tl.exp((x - shift[:, None]) - log_s[:, None])
-        g = tl.where(c[None, :] == t[:, None], g - b[:, None], g)
-        if SMOOTH:
-            if HAS_WEIGHT:
-                w = tl.load(weight_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
-                g = g - (e * scale)[:, None] * w[None, :]
-            else:
-                g = g - (e * scale)[:, None]
-        tl.store(grad_ptr + grad_base[:, None] + c[None, :], g.to(grad_ptr.dtype.element_ty), mask=ok)
+        z = (x - shift[:, None]) - log_s[:, None]
+        out_offs = out_base[:, None] + c[None, :]
+        if WRITE_LOG_PROBS:
+            tl.store(log_probs_ptr + out_offs, z.to(log_probs_ptr.dtype.element_ty), mask=ok)
+        if WRITE_GRAD:
+            g = a[:, None] * tl.exp(z)
+            g = tl.where(c[None, :] == t[:, None], g - b[:, None], g)
+            if SMOOTH:
+                if HAS_WEIGHT:
+                    w = tl.load(weight_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
+                    g = g - (e * scale)[:, None] * w[None, :]
+                else:
+                    g = g - (e * scale)[:, None]
+            tl.store(grad_ptr + out_offs, g.to(grad_ptr.dtype.element_ty), mask=ok)
 
 
 def _fwd_signature(dtype):
     t = TRITON_TYPE[dtype]
     return {
         "logits_ptr": f"*{t}", "target_ptr": "*i64", "weight_ptr": f"*{t}", "lse_ptr": "*fp32",
-        "row_loss_ptr": "*fp32", "denom_ptr": "*fp32", "grad_ptr": f"*{t}",
-        "N": "i32", "C": "i32", "s_n": "i32", "s_c": "i32", "g_sn": "i32", "ignore_index": "i32",
+        "row_loss_ptr": "*fp32", "denom_ptr": "*fp32", "grad_ptr": f"*{t}", "log_probs_ptr": f"*{t}",
+        "N": "i32", "C": "i32", "s_n": "i32", "s_c": "i32", "out_sn": "i32", "ignore_index": "i32",
         "eps": "fp32",
-        **dict.fromkeys(("HAS_WEIGHT", "SMOOTH", "COMPUTE_GRAD", "MEAN", "BLOCK_N", "BLOCK_C"), "constexpr"),
+        **dict.fromkeys(("HAS_WEIGHT", "SMOOTH", "COMPUTE_GRAD", "WRITE_LOG_PROBS", "MEAN", "BLOCK_N", "BLOCK_C"),
+                        "constexpr"),
     }
 
 
-def _fwd_constexprs(weight, smooth, grad, C=1000):
-    return lambda dtype: {"HAS_WEIGHT": weight, "SMOOTH": smooth, "COMPUTE_GRAD": grad, "MEAN": True, **_typical(C)}
+def _fwd_constexprs(weight, smooth, grad, log_probs=False, C=1000):
+    return lambda dtype: {"HAS_WEIGHT": weight, "SMOOTH": smooth, "COMPUTE_GRAD": grad, "WRITE_LOG_PROBS": log_probs,
+                          "MEAN": True, **_typical(C)}
 
 
+# The log-probabilities variants are what the compile backend launches in a training graph (no weight,
+# no smoothing: the lowering leaves label smoothing to ATen).
 @tuned_kernel("cross_entropy_fwd", gpu_configs=_ROWS_GPU_CONFIGS, interp_heuristics=_ROWS_INTERP,
               key=["C", "s_c"], signature=_fwd_signature, config_for_dtype=_rows_config_for,
               constexprs=_fwd_constexprs(False, False, False),
               variants={"weighted_smoothed_grad": _fwd_constexprs(True, True, True),
+                        "log_probs": _fwd_constexprs(False, False, False, log_probs=True),
                         "vocab": _fwd_constexprs(False, False, False, C=32000),
-                        "vocab_weighted_smoothed_grad": _fwd_constexprs(True, True, True, C=32000)})
+                        "vocab_weighted_smoothed_grad": _fwd_constexprs(True, True, True, C=32000),
+                        "vocab_log_probs": _fwd_constexprs(False, False, False, log_probs=True, C=32000)})
 @triton.jit
 def cross_entropy_fwd_kernel(
-    logits_ptr, target_ptr, weight_ptr, lse_ptr, row_loss_ptr, denom_ptr, grad_ptr,
-    N, C, s_n, s_c, g_sn, ignore_index, eps,
-    HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, COMPUTE_GRAD: tl.constexpr, MEAN: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    logits_ptr, target_ptr, weight_ptr, lse_ptr, row_loss_ptr, denom_ptr, grad_ptr, log_probs_ptr,
+    N, C, s_n, s_c, out_sn, ignore_index, eps,
+    HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, COMPUTE_GRAD: tl.constexpr, WRITE_LOG_PROBS: tl.constexpr,
+    MEAN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """lse[n] (float32) and the row loss (row_loss_ptr's dtype); with COMPUTE_GRAD also d(loss)/d(logits)
-    for an upstream gradient of 1 (divided by *denom_ptr when MEAN)."""
+    for an upstream gradient of 1 (divided by *denom_ptr when MEAN); with WRITE_LOG_PROBS the
+    log-softmax (x - m) - log_s. Both in one second pass over C (row stride ``out_sn``)."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok, ignored, valid, bad, t, w_t = _row_setup(target_ptr, weight_ptr, rows, N, C, ignore_index, HAS_WEIGHT)
     row_base = rows.to(tl.int64) * s_n
@@ -226,13 +244,14 @@ def cross_entropy_fwd_kernel(
     loss = tl.where(ignored, 0.0, tl.where(bad, float("nan"), loss))
     tl.store(lse_ptr + rows, m + log_s, mask=row_ok)
     tl.store(row_loss_ptr + rows, loss.to(row_loss_ptr.dtype.element_ty), mask=row_ok)
-    if COMPUTE_GRAD:
-        if MEAN:
+    if COMPUTE_GRAD or WRITE_LOG_PROBS:
+        if MEAN and COMPUTE_GRAD:
             scale = tl.full([BLOCK_N], 1.0, tl.float32) / tl.load(denom_ptr)
         else:
             scale = tl.full([BLOCK_N], 1.0, tl.float32)
-        _grad_pass(logits_ptr, weight_ptr, grad_ptr, row_base, rows.to(tl.int64) * g_sn, row_ok, ignored, bad, t,
-                   w_t, m, log_s, scale, w_total, C, s_c, eps, HAS_WEIGHT, SMOOTH, BLOCK_C)
+        _row_outputs_pass(logits_ptr, weight_ptr, grad_ptr, log_probs_ptr, row_base, rows.to(tl.int64) * out_sn,
+                          row_ok, ignored, bad, t, w_t, m, log_s, scale, w_total, C, s_c, eps,
+                          HAS_WEIGHT, SMOOTH, COMPUTE_GRAD, WRITE_LOG_PROBS, BLOCK_C)
 
 
 def _bwd_signature(dtype):
@@ -240,7 +259,7 @@ def _bwd_signature(dtype):
     return {
         "grad_out_ptr": f"*{t}", "go_stride": "i32", "logits_ptr": f"*{t}", "target_ptr": "*i64",
         "weight_ptr": f"*{t}", "lse_ptr": "*fp32", "denom_ptr": "*fp32", "grad_ptr": f"*{t}",
-        "N": "i32", "C": "i32", "s_n": "i32", "s_c": "i32", "g_sn": "i32", "ignore_index": "i32",
+        "N": "i32", "C": "i32", "s_n": "i32", "s_c": "i32", "out_sn": "i32", "ignore_index": "i32",
         "eps": "fp32",
         **dict.fromkeys(("HAS_WEIGHT", "SMOOTH", "HAS_LSE", "MEAN", "BLOCK_N", "BLOCK_C"), "constexpr"),
     }
@@ -260,7 +279,7 @@ def _bwd_constexprs(weight, smooth, lse, C=1000):
 @triton.jit
 def cross_entropy_bwd_kernel(
     grad_out_ptr, go_stride, logits_ptr, target_ptr, weight_ptr, lse_ptr, denom_ptr, grad_ptr,
-    N, C, s_n, s_c, g_sn, ignore_index, eps,
+    N, C, s_n, s_c, out_sn, ignore_index, eps,
     HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, HAS_LSE: tl.constexpr, MEAN: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -281,8 +300,9 @@ def cross_entropy_bwd_kernel(
     scale = tl.load(grad_out_ptr + rows * go_stride, mask=row_ok, other=0.0).to(tl.float32)
     if MEAN:
         scale = scale / tl.load(denom_ptr)
-    _grad_pass(logits_ptr, weight_ptr, grad_ptr, row_base, rows.to(tl.int64) * g_sn, row_ok, ignored, bad, t,
-               w_t, shift, log_s, scale, w_total, C, s_c, eps, HAS_WEIGHT, SMOOTH, BLOCK_C)
+    _row_outputs_pass(logits_ptr, weight_ptr, grad_ptr, grad_ptr, row_base, rows.to(tl.int64) * out_sn, row_ok,
+                      ignored, bad, t, w_t, shift, log_s, scale, w_total, C, s_c, eps,
+                      HAS_WEIGHT, SMOOTH, True, False, BLOCK_C)
 
 
 _REDUCE_GPU_CONFIGS = [triton.Config({"BLOCK": 1024}, num_warps=4, num_stages=1)]  # one config: same sum order
@@ -342,12 +362,16 @@ def _rows_grid(N):
 
 
 def cross_entropy_forward(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None,
-                          reduction: int, ignore_index: int, label_smoothing: float, compute_grad: bool):
-    """``(loss, lse, total_weight, grad)`` for validated ``[N, C]`` logits (any strides) and int64 targets.
+                          reduction: int, ignore_index: int, label_smoothing: float, compute_grad: bool,
+                          write_log_probs: bool = False):
+    """``(loss, lse, total_weight, grad, log_probs)`` for validated ``[N, C]`` logits (any strides) and
+    int64 targets.
 
     ``loss``: ``[N]`` (none) or 0-d, logits' dtype. ``lse``: float32 ``[N]``. ``total_weight``: float32
     0-d, the sum of ``weight[target]`` over non-ignored rows (the mean's divisor). ``grad``: contiguous
     ``[N, C]`` gradient for an upstream gradient of 1 when ``compute_grad``, else an empty ``(0,)``.
+    ``log_probs``: contiguous ``[N, C]`` log-softmax of the logits in their dtype when ``write_log_probs``,
+    else an empty ``(0,)``; written by the same launch as the loss.
     """
     N, C = logits.shape
     device, dtype = logits.device, logits.dtype
@@ -358,7 +382,8 @@ def cross_entropy_forward(logits: torch.Tensor, target: torch.Tensor, weight: to
     total_weight = empty((), dtype=torch.float32, device=device)
     loss = empty((N,) if reduction == REDUCTION_NONE else (), dtype=dtype, device=device)
     grad = empty((N, C) if compute_grad else (0,), dtype=dtype, device=device)
-    check_int32_indexing(logits, grad)
+    log_probs = empty((N, C) if write_log_probs else (0,), dtype=dtype, device=device)
+    check_int32_indexing(logits, grad, log_probs)
     w = weight if has_weight else logits  # never read without HAS_WEIGHT
     row_loss = loss if reduction == REDUCTION_NONE else empty((N,), dtype=torch.float32, device=device)
 
@@ -372,11 +397,12 @@ def cross_entropy_forward(logits: torch.Tensor, target: torch.Tensor, weight: to
     if N:
         cross_entropy_fwd_kernel[_rows_grid(N)](
             logits, target, w, lse, row_loss, total_weight, grad if compute_grad else logits,
-            N, C, *logits.stride(), C, ignore_index, float(label_smoothing),
-            HAS_WEIGHT=has_weight, SMOOTH=smooth, COMPUTE_GRAD=compute_grad, MEAN=mean,
+            log_probs if write_log_probs else logits, N, C, *logits.stride(), C, ignore_index, float(label_smoothing),
+            HAS_WEIGHT=has_weight, SMOOTH=smooth, COMPUTE_GRAD=compute_grad, WRITE_LOG_PROBS=write_log_probs,
+            MEAN=mean,
         )
     reduce(not counted_first, reduction != REDUCTION_NONE)
-    return loss, lse, total_weight, grad
+    return loss, lse, total_weight, grad, log_probs
 
 
 def cross_entropy_backward(grad_output: torch.Tensor, logits: torch.Tensor, target: torch.Tensor,

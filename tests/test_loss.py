@@ -50,11 +50,12 @@ def upstream(reduction, N, dtype):
 def check(logits, target, weight, reduction, eps, ignore_index=IGNORE):
     """Forward and (with the saved lse) backward against eager; returns the op's outputs."""
     N = logits.shape[0]
-    loss, lse, total_weight, grad = ops.cross_entropy(logits, target, weight, reduction, ignore_index, eps, False)
+    loss, lse, total_weight, grad, log_probs = ops.cross_entropy(logits, target, weight, reduction, ignore_index, eps,
+                                                                 False)
     go = upstream(reduction, N, logits.dtype)
     ref_loss, ref_grad = eager(logits, target, weight, reduction, ignore_index, eps, go)
     assert_close(loss.cpu(), ref_loss, msg="loss")
-    assert grad.shape == (0,)
+    assert grad.shape == (0,) and log_probs.shape == (0,)
     assert lse.dtype == torch.float32 and lse.shape == (N,)
     assert_close(lse.cpu(), torch.logsumexp(logits.cpu().float(), 1), msg="lse")
     dx = ops.cross_entropy_backward(go, logits, target, weight, lse, total_weight, reduction, ignore_index, eps)
@@ -84,7 +85,7 @@ def test_gradient_in_forward(reduction, weighted, smoothing):
     """compute_grad: the forward's gradient (upstream 1) equals eager's, and the loss is unchanged."""
     dtype = torch.bfloat16 if weighted and smoothing else torch.float32
     logits, target, weight = make(41, 300, dtype, weighted)
-    loss, _, _, grad = ops.cross_entropy(logits, target, weight, reduction, IGNORE, smoothing, True)
+    loss, _, _, grad, _ = ops.cross_entropy(logits, target, weight, reduction, IGNORE, smoothing, True)
     ones = torch.ones((41,) if reduction == 0 else (), dtype=dtype, device=DEVICE)
     ref_loss, ref_grad = eager(logits, target, weight, reduction, IGNORE, smoothing, ones)
     assert_close(loss.cpu(), ref_loss)
@@ -111,6 +112,43 @@ def test_backward_from_saved_log_softmax(reduction, weighted, smoothing):
         assert_close(dx.cpu(), ref_grad, grad=True)
 
 
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+@pytest.mark.parametrize("reduction", [0, 1, 2], ids=REDUCTIONS.values())
+@pytest.mark.parametrize("N, C", [(37, 300), (5, 5000)], ids=str)  # one class chunk; two, the second partial
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_log_probs_in_forward(dtype, N, C, reduction, weighted):
+    """write_log_probs: the launch that makes the loss also writes log_softmax(logits) (eager's, rounded
+    once to the logits' dtype); loss, lse and total_weight are bitwise those of the launch without it, and
+    the backward from the written log-probabilities (the training graph's pair) is eager's gradient."""
+    logits, target, weight = make(N, C, dtype, weighted)
+    loss, lse, total_weight, grad, log_probs = ops.cross_entropy(logits, target, weight, reduction, IGNORE, 0.0,
+                                                                 False, True)
+    assert grad.shape == (0,)
+    assert log_probs.shape == (N, C) and log_probs.dtype == dtype and log_probs.is_contiguous()
+    assert_close(log_probs.cpu(), F.log_softmax(logits.cpu().float(), 1).to(dtype), msg="log_probs")
+    plain = ops.cross_entropy(logits, target, weight, reduction, IGNORE, 0.0, False)
+    for name, got, expected in zip(("loss", "lse", "total_weight"), (loss, lse, total_weight), plain):
+        assert torch.equal(got, expected), name
+    go = upstream(reduction, N, dtype)
+    ref_loss, ref_grad = eager(logits, target, weight, reduction, IGNORE, 0.0, go)
+    assert_close(loss.cpu(), ref_loss, msg="loss")
+    dx = ops.cross_entropy_backward(go, log_probs, target, weight, None, total_weight, reduction, IGNORE, 0.0)
+    assert_close(dx.cpu(), ref_grad, grad=True, msg="grad")
+
+
+@pytest.mark.parametrize("reduction", [0, 1], ids=["none", "mean"])
+def test_log_probs_and_gradient_in_one_pass(reduction):
+    """compute_grad and write_log_probs together (one second pass over C writes both), with weights, label
+    smoothing and ignored rows, in bfloat16."""
+    logits, target, weight = make(23, 130, torch.bfloat16, weighted=True)
+    loss, _, _, grad, log_probs = ops.cross_entropy(logits, target, weight, reduction, IGNORE, 0.2, True, True)
+    ones = torch.ones((23,) if reduction == 0 else (), dtype=logits.dtype, device=DEVICE)
+    ref_loss, ref_grad = eager(logits, target, weight, reduction, IGNORE, 0.2, ones)
+    assert_close(loss.cpu(), ref_loss)
+    assert_close(grad.cpu(), ref_grad, grad=True)
+    assert_close(log_probs.cpu(), F.log_softmax(logits.cpu().float(), 1).to(logits.dtype))
+
+
 @pytest.mark.parametrize("N, C", [(1, 1), (5, 2), (70, 10), (1500, 7), (33, 1000), (3, 50_001)], ids=str)
 def test_class_counts(N, C):
     """C from 1 to a vocabulary (several C chunks with a tail), row counts off every block size."""
@@ -120,38 +158,48 @@ def test_class_counts(N, C):
 
 @pytest.mark.parametrize("layout", ["transposed", "sliced"])
 def test_strided_logits(layout):
-    """Logits read in place with their strides: column-major, or every other class of a wider tensor."""
+    """Logits read in place with their strides: column-major, or every other class of a wider tensor (the
+    log-probabilities are written contiguous)."""
     base = torch.randn(300, 21) if layout == "transposed" else torch.randn(21, 600)
     logits = (base.t() if layout == "transposed" else base[:, ::2]).to(DEVICE)
     target = torch.randint(0, 300, (21,)).to(DEVICE)
     target[3] = IGNORE
     for reduction in (0, 1):
         check(logits, target, None, reduction, 0.1)
+    log_probs = ops.cross_entropy(logits, target, None, 1, IGNORE, 0.0, False, True)[4]
+    assert log_probs.is_contiguous()
+    assert_close(log_probs.cpu(), F.log_softmax(logits.cpu(), 1))
 
 
 def test_large_logit_offset():
     """A large common offset (1e5: float32 spacing 0.008 there): the loss keeps max and log-sum apart and
     sums the smoothing term relative to the row's first logit, so nothing cancels; the gradients made
-    from the logits alone (in the forward, or recomputing lse) are as exact as eager's."""
+    from the logits alone (in the forward, or recomputing lse) are as exact as eager's, and so are the
+    log-probabilities (x - max, then - log sum: no 1e5-sized intermediate)."""
     logits, target, weight = make(17, 2000, torch.float32, weighted=True)
     logits = logits + 1e5
     go = upstream(0, 17, torch.float32)
     ref_loss, ref_grad = eager(logits, target, weight, 0, IGNORE, 0.25, go)
-    loss, _, total_weight, grad = ops.cross_entropy(logits, target, weight, 0, IGNORE, 0.25, True)
+    loss, _, total_weight, grad, log_probs = ops.cross_entropy(logits, target, weight, 0, IGNORE, 0.25, True, True)
     assert_close(loss.cpu(), ref_loss)
     assert_close((grad * go[:, None]).cpu(), ref_grad, grad=True)
+    assert_close(log_probs.cpu(), F.log_softmax(logits.cpu(), 1))
     dx = ops.cross_entropy_backward(go, logits, target, weight, None, total_weight, 0, IGNORE, 0.25)
     assert_close(dx.cpu(), ref_grad, grad=True)
 
 
 def test_masked_classes():
-    """-inf logits (masked classes), also a whole first chunk of them: finite loss, zero gradient there."""
+    """-inf logits (masked classes), also a whole first chunk of them: finite loss, zero gradient and -inf
+    log-probabilities there."""
     logits, target, _ = make(6, 5000, torch.float32, ignored=0.0)
     logits[:, :4500] = float("-inf")
     logits[2, 4500:4700] = float("-inf")
     target = torch.randint(4700, 5000, (6,)).to(DEVICE)
     loss, _, _, dx = check(logits, target, None, 0, 0.0)
     assert loss.isfinite().all() and (dx[:, :4500] == 0).all()
+    log_probs = ops.cross_entropy(logits, target, None, 0, IGNORE, 0.0, False, True)[4]
+    assert_close(log_probs.cpu(), F.log_softmax(logits.cpu(), 1))
+    assert (log_probs[:, :4500] == float("-inf")).all()
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered", "ignore:divide by zero")  # 0 / 0, as eager
@@ -198,9 +246,10 @@ def test_mean_is_deterministic():
 @pytest.mark.parametrize("reduction", [0, 1, 2])
 def test_empty_batch(reduction):
     logits, target, _ = make(0, 5)
-    loss, lse, total_weight, grad = ops.cross_entropy(logits, target, None, reduction, IGNORE, 0.0, True)
+    loss, lse, total_weight, grad, log_probs = ops.cross_entropy(logits, target, None, reduction, IGNORE, 0.0, True,
+                                                                 True)
     assert_close(loss.cpu(), eager(logits, target, None, reduction, IGNORE, 0.0)[0])  # mean: NaN
-    assert lse.shape == (0,) and grad.shape == (0, 5) and total_weight.item() == 0
+    assert lse.shape == (0,) and grad.shape == log_probs.shape == (0, 5) and total_weight.item() == 0
     go = upstream(reduction, 0, torch.float32)
     dx = ops.cross_entropy_backward(go, logits, target, None, lse, total_weight, reduction, IGNORE, 0.0)
     assert dx.shape == (0, 5)
@@ -209,11 +258,13 @@ def test_empty_batch(reduction):
 # ------------------------------------------------------------------------------- opcheck, errors
 
 
-@pytest.mark.parametrize("weighted, reduction, compute_grad", [(False, 1, False), (True, 0, True), (True, 2, False)])
-def test_opcheck(weighted, reduction, compute_grad):
+@pytest.mark.parametrize("weighted, reduction, compute_grad, log_probs",
+                         [(False, 1, False, False), (True, 0, True, False), (True, 2, False, True), (False, 1, True, True)])
+def test_opcheck(weighted, reduction, compute_grad, log_probs):
     logits, target, weight = make(11, 6, weighted=weighted)
-    torch.library.opcheck(ops.cross_entropy, (logits, target, weight, reduction, IGNORE, 0.1, compute_grad))
-    _, lse, total_weight, _ = ops.cross_entropy(logits, target, weight, reduction, IGNORE, 0.1, False)
+    torch.library.opcheck(ops.cross_entropy,
+                          (logits, target, weight, reduction, IGNORE, 0.1, compute_grad, log_probs))
+    _, lse, total_weight, _, _ = ops.cross_entropy(logits, target, weight, reduction, IGNORE, 0.1, False)
     go = upstream(reduction, 11, torch.float32)
     for saved in (lse, None):
         torch.library.opcheck(ops.cross_entropy_backward,
@@ -297,7 +348,7 @@ def test_bad_arguments(case):
 )
 def test_backward_bad_arguments(what, reduction, change):
     logits, target, weight = make(6, 5, weighted=True)
-    _, lse, total_weight, _ = ops.cross_entropy(logits, target, weight, reduction, IGNORE, 0.0, False)
+    _, lse, total_weight, _, _ = ops.cross_entropy(logits, target, weight, reduction, IGNORE, 0.0, False)
     a = {"go": upstream(reduction, 6, torch.float32), "lse": lse, "total_weight": total_weight}
     a.update({name: fn(a[name]) for name, fn in change.items()})
     with pytest.raises(RuntimeError, match=what):

@@ -1,7 +1,7 @@
 """``tritonkit::cross_entropy`` and ``tritonkit::cross_entropy_backward`` custom ops.
 
-``cross_entropy(logits, target, weight, reduction, ignore_index, label_smoothing, compute_grad)
--> (loss, lse, total_weight, grad)`` is eager ``F.cross_entropy`` on ``[N, C]`` logits with int64
+``cross_entropy(logits, target, weight, reduction, ignore_index, label_smoothing, compute_grad,
+write_log_probs=False) -> (loss, lse, total_weight, grad, log_probs)`` is eager ``F.cross_entropy`` on ``[N, C]`` logits with int64
 class-index targets ``[N]``: ``reduction`` is aten's enum (0 none, 1 mean, 2 sum), ``label_smoothing``
 <= 0 means none (as eager). Outputs:
 
@@ -10,7 +10,12 @@ class-index targets ``[N]``: ``reduction`` is aten's enum (0 none, 1 mean, 2 sum
 * ``total_weight``: float32 0-d, the sum of ``weight[target]`` (1 without weight) over non-ignored rows
   (aten's ``total_weight`` for mean and sum; aten reports 0 for none, this op the same sum);
 * ``grad``: with ``compute_grad``, the contiguous ``[N, C]`` gradient w.r.t. logits for an upstream
-  gradient of 1 (Liger-style, in the forward's pass); otherwise an empty ``(0,)`` tensor.
+  gradient of 1 (Liger-style, in the forward's pass); otherwise an empty ``(0,)`` tensor;
+* ``log_probs``: with ``write_log_probs``, the contiguous ``[N, C]`` ``log_softmax(logits, 1)`` in logits'
+  dtype (``(x - max) - log sum exp(x - max)`` in float32, rounded once: eager's ``_log_softmax``), from
+  the same launch; otherwise an empty ``(0,)`` tensor. A training graph saves ``_log_softmax(logits)``
+  for the backward: with it, ``_log_softmax`` + ``nll_loss_forward`` become this one call, whose loss is
+  computed from the logits themselves.
 
 ``cross_entropy_backward(grad_output, logits, target, weight, lse, total_weight, reduction, ignore_index,
 label_smoothing) -> grad_logits`` recomputes the gradient from ``logits`` and the saved ``lse`` and
@@ -85,24 +90,27 @@ def _check_target_values(target: torch.Tensor, C: int, ignore_index: int) -> Non
     _FWD,
     mutates_args=(),
     schema="(Tensor logits, Tensor target, Tensor? weight, int reduction, int ignore_index, float label_smoothing, "
-    "bool compute_grad) -> (Tensor, Tensor, Tensor, Tensor)",
+    "bool compute_grad, bool write_log_probs=False) -> (Tensor loss, Tensor lse, Tensor total_weight, Tensor grad, "
+    "Tensor log_probs)",
 )
-def cross_entropy(logits, target, weight, reduction, ignore_index, label_smoothing, compute_grad):
+def cross_entropy(logits, target, weight, reduction, ignore_index, label_smoothing, compute_grad,
+                  write_log_probs=False):
     _check_common(_FWD, logits, target, weight, reduction, label_smoothing)
     _check_target_values(target, logits.shape[1], ignore_index)
     return kernels.cross_entropy_forward(logits, target, weight, reduction, ignore_index, label_smoothing,
-                                         compute_grad)
+                                         compute_grad, write_log_probs)
 
 
 @cross_entropy.register_fake
-def _(logits, target, weight, reduction, ignore_index, label_smoothing, compute_grad):
+def _(logits, target, weight, reduction, ignore_index, label_smoothing, compute_grad, write_log_probs=False):
     _check_common(_FWD, logits, target, weight, reduction, label_smoothing)
     N, C = logits.shape
     loss = logits.new_empty((N,) if reduction == kernels.REDUCTION_NONE else ())
     lse = logits.new_empty((N,), dtype=torch.float32)
     total_weight = logits.new_empty((), dtype=torch.float32)
     grad = logits.new_empty((N, C) if compute_grad else (0,))
-    return loss, lse, total_weight, grad
+    log_probs = logits.new_empty((N, C) if write_log_probs else (0,))
+    return loss, lse, total_weight, grad, log_probs
 
 
 def _check_backward(grad_output, logits, target, weight, lse, total_weight, reduction, label_smoothing):
