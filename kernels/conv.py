@@ -24,6 +24,10 @@ input gradient (dy' = dy * (y > 0) when the forward fused ReLU, applied while lo
     (qh + ph - kh0*dh) = 0 mod sh (none: the rows get zeros), and then oh = th + bh - j*(dh/g) with
     bh = (qh + ph - kh0*dh) / sh. Unit stride is the one-phase case (kh0 = 0, bh = ph, oh = h + ph - kh*dh).
     GEMM rows (n, th, tw), columns c, reduction k = (j, i, oc) over the phase's taps.
+    Residual epilogue (a ResNet block's identity or downsample branch): dx += residual, or
+    dx += threshold_backward(residual, residual_mask, 0) = residual where residual_mask > 0 (NaN passes),
+    added to the float32 accumulator before the one rounding; every dx element belongs to exactly one
+    phase's rows (a phase without taps stores 0 + residual), so the residual is added exactly once.
 
 weight gradient:
     dw[oc, c, kh, kw] = sum_{n, oh, ow} dy'[n, oc, oh, ow] * x[n, c, oh*sh - ph + kh*dh, ow*sw - pw + kw*dw]
@@ -222,7 +226,8 @@ def _typical(n=32, c=64, hw=56, oc=64, k=3, pad=1, **layouts):
     maps each tensor's stride prefix to "nhwc" (channels_last) or "nchw" (contiguous); weights
     (prefixes w, dw: OC x C x KH x KW) are named the same way."""
     out = hw + 2 * pad - k + 1
-    dims = {"x": (c, hw), "dx": (c, hw), "y": (oc, out), "g": (oc, out), "r": (oc, out), "w": (c, k), "dw": (c, k)}
+    dims = {"x": (c, hw), "dx": (c, hw), "res": (c, hw), "rmask": (c, hw), "y": (oc, out), "g": (oc, out),
+            "r": (oc, out), "w": (c, k), "dw": (c, k)}
     values = {"N": n, "C": c, "H": hw, "W": hw, "OC": oc, "OH": out, "OW": out, "KH": k, "KW": k, "Cg": c,
               "OCg": oc, "stride_h": 1, "stride_w": 1, "pad_h": pad, "pad_w": pad, "dil_h": 1, "dil_w": 1}
     for prefix, layout in layouts.items():
@@ -684,39 +689,52 @@ def _dgrad_step(acc, g_ptr, r_ptr, w_ptr, g_row, r_row, row_h, row_w, m_ok, rn, 
     return tl.dot(a, b, acc, input_precision=PRECISION)
 
 
+_DGRAD_PLAIN = {"HAS_MASK": True, "CHANNEL_INNER": True, "PRECISION": "ieee", "tap_h": 1, "tap_w": 1,
+                "HAS_RESIDUAL": False, "HAS_RESIDUAL_MASK": False}
+
+
 @tuned_kernel(
     "conv2d_input_grad",
     gpu_configs=DGRAD_GPU_CONFIGS,
     config_for_dtype=DGRAD_CONFIG_FOR_DTYPE,
     interp_heuristics=DGRAD_INTERP,
-    key=["N", "C", "H", "W", "OC", "KH", "KW", "Cg", "stride_h", "stride_w"],
-    signature=_signature(("g_ptr", "r_ptr", "w_ptr", "dx_ptr"), _strides("g", "r", "w", "dx"),
-                         ("HAS_MASK", "CHANNEL_INNER", "PRECISION"), ("tap_h", "tap_w")),
-    constexprs=lambda dtype: {"HAS_MASK": True, "CHANNEL_INNER": True, "PRECISION": "ieee", "tap_h": 1, "tap_w": 1,
-                              **_typical(g="nhwc", r="nhwc", w="nhwc", dx="nhwc")},
+    key=["N", "C", "H", "W", "OC", "KH", "KW", "Cg", "stride_h", "stride_w", "HAS_RESIDUAL"],
+    signature=_signature(("g_ptr", "r_ptr", "w_ptr", "dx_ptr", "res_ptr", "rmask_ptr"),
+                         _strides("g", "r", "w", "dx", "res", "rmask"),
+                         ("HAS_MASK", "CHANNEL_INNER", "PRECISION", "HAS_RESIDUAL", "HAS_RESIDUAL_MASK"),
+                         ("tap_h", "tap_w")),
+    constexprs=lambda dtype: {**_DGRAD_PLAIN, **_typical(g="nhwc", r="nhwc", w="nhwc", dx="nhwc")},
     variants={
         "strided": lambda dtype: {  # ResNet's stride-2 3x3: four phases, each with 2x2 or fewer taps
-            "HAS_MASK": True, "CHANNEL_INNER": True, "PRECISION": "ieee",
-            **_typical(g="nhwc", r="nhwc", w="nhwc", dx="nhwc"),
+            **_DGRAD_PLAIN, **_typical(g="nhwc", r="nhwc", w="nhwc", dx="nhwc"),
             "stride_h": 2, "stride_w": 2, "tap_h": 2, "tap_w": 2, "OH": 28, "OW": 28},
         "few_channels": lambda dtype: {  # the seed's LeNet conv2 (16 output channels), NCHW
-            "HAS_MASK": True, "CHANNEL_INNER": False, "PRECISION": "ieee", "tap_h": 1, "tap_w": 1,
+            **_DGRAD_PLAIN, "CHANNEL_INNER": False,
             **_typical(n=16, c=6, hw=14, oc=16, k=5, pad=0, g="nchw", r="nchw", w="nchw", dx="nchw")},
+        # ResNet basic block's conv1 backward: + the identity branch's gradient through the block
+        # input's ReLU (residual = the gradient, residual_mask = the block input), channels_last
+        "residual": lambda dtype: {
+            **_DGRAD_PLAIN, "HAS_RESIDUAL": True, "HAS_RESIDUAL_MASK": True,
+            **_typical(g="nhwc", r="nhwc", w="nhwc", dx="nhwc", res="nhwc", rmask="nhwc")},
     },
     tensor_core=True,
     tf32=True,
 )
 @triton.jit
 def conv2d_input_grad_kernel(
-    g_ptr, r_ptr, w_ptr, dx_ptr,
+    g_ptr, r_ptr, w_ptr, dx_ptr, res_ptr, rmask_ptr,
     N, C, H, W, OC, OH, OW, KH, KW, Cg, OCg,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     tap_h, tap_w,
     sgn, sgc, sgh, sgw, srn, src, srh, srw, swn, swc, swh, sww, sdxn, sdxc, sdxh, sdxw,
+    sresn, sresc, sresh, sresw, srmaskn, srmaskc, srmaskh, srmaskw,
     HAS_MASK: tl.constexpr, CHANNEL_INNER: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, HAS_RESIDUAL_MASK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """One phase (qh, qw) of one group per grid slice; ``tap_h`` = stride_h / gcd(stride_h, dil_h)."""
+    """One phase (qh, qw) of one group per grid slice; ``tap_h`` = stride_h / gcd(stride_h, dil_h).
+    dx = sum over the phase's taps (module doc) + residual (HAS_RESIDUAL), the residual zeroed where
+    residual_mask <= 0 (HAS_RESIDUAL_MASK: threshold_backward), all in float32, rounded once."""
     phases = stride_h * stride_w
     group = tl.program_id(2) // phases
     qh = (tl.program_id(2) % phases) // stride_w
@@ -767,8 +785,17 @@ def conv2d_input_grad_kernel(
                               group * OCg + rk % OCg, rk < K, (j * step_h)[None, :], (i * step_w)[None, :], w_k,
                               OH, OW, sgc, sgh, sgw, src, srh, srw, swn, swc, HAS_MASK, PRECISION)
 
+    out_mask = m_ok[:, None] & n_ok[None, :]
+    if HAS_RESIDUAL:  # this phase's rows only: each dx element gets its residual exactly once
+        res = tl.load(res_ptr + (n * sresn + ih * sresh + iw * sresw)[:, None] + (c * sresc)[None, :],
+                      mask=out_mask, other=0.0)
+        if HAS_RESIDUAL_MASK:
+            keep = tl.load(rmask_ptr + (n * srmaskn + ih * srmaskh + iw * srmaskw)[:, None] + (c * srmaskc)[None, :],
+                           mask=out_mask, other=0.0)
+            res = tl.where(keep.to(tl.float32) <= 0, tl.zeros_like(res), res)  # threshold_backward: NaN passes
+        acc += res.to(tl.float32)
     dx_off = (n * sdxn + ih * sdxh + iw * sdxw)[:, None] + (c * sdxc)[None, :]
-    tl.store(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    tl.store(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty), mask=out_mask)
 
 
 # ------------------------------------------------------------------------------------ weight gradient
@@ -969,16 +996,19 @@ def conv2d_relu_maxpool(x, w, bias, stride, padding, dilation, groups, pool_kern
 
 
 def conv2d_input_grad(grad_out, w, relu_output, input_size, stride, padding, dilation, groups, *,
-                      allow_tf32=False):
-    """``dx`` of shape ``input_size``, in ``grad_out``'s memory format."""
+                      allow_tf32=False, residual=None, residual_mask=None):
+    """``dx`` of shape ``input_size``, in ``grad_out``'s memory format, plus ``residual`` (dx's shape,
+    any strides) where ``residual_mask`` > 0 (both optional; the mask only with a residual)."""
     shape, conv = _geometry(input_size, w.shape, stride, padding, dilation, groups)
     N, C, H, W, OC, OH, OW, KH, KW, Cg, OCg = shape
     dx = empty(tuple(input_size), dtype=grad_out.dtype, device=grad_out.device,
                memory_format=suggest_memory_format(grad_out))
-    check_int32_indexing(grad_out, w, dx, relu_output)
+    check_int32_indexing(grad_out, w, dx, relu_output, residual, residual_mask)
     if dx.numel() == 0:
         return dx
     r = relu_output if relu_output is not None else grad_out
+    res = residual if residual is not None else dx
+    res_mask = residual_mask if residual_mask is not None else res
 
     sh, sw = stride
     rows = N * triton.cdiv(H, sh) * triton.cdiv(W, sw)  # per phase
@@ -987,10 +1017,12 @@ def conv2d_input_grad(grad_out, w, relu_output, input_size, stride, padding, dil
         return (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(Cg, meta["BLOCK_N"]), groups * sh * sw)
 
     conv2d_input_grad_kernel[grid](
-        grad_out, r, w, dx, *shape, *conv, sh // math.gcd(sh, dilation[0]), sw // math.gcd(sw, dilation[1]),
-        *grad_out.stride(), *r.stride(), *w.stride(), *dx.stride(),
+        grad_out, r, w, dx, res, res_mask, *shape, *conv, sh // math.gcd(sh, dilation[0]),
+        sw // math.gcd(sw, dilation[1]),
+        *grad_out.stride(), *r.stride(), *w.stride(), *dx.stride(), *res.stride(), *res_mask.stride(),
         HAS_MASK=relu_output is not None, CHANNEL_INNER=channel_inner(OCg),
-        PRECISION=dot_precision(grad_out.dtype, allow_tf32),
+        PRECISION=dot_precision(grad_out.dtype, allow_tf32), HAS_RESIDUAL=residual is not None,
+        HAS_RESIDUAL_MASK=residual_mask is not None,
     )
     return dx
 

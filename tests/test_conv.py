@@ -622,3 +622,93 @@ def test_prologue_bad_arguments_raise(needle, prologue):
     x, w = torch.randn(2, 3, 8, 8), torch.randn(6, 3, 3, 3)
     with pytest.raises(RuntimeError, match=needle):
         ops.conv2d_bn_stats(x, w, None, [1, 1], [0, 0], [1, 1], 1, **prologue)
+
+
+# --- input gradient + residual gradient (a ResNet block's grad_x) in one launch
+def _input_grad_ref(g, x, w, y, geo):
+    """Eager's conv input gradient of dy' = threshold_backward(g, y, 0) (y: the ReLU output, or None)."""
+    stride, padding, dilation, groups = geo
+    g = torch.ops.aten.threshold_backward(g, y, 0) if y is not None else g
+    return torch.ops.aten.convolution_backward(g, x, w, None, stride, padding, dilation, False, [0, 0], groups,
+                                               [True, False, False])[0]
+
+
+def _layout(t, name):
+    if name == "channels_last":
+        return t.contiguous(memory_format=torch.channels_last)
+    if name == "strided":  # a non-dense view: every other element of a twice-as-wide buffer
+        wide = torch.empty(*t.shape[:3], 2 * t.shape[3], dtype=t.dtype)
+        wide[..., ::2] = t
+        return wide[..., ::2]
+    return t.contiguous()
+
+
+# strides 1 and 2 (2: phase-split rows, 1x1 stride 2: phases without taps), dilation, groups, channel chunks
+DGRAD_RESIDUAL_CASES = [SWEEP[1], SWEEP[2], SWEEP[3], SWEEP[4], SWEEP[7], SWEEP[8], SWEEP[11], SWEEP[9]]
+# (grad_output, residual, residual_mask) layouts
+DGRAD_LAYOUTS = [("contiguous", "channels_last", "strided"), ("channels_last", "contiguous", "channels_last")]
+
+
+@pytest.mark.parametrize("case", DGRAD_RESIDUAL_CASES, ids=str)
+@pytest.mark.parametrize("layouts", DGRAD_LAYOUTS, ids=str)
+@pytest.mark.parametrize("relu_mask,residual_mask", [(True, True), (False, False)])
+def test_input_grad_plus_residual(case, layouts, relu_mask, residual_mask):
+    x, w, _, geo = _conv_inputs(case, torch.float32)
+    y = F.relu(F.conv2d(x, w, None, *geo)) if relu_mask else None
+    g = _layout(torch.randn(F.conv2d(x, w, None, *geo).shape), layouts[0])
+    res = _layout(torch.randn(x.shape), layouts[1])
+    mask = _layout(torch.randn(x.shape), layouts[2]) if residual_mask else None
+    ref = _input_grad_ref(g, x, w, y, geo) + (torch.ops.aten.threshold_backward(res, mask, 0) if residual_mask
+                                              else res)
+    out = ops.conv2d_input_grad(g, w, y, list(x.shape), *geo, res, mask)
+    assert_close(out, ref, grad=True)
+    assert out.is_contiguous(memory_format=conv_kernels.suggest_memory_format(g))
+
+
+@pytest.mark.parametrize("case,limit", [(SWEEP[2], 16), (SWEEP[11], 32)], ids=str)
+def test_input_grad_plus_residual_several_programs(case, limit):
+    x, w, _, geo = _conv_inputs(case, torch.float32, "channels_last")
+    y = F.relu(F.conv2d(x, w, None, *geo))
+    g, res, mask = torch.randn(y.shape), torch.randn(x.shape), torch.randn(x.shape)
+    with conv_kernels.interp_block_limit(limit):
+        out = ops.conv2d_input_grad(g, w, y, list(x.shape), *geo, res, mask)
+    assert_close(out, _input_grad_ref(g, x, w, y, geo) + torch.ops.aten.threshold_backward(res, mask, 0), grad=True)
+
+
+def test_input_grad_residual_mask_passes_nan_like_threshold_backward():
+    x, w, _, geo = _conv_inputs(SWEEP[2], torch.float32)
+    g, res, mask = torch.randn(F.conv2d(x, w, None, *geo).shape), torch.randn(x.shape), torch.randn(x.shape)
+    mask[0, 1, 2, 3] = float("nan")
+    out = ops.conv2d_input_grad(g, w, None, list(x.shape), *geo, res, mask)
+    assert_close(out, _input_grad_ref(g, x, w, None, geo) + torch.ops.aten.threshold_backward(res, mask, 0), grad=True)
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("case", [SWEEP[2], SWEEP[11]], ids=str)
+def test_input_grad_plus_residual_half(dtype, case):
+    x, w, _, geo = _conv_inputs(case, dtype, "channels_last")
+    y = F.relu(F.conv2d(x.float(), w.float(), None, *geo)).to(dtype)
+    g, res, mask = (torch.randn(t).to(dtype) for t in (y.shape, x.shape, x.shape))
+    out = ops.conv2d_input_grad(g, w, y, list(x.shape), *geo, res, mask)
+    ref = _input_grad_ref(g.float(), x.float(), w.float(), y.float(), geo)
+    assert_close(out, (ref + torch.ops.aten.threshold_backward(res.float(), mask.float(), 0)).to(dtype), grad=True)
+
+
+def test_input_grad_residual_opcheck():
+    x, w, _, geo = _conv_inputs(SWEEP[3], torch.float32)
+    y = F.relu(F.conv2d(x, w, None, *geo))
+    g, res, mask = torch.randn(y.shape), torch.randn(x.shape), torch.randn(x.shape)
+    torch.library.opcheck(ops.conv2d_input_grad.default, (g, w, y, list(x.shape), *geo, res, mask))
+    torch.library.opcheck(ops.conv2d_input_grad.default, (g, w, None, list(x.shape), *geo, res))
+
+
+@pytest.mark.parametrize("needle,bad", [
+    ("residual_mask needs a residual", dict(residual_mask=torch.ones(2, 3, 8, 8))),
+    ("residual of size", dict(residual=torch.ones(2, 3, 8, 7))),
+    ("residual_mask of size", dict(residual=torch.ones(2, 3, 8, 8), residual_mask=torch.ones(2, 3, 8))),
+    ("residual dtype", dict(residual=torch.ones(2, 3, 8, 8, dtype=torch.float16))),
+], ids=str)
+def test_input_grad_bad_residual_raises(needle, bad):
+    w = torch.randn(6, 3, 3, 3)
+    with pytest.raises(RuntimeError, match=needle):
+        ops.conv2d_input_grad(torch.randn(2, 6, 6, 6), w, None, [2, 3, 8, 8], [1, 1], [0, 0], [1, 1], 1, **bad)

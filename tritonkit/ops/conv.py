@@ -122,23 +122,41 @@ def _check_grad(op, grad_output, relu_output, expected_shape, other_name, other)
                            f"{list(grad_output.shape)}")
 
 
+def _check_input_grad(grad_output, weight, relu_output, input_size, stride, padding, dilation, groups, residual,
+                      residual_mask):
+    op = "tritonkit.conv2d_input_grad"
+    geometry = check_conv_args(op, input_size, weight.shape, None, stride, padding, dilation, groups)
+    _check_grad(op, grad_output, relu_output, _output_shape(input_size, weight.shape, *geometry), "weight", weight)
+    if residual_mask is not None and residual is None:
+        raise RuntimeError(f"{op}: residual_mask needs a residual (it masks the residual)")
+    check_float_tensors(op, grad_output=grad_output, residual=residual, residual_mask=residual_mask)
+    for name, t in (("residual", residual), ("residual_mask", residual_mask)):
+        if t is not None and tuple(t.shape) != tuple(input_size):
+            raise RuntimeError(f"{op}: {name} of size {list(t.shape)} must match the input gradient "
+                               f"{list(input_size)}")
+    return geometry
+
+
 @torch.library.custom_op("tritonkit::conv2d_input_grad", mutates_args=())
 def conv2d_input_grad(grad_output: torch.Tensor, weight: torch.Tensor, relu_output: Optional[torch.Tensor],
                       input_size: Sequence[int], stride: Sequence[int], padding: Sequence[int],
-                      dilation: Sequence[int], groups: int) -> torch.Tensor:
-    """Gradient of conv2d with respect to its input; ``relu_output > 0`` masks ``grad_output`` if given."""
-    op = "tritonkit.conv2d_input_grad"
-    geometry = check_conv_args(op, input_size, weight.shape, None, stride, padding, dilation, groups)
-    _check_grad(op, grad_output, relu_output, _output_shape(input_size, weight.shape, *geometry), "weight", weight)
+                      dilation: Sequence[int], groups: int, residual: Optional[torch.Tensor] = None,
+                      residual_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Gradient of conv2d with respect to its input; ``relu_output > 0`` masks ``grad_output`` if given.
+    ``residual`` (the input's shape, any layout) is added, where ``residual_mask > 0`` if given
+    (``threshold_backward(residual, residual_mask, 0)``: a ReLU'd identity branch), in float32 before
+    the one rounding: a ResNet block's grad_x = conv1's input gradient + the shortcut's gradient."""
+    geometry = _check_input_grad(grad_output, weight, relu_output, input_size, stride, padding, dilation, groups,
+                                 residual, residual_mask)
     return kernels.conv2d_input_grad(grad_output, weight, relu_output, input_size, *geometry, groups,
-                                     allow_tf32=conv_allows_tf32())
+                                     allow_tf32=conv_allows_tf32(), residual=residual, residual_mask=residual_mask)
 
 
 @conv2d_input_grad.register_fake
-def _(grad_output, weight, relu_output, input_size, stride, padding, dilation, groups):
-    op = "tritonkit.conv2d_input_grad"
-    geometry = check_conv_args(op, input_size, weight.shape, None, stride, padding, dilation, groups)
-    _check_grad(op, grad_output, relu_output, _output_shape(input_size, weight.shape, *geometry), "weight", weight)
+def _(grad_output, weight, relu_output, input_size, stride, padding, dilation, groups, residual=None,
+      residual_mask=None):
+    _check_input_grad(grad_output, weight, relu_output, input_size, stride, padding, dilation, groups, residual,
+                      residual_mask)
     return grad_output.new_empty(tuple(input_size)).contiguous(
         memory_format=kernels.suggest_memory_format(grad_output))
 
