@@ -10,6 +10,12 @@ Every operand is addressed through its own (row, column) strides, so one kernel 
 
 The mask R is the forward's ReLU output: applying it while loading dy is what ``threshold_backward``
 would have done in a separate pass over memory.
+
+With ``ROW_SUM`` the kernel also writes ``s[m] = sum_k A'[m, k]`` (float32 accumulation, rounded once
+to ``s``'s dtype). For the weight gradient that is the bias gradient ``db[n] = sum over rows of
+dy'[row, n]``: the programs of the first column block (``pid_n == 0``) add up the A' tiles they already
+load for the dot, so ``db`` costs no extra read of ``dy`` and no extra launch. Each ``s[m]`` is made by
+one program, over K in ascending blocks (the kernel does not split K): deterministic, no atomics.
 """
 
 from __future__ import annotations
@@ -56,10 +62,11 @@ INTERP_HEURISTICS = {
 
 def _signature(dtype):
     t = "*" + TRITON_TYPE[dtype]
-    sig = {"a_ptr": t, "b_ptr": t, "bias_ptr": t, "mask_ptr": t, "c_ptr": t, "M": "i32", "N": "i32", "K": "i32"}
+    sig = {"a_ptr": t, "b_ptr": t, "bias_ptr": t, "mask_ptr": t, "c_ptr": t, "row_sum_ptr": t,
+           "M": "i32", "N": "i32", "K": "i32"}
     for name in ("am", "ak", "bk", "bn", "rm", "rk", "cm", "cn"):
         sig[f"stride_{name}"] = "i32"
-    for name in ("HAS_BIAS", "RELU", "HAS_MASK", "PRECISION", "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"):
+    for name in ("HAS_BIAS", "RELU", "HAS_MASK", "ROW_SUM", "PRECISION", "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"):
         sig[name] = "constexpr"
     return sig
 
@@ -69,7 +76,15 @@ def _constexprs(dtype):
     the unit strides and multiple-of-16 sizes the JIT specializes on at such a launch."""
     typical = {"M": 4096, "N": 4096, "K": 4096, "stride_am": 4096, "stride_ak": 1, "stride_bk": 1,
                "stride_bn": 4096, "stride_rm": 4096, "stride_rk": 1, "stride_cm": 4096, "stride_cn": 1}
-    return {"HAS_BIAS": True, "RELU": True, "HAS_MASK": True, "PRECISION": "ieee", **typical}
+    return {"HAS_BIAS": True, "RELU": True, "HAS_MASK": True, "ROW_SUM": False, "PRECISION": "ieee", **typical}
+
+
+def _weight_bias_grad_constexprs(dtype):
+    """The gate's ``weight_bias_grad`` variant: dW and db of a ReLU'd 4096 x 4096 linear over 4096 rows,
+    A = dy^T and R = y^T (strided views of row-major tensors), B = x."""
+    typical = {"M": 4096, "N": 4096, "K": 4096, "stride_am": 1, "stride_ak": 4096, "stride_bk": 4096,
+               "stride_bn": 1, "stride_rm": 1, "stride_rk": 4096, "stride_cm": 4096, "stride_cn": 1}
+    return {"HAS_BIAS": False, "RELU": False, "HAS_MASK": True, "ROW_SUM": True, "PRECISION": "ieee", **typical}
 
 
 @tuned_kernel(
@@ -77,24 +92,26 @@ def _constexprs(dtype):
     gpu_configs=GPU_CONFIGS,
     config_for_dtype=CONFIG_FOR_DTYPE,
     interp_heuristics=INTERP_HEURISTICS,
-    key=["M", "N", "K", "HAS_MASK"],
+    key=["M", "N", "K", "HAS_MASK", "ROW_SUM"],
     signature=_signature,
     constexprs=_constexprs,
+    variants={"weight_bias_grad": _weight_bias_grad_constexprs},
     tensor_core=True,
     tf32=True,
 )
 @triton.jit
 def gemm_kernel(
-    a_ptr, b_ptr, bias_ptr, mask_ptr, c_ptr,
+    a_ptr, b_ptr, bias_ptr, mask_ptr, c_ptr, row_sum_ptr,
     M, N, K,
     stride_am, stride_ak, stride_bk, stride_bn, stride_rm, stride_rk, stride_cm, stride_cn,
-    HAS_BIAS: tl.constexpr, RELU: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, RELU: tl.constexpr, HAS_MASK: tl.constexpr, ROW_SUM: tl.constexpr,
+    PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # Grouped ordering of output tiles: GROUP_M row-tiles share each column-tile of B while in L2.
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
+    num_n = tl.maximum(tl.cdiv(N, BLOCK_N), 1)  # N = 0 with ROW_SUM: one column block still sums A'
     in_group = GROUP_M * num_n
     first_m = (pid // in_group) * GROUP_M
     group_size = tl.minimum(num_m - first_m, GROUP_M)
@@ -108,6 +125,7 @@ def gemm_kernel(
     n_ok = rn < N
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_ok = (k0 + rk) < K
         a_mask = m_ok[:, None] & k_ok[None, :]
@@ -115,6 +133,9 @@ def gemm_kernel(
         if HAS_MASK:
             r = tl.load(mask_ptr + rm[:, None] * stride_rm + (k0 + rk)[None, :] * stride_rk, mask=a_mask, other=0.0)
             a = tl.where(r.to(tl.float32) <= 0, tl.zeros_like(a), a)  # threshold_backward: NaN outputs pass grad
+        if ROW_SUM:
+            if pid_n == 0:
+                row_sum += tl.sum(a.to(tl.float32), axis=1)
         b = tl.load(
             b_ptr + (k0 + rk)[:, None] * stride_bk + rn[None, :] * stride_bn,
             mask=k_ok[:, None] & n_ok[None, :],
@@ -128,35 +149,41 @@ def gemm_kernel(
         acc = tl.where(acc < 0, 0.0, acc)  # NaN stays NaN, as torch.relu keeps it
     c = acc.to(c_ptr.dtype.element_ty)
     tl.store(c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn, c, mask=m_ok[:, None] & n_ok[None, :])
+    if ROW_SUM:
+        if pid_n == 0:
+            tl.store(row_sum_ptr + rm, row_sum.to(row_sum_ptr.dtype.element_ty), mask=m_ok)
 
 
-def gemm(a, b, *, bias=None, relu=False, mask=None, out=None, allow_tf32=False):
+def gemm(a, b, *, bias=None, relu=False, mask=None, out=None, row_sum=None, allow_tf32=False):
     """``act((a * (mask > 0)) @ b + bias)`` for 2-D ``a`` (M, K), ``b`` (K, N), any strides.
 
     ``out`` (M, N) may be given (any strides) to write into; otherwise a contiguous one is allocated.
+    ``row_sum`` (M,) given: the same launch also writes ``sum_k (a * (mask > 0))[m, k]`` into it.
     """
     M, K = a.shape
     N = b.shape[1]
     if out is None:
         out = empty((M, N), dtype=a.dtype, device=a.device)
-    check_int32_indexing(a, b, mask, out)
-    if M == 0 or N == 0:
+    check_int32_indexing(a, b, mask, out, row_sum)
+    if M == 0 or (N == 0 and row_sum is None):
         return out
     if K == 0:
         out.copy_(bias.expand(M, N) if bias is not None else torch.zeros((), dtype=a.dtype, device=a.device))
         if relu:
             out.clamp_(min=0)
+        if row_sum is not None:
+            row_sum.zero_()
         return out
     r = mask if mask is not None else a
 
     def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+        return (triton.cdiv(M, meta["BLOCK_M"]) * max(1, triton.cdiv(N, meta["BLOCK_N"])),)
 
     gemm_kernel[grid](
-        a, b, bias if bias is not None else out, r, out,
+        a, b, bias if bias is not None else out, r, out, row_sum if row_sum is not None else out,
         M, N, K,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), r.stride(0), r.stride(1), out.stride(0), out.stride(1),
-        HAS_BIAS=bias is not None, RELU=relu, HAS_MASK=mask is not None,
+        HAS_BIAS=bias is not None, RELU=relu, HAS_MASK=mask is not None, ROW_SUM=row_sum is not None,
         PRECISION=dot_precision(a.dtype, allow_tf32),
     )
     return out
@@ -164,7 +191,7 @@ def gemm(a, b, *, bias=None, relu=False, mask=None, out=None, allow_tf32=False):
 
 def _as_rows(t: torch.Tensor) -> torch.Tensor:
     """View ``(*, D)`` as ``(prod(*), D)``; copies only when the leading dims cannot be merged."""
-    return t.reshape(-1, t.shape[-1])
+    return t.reshape(t.shape[:-1].numel(), t.shape[-1])  # not -1: ambiguous when D is 0
 
 
 def linear(x, weight, bias=None, *, relu=False, allow_tf32=False):
@@ -181,8 +208,16 @@ def linear_input_grad(grad_out, weight, relu_output=None, *, allow_tf32=False):
     return out.view(*grad_out.shape[:-1], weight.shape[1])
 
 
-def linear_weight_grad(grad_out, x, relu_output=None, *, allow_tf32=False):
-    """``dW = (dy * (y > 0))^T @ x`` summed over every leading dim: (N, K)."""
+def linear_weight_grad(grad_out, x, relu_output=None, *, bias_grad=None, allow_tf32=False):
+    """``dW = (dy * (y > 0))^T @ x`` summed over every leading dim: (N, K). Given ``bias_grad`` (N,), the
+    same launch also writes ``db = sum of dy * (y > 0)`` over every leading dim into it."""
     g = _as_rows(grad_out)
     r = _as_rows(relu_output) if relu_output is not None else None
-    return gemm(g.t(), _as_rows(x), mask=r.t() if r is not None else None, allow_tf32=allow_tf32)
+    return gemm(g.t(), _as_rows(x), mask=r.t() if r is not None else None, row_sum=bias_grad, allow_tf32=allow_tf32)
+
+
+def linear_weight_bias_grad(grad_out, x, relu_output=None, *, allow_tf32=False):
+    """``(dW, db)`` of a linear from one GEMM launch: ``dW`` as :func:`linear_weight_grad`, ``db`` (N,) in
+    ``grad_out``'s dtype (float32 sums, as eager's ``sum``)."""
+    db = empty((grad_out.shape[-1],), dtype=grad_out.dtype, device=grad_out.device)
+    return linear_weight_grad(grad_out, x, relu_output, bias_grad=db, allow_tf32=allow_tf32), db

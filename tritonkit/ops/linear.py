@@ -1,6 +1,15 @@
-"""``torch.ops.tritonkit.linear`` and its two gradient ops, over ``tritonkit.kernels.linear``.
+"""``torch.ops.tritonkit.linear`` and its gradient ops, over ``tritonkit.kernels.linear``.
 
-Any number of leading batch dimensions; ``mm(a, b)`` is ``linear(a, b.t(), None, False)``.
+* ``linear(input, weight, bias, relu) -> y = act(input @ weight.T + bias)``;
+* ``linear_input_grad(grad_output, weight, relu_output) -> dy' @ weight``;
+* ``linear_weight_grad(grad_output, input, relu_output) -> dy'^T @ input``;
+* ``linear_weight_bias_grad(grad_output, input, relu_output) -> (grad_weight, grad_bias)``: the weight
+  gradient and ``grad_bias = sum of dy'`` over every leading dim from one GEMM launch (the programs of
+  the first column block sum the dy' tiles they load, in float32; deterministic), grad_bias in
+  grad_output's dtype;
+
+where ``dy' = grad_output * (relu_output > 0)`` (``threshold_backward``; just ``grad_output`` without
+``relu_output``). Any number of leading batch dimensions; ``mm(a, b)`` is ``linear(a, b.t(), None, False)``.
 """
 
 from __future__ import annotations
@@ -68,8 +77,7 @@ def _(grad_output, weight, relu_output):
     return grad_output.new_empty((*grad_output.shape[:-1], weight.shape[1]))
 
 
-def _check_weight_grad(grad_output, input, relu_output):
-    op = "tritonkit.linear_weight_grad"
+def _check_weight_grad(op, grad_output, input, relu_output):
     _check_grad(op, grad_output, "input", input, relu_output, grad_output.shape[-1] if grad_output.dim() else -1)
     if input.shape[:-1] != grad_output.shape[:-1]:
         raise RuntimeError(f"{op}: input of size {list(input.shape)} and grad_output of size "
@@ -80,11 +88,29 @@ def _check_weight_grad(grad_output, input, relu_output):
 def linear_weight_grad(grad_output: torch.Tensor, input: torch.Tensor,
                        relu_output: Optional[torch.Tensor]) -> torch.Tensor:
     """``(grad_output * (relu_output > 0))^T @ input`` over all leading dims: the weight's gradient."""
-    _check_weight_grad(grad_output, input, relu_output)
+    _check_weight_grad("tritonkit.linear_weight_grad", grad_output, input, relu_output)
     return kernels.linear_weight_grad(grad_output, input, relu_output, allow_tf32=matmul_allows_tf32())
 
 
 @linear_weight_grad.register_fake
 def _(grad_output, input, relu_output):
-    _check_weight_grad(grad_output, input, relu_output)
+    _check_weight_grad("tritonkit.linear_weight_grad", grad_output, input, relu_output)
     return grad_output.new_empty((grad_output.shape[-1], input.shape[-1]))
+
+
+@torch.library.custom_op(
+    "tritonkit::linear_weight_bias_grad",
+    mutates_args=(),
+    schema="(Tensor grad_output, Tensor input, Tensor? relu_output) -> (Tensor grad_weight, Tensor grad_bias)",
+)
+def linear_weight_bias_grad(grad_output, input, relu_output):
+    """``(dy'^T @ input, sum of dy' over all leading dims)`` in one launch, ``dy' = grad_output * (relu_output > 0)``."""
+    _check_weight_grad("tritonkit.linear_weight_bias_grad", grad_output, input, relu_output)
+    return kernels.linear_weight_bias_grad(grad_output, input, relu_output, allow_tf32=matmul_allows_tf32())
+
+
+@linear_weight_bias_grad.register_fake
+def _(grad_output, input, relu_output):
+    _check_weight_grad("tritonkit.linear_weight_bias_grad", grad_output, input, relu_output)
+    features = grad_output.shape[-1]
+    return grad_output.new_empty((features, input.shape[-1])), grad_output.new_empty((features,))
