@@ -33,6 +33,9 @@ weight gradient:
     dw[oc, c, kh, kw] = sum_{n, oh, ow} dy'[n, oc, oh, ow] * x[n, c, oh*sh - ph + kh*dh, ow*sw - pw + kw*dw]
     GEMM rows oc, columns (kh, kw, c), reduction over the N*OH*OW output positions, optionally split
     across programs (split-K, float32 partial sums reduced afterwards) when the GEMM has few tiles.
+    With the bias gradient, db[oc] = sum_{n, oh, ow} dy'[n, oc, oh, ow] comes from the same launch: the
+    programs of the first column block sum the dy' tiles they load anyway (float32, no atomics); with
+    split-K its partials sit beside the weight's and are reduced with them in one fixed order.
 """
 
 from __future__ import annotations
@@ -799,31 +802,47 @@ def conv2d_input_grad_kernel(
 
 
 # ------------------------------------------------------------------------------------ weight gradient
+def _wgrad_resnet(**flags):  # ResNet-style 64 -> 64 3x3, channels_last, split 4 ways
+    return {"HAS_MASK": True, "SPLIT_K": 4, "PADDED": True, "PRECISION": "ieee", "HAS_BIAS_GRAD": False,
+            **_typical(g="nhwc", r="nhwc", x="nhwc", dw="nchw"), **flags}
+
+
+def _wgrad_lenet(**flags):  # the seed's LeNet conv2 (6 -> 16 channels), NCHW, one split
+    return {"HAS_MASK": True, "SPLIT_K": 1, "PADDED": False, "PRECISION": "ieee", "HAS_BIAS_GRAD": False,
+            **_typical(n=16, c=6, hw=14, oc=16, k=5, pad=0, g="nchw", r="nchw", x="nchw", dw="nchw"), **flags}
+
+
 @tuned_kernel(
     "conv2d_weight_grad",
     gpu_configs=WGRAD_GPU_CONFIGS,
     config_for_dtype=WGRAD_CONFIG_FOR_DTYPE,
     interp_heuristics=WGRAD_INTERP,
-    key=["N", "C", "H", "W", "OC", "KH", "KW", "Cg", "SPLIT_K"],
-    signature=_signature(("g_ptr", "r_ptr", "x_ptr", "dw_ptr", "partial_ptr"), _strides("g", "r", "x", "dw"),
-                         ("HAS_MASK", "SPLIT_K", "PADDED", "PRECISION")),
-    constexprs=lambda dtype: {"HAS_MASK": True, "SPLIT_K": 4, "PADDED": True, "PRECISION": "ieee",
-                              **_typical(g="nhwc", r="nhwc", x="nhwc", dw="nchw")},
-    variants={"few_channels": lambda dtype: {  # the seed's LeNet conv2 (6 -> 16 channels), NCHW
-        "HAS_MASK": True, "SPLIT_K": 1, "PADDED": False, "PRECISION": "ieee",
-        **_typical(n=16, c=6, hw=14, oc=16, k=5, pad=0, g="nchw", r="nchw", x="nchw", dw="nchw")}},
+    key=["N", "C", "H", "W", "OC", "KH", "KW", "Cg", "SPLIT_K", "HAS_BIAS_GRAD"],
+    signature=_signature(("g_ptr", "r_ptr", "x_ptr", "dw_ptr", "db_ptr", "partial_ptr"), _strides("g", "r", "x", "dw"),
+                         ("HAS_MASK", "SPLIT_K", "PADDED", "PRECISION", "HAS_BIAS_GRAD")),
+    constexprs=lambda dtype: _wgrad_resnet(),
+    variants={
+        "few_channels": lambda dtype: _wgrad_lenet(),
+        # with the bias gradient: LeNet's conv2 has a bias (one launch for dw and db); the split-K pattern
+        # reduces the bias partials beside the weight's
+        "few_channels_bias": lambda dtype: _wgrad_lenet(HAS_BIAS_GRAD=True),
+        "bias": lambda dtype: _wgrad_resnet(HAS_BIAS_GRAD=True),
+    },
     tensor_core=True,
     tf32=True,
 )
 @triton.jit
 def conv2d_weight_grad_kernel(
-    g_ptr, r_ptr, x_ptr, dw_ptr, partial_ptr,
+    g_ptr, r_ptr, x_ptr, dw_ptr, db_ptr, partial_ptr,
     N, C, H, W, OC, OH, OW, KH, KW, Cg, OCg,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     sgn, sgc, sgh, sgw, srn, src, srh, srw, sxn, sxc, sxh, sxw, sdwn, sdwc, sdwh, sdww,
     HAS_MASK: tl.constexpr, SPLIT_K: tl.constexpr, PADDED: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_BIAS_GRAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    """dw (and with HAS_BIAS_GRAD db, contiguous [OC]) for one (oc block, column block) tile of one
+    group over one split of the reduction; SPLIT_K > 1 writes float32 partials instead: split s at
+    partial[s * PART + i], PART = OC*Cg*KH*KW (+ OC), i the contiguous-dw index, then db's OC."""
     pid_mn = tl.program_id(0)
     group = tl.program_id(1)
     split = tl.program_id(2)
@@ -853,6 +872,7 @@ def conv2d_weight_grad_kernel(
     p_end = tl.minimum(p_begin + per_split * BLOCK_K, P)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    db_acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for p0 in range(p_begin, p_end, BLOCK_K):
         rp = p0 + tl.arange(0, BLOCK_K)
         n, oh, ow = _unflatten(rp, OH, OW)
@@ -864,6 +884,9 @@ def conv2d_weight_grad_kernel(
             r_col = n * srn + oh * srh + ow * srw
             r = tl.load(r_ptr + (oc * src)[:, None] + r_col[None, :], mask=a_mask, other=0.0)
             a = tl.where(r.to(tl.float32) <= 0, tl.zeros_like(a), a)  # threshold_backward: NaN outputs pass grad
+        if HAS_BIAS_GRAD:
+            if pid_n == 0:  # one column block sums the dy' rows: each db[oc] once per split
+                db_acc += tl.sum(a.to(tl.float32), axis=1)
         b_mask = p_ok[:, None] & n_ok[None, :]
         if PADDED:  # 0 <= ih0 + kh*dil_h < H, compared without forming the sum
             ih0 = oh * stride_h - pad_h
@@ -878,10 +901,18 @@ def conv2d_weight_grad_kernel(
     dw_off = (oc * sdwn)[:, None] + (c * sdwc + kh * sdwh + kw * sdww)[None, :]
     if SPLIT_K == 1:
         tl.store(dw_ptr + dw_off, acc.to(dw_ptr.dtype.element_ty), mask=out_mask)
+        if HAS_BIAS_GRAD:
+            if pid_n == 0:
+                tl.store(db_ptr + oc, db_acc.to(db_ptr.dtype.element_ty), mask=m_ok)
     else:
-        # partial sums, float32, laid out as SPLIT_K contiguous copies of a contiguous dw.
+        # partial sums, float32: per split a contiguous dw, then (HAS_BIAS_GRAD) db
+        dw_numel = OC * Cg * KH * KW
+        part = partial_ptr + split * (dw_numel + OC if HAS_BIAS_GRAD else dw_numel)
         p_off = (oc * (Cg * KH * KW))[:, None] + (c * (KH * KW) + kh * KW + kw)[None, :]
-        tl.store(partial_ptr + split * OC * Cg * KH * KW + p_off, acc, mask=out_mask)
+        tl.store(part + p_off, acc, mask=out_mask)
+        if HAS_BIAS_GRAD:
+            if pid_n == 0:
+                tl.store(part + dw_numel + oc, db_acc, mask=m_ok)
 
 
 # ------------------------------------------------------------------------------------------- launchers
@@ -1027,8 +1058,26 @@ def conv2d_input_grad(grad_out, w, relu_output, input_size, stride, padding, dil
     return dx
 
 
+_SPLIT_K = None  # set by weight_grad_split()
+
+
+@contextlib.contextmanager
+def weight_grad_split(split: int):
+    """Within this block weight-gradient launches split their reduction ``split`` ways (float32
+    partials reduced afterwards) whatever the device: tests run the split-K path in the interpreter,
+    which otherwise never splits."""
+    global _SPLIT_K
+    previous, _SPLIT_K = _SPLIT_K, split
+    try:
+        yield
+    finally:
+        _SPLIT_K = previous
+
+
 def _split_k(tiles: int, reduction: int, device: torch.device) -> int:
     """Programs to split the weight-gradient reduction over: enough to fill the GPU, >= 1024 rows each."""
+    if _SPLIT_K is not None:
+        return _SPLIT_K
     if INTERPRET:
         return 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count
@@ -1036,31 +1085,43 @@ def _split_k(tiles: int, reduction: int, device: torch.device) -> int:
 
 
 def conv2d_weight_grad(grad_out, x, relu_output, weight_size, stride, padding, dilation, groups, *,
-                       allow_tf32=False):
+                       allow_tf32=False, bias_grad=False):
     """``dw`` of shape ``weight_size``, summed over the batch and output positions; channels_last when
-    ``x`` is (the memory format aten's convolution_backward gives grad_weight)."""
+    ``x`` is (the memory format aten's convolution_backward gives grad_weight). ``bias_grad``: return
+    ``(dw, db)``, db[oc] = the sum of dy' over the batch and output positions, from the same launch."""
     shape, conv = _geometry(x.shape, weight_size, stride, padding, dilation, groups)
     N, C, H, W, OC, OH, OW, KH, KW, Cg, OCg = shape
     dw = empty(tuple(weight_size), dtype=grad_out.dtype, device=grad_out.device,
                memory_format=suggest_memory_format(x))
+    db = empty((OC,), dtype=grad_out.dtype, device=grad_out.device) if bias_grad else None
+    out = (dw, db) if bias_grad else dw
     check_int32_indexing(grad_out, x, dw, relu_output)
     if dw.numel() == 0:
-        return dw
+        return out
     if N * OH * OW == 0:
-        return dw.zero_()
+        for t in (dw, db):
+            if t is not None:
+                t.zero_()
+        return out
     r = relu_output if relu_output is not None else grad_out
     tiles = triton.cdiv(OCg, 32) * triton.cdiv(KH * KW * Cg, 64) * groups
     split = _split_k(tiles, N * OH * OW, grad_out.device)
-    partial = torch.empty((split, *dw.shape), dtype=torch.float32, device=dw.device) if split > 1 else dw
+    partial = None
+    if split > 1:  # per split: a contiguous dw, then db
+        partial = empty((split, dw.numel() + (OC if bias_grad else 0)), dtype=torch.float32, device=dw.device)
 
     def grid(meta):
         return (triton.cdiv(OCg, meta["BLOCK_M"]) * triton.cdiv(KH * KW * Cg, meta["BLOCK_N"]), groups, split)
 
     conv2d_weight_grad_kernel[grid](
-        grad_out, r, x, dw, partial, *shape, *conv, *grad_out.stride(), *r.stride(), *x.stride(), *dw.stride(),
+        grad_out, r, x, dw, db if bias_grad else dw, partial if partial is not None else dw, *shape, *conv,
+        *grad_out.stride(), *r.stride(), *x.stride(), *dw.stride(),
         HAS_MASK=relu_output is not None, SPLIT_K=split, PADDED=any(padding),
-        PRECISION=dot_precision(x.dtype, allow_tf32),
+        PRECISION=dot_precision(x.dtype, allow_tf32), HAS_BIAS_GRAD=bool(bias_grad),
     )
-    if split > 1:
-        torch.sum(partial, dim=0, out=dw) if dw.dtype == torch.float32 else dw.copy_(partial.sum(0))
-    return dw
+    if split > 1:  # one reduction over the splits, in a fixed order, for dw and db alike
+        total = partial.sum(0)
+        dw.copy_(total[:dw.numel()].view(dw.shape))
+        if bias_grad:
+            db.copy_(total[dw.numel():])
+    return out

@@ -712,3 +712,103 @@ def test_input_grad_bad_residual_raises(needle, bad):
     w = torch.randn(6, 3, 3, 3)
     with pytest.raises(RuntimeError, match=needle):
         ops.conv2d_input_grad(torch.randn(2, 6, 6, 6), w, None, [2, 3, 8, 8], [1, 1], [0, 0], [1, 1], 1, **bad)
+
+
+# --- weight + bias gradient in one launch
+def _weight_bias_grad_ref(g, x, w, y, geo):
+    stride, padding, dilation, groups = geo
+    g = torch.ops.aten.threshold_backward(g, y, 0) if y is not None else g
+    _, dw, db = torch.ops.aten.convolution_backward(g, x, w, [w.shape[0]], stride, padding, dilation, False, [0, 0],
+                                                    groups, [False, True, True])
+    return dw, db
+
+
+def _check_weight_bias_grad(case, relu_mask=True, layout="contiguous", dtype=torch.float32):
+    x, w, _, geo = _conv_inputs(case, dtype, layout)
+    y = F.relu(F.conv2d(x.float(), w.float(), None, *geo)).to(dtype) if relu_mask else None
+    g = torch.randn(F.conv2d(x.float(), w.float(), None, *geo).shape).to(dtype)
+    dw, db = ops.conv2d_weight_bias_grad(g, x, y, list(w.shape), *geo)
+    ref_dw, ref_db = _weight_bias_grad_ref(g.float(), x.float(), w.float(), y.float() if relu_mask else None, geo)
+    assert_close(dw, ref_dw.to(dtype), grad=True)
+    assert_close(db, ref_db.to(dtype), grad=True)
+    assert dw.is_contiguous(memory_format=conv_kernels.suggest_memory_format(x))
+    return dw, db
+
+
+# LeNet conv1/conv2, grouped with dilation and stride, depthwise, channel chunks, 2700 weight columns
+WGRAD_BIAS_CASES = [SWEEP[0], SWEEP[1], SWEEP[3], SWEEP[4], SWEEP[12], SWEEP[14]]
+
+
+@pytest.mark.parametrize("case", WGRAD_BIAS_CASES, ids=str)
+@pytest.mark.parametrize("relu_mask", [True, False])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_weight_bias_grad(case, relu_mask, layout):
+    _check_weight_bias_grad(case, relu_mask, layout)
+
+
+# Several row and column programs (only the first column block sums the bias), several reduction
+# steps, and split-K: few tiles, a long reduction split 3 ways (some splits with no steps at all when
+# the steps are few), bias partials reduced beside the weight's.
+@pytest.mark.parametrize("case,limit,split", [
+    (SWEEP[14], 32, 1), (SWEEP[12], 16, 1),
+    ((2, 3, 20, 21, 4, 3, 1, 0, 1, 1), 64, 3), ((2, 3, 20, 21, 4, 3, 1, 0, 1, 1), None, 3),
+    ((1, 6, 17, 15, 6, 3, 1, 1, 1, 3), 32, 4), (SWEEP[12], 32, 2),
+], ids=str)
+def test_weight_bias_grad_tiles_and_split_k(case, limit, split):
+    with conv_kernels.interp_block_limit(limit), conv_kernels.weight_grad_split(split):
+        _check_weight_bias_grad(case, relu_mask=True, layout="channels_last")
+
+
+@pytest.mark.parametrize("split", [1, 3])
+def test_weight_bias_grad_is_deterministic(split):
+    """No atomics, one fixed reduction order: bitwise the same twice."""
+    x, w, _, geo = _conv_inputs((2, 3, 20, 21, 4, 3, 1, 0, 1, 1), torch.float32)
+    y = F.relu(F.conv2d(x, w, None, *geo))
+    g = torch.randn(y.shape)
+    with conv_kernels.interp_block_limit(64), conv_kernels.weight_grad_split(split):
+        first, second = (ops.conv2d_weight_bias_grad(g, x, y, list(w.shape), *geo) for _ in range(2))
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+
+
+@pytest.mark.parametrize("split", [1, 3])
+def test_weight_grad_split_k(split):
+    """The plain weight gradient through the same split-K partial layout."""
+    x, w, _, geo = _conv_inputs((2, 3, 20, 21, 4, 3, 1, 0, 1, 1), torch.float32, "channels_last")
+    y = F.relu(F.conv2d(x, w, None, *geo))
+    g = torch.randn(y.shape)
+    with conv_kernels.interp_block_limit(64), conv_kernels.weight_grad_split(split):
+        dw = ops.conv2d_weight_grad(g, x, y, list(w.shape), *geo)
+    assert_close(dw, _weight_bias_grad_ref(g, x, w, y, geo)[0], grad=True)
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("split", [1, 2])
+def test_weight_bias_grad_half(dtype, split):
+    with conv_kernels.weight_grad_split(split):
+        _, db = _check_weight_bias_grad(SWEEP[1], relu_mask=True, layout="channels_last", dtype=dtype)
+    assert db.dtype == dtype
+
+
+def test_weight_bias_grad_empty_batch():
+    x, w = torch.randn(0, 3, 8, 8), torch.randn(4, 3, 3, 3)
+    dw, db = ops.conv2d_weight_bias_grad(torch.randn(0, 4, 6, 6), x, None, [4, 3, 3, 3], [1, 1], [0, 0], [1, 1], 1)
+    assert torch.equal(dw, torch.zeros_like(w)) and torch.equal(db, torch.zeros(4))
+
+
+def test_weight_bias_grad_opcheck():
+    x, w, _, geo = _conv_inputs(SWEEP[3], torch.float32, "channels_last")
+    y = F.relu(F.conv2d(x, w, None, *geo))
+    g = torch.randn(y.shape)
+    torch.library.opcheck(ops.conv2d_weight_bias_grad.default, (g, x, y, list(w.shape), *geo))
+    torch.library.opcheck(ops.conv2d_weight_bias_grad.default, (g, x, None, list(w.shape), *geo))
+
+
+@pytest.mark.parametrize("needle,bad", [("grad_output of size", dict(g=(2, 6, 6, 5))),
+                                        ("relu_output of size", dict(y=(2, 6, 6, 7))),
+                                        ("dtype", dict(g_dtype=torch.float16))], ids=str)
+def test_weight_bias_grad_bad_arguments_raise(needle, bad):
+    x = torch.randn(2, 3, 8, 8)
+    g = torch.randn(*bad.get("g", (2, 6, 6, 6)), dtype=bad.get("g_dtype", torch.float32))
+    y = torch.randn(*bad["y"]) if "y" in bad else None
+    with pytest.raises(RuntimeError, match=needle):
+        ops.conv2d_weight_bias_grad(g, x, y, [6, 3, 3, 3], [1, 1], [0, 0], [1, 1], 1)

@@ -1,4 +1,5 @@
-"""``torch.ops.tritonkit.conv2d`` and its two gradient ops, over ``tritonkit.kernels.conv``, and the
+"""``torch.ops.tritonkit.conv2d`` and its gradient ops (input; weight; weight and bias in one launch:
+``conv2d_weight_bias_grad``), over ``tritonkit.kernels.conv``, and the
 fused forward ops for BatchNorm networks (no autograd: inference, or building blocks for a lowering):
 
 * ``conv2d_batch_norm(input, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, residual,
@@ -180,6 +181,29 @@ def _(grad_output, input, relu_output, weight_size, stride, padding, dilation, g
     geometry = check_conv_args(op, input.shape, weight_size, None, stride, padding, dilation, groups)
     _check_grad(op, grad_output, relu_output, _output_shape(input.shape, weight_size, *geometry), "input", input)
     return grad_output.new_empty(tuple(weight_size)).contiguous(memory_format=kernels.suggest_memory_format(input))
+
+
+@torch.library.custom_op("tritonkit::conv2d_weight_bias_grad", mutates_args=())
+def conv2d_weight_bias_grad(grad_output: torch.Tensor, input: torch.Tensor, relu_output: Optional[torch.Tensor],
+                            weight_size: Sequence[int], stride: Sequence[int], padding: Sequence[int],
+                            dilation: Sequence[int], groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(grad_weight, grad_bias)`` of conv2d in one launch: grad_weight as ``conv2d_weight_grad``,
+    ``grad_bias[oc]`` = the sum over n, oh, ow of dy' (dy masked by ``relu_output > 0`` if given),
+    accumulated in float32 and returned in grad_output's dtype, like eager."""
+    op = "tritonkit.conv2d_weight_bias_grad"
+    geometry = check_conv_args(op, input.shape, weight_size, None, stride, padding, dilation, groups)
+    _check_grad(op, grad_output, relu_output, _output_shape(input.shape, weight_size, *geometry), "input", input)
+    return kernels.conv2d_weight_grad(grad_output, input, relu_output, weight_size, *geometry, groups,
+                                      allow_tf32=conv_allows_tf32(), bias_grad=True)
+
+
+@conv2d_weight_bias_grad.register_fake
+def _(grad_output, input, relu_output, weight_size, stride, padding, dilation, groups):
+    op = "tritonkit.conv2d_weight_bias_grad"
+    geometry = check_conv_args(op, input.shape, weight_size, None, stride, padding, dilation, groups)
+    _check_grad(op, grad_output, relu_output, _output_shape(input.shape, weight_size, *geometry), "input", input)
+    dw = grad_output.new_empty(tuple(weight_size)).contiguous(memory_format=kernels.suggest_memory_format(input))
+    return dw, grad_output.new_empty((weight_size[0],))
 
 
 # ------------------------------------------------------------------- conv + ReLU + max-pool (inference)
