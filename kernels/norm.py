@@ -27,6 +27,17 @@ writes ``num_batches_tracked + 1`` to a new tensor (the step AOTAutograd otherwi
 ``aten.add``), and ``momentum=None`` (eager's cumulative moving average) takes the factor
 ``1 / (num_batches_tracked + 1)``, formed in float32 on the device from the counter (no host sync).
 
+Statistics from a conv's epilogue (``batch_norm_train_from_partials``): ``conv2d(stats=True)`` (kernels.conv)
+writes per channel one float32 ``(count, mean, M2)`` per tile of 64 output pixels, ``[T, 3, C]``, so the
+partial pass over the input is skipped. The tiles combine with the same two-pass Chan formula
+(``_chan_combine``: ``n = sum n_t``, ``mean = sum n_t (mean_t - ref) / n``, ``M2 = sum M2_t + sum n_t
+(mean_t - ref - mean)^2``), shifted by the first tile's mean ``ref = mean_0`` (``mean_t - ref`` is exact for
+close values, so a large common mean cancels nowhere). Small T: the finalize kernel reads the tiles
+itself (``ROWS=3``). Large T (12544 tiles at batch 256, 56x56): a two-level tree in fixed order, the
+tiles combine kernel (one program per channel block and run of tiles) writes ``SPLIT`` partials in the
+statistics pass's format, which the finalize combines (``ROWS=4``); ``SPLIT`` as for the statistics
+pass (``reduction_split``: ~4 programs per SM, >= 1024 tiles each). Deterministic, no atomics.
+
 The apply kernel computes ``relu?((x - mean) * (invstd * w) + b [+ residual])`` in float32 and rounds
 once: centring first keeps large-mean inputs exact (``x * scale + shift`` would cancel). In eval mode
 it reads the running stats and forms ``invstd = 1 / sqrt(running_var + eps)`` per channel itself.
@@ -43,7 +54,8 @@ do for the float32 save stats a GPU forward returns; a C-element copy for half-p
 stats or half running stats in eval).
 
 Registered kernels (each compiled by the AOT gate in its NCHW and ``_nhwc`` pattern where it has
-one): ``batch_norm_stats_partial``, ``batch_norm_stats_finalize`` (+ ``_stats_only``),
+one): ``batch_norm_stats_partial``, ``batch_norm_stats_finalize`` (+ ``_cumulative``, ``_tiles``: conv
+tiles in, ``_stats_only``), ``batch_norm_tiles_combine`` (float32 only: it reads only the partials),
 ``batch_norm_apply``, ``batch_norm_apply_eval`` (same kernel, running stats in the input's dtype),
 ``batch_norm_bwd_reduce``, ``batch_norm_bwd_finalize`` (+ ``_eval``), ``batch_norm_bwd_apply``.
 """
@@ -204,62 +216,81 @@ def batch_norm_stats_partial_kernel(
     tl.store(out + 3 * C, ref, mask=c_ok)
 
 
+@triton.jit
+def _chan_combine(part_ptr, lo, hi, shift, c, c_ok, C, ROWS: tl.constexpr, BLOCK_S: tl.constexpr,
+                  BLOCK_C: tl.constexpr):
+    """Chan's parallel formula over the entries s in [lo, hi) of part[s, 0:3, c] = (n_s, mean_s, M2_s) (entry
+    stride ROWS * C), in two passes: n = sum n_s, mean = sum n_s (mean_s - shift) / n,
+    M2 = sum M2_s + sum n_s (mean_s - shift - mean)^2. Returns (n, mean, M2), the mean relative to
+    ``shift[c]`` (a value close to the data, so the sums round relative to the means' spread, not their
+    magnitude). Fixed order: entry s goes to slot s % BLOCK_S in ascending s, then a tree over the slots."""
+    n_acc = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
+    s_acc = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
+    for s0 in range(lo, hi, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        m = (s < hi)[:, None] & c_ok[None, :]
+        off = s[:, None] * ROWS * C + c[None, :]
+        n_s = tl.load(part_ptr + off, mask=m, other=0.0)
+        n_acc += n_s
+        s_acc += n_s * (tl.load(part_ptr + off + C, mask=m, other=0.0) - shift[None, :])
+    n = tl.sum(n_acc, axis=0)
+    mean = tl.div_rn(tl.sum(s_acc, axis=0), tl.maximum(n, 1.0))
+    m2_acc = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
+    for s0 in range(lo, hi, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        m = (s < hi)[:, None] & c_ok[None, :]
+        off = s[:, None] * ROWS * C + c[None, :]
+        n_s = tl.load(part_ptr + off, mask=m, other=0.0)
+        d = tl.load(part_ptr + off + C, mask=m, other=0.0) - shift[None, :] - mean[None, :]
+        m2_acc += tl.load(part_ptr + off + 2 * C, mask=m, other=0.0) + n_s * d * d
+    return n, mean, tl.sum(m2_acc, axis=0)
+
+
 def _stats_finalize_signature(dtype):
     t = f"*{TRITON_TYPE[dtype]}"
     return {"part_ptr": "*fp32", "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "save_mean_ptr": t,
             "save_rstd_ptr": t, "rm_ptr": t, "rv_ptr": t, "rm_out_ptr": t, "rv_out_ptr": t, "nbt_ptr": "*i64",
             "nbt_out_ptr": "*i64", "C": "i32", "SPLIT": "i32", "momentum": "fp32", "eps": "fp32",
-            **dict.fromkeys(["HAS_RUNNING", "WRITE_SAVE", "HAS_COUNTER", "CUMULATIVE", "BLOCK_S", "BLOCK_C"],
+            **dict.fromkeys(["ROWS", "HAS_RUNNING", "WRITE_SAVE", "HAS_COUNTER", "CUMULATIVE", "BLOCK_S", "BLOCK_C"],
                             "constexpr")}
 
 
 # nn.BatchNorm2d's training step: running stats and num_batches_tracked (momentum 0.1, or None: cumulative).
-_FINISH_FLAGS = {"HAS_RUNNING": True, "WRITE_SAVE": False, "HAS_COUNTER": True, "C": 64}
+_FINISH_FLAGS = {"ROWS": 4, "HAS_RUNNING": True, "WRITE_SAVE": False, "HAS_COUNTER": True, "C": 64}
 
 
 @tuned_kernel("batch_norm_stats_finalize", gpu_configs=_FINISH_GPU_CONFIGS, interp_heuristics=_FINISH_INTERP,
               key=["C", "SPLIT"], signature=_stats_finalize_signature,
               constexprs=lambda dtype: {**_FINISH_FLAGS, "CUMULATIVE": False},
               variants={"cumulative": lambda dtype: {**_FINISH_FLAGS, "CUMULATIVE": True},
-                        "stats_only": lambda dtype: {"HAS_RUNNING": False, "WRITE_SAVE": False, "HAS_COUNTER": False,
-                                                     "CUMULATIVE": False, "C": 64}})
+                        "tiles": lambda dtype: {**_FINISH_FLAGS, "ROWS": 3, "CUMULATIVE": False},
+                        "stats_only": lambda dtype: {**_FINISH_FLAGS, "HAS_RUNNING": False, "HAS_COUNTER": False,
+                                                     "CUMULATIVE": False}})
 @triton.jit
 def batch_norm_stats_finalize_kernel(
     part_ptr, mean_ptr, rstd_ptr, save_mean_ptr, save_rstd_ptr,
     rm_ptr, rv_ptr, rm_out_ptr, rv_out_ptr, nbt_ptr, nbt_out_ptr,
     C, SPLIT, momentum, eps,
+    ROWS: tl.constexpr,  # 4: SPLIT partials (n, mean - ref, M2, ref); 3: SPLIT conv tiles (count, mean, M2)
     HAS_RUNNING: tl.constexpr,  # running stats given: write their update to rm_out / rv_out
     WRITE_SAVE: tl.constexpr,  # also write mean / invstd rounded to save_*'s dtype (eager on CPU)
     HAS_COUNTER: tl.constexpr,  # num_batches_tracked given: program 0 writes nbt_out = nbt + 1
     CUMULATIVE: tl.constexpr,  # momentum=None: the factor is 1 / (nbt + 1), read here (no host sync)
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Combine the partials (Chan, ascending split order); mean, invstd (float32), running-stat update,
-    num_batches_tracked + 1."""
+    """Combine the SPLIT entries of ``part`` (:func:`_chan_combine`); mean, invstd (float32), running-stat
+    update, num_batches_tracked + 1. Conv tiles are shifted by the first tile's mean."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
-    n_acc = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
-    s_acc = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
-    for s0 in range(0, SPLIT, BLOCK_S):
-        s = s0 + tl.arange(0, BLOCK_S)
-        m = (s < SPLIT)[:, None] & c_ok[None, :]
-        off = s[:, None] * 4 * C + c[None, :]
-        n_s = tl.load(part_ptr + off, mask=m, other=0.0)
-        n_acc += n_s
-        s_acc += n_s * tl.load(part_ptr + off + C, mask=m, other=0.0)
-    n = tl.sum(n_acc, axis=0)
-    mean = tl.div_rn(tl.sum(s_acc, axis=0), tl.maximum(n, 1.0))  # of x - ref
-    m2_acc = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
-    for s0 in range(0, SPLIT, BLOCK_S):
-        s = s0 + tl.arange(0, BLOCK_S)
-        m = (s < SPLIT)[:, None] & c_ok[None, :]
-        off = s[:, None] * 4 * C + c[None, :]
-        n_s = tl.load(part_ptr + off, mask=m, other=0.0)
-        d = tl.load(part_ptr + off + C, mask=m, other=0.0) - mean[None, :]
-        m2_acc += tl.load(part_ptr + off + 2 * C, mask=m, other=0.0) + n_s * d * d
-    m2 = tl.sum(m2_acc, axis=0)
+    if ROWS == 3:
+        ref = tl.load(part_ptr + C + c, mask=c_ok, other=0.0)
+        shift = ref
+    else:  # the partials' means are already relative to ref (every split holds it)
+        ref = tl.load(part_ptr + 3 * C + c, mask=c_ok, other=0.0)
+        shift = tl.zeros([BLOCK_C], tl.float32)
+    n, mean, m2 = _chan_combine(part_ptr, 0, SPLIT, shift, c, c_ok, C, ROWS, BLOCK_S, BLOCK_C)
     rstd = tl.div_rn(1.0, tl.sqrt_rn(tl.div_rn(m2, tl.maximum(n, 1.0)) + eps))
-    mean += tl.load(part_ptr + 3 * C + c, mask=c_ok, other=0.0)  # + ref (every split holds it)
+    mean += ref
     tl.store(mean_ptr + c, mean, mask=c_ok)
     tl.store(rstd_ptr + c, rstd, mask=c_ok)
     if WRITE_SAVE:
@@ -278,6 +309,38 @@ def batch_norm_stats_finalize_kernel(
                  mask=c_ok)
         tl.store(rv_out_ptr + c, (momentum * unbiased + (1.0 - momentum) * rv).to(rv_out_ptr.dtype.element_ty),
                  mask=c_ok)
+
+
+def _tiles_combine_signature(dtype):
+    return {"tile_ptr": "*fp32", "part_ptr": "*fp32", "C": "i32", "T": "i32", "SPLIT": "i32",
+            "BLOCK_S": "constexpr", "BLOCK_C": "constexpr"}
+
+
+@tuned_kernel("batch_norm_tiles_combine", gpu_configs=_FINISH_GPU_CONFIGS, dtypes=(torch.float32,),
+              interp_heuristics={"BLOCK_C": _FINISH_INTERP["BLOCK_C"],
+                                 "BLOCK_S": lambda a: interp_block(triton.cdiv(a["T"], a["SPLIT"]), 1, 256)},
+              key=["C", "T", "SPLIT"], signature=_tiles_combine_signature, constexprs=lambda dtype: {"C": 64})
+@triton.jit
+def batch_norm_tiles_combine_kernel(
+    tile_ptr, part_ptr,
+    C, T, SPLIT,
+    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """part[s, :, c] = (n, mean - ref, M2, ref) of the conv tiles tile[t, :, c] = (count, mean, M2) in the
+    s-th of SPLIT equal runs of t (:func:`_chan_combine`); ref[c] = tile[0, 1, c], the first tile's mean,
+    the same shift for every split (the finalize's ROWS=4 input)."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    split = tl.program_id(1)
+    lo = (split.to(tl.int64) * T // SPLIT).to(tl.int32)
+    hi = ((split.to(tl.int64) + 1) * T // SPLIT).to(tl.int32)
+    ref = tl.load(tile_ptr + C + c, mask=c_ok, other=0.0)
+    n, mean, m2 = _chan_combine(tile_ptr, lo, hi, ref, c, c_ok, C, 3, BLOCK_S, BLOCK_C)
+    out = part_ptr + split * 4 * C + c
+    tl.store(out, n, mask=c_ok)
+    tl.store(out + C, mean, mask=c_ok)
+    tl.store(out + 2 * C, m2, mask=c_ok)
+    tl.store(out + 3 * C, ref, mask=c_ok)
 
 
 # --- forward apply --------------------------------------------------------------------------------------
@@ -564,12 +627,13 @@ def _stats(x, view, eps, running, momentum, counter, split, save_dtype):
     part = empty((split, 4, C), dtype=torch.float32, device=x.device)
     batch_norm_stats_partial_kernel[lambda meta: (triton.cdiv(C, meta["BLOCK_C"]), split)](
         x, part, A, B, C, s_a, s_b, s_c, split)
-    return _finalize(part, split, eps, running, momentum, counter, save_dtype)
+    return _finalize(part, 4, split, eps, running, momentum, counter, save_dtype)
 
 
-def _finalize(part, entries, eps, running, momentum, counter, save_dtype):
-    """The finalize launch over ``entries`` partials ``part``: outputs as :func:`_stats`. ``momentum``
-    None (with ``counter``): the cumulative factor ``1 / (counter + 1)``, formed on the device."""
+def _finalize(part, rows, entries, eps, running, momentum, counter, save_dtype):
+    """The finalize launch over ``entries`` entries of ``part`` (``rows`` 4: partials, 3: conv tiles):
+    outputs as :func:`_stats`. ``momentum`` None (with ``counter``): the cumulative factor
+    ``1 / (counter + 1)``, formed on the device."""
     C, dev = part.shape[-1], part.device
     mean = empty((C,), dtype=torch.float32, device=dev)
     rstd = empty((C,), dtype=torch.float32, device=dev)
@@ -587,7 +651,7 @@ def _finalize(part, entries, eps, running, momentum, counter, save_dtype):
         rm_out if has_running else save_mean, rv_out if has_running else save_rstd,
         counter if counter is not None else part, nbt_out if counter is not None else part,
         C, entries, 0.0 if momentum is None else float(momentum), float(eps),
-        HAS_RUNNING=has_running, WRITE_SAVE=write_save, HAS_COUNTER=counter is not None,
+        ROWS=rows, HAS_RUNNING=has_running, WRITE_SAVE=write_save, HAS_COUNTER=counter is not None,
         CUMULATIVE=momentum is None and has_running)
     return mean, rstd, save_mean, save_rstd, rm_out, rv_out, nbt_out
 
@@ -644,6 +708,31 @@ def batch_norm_train(input, weight, bias, running_mean, running_var, num_batches
     return out, *saved
 
 
+def batch_norm_train_from_partials(input, partials, weight, bias, running_mean, running_var, num_batches_tracked,
+                                   momentum, eps, residual=None, relu=False, split=None):
+    """:func:`batch_norm_train` with the statistics of ``input`` (a conv output) from its conv's tiles
+    ``partials`` [T, 3, C] = (count, mean, M2) (``kernels.conv.conv2d(stats=True)``), so ``input`` is read
+    once, by the apply pass. Same outputs. ``split`` (default: :func:`reduction_split` over the T tiles, 1 in
+    the interpreter) > 1 first combines each of ``split`` equal runs of tiles into one partial (the tiles
+    combine kernel, one program per channel block and run), then the finalize combines those; 1: the
+    finalize reads the tiles itself."""
+    x, view, fmt = _layout(input)
+    check_int32_indexing(x)
+    tiles = partials.contiguous()
+    T, _, C = tiles.shape
+    split = split or reduction_split(C, T, x.device, 1024)
+    if split == 1:
+        part, rows = tiles, 3
+    else:
+        part, rows = empty((split, 4, C), dtype=torch.float32, device=x.device), 4
+        batch_norm_tiles_combine_kernel[lambda meta: (triton.cdiv(C, meta["BLOCK_C"]), split)](
+            tiles, part, C, T, split)
+    mean, rstd, *saved = _finalize(part, rows, split if split > 1 else T, eps, (running_mean, running_var), momentum,
+                                   num_batches_tracked, save_stats_dtype(input))
+    out = _apply(batch_norm_apply_kernel, x, view, fmt, mean, rstd, weight, bias, residual, relu, eps, False)
+    return out, *saved
+
+
 def batch_norm_eval(input, weight, bias, running_mean, running_var, eps, residual=None, relu=False):
     """Eval forward: ``relu?((x - running_mean) / sqrt(running_var + eps) * w + b [+ residual])``."""
     x, view, fmt = _layout(input)
@@ -691,4 +780,5 @@ def batch_norm_backward(grad_out, input, weight, running_mean, running_var, save
     return grad_input, grad_weight, grad_bias
 
 
-__all__ = ["batch_norm_backward", "batch_norm_eval", "batch_norm_stats", "batch_norm_train", "save_stats_dtype"]
+__all__ = ["batch_norm_backward", "batch_norm_eval", "batch_norm_stats", "batch_norm_train",
+           "batch_norm_train_from_partials", "save_stats_dtype"]

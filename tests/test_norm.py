@@ -9,10 +9,15 @@ strides) is compared with eager run on the real dtype. Outputs are NaN-poisoned 
 import pytest
 import torch
 
+import tritonkit.ops.conv  # noqa: F401  (conv2d_bn_stats builds the partials)
 import tritonkit.ops.norm  # noqa: F401  (registers the ops)
+from tritonkit.kernels import conv as conv_kernels
 from tritonkit.kernels import norm as kernels
 from tritonkit.runtime import default_device
 from tritonkit.testing import (
+    BN_INVSTD_RTOL,
+    BN_MEAN_RTOL,
+    TOLERANCES,
     assert_batch_norm_stats_close,
     assert_close,
     batch_norm_output_atol,
@@ -222,6 +227,199 @@ def test_num_batches_tracked_bad_arguments(monkeypatch):
         torch.nn.functional.batch_norm(x, rm, rv, training=True, momentum=None)
     with pytest.raises(TypeError, match="momentum=None .* needs num_batches_tracked"):
         ops.batch_norm_train(x, w, b, rm, rv, None, None, EPS)
+
+
+# ------------------------------------------------------------------- statistics from a conv's partials
+
+
+def conv_with_partials(shape, oc, layout="contiguous", dtype=torch.float32, shift=0.0, scale=1.0):
+    """``(out, partials)`` of tritonkit::conv2d_bn_stats (3x3, padding 1) on random inputs; ``out`` ~
+    ``scale * randn + shift`` per channel (weights scaled to unit output variance, bias ``shift``)."""
+    x = make(shape, layout, dtype)
+    w = (torch.randn(oc, shape[1], 3, 3) * (scale / (9 * shape[1]) ** 0.5)).to(dtype).to(DEVICE)
+    b = (torch.randn(oc) * scale + shift).to(dtype).to(DEVICE)
+    return ops.conv2d_bn_stats(x, w, b, [1, 1], [1, 1], [1, 1], 1)
+
+
+def reference_partials(y):
+    """The conv2d_bn_stats tile format written in torch: per BN_STAT_ROWS-pixel tile of the (n, h, w) rows
+    of ``y`` and channel, (count, mean, M2) in float64, rounded to float32, shape [T, 3, C]."""
+    rows = y.double().permute(0, 2, 3, 1).reshape(-1, y.shape[1])
+    tiles = rows.split(conv_kernels.BN_STAT_ROWS)
+    means = torch.stack([t.mean(0) for t in tiles])
+    m2 = torch.stack([((t - t.mean(0)) ** 2).sum(0) for t in tiles])
+    counts = torch.tensor([float(len(t)) for t in tiles], dtype=torch.float64)[:, None].expand_as(means)
+    return torch.stack([counts, means, m2], 1).float().to(y.device)
+
+
+def check_from_partials(y, partials, w, b, rm, rv, momentum=0.1, nbt=None, residual=None, relu=False, split=None):
+    """batch_norm_train_from_partials against eager's training batch norm of ``y`` and against
+    tritonkit's batch_norm_train (same metadata; statistics within the float32 tolerance)."""
+    args = (y, partials, w, b, rm, rv, nbt, momentum, EPS, residual, relu)
+    result = (ops.batch_norm_train_from_partials(*args) if split is None
+              else kernels.batch_norm_train_from_partials(*args, split=split))
+    check_outputs(result, *eager_train(y, w, b, rm, rv, 0.0 if momentum is None else momentum, residual=residual,
+                                       relu=relu))
+    direct = ops.batch_norm_train(y, w, b, rm, rv, nbt, momentum, EPS, residual, relu)
+    for got, ref in zip(result, direct, strict=True):
+        assert (got is None) == (ref is None)
+        if got is not None:
+            assert got.dtype == ref.dtype and got.shape == ref.shape and got.stride() == ref.stride()
+            assert_close(got, ref)
+    if nbt is not None:
+        assert torch.equal(result[5], nbt + 1) and result[5].shape == nbt.shape
+    return result
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("affine,running", [(True, True), (False, True), (True, False)])
+def test_from_partials_conv(layout, dtype, affine, running):
+    """Partials of the real conv2d_bn_stats (3*9*11 = 297 pixels: five tiles, the last of 41); for half
+    the partials come from the float32 accumulator, eager normalises the rounded output."""
+    y, partials = conv_with_partials((3, 4, 9, 11), 6, layout, dtype, shift=0.5, scale=2.0)
+    w, b, rm, rv = params(6, dtype, affine, running)
+    nbt = torch.tensor(7, device=DEVICE) if running else None
+    check_from_partials(y, partials, w, b, rm, rv, nbt=nbt)
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 5, 7), (2, 5, 8, 4), (3, 7, 13, 11), (2, 70, 3, 17)], ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_from_partials_reference_tiles(shape, layout):
+    """Partials from the torch reference of the tile format: one partial tile (35 pixels), whole tiles
+    only (64), many tiles (429), more channels than a GPU channel block (70)."""
+    y = make(shape, layout, scale=3.0, shift=-1.0)
+    check_from_partials(y, reference_partials(y), *params(shape[1], torch.float32), nbt=torch.tensor([3]))
+
+
+@pytest.mark.parametrize("split", [2, 3, 7, 12])
+def test_from_partials_two_level(split):
+    """The tiles combine kernel (split runs of tiles, then the finalize over the runs) as a GPU launch of
+    large T uses it; 12 > T = 7 leaves runs without tiles. Bit-identical on a rerun."""
+    y = make((2, 5, 13, 17), "channels_last", scale=0.5, shift=7.0)
+    partials = reference_partials(y)
+    w, b, rm, rv = params(5, torch.float32)
+    first = check_from_partials(y, partials, w, b, rm, rv, nbt=torch.tensor(0), split=split)
+    again = kernels.batch_norm_train_from_partials(y, partials, w, b, rm, rv, torch.tensor(0), 0.1, EPS, split=split)
+    assert same(first, again)
+    assert_batch_norm_stats_close(first[1], first[2], y, EPS)
+
+
+def chan_reference(partials):
+    """float64 ``(n, mean, biased variance)`` per channel of the [T, 3, C] tiles as given (Chan's formula)."""
+    count, mean, m2 = partials.double().unbind(1)
+    n = count.sum(0)
+    total = (count * mean).sum(0) / n
+    return n, total, (m2.sum(0) + (count * (mean - total) ** 2).sum(0)) / n
+
+
+@pytest.mark.parametrize("source", ["conv", "reference"])
+@pytest.mark.parametrize("split", [1, 3])
+def test_from_partials_large_mean(source, split):
+    """Activations ~ 100 + 0.01 * randn: the combination shifted by the first tile's mean does not cancel
+    (a float32 sum of n_t * mean_t would lose the spread). The statistics against float64 Chan of the
+    same float32 tiles at the BN_* tolerances; the output at what the float32 mean's rounding allows.
+    (Against float64 statistics of y itself the tiles' float32 means, each rounded at magnitude 100
+    against a spread of ~1e-3 between tile means, already differ by ~1e-5 relative in the variance.)"""
+    if source == "conv":
+        y, partials = conv_with_partials((3, 4, 9, 11), 5, shift=100.0, scale=0.01)
+    else:
+        y = make((3, 5, 9, 11), scale=0.01, shift=100.0)
+        partials = reference_partials(y)
+    w, b, rm, rv = params(5, torch.float32)
+    out, mean, invstd, _, new_rv, _ = kernels.batch_norm_train_from_partials(
+        y, partials, w, b, rm, rv, None, 0.1, EPS, split=split)
+    n, ref_mean, ref_var = chan_reference(partials)
+    ref_invstd = 1 / torch.sqrt(ref_var + EPS)
+    torch.testing.assert_close(mean.double(), ref_mean, rtol=BN_MEAN_RTOL, atol=0)
+    torch.testing.assert_close(invstd.double(), ref_invstd, rtol=BN_INVSTD_RTOL, atol=0)
+    ref_rv = 0.9 * rv.double() + 0.1 * ref_var * n / (n - 1)
+    torch.testing.assert_close(new_rv.double(), ref_rv, rtol=BN_INVSTD_RTOL, atol=0)
+    ref_out = ((y.double() - ref_mean[:, None, None]) * (ref_invstd * w.double())[:, None, None]
+               + b.double()[:, None, None])
+    atol = batch_norm_output_atol(ref_mean, ref_invstd, w)
+    torch.testing.assert_close(out.double(), ref_out, rtol=TOLERANCES[torch.float32]["rtol"], atol=atol)
+
+
+@pytest.mark.parametrize("layouts", [("contiguous", "contiguous"), ("channels_last", "channels_last"),
+                                     ("channels_last", "contiguous")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_from_partials_residual_relu(layouts, dtype):
+    y, partials = conv_with_partials((2, 3, 7, 6), 5, layouts[0], dtype)
+    residual = make(y.shape, layouts[1], dtype)
+    check_from_partials(y, partials, *params(5, dtype), residual=residual, relu=True)
+
+
+def test_from_partials_no_running_stats():
+    """track_running_stats=False (no running stats, no counter): those outputs are None; momentum=None is
+    then unused, as in eager."""
+    y, partials = conv_with_partials((2, 3, 5, 7), 4, "channels_last")
+    check_from_partials(y, partials, *params(4, torch.float32, running=False), momentum=None, relu=True)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_from_partials_matches_nn_batchnorm(momentum):
+    """Three nn.BatchNorm2d training steps (momentum=None: cumulative) on conv outputs through their
+    partials: outputs, running stats and the counter as eager's module."""
+    module = torch.nn.BatchNorm2d(6, momentum=momentum).to(DEVICE).train()
+    with torch.no_grad():
+        module.weight.copy_(vec(6))
+        module.bias.copy_(vec(6))
+    convs = [conv_with_partials((2, 3, 6, 7), 6, layout, shift=s) for s, layout in zip([1.0, -2.0, 0.0], LAYOUTS * 2)]
+    partials = {id(y): p for y, p in convs}
+
+    def step(y, w, b, rm, rv, nbt, momentum):
+        return ops.batch_norm_train_from_partials(y, partials[id(y)], w, b, rm, rv, nbt, momentum, EPS)
+
+    run_module_steps(module, [y for y, _ in convs], step)
+
+
+def test_from_partials_deterministic():
+    y, partials = conv_with_partials((3, 4, 8, 9), 7, "channels_last", shift=3.0)
+    w, b, rm, rv = params(7, torch.float32)
+    first, again = (ops.batch_norm_train_from_partials(y, partials, w, b, rm, rv, torch.tensor(5), None, EPS)
+                    for _ in range(2))
+    assert same(first, again)
+
+
+def test_from_partials_opcheck():
+    y, partials = conv_with_partials((2, 3, 4, 5), 3, "channels_last")
+    w, b, rm, rv = params(3, torch.float32)
+    torch.library.opcheck(ops.batch_norm_train_from_partials, (y, partials, w, b, rm, rv, torch.tensor(2), None, EPS))
+    torch.library.opcheck(ops.batch_norm_train_from_partials,
+                          (y, partials, None, None, None, None, None, 0.1, EPS, make((2, 3, 4, 5)), True))
+
+
+def test_from_partials_bad_arguments(monkeypatch):
+    monkeypatch.setattr(kernels, "batch_norm_train_from_partials", lambda *a, **k: pytest.fail("a kernel was launched"))
+    y = make((2, 3, 9, 8))  # 144 pixels: 3 tiles
+    good = reference_partials(y)
+    w, b, rm, rv = params(3, torch.float32)
+
+    def call(x=y, partials=good, **kw):
+        a = {"w": w, "b": b, "rm": rm, "rv": rv, "nbt": None, "momentum": 0.1, **kw}
+        return ops.batch_norm_train_from_partials(x, partials, a["w"], a["b"], a["rm"], a["rv"], a["nbt"],
+                                                  a["momentum"], EPS)
+
+    for bad in [good[:2], good[:, :2], torch.cat([good, good], 2), good[0]]:
+        with pytest.raises(RuntimeError, match=r"partials shape .* = \[3, 3, 3\] for input shape"):
+            call(partials=bad)
+    with pytest.raises(RuntimeError, match="partials must be float32"):
+        call(partials=good.half())
+    with pytest.raises(RuntimeError, match="running_var should contain 3 elements not 4"):
+        call(rv=vec(4))
+    with pytest.raises(ValueError, match="expected 4D input"):
+        call(x=y[0])
+    with pytest.raises(RuntimeError, match="residual shape"):
+        ops.batch_norm_train_from_partials(y, good, w, b, rm, rv, None, 0.1, EPS, make((2, 3, 9, 7)))
+    with pytest.raises(TypeError, match="needs num_batches_tracked"):
+        call(momentum=None)
+    with pytest.raises(RuntimeError, match="num_batches_tracked must be int64"):
+        call(nbt=torch.tensor(1.0))
+    fake = torch._subclasses.fake_tensor.FakeTensorMode()
+    fake_y, fake_partials = fake.from_tensor(y), fake.from_tensor(good[1:])
+    with fake, pytest.raises(RuntimeError, match="partials shape"):  # the fake impl checks too
+        call(x=fake_y, partials=fake_partials, w=None, b=None, rm=None, rv=None)
 
 
 # ------------------------------------------------------------------------------------------ statistics

@@ -1,21 +1,29 @@
-"""BatchNorm2d custom ops: ``tritonkit::batch_norm_stats``, ``batch_norm_train``, ``batch_norm_eval``,
-``batch_norm_backward``.
+"""BatchNorm2d custom ops: ``tritonkit::batch_norm_stats``, ``batch_norm_train``,
+``batch_norm_train_from_partials``, ``batch_norm_eval``, ``batch_norm_backward``.
 
 * ``batch_norm_stats(input, eps) -> (mean, invstd)``: per-channel float32 statistics of 4-D
   ``input`` (any float dtype), ``invstd = 1 / sqrt(biased_var + eps)``; deterministic (no atomics).
 * ``batch_norm_train(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
-  residual=None, relu=False) -> (out, save_mean, save_invstd, running_mean_out,
-  running_var_out, num_batches_tracked_out)``: eager's
-  ``aten._native_batch_norm_legit_functional(..., training=True, ...)``, and with ``residual`` /
-  ``relu`` the ResNet block end ``relu(bn(x) + residual)`` in one pass. The running outputs are new
-  tensors (``(1 - momentum) * old + momentum * batch``, unbiased variance), None when the running
-  stats are None (``track_running_stats=False``). ``num_batches_tracked`` (None, or int64 with one
-  element: 0-d as nn.BatchNorm2d holds it, or shape [1]; the argument order of ``_from_partials``) gives ``num_batches_tracked_out = num_batches_tracked + 1``,
-  a new tensor of its shape (the input is not mutated), written by the statistics' finalize launch;
-  without it that output is None. ``momentum=None`` is nn.BatchNorm2d's cumulative moving average,
-  the factor ``1 / num_batches_tracked_out`` computed on the device (so it needs ``num_batches_tracked``
-  when there are running stats; TypeError otherwise, as ``F.batch_norm`` raises for a None momentum).
-  ``save_*`` are float32 on a GPU and in the input's dtype on the CPU, as eager returns them on each
+  residual=None, relu=False) -> (out, save_mean, save_invstd, running_mean_out, running_var_out,
+  num_batches_tracked_out)``: eager's ``aten._native_batch_norm_legit_functional(..., training=True, ...)``
+  (and nn.BatchNorm2d's counter increment), with ``residual`` / ``relu`` the ResNet block end
+  ``relu(bn(x) + residual)`` in one pass. The running outputs are new tensors (``(1 - momentum) * old +
+  momentum * batch``, unbiased variance), None when the running stats are None
+  (``track_running_stats=False``). ``num_batches_tracked`` (None, or int64 with one element: 0-d as
+  nn.BatchNorm2d holds it, or shape [1]) gives ``num_batches_tracked_out = num_batches_tracked + 1``, a
+  new tensor of its shape (the input is not mutated), written by the statistics' finalize launch (no
+  launch of its own); without it that output is None. ``momentum=None`` is nn.BatchNorm2d's cumulative
+  moving average, the factor ``1 / num_batches_tracked_out`` computed on the device (so it needs
+  ``num_batches_tracked`` when there are running stats; TypeError otherwise, as ``F.batch_norm`` raises
+  for a None momentum). ``save_*`` are float32 on a GPU and in the input's dtype on the CPU, as eager
+  returns them on each device.
+* ``batch_norm_train_from_partials(input, partials, weight, bias, running_mean, running_var,
+  num_batches_tracked, momentum, eps, residual=None, relu=False)``: ``batch_norm_train``, same
+  outputs, with ``input`` a conv output and ``partials`` its float32 tiles ``[T, 3, C]`` = (count, mean,
+  M2) per 64 output pixels from ``tritonkit::conv2d_bn_stats`` (``T = ceil(N*H*W / 64)``, the
+  ``kernels.conv.BN_STAT_ROWS`` of ``bn_stat_tiles``): no statistics pass over ``input``; the tiles are
+  combined with Chan's formula in a fixed order (bit-identical reruns; kernels.norm explains the
+  two-level tree for large T). RuntimeError before any launch for partials of another shape, dtype or
   device.
 * ``batch_norm_eval(input, weight, bias, running_mean, running_var, eps, residual=None, relu=False)
   -> out``: ``relu?((x - running_mean) / sqrt(running_var + eps) * weight + bias [+ residual])``.
@@ -40,11 +48,16 @@ from __future__ import annotations
 import torch
 
 from tritonkit.kernels import norm as kernels
+from tritonkit.kernels.conv import bn_stat_tiles
 from tritonkit.kernels.pool import output_memory_format
 from tritonkit.ops.checks import check_float_tensors
 
 _STATS, _TRAIN, _EVAL, _BWD = ("tritonkit::batch_norm_stats", "tritonkit::batch_norm_train",
                                "tritonkit::batch_norm_eval", "tritonkit::batch_norm_backward")
+_PARTIALS = "tritonkit::batch_norm_train_from_partials"
+_TRAIN_ARGS = ("Tensor? weight, Tensor? bias, Tensor? running_mean, Tensor? running_var, Tensor? num_batches_tracked, "
+               "float? momentum, float eps, Tensor? residual=None, bool relu=False) "
+               "-> (Tensor, Tensor, Tensor, Tensor?, Tensor?, Tensor?)")
 
 
 def _check_input(op: str, input: torch.Tensor) -> int:
@@ -144,19 +157,14 @@ def _train_outputs(input, C, running_mean, running_var, num_batches_tracked):
             *running, counter)
 
 
-def _check_train(input, weight, bias, running_mean, running_var, momentum, residual, num_batches_tracked):
-    C = _check_forward(_TRAIN, input, weight, bias, running_mean, running_var, residual, True)
-    _check_counter(_TRAIN, input, running_mean, num_batches_tracked, momentum)
+def _check_train(input, weight, bias, running_mean, running_var, momentum, residual, num_batches_tracked,
+                 op=_TRAIN):
+    C = _check_forward(op, input, weight, bias, running_mean, running_var, residual, True)
+    _check_counter(op, input, running_mean, num_batches_tracked, momentum)
     return C
 
 
-@torch.library.custom_op(
-    _TRAIN,
-    mutates_args=(),
-    schema="(Tensor input, Tensor? weight, Tensor? bias, Tensor? running_mean, Tensor? running_var, "
-           "Tensor? num_batches_tracked, float? momentum, float eps, Tensor? residual=None, bool relu=False) "
-           "-> (Tensor, Tensor, Tensor, Tensor?, Tensor?, Tensor?)",
-)
+@torch.library.custom_op(_TRAIN, mutates_args=(), schema="(Tensor input, " + _TRAIN_ARGS)
 def batch_norm_train(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
                      residual=None, relu=False):
     _check_train(input, weight, bias, running_mean, running_var, momentum, residual, num_batches_tracked)
@@ -168,6 +176,43 @@ def batch_norm_train(input, weight, bias, running_mean, running_var, num_batches
 def _(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, residual=None,
       relu=False):
     C = _check_train(input, weight, bias, running_mean, running_var, momentum, residual, num_batches_tracked)
+    return _train_outputs(input, C, running_mean, running_var, num_batches_tracked)
+
+
+# --- batch_norm_train_from_partials ---------------------------------------------------------------------------
+
+
+def _check_from_partials(input, partials, weight, bias, running_mean, running_var, momentum, residual,
+                         num_batches_tracked):
+    op = _PARTIALS
+    C = _check_train(input, weight, bias, running_mean, running_var, momentum, residual, num_batches_tracked, op)
+    if partials.dtype != torch.float32:
+        raise RuntimeError(f"{op}: partials must be float32 (conv2d_bn_stats' tiles), got {partials.dtype}")
+    if partials.device != input.device:
+        raise RuntimeError(f"{op}: partials is on {partials.device} but input is on {input.device}; expected one "
+                           "device")
+    N, _, H, W = input.shape
+    expected = (bn_stat_tiles(N * H * W), 3, C)
+    if tuple(partials.shape) != expected:
+        raise RuntimeError(f"{op}: partials shape {tuple(partials.shape)} must be [ceil(N*H*W / 64), 3, C] = "
+                           f"{list(expected)} for input shape {tuple(input.shape)}")
+    return C
+
+
+@torch.library.custom_op(_PARTIALS, mutates_args=(), schema="(Tensor input, Tensor partials, " + _TRAIN_ARGS)
+def batch_norm_train_from_partials(input, partials, weight, bias, running_mean, running_var, num_batches_tracked,
+                                   momentum, eps, residual=None, relu=False):
+    _check_from_partials(input, partials, weight, bias, running_mean, running_var, momentum, residual,
+                         num_batches_tracked)
+    return kernels.batch_norm_train_from_partials(input, partials, weight, bias, running_mean, running_var,
+                                                  num_batches_tracked, momentum, eps, residual, relu)
+
+
+@batch_norm_train_from_partials.register_fake
+def _(input, partials, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, residual=None,
+      relu=False):
+    C = _check_from_partials(input, partials, weight, bias, running_mean, running_var, momentum, residual,
+                             num_batches_tracked)
     return _train_outputs(input, C, running_mean, running_var, num_batches_tracked)
 
 
@@ -246,4 +291,5 @@ def _(grad_out, input, weight, running_mean, running_var, save_mean, save_invstd
             input.new_empty((C,)) if want_gb else None)
 
 
-__all__ = ["batch_norm_backward", "batch_norm_eval", "batch_norm_stats", "batch_norm_train"]
+__all__ = ["batch_norm_backward", "batch_norm_eval", "batch_norm_stats", "batch_norm_train",
+           "batch_norm_train_from_partials"]
