@@ -232,13 +232,17 @@ def test_num_batches_tracked_bad_arguments(monkeypatch):
 # ------------------------------------------------------------------- statistics from a conv's partials
 
 
-def conv_with_partials(shape, oc, layout="contiguous", dtype=torch.float32, shift=0.0, scale=1.0):
+def conv_with_partials(shape, oc, layout="contiguous", dtype=torch.float32, shift=0.0, scale=1.0, eager=False):
     """``(out, partials)`` of tritonkit::conv2d_bn_stats (3x3, padding 1) on random inputs; ``out`` ~
-    ``scale * randn + shift`` per channel (weights scaled to unit output variance, bias ``shift``)."""
+    ``scale * randn + shift`` per channel (weights scaled to unit output variance, bias ``shift``).
+    ``eager``: also eager's ``F.conv2d`` of the same inputs, in float32."""
     x = make(shape, layout, dtype)
     w = (torch.randn(oc, shape[1], 3, 3) * (scale / (9 * shape[1]) ** 0.5)).to(dtype).to(DEVICE)
     b = (torch.randn(oc) * scale + shift).to(dtype).to(DEVICE)
-    return ops.conv2d_bn_stats(x, w, b, [1, 1], [1, 1], [1, 1], 1)
+    out, partials = ops.conv2d_bn_stats(x, w, b, [1, 1], [1, 1], [1, 1], 1)
+    if not eager:
+        return out, partials
+    return out, partials, torch.nn.functional.conv2d(x.float(), w.float(), b.float(), padding=1)
 
 
 def reference_partials(y):
@@ -275,12 +279,14 @@ def check_from_partials(y, partials, w, b, rm, rv, momentum=0.1, nbt=None, resid
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("affine,running", [(True, True), (False, True), (True, False)])
 def test_from_partials_conv(layout, dtype, affine, running):
-    """Partials of the real conv2d_bn_stats (3*9*11 = 297 pixels: five tiles, the last of 41); for half
-    the partials come from the float32 accumulator, eager normalises the rounded output."""
-    y, partials = conv_with_partials((3, 4, 9, 11), 6, layout, dtype, shift=0.5, scale=2.0)
+    """Partials of the real conv2d_bn_stats (3*9*11 = 297 pixels: five tiles, the last of 41) against eager
+    batch norm of the conv output and of eager's F.conv2d; for half the partials come from the float32
+    accumulator, eager normalises the rounded output."""
+    y, partials, conv = conv_with_partials((3, 4, 9, 11), 6, layout, dtype, shift=0.5, scale=2.0, eager=True)
     w, b, rm, rv = params(6, dtype, affine, running)
     nbt = torch.tensor(7, device=DEVICE) if running else None
-    check_from_partials(y, partials, w, b, rm, rv, nbt=nbt)
+    result = check_from_partials(y, partials, w, b, rm, rv, nbt=nbt)
+    check_outputs(result, *eager_train(conv.to(dtype), w, b, rm, rv, 0.1))  # eager F.conv2d + batch norm
 
 
 @pytest.mark.parametrize("shape", [(1, 3, 5, 7), (2, 5, 8, 4), (3, 7, 13, 11), (2, 70, 3, 17)], ids=str)
