@@ -388,6 +388,25 @@ def test_from_partials_deterministic():
     assert same(first, again)
 
 
+_FORWARD_KERNELS = ("batch_norm_stats_partial_kernel", "batch_norm_tiles_combine_kernel",
+                    "batch_norm_stats_finalize_kernel", "batch_norm_apply_kernel")
+
+
+@pytest.mark.parametrize("split,expected", [(1, {"finalize": 1, "apply": 1}),
+                                            (3, {"combine": 1, "finalize": 1, "apply": 1})])
+def test_from_partials_launches(monkeypatch, split, expected):
+    """No statistics pass over the input; the counter and the running stats cost no launch of their own;
+    the tiles combine kernel only for split > 1. batch_norm_train with a counter: partial, finalize, apply."""
+    y, partials = conv_with_partials((2, 3, 6, 7), 4)
+    w, b, rm, rv = params(4, torch.float32)
+    launches = _Launches(monkeypatch, _FORWARD_KERNELS)
+    kernels.batch_norm_train_from_partials(y, partials, w, b, rm, rv, torch.tensor(1), None, EPS, split=split)
+    assert {k.split("_")[-2]: v for k, v in launches.count.items()} == expected
+    launches.count.clear()
+    ops.batch_norm_train(y, w, b, rm, rv, torch.tensor(1), None, EPS)
+    assert {k.split("_")[-2]: v for k, v in launches.count.items()} == {"partial": 1, "finalize": 1, "apply": 1}
+
+
 def test_from_partials_opcheck():
     y, partials = conv_with_partials((2, 3, 4, 5), 3, "channels_last")
     w, b, rm, rv = params(3, torch.float32)
@@ -630,11 +649,12 @@ def test_backward_output_mask(mask, train):
 
 
 class _Launches:
-    """Counts the launches of the backward's kernels (monkeypatched into the kernel module)."""
+    """Counts the launches of kernels ``names`` (default: the backward's; monkeypatched into the kernel module)."""
 
-    def __init__(self, monkeypatch):
+    def __init__(self, monkeypatch, names=("batch_norm_bwd_reduce_kernel", "batch_norm_bwd_finalize_kernel",
+                                           "batch_norm_bwd_apply_kernel")):
         self.count = {}
-        for name in ("batch_norm_bwd_reduce_kernel", "batch_norm_bwd_finalize_kernel", "batch_norm_bwd_apply_kernel"):
+        for name in names:
             monkeypatch.setattr(kernels, name, self._wrap(name, getattr(kernels, name)))
 
     def _wrap(self, name, kernel):
