@@ -204,10 +204,16 @@ def test_lenet_trains_like_eager(loss_fn, optimizer, steps):
 
 def test_explain_lenet_training_step_counts_launches():
     torch.manual_seed(0)
-    report = explain(LeNet().to(DEVICE), randn(4, 3, 32, 32))
+    model = LeNet().to(DEVICE)
+    report = explain(model, randn(4, 3, 32, 32))
     assert [g.kind for g in report.graphs] == ["forward", "backward"]
     assert not report.fallbacks and all(not g.eager_ops for g in report.graphs)
     assert report.launches < report.launches_eager
+    torch._dynamo.reset()
+    target = torch.randint(0, 10, (4,), device=DEVICE)
+    step = explain(lambda x, t: F.cross_entropy(model(x), t).backward(), randn(4, 3, 32, 32), target)
+    assert not step.fallbacks and all(not g.eager_ops for g in step.graphs), str(step)
+    assert step.launches <= 0.6 * step.launches_eager, str(step)  # 20 of eager's 35
     text = str(report)
     for piece in ("convolution + relu -> tritonkit.conv2d(relu=True)",
                   "addmm + relu_2 -> tritonkit.linear(relu=True)",
@@ -217,9 +223,10 @@ def test_explain_lenet_training_step_counts_launches():
         assert piece in text, text
     # no threshold_backward survives: every ReLU mask is folded into a backward kernel
     assert "relu_backward" not in text
+    # each layer's weight and bias gradients come from one launch
     assert lowered_ops(report.graphs) == {
-        "conv2d", "max_pool2d", "linear", "linear_input_grad", "linear_weight_grad", "max_pool2d_backward",
-        "conv2d_input_grad", "conv2d_weight_grad", "bias_grad"}
+        "conv2d", "max_pool2d", "linear", "linear_input_grad", "linear_weight_bias_grad", "max_pool2d_backward",
+        "conv2d_input_grad", "conv2d_weight_bias_grad"}
 
 
 def test_profiler_shows_tritonkit_ops_replace_aten_in_the_training_step():
@@ -232,8 +239,8 @@ def test_profiler_shows_tritonkit_ops_replace_aten_in_the_training_step():
         F.mse_loss(compiled(x), y).backward()
     names = {e.name for e in prof.events()}
     assert not names & set(LOWERED_ATEN), sorted(names & set(LOWERED_ATEN))
-    for op in ("conv2d", "conv2d_input_grad", "conv2d_weight_grad", "max_pool2d", "max_pool2d_backward",
-               "linear", "linear_input_grad", "linear_weight_grad", "bias_grad"):
+    for op in ("conv2d", "conv2d_input_grad", "conv2d_weight_bias_grad", "max_pool2d", "max_pool2d_backward",
+               "linear", "linear_input_grad", "linear_weight_bias_grad"):
         assert f"tritonkit::{op}" in names, sorted(n for n in names if "tritonkit" in n)
     # the same step in eager runs the aten kernels
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
@@ -267,9 +274,11 @@ def test_resnet_block_trains_with_batch_norm_and_adds_lowered():
         close(p, q, name)  # parameters and batch-norm running statistics
     forward, backward = reports
     assert not any("batch_norm" in op for op in forward.eager_ops | backward.eager_ops)
-    # the ReLUs after batch norm and after the residual add are fused into the batch-norm call
-    assert {"conv2d", "batch_norm_train", "linear"} <= lowered_ops([forward])
-    assert {"batch_norm_backward", "conv2d_input_grad", "conv2d_weight_grad"} <= lowered_ops([backward])
+    # the convs before a batch norm write its statistics; the ReLUs after batch norm and after the
+    # residual add are fused into the batch-norm call
+    assert {"conv2d", "conv2d_bn_stats", "batch_norm_train_from_partials", "linear"} <= lowered_ops([forward])
+    assert {"batch_norm_backward", "conv2d_input_grad", "conv2d_weight_grad",
+            "conv2d_weight_bias_grad"} <= lowered_ops([backward])
     assert not forward.fallbacks and not backward.fallbacks
 
 
@@ -339,7 +348,7 @@ def test_float16_network_lowers():
     ref.backward(seed)
     for (name, p), q in zip(half.named_parameters(), reference.parameters()):
         assert_close(p.grad, q.grad.half(), grad=True, msg=name)
-    assert lowered_ops(reports) >= {"conv2d", "linear", "max_pool2d_backward", "conv2d_weight_grad"}
+    assert lowered_ops(reports) >= {"conv2d", "linear", "max_pool2d_backward", "conv2d_weight_bias_grad"}
 
 
 class Linear3d(torch.nn.Module):
@@ -360,7 +369,7 @@ def test_linear_on_3d_input_fuses_relu_through_views():
     text = "\n".join(map(str, reports))
     assert "-> tritonkit.linear(relu=True)" in text
     # threshold_backward reaches its mm/sum consumers through a view and is folded
-    assert "relu_backward" not in text and "linear_weight_grad(relu_output=" in text
+    assert "relu_backward" not in text and "linear_weight_bias_grad(relu_output=" in text
 
 
 class MatmulNet(torch.nn.Module):

@@ -1,11 +1,28 @@
-"""Convolution rules: ``convolution`` [+ ``relu``] [+ ``max_pool2d``], and ``convolution_backward``."""
+"""Convolution rules.
+
+=======================================================  ===================================================
+ATen                                                      tritonkit
+=======================================================  ===================================================
+``convolution`` [+ ``relu``]                              ``conv2d`` [relu=True]
+  + ``relu`` + ``max_pool2d`` values only (inference)     ``conv2d_relu_maxpool``
+  + eval BatchNorm [+ ``add``] [+ ``relu``]               ``conv2d_batch_norm`` (BN in the epilogue)
+  + eval BatchNorm + ``relu`` + ``max_pool2d`` (stem)     ``conv2d_relu_maxpool`` with the BN parameters
+  + training BatchNorm [+ ``add``] [+ ``relu``]           ``conv2d_bn_stats`` (statistics in the epilogue) +
+                                                          ``batch_norm_train_from_partials``
+``convolution_backward``                                  ``conv2d_input_grad``, ``conv2d_weight_grad`` or
+                                                          ``conv2d_weight_bias_grad`` (one launch for both)
+  + ``add`` of the input gradient and another gradient    the sum in ``conv2d_input_grad``'s epilogue
+    (a residual block's two branches)                     (``residual=``; a ReLU mask on it folded too)
+=======================================================  ===================================================
+"""
 
 from __future__ import annotations
 
 import logging
 import operator
 
-from tritonkit.lowering.graph import Fail, Rewrite, Spec, aten, bind, is_call, only_user, val
+from tritonkit.lowering import norm
+from tritonkit.lowering.graph import Fail, New, Rewrite, Spec, aten, bind, is_call, only_user, val
 from tritonkit.lowering.rules import mask_consumer, rule
 
 log = logging.getLogger("tritonkit.lowering")
@@ -25,70 +42,158 @@ def geometry(a: dict, x) -> tuple:
 
 @rule(aten.convolution.default)
 def convolution(lw, node):
-    """``convolution`` -> ``conv2d``, with the ReLU after it fused (and, in inference, the max-pool)."""
+    """``convolution`` -> ``conv2d``, with what follows it fused where one kernel can do it."""
     a = bind(node)
     x, w, b = a["input"], a["weight"], a["bias"]
     lw.checker.tensors_ok(gemm=True, input=x, weight=w, bias=b)
     geo = geometry(a, x)
+    for fusion in (_conv_bn_eval, _conv_bn_train):
+        fused = _try(fusion, lw, node, x, w, b, geo)
+        if fused is not None:
+            return fused
     relu = lw.relu_after(node)
     if relu is not None and relu.args[0] is node:
-        fused = _conv_relu_pool(lw, node, relu, x, w, b, geo)
+        fused = _try(_conv_relu_pool, lw, node, relu, x, w, b, geo)
         if fused is not None:
             return fused
         return Rewrite([lw.spec("conv2d", (x, w, b, *geo, True), relu, "conv2d(relu=True)")], (node, relu))
     return Rewrite([lw.spec("conv2d", (x, w, b, *geo, False), node)], (node,))
 
 
-def _conv_relu_pool(lw, conv, relu, x, w, b, geo):
-    """Inference: conv -> ReLU -> max-pool values only (the unpooled activation has no other use)
-    as one kernel that never writes the unpooled activation."""
+def _try(fusion, lw, conv, *args):
+    """A fusion's rewrite, or None when it does not apply (the plain conv is lowered instead)."""
+    try:
+        return fusion(lw, conv, *args)
+    except Fail as why:
+        log.debug("%s: %s not applied at %s: %s", lw.name, fusion.__name__.strip("_"), conv.name, why)
+        return None
+
+
+def _pooled(relu):
+    """``(pool node, its values getitem)`` when ``relu``'s only use is a max-pool whose indices are unused."""
     pool = only_user(relu)
     if not is_call(pool, aten.max_pool2d_with_indices.default):
         return None
     getitems = list(pool.users)
     if len(getitems) != 1 or not is_call(getitems[0], operator.getitem) or getitems[0].args[1] != 0:
         return None
+    return pool, getitems[0]
+
+
+def _pool_args(pool) -> tuple:
     p = bind(pool)
-    args = (x, w, b, *geo, list(p["kernel_size"]), list(p["stride"]), list(p["padding"]),
-            list(p["dilation"]), p["ceil_mode"])
-    spec = Spec(lw.tk.conv2d_relu_maxpool.default, args, getitems[0], "conv2d_relu_maxpool")
-    try:
-        lw.checker.check(spec)
-    except Fail as why:
-        log.debug("conv+relu+max-pool not fused at %s: %s", conv.name, why)
+    return (list(p["kernel_size"]), list(p["stride"]), list(p["padding"]), list(p["dilation"]), p["ceil_mode"])
+
+
+def _conv_relu_pool(lw, conv, relu, x, w, b, geo):
+    """Inference: conv -> ReLU -> max-pool values only (the unpooled activation has no other use)
+    as one kernel that never writes the unpooled activation."""
+    pooled = _pooled(relu)
+    if pooled is None:
         return None
+    pool, values = pooled
+    spec = lw.spec("conv2d_relu_maxpool", (x, w, b, *geo, *_pool_args(pool)), values)
     return Rewrite([spec], (conv, relu, pool))
 
 
-def _backward_specs(lw, node, g=None, mask=None) -> list[Spec] | None:
+def _bn_user(conv, targets):
+    """The BatchNorm of one of ``targets`` that normalises ``conv``'s output, if any."""
+    return next((u for u in conv.users if is_call(u, *targets) and u.args[0] is conv), None)
+
+
+def _conv_bn_eval(lw, conv, x, w, b, geo):
+    """conv -> eval BatchNorm [-> + residual] [-> ReLU] as ``conv2d_batch_norm``, or with a max-pool
+    after the ReLU (the ResNet stem) ``conv2d_relu_maxpool`` with the BN parameters: one kernel."""
+    bn = _bn_user(conv, (norm.EVAL,))
+    if bn is None or only_user(conv) is not bn:
+        return None
+    _, bn_w, bn_b, rm, rv, eps = norm.eval_args(bn)
+
+    def make_spec(residual, relu, last):
+        pooled = _pooled(last) if relu and residual is None else None
+        if pooled is not None:
+            pool, values = pooled
+            args = (x, w, b, *geo, *_pool_args(pool), bn_w, bn_b, rm, rv, eps)
+            return lw.spec("conv2d_relu_maxpool", args, values, "conv2d_relu_maxpool(batch_norm)"), (pool,)
+        label = norm.epilogue_label("conv2d_batch_norm", residual, relu)
+        args = (x, w, b, bn_w, bn_b, rm, rv, eps, residual, *geo, relu)
+        return lw.spec("conv2d_batch_norm", args, last, label), ()
+
+    rewrite = norm.eval_rewrite(lw, bn, make_spec)
+    return None if rewrite is None else Rewrite(rewrite.specs, (conv, *rewrite.absorbed))
+
+
+def _conv_bn_train(lw, conv, x, w, b, geo):
+    """conv -> training BatchNorm: the conv writes the BN statistics' per-tile partials in its epilogue
+    (``conv2d_bn_stats``) and the BatchNorm call combines them instead of reading the output again."""
+    bn = _bn_user(conv, norm.TRAIN)
+    if bn is None:
+        return None
+    call = New(lw.tk.conv2d_bn_stats.default, (x, w, b, *geo))
+    spec = Spec(operator.getitem, (call, 0), conv, "conv2d_bn_stats")
+    lw.checker.check(spec)
+    rewrite = norm.train_rewrite(lw, bn, partials=New(operator.getitem, (call, 1)))
+    return Rewrite([spec, *rewrite.specs], (conv, *rewrite.absorbed))
+
+
+# ------------------------------------------------------------------------------------------ backward
+def _sum_with(getitem, node):
+    """``(add, other)`` when ``getitem``'s only use is ``add(getitem, other)`` of two same-shape tensors with
+    ``other`` computed before ``node`` (the sum of a residual block's two branch gradients)."""
+    add = only_user(getitem)
+    if not is_call(add, aten.add.Tensor) or bind(add).get("alpha", 1) != 1:
+        return None
+    other = add.args[1] if add.args[0] is getitem else add.args[0]
+    if other is getitem or not hasattr(val(other), "shape") or tuple(val(other).shape) != tuple(val(getitem).shape):
+        return None
+    return (add, other) if val(other).dtype == val(getitem).dtype else None
+
+
+def _backward_specs(lw, node, g=None, mask=None, residual=None) -> list[Spec] | None:
+    """Specs for the used outputs of ``convolution_backward`` ``node``; ``g``/``mask``: its gradient is
+    ``g`` masked by ``mask > 0``; ``residual``: ``(add, tensor, tensor's mask)`` to sum into the input
+    gradient in its epilogue, replacing ``add``."""
     a = bind(node)
     grad, x, w = a["grad_output"], a["input"], a["weight"]
     lw.checker.tensors_ok(gemm=True, grad_output=grad, input=x, weight=w)
     geo = geometry(a, x)
-    users = list(node.users)
-    if not users:
+    outs = norm.outputs(node)
+    if not outs:
         return None
-    if not all(is_call(u, operator.getitem) for u in users):
-        raise Fail("an output is used other than through getitem")
+    for i in outs:
+        if not a["output_mask"][i]:
+            raise Fail(f"output {i} is used but output_mask does not ask for it")
     g = grad if g is None else g
     specs = []
-    for u in sorted(users, key=lambda u: u.args[1]):
-        if not a["output_mask"][u.args[1]]:
-            raise Fail(f"output {u.args[1]} is used but output_mask does not ask for it")
-        if u.args[1] == 0:
-            specs.append(lw.spec("conv2d_input_grad", (g, w, mask, lw.sizes(x), *geo), u))
-        elif u.args[1] == 1:
-            specs.append(lw.spec("conv2d_weight_grad", (g, x, mask, lw.sizes(w), *geo), u))
-        else:
-            specs.append(lw.spec("bias_grad", (g, mask, 1), u))
-    return specs
+    if 0 in outs:
+        if residual is None:
+            found = _sum_with(outs[0], node)
+            residual = None if found is None else (*found, None)
+        target, extra = (outs[0], ()) if residual is None else (residual[0], residual[1:])
+        label = "conv2d_input_grad" + ("" if not extra else "(+ masked residual)" if extra[1] is not None
+                                       else "(+ residual)")
+        specs.append(lw.spec("conv2d_input_grad", (g, w, mask, lw.sizes(x), *geo, *extra), target, label))
+    if 1 in outs and 2 in outs:
+        call = New(lw.tk.conv2d_weight_bias_grad.default, (g, x, mask, lw.sizes(w), *geo))
+        specs += [Spec(operator.getitem, (call, i - 1), outs[i], "conv2d_weight_bias_grad") for i in (1, 2)]
+        for spec in specs[-2:]:
+            lw.checker.check(spec)
+    elif 1 in outs:
+        specs.append(lw.spec("conv2d_weight_grad", (g, x, mask, lw.sizes(w), *geo), outs[1]))
+    elif 2 in outs:
+        specs.append(lw.spec("bias_grad", (g, mask, 1), outs[2]))
+    for spec in specs:
+        spec.masked = mask is not None
+    return lw.in_graph_order(specs)
 
 
 @rule(aten.convolution_backward.default)
 def convolution_backward(lw, node):
-    """``convolution_backward`` -> ``conv2d_input_grad`` / ``conv2d_weight_grad`` / ``bias_grad``."""
+    """``convolution_backward`` -> the gradient ops (module table)."""
     specs = _backward_specs(lw, node)
-    return None if specs is None else Rewrite(specs, (node,))
+    if specs is None:
+        return None
+    return Rewrite(specs, tuple(dict.fromkeys((node, *(s.replaces for s in specs)))))
 
 
 @mask_consumer(aten.convolution_backward.default)
@@ -97,3 +202,21 @@ def convolution_backward_masked(lw, user, grad, g, y):
         return None
     specs = _backward_specs(lw, user, g, y)
     return None if specs is None else {user: specs}
+
+
+@mask_consumer(aten.add.Tensor)
+def input_grad_plus_masked(lw, user, grad, g, y):
+    """``add(conv input gradient, grad)``: the identity branch's ReLU gradient summed in the epilogue of the
+    conv input gradient it meets, as ``residual=g, residual_mask=y``."""
+    if bind(user).get("alpha", 1) != 1:
+        return None
+    other = user.args[1] if user.args[0] is grad else user.args[0]
+    if other is grad or not is_call(other, operator.getitem) or other.args[1] != 0 or only_user(other) is not user:
+        return None
+    conv_bwd = other.args[0]
+    if not is_call(conv_bwd, aten.convolution_backward.default) or conv_bwd in lw.consumed or conv_bwd in lw.planned:
+        return None
+    if tuple(val(grad).shape) != tuple(val(other).shape) or val(grad).dtype != val(other).dtype:
+        return None
+    specs = _backward_specs(lw, conv_bwd, residual=(user, g, y))
+    return None if specs is None else {conv_bwd: specs}

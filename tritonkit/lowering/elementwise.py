@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 
+from tritonkit.lowering import linear
 from tritonkit.lowering.graph import VIEWS, Fail, New, Rewrite, aten, bind, is_call, val
 from tritonkit.lowering.report import Lowered
 from tritonkit.lowering.rules import MASK_CONSUMERS, mask_consumer, rule
@@ -66,7 +67,12 @@ def _bias_grad_specs(lw, node, g=None, mask=None):
 
 @rule(aten.sum.dim_IntList)
 def sum_all_but_one(lw, node):
-    """``sum`` over every dim but one: ``bias_grad`` (a keepdim result is viewed back)."""
+    """``sum`` over every dim but one: ``bias_grad`` (a keepdim result is viewed back); a linear layer's
+    bias gradient with its weight gradient as one ``linear_weight_bias_grad``."""
+    pair = linear.weight_bias_pair(node.args[0])
+    specs = None if pair is None or pair[1] is not node else linear.weight_bias_specs(lw, *pair, node.args[0], None)
+    if specs is not None:
+        return Rewrite(specs, pair)
     specs = _bias_grad_specs(lw, node)
     return None if specs is None else Rewrite(specs, (node,))
 
@@ -75,6 +81,10 @@ def sum_all_but_one(lw, node):
 def sum_masked(lw, user, grad, g, y):
     if user.args[0] is not grad:
         return None
+    pair = linear.weight_bias_pair(grad)
+    specs = None if pair is None or pair[1] is not user else linear.weight_bias_specs(lw, *pair, g, y)
+    if specs is not None:
+        return {s.replaces: [s] for s in specs}
     specs = _bias_grad_specs(lw, user, g, y)
     return None if specs is None else {user: specs}
 
@@ -93,7 +103,8 @@ def threshold_backward(lw, node):
         planned = {}
         if _fold(lw, node, g, y, planned):
             names = [node.name] + [c.name for c in planned]
-            labels = dict.fromkeys(s.describe(y.name) for specs in planned.values() for s in specs)
+            specs = [s for specs in planned.values() for s in specs]
+            labels = dict.fromkeys(s.describe(y.name if s.masked else None) for s in specs)
             lw.lowered.append(Lowered(tuple(names), tuple(labels)))
             return Rewrite([], planned=planned, report=False)
     return Rewrite([lw.spec("relu_backward", (g, y), node)], (node,))

@@ -17,31 +17,36 @@ def _class_dim_ok(logits, dim) -> None:
 
 @rule(aten.nll_loss_forward.default)
 def nll_loss_forward(lw, node):
-    """``nll_loss_forward(_log_softmax(x))`` -> ``cross_entropy(x)`` (the log-probabilities never
-    written) when nothing else uses them; otherwise ``cross_entropy`` of the log-probabilities, whose
-    log-sum-exp is 0 (training graphs save them for the backward)."""
+    """``nll_loss_forward(_log_softmax(x))`` -> ``cross_entropy(x)``: the log-probabilities are never
+    written when nothing else uses them, and written by the same launch (``write_log_probs``) when the
+    graph also returns them (training graphs save them for the backward). Log-probabilities from
+    elsewhere: ``cross_entropy`` of them (their log-sum-exp is 0)."""
     a = bind(node)
     logp, target, weight = a["self"], a["target"], a["weight"]
     lw.checker.tensors_ok(input=logp, weight=weight)
-    absorbed = (node,)
-    logits = logp
-    if is_call(logp, aten._log_softmax.default) and only_user(logp) is node:
+    getitems = list(node.users)
+    if not all(is_call(u, operator.getitem) for u in getitems):
+        raise Fail("an output is used other than through getitem")
+    replaced = {0 if u.args[1] == 0 else 2: u for u in getitems}  # (loss, total_weight): outputs 0 and 2
+    logits, write_log_probs = logp, False
+    if is_call(logp, aten._log_softmax.default) and all(lw.defined_before(t, logp) for t in (target, weight)):
         x, dim, half_to_float = logp.args
         _class_dim_ok(x, dim)
         if half_to_float:
             raise Fail("log-softmax with half_to_float")
-        logits, absorbed = x, (logp, node)
-    getitems = list(node.users)
-    if not all(is_call(u, operator.getitem) for u in getitems):
-        raise Fail("an output is used other than through getitem")
+        logits, write_log_probs = x, only_user(logp) is not node
+        if write_log_probs:
+            replaced[4] = logp
+    if not replaced:
+        return None
     call = New(lw.tk.cross_entropy.default,
-               (logits, target, weight, a["reduction"], a["ignore_index"], 0.0, False))
-    specs = []
-    for u in getitems:  # nll_loss_forward's (loss, total_weight) are cross_entropy's outputs 0 and 2
-        spec = Spec(operator.getitem, (call, 0 if u.args[1] == 0 else 2), u, "cross_entropy")
+               (logits, target, weight, a["reduction"], a["ignore_index"], 0.0, False, write_log_probs))
+    label = "cross_entropy(write_log_probs=True)" if write_log_probs else "cross_entropy"
+    specs = lw.in_graph_order([Spec(operator.getitem, (call, i), u, label) for i, u in replaced.items()])
+    for spec in specs:
         lw.checker.check(spec)
-        specs.append(spec)
-    return Rewrite(specs, absorbed) if specs else None
+    absorbed = (node,) if logits is logp else (logp, node)
+    return Rewrite(specs, absorbed)
 
 
 @rule(aten.nll_loss_backward.default)

@@ -164,6 +164,7 @@ class GraphLowering:
             spec.replaces.replace_all_uses_with(new)
             self.replaced[spec.replaces] = new
             self.touched.add(spec.replaces)
+            self.consumed.add(spec.replaces)  # its own rule must not run on it later
         if rewrite.report and rewrite.specs:
             labels = tuple(dict.fromkeys(s.describe() for s in rewrite.specs if s.op is not None))
             self.lowered.append(Lowered(tuple(n.name for n in rewrite.absorbed), labels))

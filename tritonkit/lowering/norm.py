@@ -5,34 +5,46 @@ ATen (AOTAutograd, torch 2.11-2.14)                                  tritonkit
 ===================================================================  ==========================================
 ``_native_batch_norm_legit_functional`` (training, running stats)     ``batch_norm_train`` [+ ``relu``]
 ``_native_batch_norm_legit.no_stats`` (``track_running_stats=False``)   [+ ``add`` + ``relu``: residual fused]
+``add(num_batches_tracked, 1)`` of the same module                    folded: the counter output of the call
+``convolution`` feeding the training BatchNorm (conv family)          ``conv2d_bn_stats`` +
+                                                                      ``batch_norm_train_from_partials``
 ``_native_batch_norm_legit_no_training`` (eval)                       ``batch_norm_eval`` [+ add] [+ relu]
+                                                                      (after a conv: ``conv2d_batch_norm``)
 ``native_batch_norm_backward``                                        ``batch_norm_backward``
 ``threshold_backward`` feeding only BN backward (and other consumers   folded: ``relu_output=`` of the
 that take the mask)                                                   BN backward
 ===================================================================  ==========================================
 
 The ReLU after a BatchNorm is fused only when it is the BN output's only consumer (optionally through a
-residual ``add`` whose other operand is computed before the BatchNorm, so the fused call can take it),
-so what the partitioner saves for backward is the ReLU output, as for a conv.
+residual ``add`` whose other operand is computed before the fused call, so the call can take it), so
+what the partitioner saves for backward is the ReLU output, as for a conv. ``momentum=None`` (the
+cumulative average) never reaches a graph: torch's BatchNorm reads ``float(num_batches_tracked)``,
+where dynamo breaks the graph, so that BatchNorm runs in eager PyTorch.
 """
 
 from __future__ import annotations
 
 import operator
 
+import torch
+
 from tritonkit.lowering.graph import Fail, New, Rewrite, Spec, aten, bind, is_call, only_user, val
 from tritonkit.lowering.rules import mask_consumer, rule
 
+TRAIN = (aten._native_batch_norm_legit_functional.default, aten._native_batch_norm_legit.no_stats)
+EVAL = aten._native_batch_norm_legit_no_training.default
 
-def _outputs(node) -> dict[int, object]:
+
+def outputs(node) -> dict[int, object]:
+    """``{index: getitem}`` of a multi-output node; ``Fail`` when an output is used otherwise."""
     users = list(node.users)
     if not all(is_call(u, operator.getitem) for u in users):
         raise Fail("an output is used other than through getitem")
     return {u.args[1]: u for u in users}
 
 
-def _epilogue(lw, bn, out):
-    """``(residual, relu, last)``: what follows the BN output ``out`` that the BN call can fuse, and the
+def epilogue(lw, bn, out):
+    """``(residual, relu, last)``: what follows the BN output ``out`` that one call can fuse, and the
     last node it then replaces (``out`` itself when nothing is fused)."""
     relu = lw.relu_after(out)
     if relu is not None and relu.args[0] is out:
@@ -45,25 +57,11 @@ def _epilogue(lw, bn, out):
     if (relu is None or relu.args[0] is not add or other is out or not hasattr(val(other), "shape")
             or tuple(val(other).shape) != tuple(val(out).shape) or not lw.defined_before(other, bn)):
         return None, False, out
+    lw.checker.tensors_ok(input=out, residual=other)
     return other, True, relu
 
 
-def _train_rewrite(lw, node, x, w, b, rm, rv, momentum, eps):
-    lw.checker.tensors_ok(input=x, weight=w, bias=b, running_mean=rm, running_var=rv)
-    outs = _outputs(node)
-    residual, relu, last = (None, False, None) if 0 not in outs else _epilogue(lw, node, outs[0])
-    if residual is not None:
-        lw.checker.tensors_ok(input=x, residual=residual)
-    call = New(lw.tk.batch_norm_train.default, (x, w, b, rm, rv, momentum, eps, residual, relu))
-    label = "batch_norm_train" + ("(residual, relu=True)" if residual is not None else "(relu=True)" if relu else "")
-    specs = lw.in_graph_order([Spec(operator.getitem, (call, i), last if i == 0 else outs[i], label) for i in outs])
-    for spec in specs:
-        lw.checker.check(spec)
-    absorbed = (node,) if last is None else tuple(dict.fromkeys((node, outs[0], *_between(outs[0], last))))
-    return Rewrite(specs, absorbed)
-
-
-def _between(first, last) -> list:
+def between(first, last) -> list:
     """The nodes from ``first``'s user up to ``last`` along single-user links (add, views, relu)."""
     chain, node = [], first
     while node is not last:
@@ -72,36 +70,106 @@ def _between(first, last) -> list:
     return chain
 
 
-@rule(aten._native_batch_norm_legit_functional.default)
-def batch_norm_functional(lw, node):
-    x, w, b, rm, rv, training, momentum, eps = node.args
+def epilogue_label(name: str, residual, relu: bool, *more: str) -> str:
+    flags = ["residual"] * (residual is not None) + ["relu=True"] * relu + list(more)
+    return f"{name}({', '.join(flags)})" if flags else name
+
+
+def _module(node) -> str | None:
+    stack = node.meta.get("nn_module_stack")
+    return next(reversed(stack.values()))[0] if stack else None
+
+
+def counter_add(lw, bn):
+    """``add(num_batches_tracked, 1)`` of ``bn``'s module (the nearest one before it, same
+    ``nn_module_stack``, an int64 0-d graph input, not lowered yet), or None."""
+    module = _module(bn)
+    node = bn.prev
+    while module is not None and node.op != "root":
+        counter = node.args[0] if is_call(node, aten.add.Tensor) and len(node.args) == 2 else None
+        if (node.args[1:] == (1,) and getattr(counter, "op", None) == "placeholder" and node not in lw.consumed
+                and val(counter).dtype == torch.int64 and val(counter).dim() == 0 and not node.kwargs
+                and _module(node) == module):
+            return node
+        node = node.prev
+    return None
+
+
+def _train_args(node):
+    if node.target is aten._native_batch_norm_legit.no_stats:
+        x, w, b, training, momentum, eps = node.args
+        rm = rv = None
+    else:
+        x, w, b, rm, rv, training, momentum, eps = node.args
     if not training:
-        raise Fail("training=False with running statistics (eval graphs trace _native_batch_norm_legit_no_training)")
-    return _train_rewrite(lw, node, x, w, b, rm, rv, momentum, eps)
+        raise Fail("training=False in a training BatchNorm op (eval graphs trace _native_batch_norm_legit_no_training)")
+    return x, w, b, rm, rv, momentum, eps
 
 
-@rule(aten._native_batch_norm_legit.no_stats)
-def batch_norm_no_stats(lw, node):
-    x, w, b, training, momentum, eps = node.args
-    if not training:
-        raise Fail("training=False without running statistics")
-    return _train_rewrite(lw, node, x, w, b, None, None, momentum, eps)
-
-
-@rule(aten._native_batch_norm_legit_no_training.default)
-def batch_norm_eval(lw, node):
-    x, w, b, rm, rv, _momentum, eps = node.args
+def train_rewrite(lw, node, partials=None) -> Rewrite:
+    """``batch_norm_train`` (or, given the producing conv's ``partials``, ``batch_norm_train_from_partials``)
+    for the training BatchNorm ``node``, with its epilogue and its module's counter increment fused."""
+    x, w, b, rm, rv, momentum, eps = _train_args(node)
     lw.checker.tensors_ok(input=x, weight=w, bias=b, running_mean=rm, running_var=rv)
-    outs = _outputs(node)
+    outs = outputs(node)
+    residual, relu, last = (None, False, None) if 0 not in outs else epilogue(lw, node, outs[0])
+    counter = counter_add(lw, node) if rm is not None else None
+    if counter is not None and not all(lw.defined_before(a, counter) for a in (x, w, b, rm, rv, residual)):
+        counter = None  # the fused call is emitted where the increment is: its inputs must exist there
+    nbt = None if counter is None else counter.args[0]
+    if partials is None:
+        name, head = "batch_norm_train", (x,)
+    else:
+        name, head = "batch_norm_train_from_partials", (x, partials)
+    call = New(getattr(lw.tk, name).default, (*head, w, b, rm, rv, nbt, momentum, eps, residual, relu))
+    label = epilogue_label(name, residual, relu, *["num_batches_tracked += 1"] * (counter is not None))
+    replaced = {i: last if i == 0 else outs[i] for i in outs}
+    if counter is not None:
+        replaced[5] = counter
+    specs = lw.in_graph_order([Spec(operator.getitem, (call, i), n, label) for i, n in replaced.items()])
+    for spec in specs:
+        lw.checker.check(spec)
+    absorbed = (node,) if last is None else (node, outs[0], *between(outs[0], last))
+    return Rewrite(specs, tuple(dict.fromkeys((*absorbed, *(() if counter is None else (counter,))))))
+
+
+@rule(*TRAIN)
+def batch_norm_train(lw, node):
+    return train_rewrite(lw, node)
+
+
+def eval_args(node):
+    x, w, b, rm, rv, _momentum, eps = node.args
+    return x, w, b, rm, rv, eps
+
+
+def eval_rewrite(lw, node, make_spec) -> Rewrite | None:
+    """The eval BatchNorm ``node`` and its epilogue replaced by the spec of ``make_spec(residual, relu,
+    last) -> (spec, further absorbed nodes)``; the saved statistics an eval-mode backward never reads
+    become empty tensors."""
+    x, w, b, rm, rv, _eps = eval_args(node)
+    lw.checker.tensors_ok(input=x, weight=w, bias=b, running_mean=rm, running_var=rv)
+    outs = outputs(node)
     if 0 not in outs:
         return None
-    residual, relu, last = _epilogue(lw, node, outs[0])
-    label = "batch_norm_eval" + ("(residual, relu=True)" if residual is not None else "(relu=True)" if relu else "")
-    specs = [lw.spec("batch_norm_eval", (x, w, b, rm, rv, eps, residual, relu), last, label)]
-    for i in sorted(set(outs) - {0}):  # eval-mode backward reads only the running statistics: empty
-        specs.append(Spec(aten.new_empty.default, (x, [0]), outs[i], label))
+    residual, relu, last = epilogue(lw, node, outs[0])
+    spec, further = make_spec(residual, relu, last)
+    specs = [spec]
+    for i in sorted(set(outs) - {0}):
+        specs.append(Spec(aten.new_empty.default, (x, [0]), outs[i], spec.label))
         lw.checker.check(specs[-1])
-    return Rewrite(specs, tuple(dict.fromkeys((node, outs[0], *_between(outs[0], last)))))
+    return Rewrite(specs, tuple(dict.fromkeys((node, outs[0], *between(outs[0], last), *further))))
+
+
+@rule(EVAL)
+def batch_norm_eval(lw, node):
+    x, w, b, rm, rv, eps = eval_args(node)
+
+    def make_spec(residual, relu, last):
+        label = epilogue_label("batch_norm_eval", residual, relu)
+        return lw.spec("batch_norm_eval", (x, w, b, rm, rv, eps, residual, relu), last, label), ()
+
+    return eval_rewrite(lw, node, make_spec)
 
 
 def _backward_specs(lw, node, grad=None, relu_output=None):
@@ -109,7 +177,7 @@ def _backward_specs(lw, node, grad=None, relu_output=None):
     x, w = a["input"], a["weight"]
     grad = a["grad_out"] if grad is None else grad
     lw.checker.tensors_ok(grad_out=a["grad_out"], input=x, weight=w)
-    outs = _outputs(node)
+    outs = outputs(node)
     mask = list(a["output_mask"])
     for i in outs:
         if not mask[i]:
