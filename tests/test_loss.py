@@ -259,7 +259,8 @@ def test_empty_batch(reduction):
 
 
 @pytest.mark.parametrize("weighted, reduction, compute_grad, log_probs",
-                         [(False, 1, False, False), (True, 0, True, False), (True, 2, False, True), (False, 1, True, True)])
+                         [(False, 1, False, False), (True, 0, True, False), (True, 2, False, True),
+                          (False, 1, True, True)])
 def test_opcheck(weighted, reduction, compute_grad, log_probs):
     logits, target, weight = make(11, 6, weighted=weighted)
     torch.library.opcheck(ops.cross_entropy,

@@ -104,7 +104,8 @@ def _(grad_output, input, relu_output):
     schema="(Tensor grad_output, Tensor input, Tensor? relu_output) -> (Tensor grad_weight, Tensor grad_bias)",
 )
 def linear_weight_bias_grad(grad_output, input, relu_output):
-    """``(dy'^T @ input, sum of dy' over all leading dims)`` in one launch, ``dy' = grad_output * (relu_output > 0)``."""
+    """``(dy'^T @ input, sum of dy' over all leading dims)`` in one launch,
+    ``dy' = grad_output * (relu_output > 0)``."""
     _check_weight_grad("tritonkit.linear_weight_bias_grad", grad_output, input, relu_output)
     return kernels.linear_weight_bias_grad(grad_output, input, relu_output, allow_tf32=matmul_allows_tf32())
 

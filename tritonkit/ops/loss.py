@@ -1,9 +1,9 @@
 """``tritonkit::cross_entropy`` and ``tritonkit::cross_entropy_backward`` custom ops.
 
 ``cross_entropy(logits, target, weight, reduction, ignore_index, label_smoothing, compute_grad,
-write_log_probs=False) -> (loss, lse, total_weight, grad, log_probs)`` is eager ``F.cross_entropy`` on ``[N, C]`` logits with int64
-class-index targets ``[N]``: ``reduction`` is aten's enum (0 none, 1 mean, 2 sum), ``label_smoothing``
-<= 0 means none (as eager). Outputs:
+write_log_probs=False) -> (loss, lse, total_weight, grad, log_probs)`` is eager ``F.cross_entropy`` on
+``[N, C]`` logits with int64 class-index targets ``[N]``: ``reduction`` is aten's enum (0 none, 1 mean,
+2 sum), ``label_smoothing`` <= 0 means none (as eager). Outputs:
 
 * ``loss``: ``[N]`` for none, else 0-d; logits' dtype (float32 math throughout);
 * ``lse``: float32 ``[N]``, each row's log-sum-exp (saved for the backward);
