@@ -126,10 +126,27 @@ _W = {name: _cfg(*args) for name, args in {
     # size on sm_90) over 4x the MMA work of 64x64; with BLOCK_K 64 it spills in LeNet's NCHW launch
     "128x128w8": (128, 128, 32, 8, 2),
 }.items()}
-WGRAD_GPU_CONFIGS, WGRAD_CONFIG_FOR_DTYPE = per_dtype_configs(
+WGRAD_GPU_CONFIGS, _WGRAD_CONFIG_FOR_DTYPE = per_dtype_configs(
     half=list(_W.values()),
     float32=[_W[k] for k in ("64x64", "64x128w8", "32x64", "16x128", "32x32w2")],  # 16x64k64 spills in TF32
 )
+# Tiles whose bias-gradient launches (HAS_BIAS_GRAD: the dy' row sums held beside the accumulator) spill
+# registers on sm_80 or sm_90 with Triton 3.9 (AOT gate); those launches autotune over the others.
+_WGRAD_BIAS_SPILLS = {"half": ("64x64", "128x64w8", "128x128w8"), "float32": ("64x64", "64x128w8", "32x32w2")}
+
+
+def _tile(config) -> tuple:
+    return (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"], config.num_warps)
+
+
+def wgrad_config_for(config, dtype, arch=None, launch=None) -> bool:
+    """The weight gradient's per-dtype lists, less the tiles listed in ``_WGRAD_BIAS_SPILLS`` for
+    bias-gradient launches."""
+    if (launch or {}).get("HAS_BIAS_GRAD"):
+        spills = _WGRAD_BIAS_SPILLS["float32" if dtype == torch.float32 else "half"]
+        if _tile(config) in {_tile(_W[name]) for name in spills}:
+            return False
+    return _WGRAD_CONFIG_FOR_DTYPE(config, dtype, arch, launch)
 
 
 # Interpreter tiles. The interpreter's cost is mostly Python work per Triton operation (0.05-0.2 ms;
@@ -815,7 +832,7 @@ def _wgrad_lenet(**flags):  # the seed's LeNet conv2 (6 -> 16 channels), NCHW, o
 @tuned_kernel(
     "conv2d_weight_grad",
     gpu_configs=WGRAD_GPU_CONFIGS,
-    config_for_dtype=WGRAD_CONFIG_FOR_DTYPE,
+    config_for_dtype=wgrad_config_for,
     interp_heuristics=WGRAD_INTERP,
     key=["N", "C", "H", "W", "OC", "KH", "KW", "Cg", "SPLIT_K", "HAS_BIAS_GRAD"],
     signature=_signature(("g_ptr", "r_ptr", "x_ptr", "dw_ptr", "db_ptr", "partial_ptr"), _strides("g", "r", "x", "dw"),

@@ -47,11 +47,19 @@ _C = {name: _cfg(*args) for name, args in {
     "128x128k64": (128, 128, 64, 8, 3), "128x64": (128, 64, 32, 4, 4), "64x128": (64, 128, 32, 4, 4),
     "64x64": (64, 64, 32, 4, 4), "64x32": (64, 32, 32, 2, 5), "32x64": (32, 64, 32, 2, 5),
 }.items()}
-GPU_CONFIGS, CONFIG_FOR_DTYPE = per_dtype_configs(
+GPU_CONFIGS, _CONFIG_FOR_DTYPE = per_dtype_configs(
     half=list(_C.values()),
     float32=[_C[k] for k in ("64x64", "64x32", "32x64")],
     hopper_half=[_cfg(128, 256, 64, 8, 3)],  # two warp groups of m64n256 wgmma; spills with mma.sync
 )
+
+
+def _config_for(config, dtype, arch=None, launch=None) -> bool:
+    """The per-dtype lists, less the float32 64x64 tile for bias-gradient (``ROW_SUM``) launches: with the
+    row sums beside the TF32 accumulator it spills 8 B on sm_80; those launches take the smaller tiles."""
+    row_sum_64x64 = (dtype == torch.float32 and (launch or {}).get("ROW_SUM")
+                     and (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]) == (64, 64))
+    return not row_sum_64x64 and _CONFIG_FOR_DTYPE(config, dtype, arch, launch)
 INTERP_HEURISTICS = {
     "BLOCK_N": lambda a: interp_block(a["N"], 16, 256),
     "BLOCK_K": lambda a: interp_block(a["K"], 16, 256),
@@ -90,7 +98,7 @@ def _weight_bias_grad_constexprs(dtype):
 @tuned_kernel(
     "linear_gemm",
     gpu_configs=GPU_CONFIGS,
-    config_for_dtype=CONFIG_FOR_DTYPE,
+    config_for_dtype=_config_for,
     interp_heuristics=INTERP_HEURISTICS,
     key=["M", "N", "K", "HAS_MASK", "ROW_SUM"],
     signature=_signature,
