@@ -9,7 +9,29 @@
   rounded once (eager rounds the sum, then ReLU commutes with that rounding), NaN kept. Its backward
   is ``relu_backward(g, add_relu(a, b))``, the gradient of both ``a`` and ``b``: no kernel of its own.
 
-ReLU kernels are flat 1-D passes over the storage of dense tensors (any dense layout: contiguous,
+Activations (``apply_activation`` / ``activation_grad``, the math written once for every kernel: these
+flat kernels and any conv/linear/depthwise epilogue that imports them), each computed in float32 in
+the order eager's CPU kernels use, so that NaN and the kinks come out as aten's:
+
+* ``hardtanh(x) = x < lo ? lo : x > hi ? hi : x`` (``relu6 = hardtanh(0, 6)``); grad ``g`` where
+  ``lo < x < hi``, 0 elsewhere: 0 *at* both kinks, like ``hardtanh_backward``.
+* ``hardswish(x) = x * clamp(x + 3, 0, 6) / 6``; grad ``0`` for ``x <= -3``, ``g`` for ``x >= 3``,
+  ``g * (x / 3 + 0.5)`` between: aten's values at -3 (0) and 3 (g).
+* ``hardsigmoid(x) = clamp(x + 3, 0, 6) / 6``; grad ``g / 6`` for ``-3 < x < 3``, else 0.
+* ``sigmoid(x) = 1 / (1 + exp(-x))``; grad from the *output* y: ``g * (1 - y) * y``.
+* ``silu(x) = x / (1 + exp(-x))``; with ``s = sigmoid(x)``, grad ``g * s * (1 + x * (1 - s))``.
+* ``gelu(x) = x * 0.5 * (1 + erf(x / sqrt 2))``; grad ``g * (cdf + x * exp(-x^2 / 2) / sqrt(2 pi))``.
+* ``gelu_tanh(x) = 0.5 * x * (1 + tanh(u))``, ``u = sqrt(2 / pi) * (x + 0.044715 x^3)``; grad
+  ``g * (0.5 (1 + t) + 0.5 x (1 - t^2) sqrt(2 / pi) (1 + 3 * 0.044715 x^2))`` with ``t = tanh(u)``.
+  tanh is built from ``exp`` (Triton's interpreter has no libdevice).
+* ``relu`` too (grad from input or output alike), so an epilogue can take every activation one way.
+
+NaN: every forward gives NaN for NaN. A NaN input's gradient is what eager's vectorized CPU kernels
+(every tensor's body; its scalar tail and CUDA differ) give: 0 for hardtanh and hardsigmoid, NaN for
+the others. Infinities give the formulas' values (eager's CPU float32 ``gelu(inf)`` is NaN, its
+float16 path and CUDA give inf, as here).
+
+ReLU and activation kernels are flat 1-D passes over the storage of dense tensors (any dense layout: contiguous,
 channels_last, permuted); the result has the input's strides. Non-dense inputs (slices, expanded
 views) are first copied densely (``clone``, which keeps their stride order) - one extra pass.
 ``add_relu``'s result has the strides eager's ``torch.add`` gives (computed on meta tensors); an
@@ -93,6 +115,123 @@ def add_relu_fwd_kernel(a_ptr, b_ptr, y_ptr, numel, BLOCK: tl.constexpr):
     mask = offs < numel
     s = tl.load(a_ptr + offs, mask=mask).to(tl.float32) + tl.load(b_ptr + offs, mask=mask).to(tl.float32)
     tl.store(y_ptr + offs, tl.where(s < 0, 0.0, s).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+# --- activations: the math, once --------------------------------------------------------------------
+# Kernels elsewhere fuse these into their epilogues: ``from tritonkit.kernels.elementwise import
+# apply_activation, activation_grad`` and call ``apply_activation(acc, ACT, min_val, max_val)`` on a float32 tile,
+# with ``ACT: tl.constexpr`` one of ACTIVATIONS (min_val/max_val: hardtanh's bounds, fp32 runtime
+# arguments or constants; ignored by the others). ``activation_grad(g, saved, ACT, min_val, max_val)``
+# is the input gradient from float32 ``g`` and the saved tensor: the input, or for ``ACT`` in
+# SAVES_OUTPUT the activation's output (as aten's backward ops take them).
+ACTIVATIONS = ("relu", "hardtanh", "hardswish", "hardsigmoid", "silu", "sigmoid", "gelu", "gelu_tanh")
+SAVES_OUTPUT = ("sigmoid",)
+
+
+@triton.jit
+def _tanh(z):
+    """tanh(z) = sign(z) * (1 - 2 / (exp(2|z|) + 1)); NaN stays NaN, +-inf give +-1."""
+    a = 1.0 - 2.0 / (tl.exp(2.0 * tl.abs(z)) + 1.0)
+    return tl.where(z < 0, -a, a)
+
+
+@triton.jit
+def _clamp06(t):
+    """clamp(t, 0, 6) with NaN kept (comparisons with NaN are false)."""
+    return tl.where(t < 0.0, 0.0, tl.where(t > 6.0, 6.0, t))
+
+
+@triton.jit
+def apply_activation(x, ACT: tl.constexpr, min_val, max_val):
+    """``ACT(x)`` of a float32 tile (formulas in the module docstring)."""
+    if ACT == "relu":
+        y = tl.where(x < 0.0, 0.0, x)
+    elif ACT == "hardtanh":
+        y = tl.where(x < min_val, min_val, tl.where(x > max_val, max_val, x))
+    elif ACT == "hardswish":
+        y = x * _clamp06(x + 3.0) / 6.0
+    elif ACT == "hardsigmoid":
+        y = _clamp06(x + 3.0) / 6.0
+    elif ACT == "silu":
+        y = x / (1.0 + tl.exp(-x))
+    elif ACT == "sigmoid":
+        y = 1.0 / (1.0 + tl.exp(-x))
+    elif ACT == "gelu":
+        y = x * 0.5 * (1.0 + tl.erf(x * 0.7071067811865476))  # 1 / sqrt(2)
+    else:
+        tl.static_assert(ACT == "gelu_tanh", "unknown activation")
+        y = 0.5 * x * (1.0 + _tanh(0.7978845608028654 * (x + 0.044715 * (x * x * x))))  # sqrt(2 / pi)
+    return y
+
+
+@triton.jit
+def activation_grad(g, s, ACT: tl.constexpr, min_val, max_val):
+    """The input gradient of ``ACT`` from float32 ``g`` and the saved float32 ``s`` (the input; the
+    output for SAVES_OUTPUT), as aten's ``<act>_backward`` computes it (module docstring)."""
+    if ACT == "relu":
+        dx = tl.where(s <= 0.0, 0.0, g)
+    elif ACT == "hardtanh":
+        dx = tl.where((s > min_val) & (s < max_val), g, 0.0)
+    elif ACT == "hardswish":
+        dx = tl.where(s <= -3.0, 0.0, tl.where(s >= 3.0, g, g * (s / 3.0 + 0.5)))
+    elif ACT == "hardsigmoid":
+        dx = tl.where((s > -3.0) & (s < 3.0), g * 0.16666666666666666, 0.0)
+    elif ACT == "silu":
+        sig = 1.0 / (1.0 + tl.exp(-s))
+        dx = g * sig * (1.0 + s * (1.0 - sig))
+    elif ACT == "sigmoid":
+        dx = g * (1.0 - s) * s
+    elif ACT == "gelu":
+        cdf = 0.5 * (1.0 + tl.erf(s * 0.7071067811865476))
+        pdf = tl.exp(s * s * -0.5) * 0.3989422804014327  # 1 / sqrt(2 pi)
+        dx = g * (cdf + s * pdf)
+    else:
+        tl.static_assert(ACT == "gelu_tanh", "unknown activation")
+        s_sq = s * s
+        t = _tanh(0.7978845608028654 * (s + 0.044715 * (s_sq * s)))
+        right_derivative = 0.5 * s * (1.0 - t * t) * (0.7978845608028654 * (1.0 + 3.0 * 0.044715 * s_sq))
+        dx = g * (0.5 * (1.0 + t) + right_derivative)
+    return dx
+
+
+def _activation_signature(dtype):
+    t = TRITON_TYPE[dtype]
+    return {"x_ptr": f"*{t}", "y_ptr": f"*{t}", "numel": "i32", "min_val": "fp32", "max_val": "fp32",
+            "ACT": "constexpr", "BLOCK": "constexpr"}
+
+
+# One pattern per activation for the gate: activation_fwd is hardtanh, activation_fwd_<kind> the others.
+_ACT_VARIANTS = {kind: (lambda dtype, kind=kind: {"ACT": kind}) for kind in ACTIVATIONS[2:]}
+
+
+@tuned_kernel("activation_fwd", gpu_configs=_FLAT_GPU_CONFIGS, interp_heuristics=_FLAT_INTERP,
+              key=["numel", "ACT"], signature=_activation_signature, constexprs=lambda dtype: {"ACT": "hardtanh"},
+              variants=_ACT_VARIANTS)
+@triton.jit
+def activation_fwd_kernel(x_ptr, y_ptr, numel, min_val, max_val, ACT: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    x = tl.load(x_ptr + offs, mask=mask).to(tl.float32)
+    tl.store(y_ptr + offs, apply_activation(x, ACT, min_val, max_val).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def _activation_bwd_signature(dtype):
+    t = TRITON_TYPE[dtype]
+    return {"g_ptr": f"*{t}", "s_ptr": f"*{t}", "dx_ptr": f"*{t}", "numel": "i32", "min_val": "fp32",
+            "max_val": "fp32", "ACT": "constexpr", "BLOCK": "constexpr"}
+
+
+@tuned_kernel("activation_bwd", gpu_configs=_FLAT_GPU_CONFIGS, interp_heuristics=_FLAT_INTERP,
+              key=["numel", "ACT"], signature=_activation_bwd_signature,
+              constexprs=lambda dtype: {"ACT": "hardtanh"}, variants=_ACT_VARIANTS)
+@triton.jit
+def activation_bwd_kernel(g_ptr, s_ptr, dx_ptr, numel, min_val, max_val, ACT: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
+    s = tl.load(s_ptr + offs, mask=mask).to(tl.float32)
+    dx = activation_grad(g, s, ACT, min_val, max_val)
+    tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 # bias_grad partial sums. Channel-contiguous layouts (channels_last, linear) want wide C tiles,
@@ -226,6 +365,30 @@ def relu_backward(grad_output: torch.Tensor, output: torch.Tensor) -> torch.Tens
     return dx
 
 
+def activation(x: torch.Tensor, kind: str, min_val: float = -1.0, max_val: float = 1.0) -> torch.Tensor:
+    """``kind(x)`` (one of ACTIVATIONS but relu; min_val/max_val: hardtanh's bounds), in ``x``'s dense layout."""
+    x = _dense(x)
+    y = empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
+    if x.numel():
+        check_int32_indexing(x)
+        activation_fwd_kernel[lambda meta: (triton.cdiv(x.numel(), meta["BLOCK"]),)](
+            x, y, x.numel(), float(min_val), float(max_val), ACT=kind)
+    return y
+
+
+def activation_backward(grad_output: torch.Tensor, saved: torch.Tensor, kind: str, min_val: float = -1.0,
+                        max_val: float = 1.0) -> torch.Tensor:
+    """aten's ``<kind>_backward(grad_output, saved)``; the result has ``grad_output``'s dense layout."""
+    g = _dense(grad_output)
+    s = saved if saved.stride() == g.stride() else torch.empty_like(g).copy_(saved)
+    dx = empty_strided(g.shape, g.stride(), dtype=g.dtype, device=g.device)
+    if g.numel():
+        check_int32_indexing(g)
+        activation_bwd_kernel[lambda meta: (triton.cdiv(g.numel(), meta["BLOCK"]),)](
+            g, s, dx, g.numel(), float(min_val), float(max_val), ACT=kind)
+    return dx
+
+
 def add_output_strides(a: torch.Tensor, b: torch.Tensor) -> tuple:
     """The strides eager's ``torch.add(a, b)`` gives its result (same shapes), from meta tensors."""
     def meta(t):
@@ -300,4 +463,5 @@ def bias_grad(grad_output: torch.Tensor, relu_output: torch.Tensor | None, dim: 
     return out
 
 
-__all__ = ["add_output_strides", "add_relu", "bias_grad", "relu", "relu_backward"]
+__all__ = ["ACTIVATIONS", "SAVES_OUTPUT", "activation", "activation_backward", "activation_grad", "add_output_strides",
+           "add_relu", "apply_activation", "bias_grad", "relu", "relu_backward"]
