@@ -709,6 +709,84 @@ def _dgrad_step(acc, g_ptr, r_ptr, w_ptr, g_row, r_row, row_h, row_w, m_ok, rn, 
     return tl.dot(a, b, acc, input_precision=PRECISION)
 
 
+@triton.jit
+def _dgrad_tile(
+    pid_m, pid_n, pid_z, g_ptr, r_ptr, w_ptr, dx_ptr, res_ptr, rmask_ptr,
+    N, H, W, OH, OW, KH, KW, Cg, OCg, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, tap_h, tap_w,
+    sgn, sgc, sgh, sgw, srn, src, srh, srw, swn, swc, swh, sww, sdxn, sdxc, sdxh, sdxw,
+    sresn, sresc, sresh, sresw, srmaskn, srmaskc, srmaskh, srmaskw,
+    HAS_MASK: tl.constexpr, CHANNEL_INNER: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, HAS_RESIDUAL_MASK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """The input-gradient tile of rows ``pid_m`` (BLOCK_M), input channels ``pid_n`` (BLOCK_N) and
+    ``pid_z`` = group * stride_h * stride_w + phase (qh * stride_w + qw); ``tap_h`` = stride_h /
+    gcd(stride_h, dil_h). dx = sum over the phase's taps (module doc) + residual (HAS_RESIDUAL), the
+    residual zeroed where residual_mask <= 0 (HAS_RESIDUAL_MASK: threshold_backward), all in float32,
+    rounded once."""
+    phases = stride_h * stride_w
+    group = pid_z // phases
+    qh = (pid_z % phases) // stride_w
+    qw = pid_z % stride_w
+    kh0, TH = _first_tap(qh + pad_h, dil_h, stride_h, tap_h, KH)
+    kw0, TW = _first_tap(qw + pad_w, dil_w, stride_w, tap_w, KW)
+    step_h = dil_h * tap_h // stride_h  # oh moves this much per tap
+    step_w = dil_w * tap_w // stride_w
+    HQ = tl.cdiv(H, stride_h)
+    WQ = tl.cdiv(W, stride_w)
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    tw = rm % WQ
+    th = (rm // WQ) % HQ
+    n = rm // (WQ * HQ)
+    ih = qh + th * stride_h
+    iw = qw + tw * stride_w
+    m_ok = (rm < N * HQ * WQ) & (ih < H) & (iw < W)
+    row_h = th + (qh + pad_h - kh0 * dil_h) // stride_h  # oh at the phase's first tap (exact division)
+    row_w = tw + (qw + pad_w - kw0 * dil_w) // stride_w
+
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    c = group * Cg + rn
+    n_ok = rn < Cg
+
+    g_row = n * sgn + row_h * sgh + row_w * sgw
+    r_row = n * srn + row_h * srh + row_w * srw
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if CHANNEL_INNER:  # a step: one tap (j, i), BLOCK_K output channels from oc0; counters, no division
+        rk = tl.arange(0, BLOCK_K)
+        oc0 = 0
+        i = 0
+        j = 0
+        for _ in range(0, TH * TW * tl.cdiv(OCg, BLOCK_K)):
+            w_k = (kh0 + j * tap_h) * swh + (kw0 + i * tap_w) * sww
+            acc = _dgrad_step(acc, g_ptr, r_ptr, w_ptr, g_row, r_row, row_h, row_w, m_ok, rn, n_ok,
+                              group * OCg + oc0 + rk, (oc0 + rk) < OCg, j * step_h, i * step_w, w_k, OH, OW,
+                              sgc, sgh, sgw, src, srh, srw, swn, swc, HAS_MASK, PRECISION)
+            oc0, i, j = _next_chunk(oc0, i, j, OCg, TW, BLOCK_K)
+    else:  # a step: BLOCK_K consecutive k = (j, i, oc) of the flattened reduction
+        K = TH * TW * OCg
+        for k0 in range(0, K, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            i = (rk // OCg) % TW
+            j = rk // (OCg * TW)
+            w_k = (kh0 + j * tap_h) * swh + (kw0 + i * tap_w) * sww
+            acc = _dgrad_step(acc, g_ptr, r_ptr, w_ptr, g_row, r_row, row_h, row_w, m_ok, rn, n_ok,
+                              group * OCg + rk % OCg, rk < K, (j * step_h)[None, :], (i * step_w)[None, :], w_k,
+                              OH, OW, sgc, sgh, sgw, src, srh, srw, swn, swc, HAS_MASK, PRECISION)
+
+    out_mask = m_ok[:, None] & n_ok[None, :]
+    if HAS_RESIDUAL:  # this phase's rows only: each dx element gets its residual exactly once
+        res = tl.load(res_ptr + (n * sresn + ih * sresh + iw * sresw)[:, None] + (c * sresc)[None, :],
+                      mask=out_mask, other=0.0)
+        if HAS_RESIDUAL_MASK:
+            keep = tl.load(rmask_ptr + (n * srmaskn + ih * srmaskh + iw * srmaskw)[:, None] + (c * srmaskc)[None, :],
+                           mask=out_mask, other=0.0)
+            res = tl.where(keep.to(tl.float32) <= 0, tl.zeros_like(res), res)  # threshold_backward: NaN passes
+        acc += res.to(tl.float32)
+    dx_off = (n * sdxn + ih * sdxh + iw * sdxw)[:, None] + (c * sdxc)[None, :]
+    tl.store(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty), mask=out_mask)
+
+
 _DGRAD_PLAIN = {"HAS_MASK": True, "CHANNEL_INNER": True, "PRECISION": "ieee", "tap_h": 1, "tap_w": 1,
                 "HAS_RESIDUAL": False, "HAS_RESIDUAL_MASK": False}
 
@@ -752,117 +830,28 @@ def conv2d_input_grad_kernel(
     HAS_RESIDUAL: tl.constexpr, HAS_RESIDUAL_MASK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """One phase (qh, qw) of one group per grid slice; ``tap_h`` = stride_h / gcd(stride_h, dil_h).
-    dx = sum over the phase's taps (module doc) + residual (HAS_RESIDUAL), the residual zeroed where
-    residual_mask <= 0 (HAS_RESIDUAL_MASK: threshold_backward), all in float32, rounded once."""
-    phases = stride_h * stride_w
-    group = tl.program_id(2) // phases
-    qh = (tl.program_id(2) % phases) // stride_w
-    qw = tl.program_id(2) % stride_w
-    kh0, TH = _first_tap(qh + pad_h, dil_h, stride_h, tap_h, KH)
-    kw0, TW = _first_tap(qw + pad_w, dil_w, stride_w, tap_w, KW)
-    step_h = dil_h * tap_h // stride_h  # oh moves this much per tap
-    step_w = dil_w * tap_w // stride_w
-    HQ = tl.cdiv(H, stride_h)
-    WQ = tl.cdiv(W, stride_w)
-
-    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    tw = rm % WQ
-    th = (rm // WQ) % HQ
-    n = rm // (WQ * HQ)
-    ih = qh + th * stride_h
-    iw = qw + tw * stride_w
-    m_ok = (rm < N * HQ * WQ) & (ih < H) & (iw < W)
-    row_h = th + (qh + pad_h - kh0 * dil_h) // stride_h  # oh at the phase's first tap (exact division)
-    row_w = tw + (qw + pad_w - kw0 * dil_w) // stride_w
-
-    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    c = group * Cg + rn
-    n_ok = rn < Cg
-
-    g_row = n * sgn + row_h * sgh + row_w * sgw
-    r_row = n * srn + row_h * srh + row_w * srw
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if CHANNEL_INNER:  # a step: one tap (j, i), BLOCK_K output channels from oc0; counters, no division
-        rk = tl.arange(0, BLOCK_K)
-        oc0 = 0
-        i = 0
-        j = 0
-        for _ in range(0, TH * TW * tl.cdiv(OCg, BLOCK_K)):
-            w_k = (kh0 + j * tap_h) * swh + (kw0 + i * tap_w) * sww
-            acc = _dgrad_step(acc, g_ptr, r_ptr, w_ptr, g_row, r_row, row_h, row_w, m_ok, rn, n_ok,
-                              group * OCg + oc0 + rk, (oc0 + rk) < OCg, j * step_h, i * step_w, w_k, OH, OW,
-                              sgc, sgh, sgw, src, srh, srw, swn, swc, HAS_MASK, PRECISION)
-            oc0, i, j = _next_chunk(oc0, i, j, OCg, TW, BLOCK_K)
-    else:  # a step: BLOCK_K consecutive k = (j, i, oc) of the flattened reduction
-        K = TH * TW * OCg
-        for k0 in range(0, K, BLOCK_K):
-            rk = k0 + tl.arange(0, BLOCK_K)
-            i = (rk // OCg) % TW
-            j = rk // (OCg * TW)
-            w_k = (kh0 + j * tap_h) * swh + (kw0 + i * tap_w) * sww
-            acc = _dgrad_step(acc, g_ptr, r_ptr, w_ptr, g_row, r_row, row_h, row_w, m_ok, rn, n_ok,
-                              group * OCg + rk % OCg, rk < K, (j * step_h)[None, :], (i * step_w)[None, :], w_k,
-                              OH, OW, sgc, sgh, sgw, src, srh, srw, swn, swc, HAS_MASK, PRECISION)
-
-    out_mask = m_ok[:, None] & n_ok[None, :]
-    if HAS_RESIDUAL:  # this phase's rows only: each dx element gets its residual exactly once
-        res = tl.load(res_ptr + (n * sresn + ih * sresh + iw * sresw)[:, None] + (c * sresc)[None, :],
-                      mask=out_mask, other=0.0)
-        if HAS_RESIDUAL_MASK:
-            keep = tl.load(rmask_ptr + (n * srmaskn + ih * srmaskh + iw * srmaskw)[:, None] + (c * srmaskc)[None, :],
-                           mask=out_mask, other=0.0)
-            res = tl.where(keep.to(tl.float32) <= 0, tl.zeros_like(res), res)  # threshold_backward: NaN passes
-        acc += res.to(tl.float32)
-    dx_off = (n * sdxn + ih * sdxh + iw * sdxw)[:, None] + (c * sdxc)[None, :]
-    tl.store(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty), mask=out_mask)
+    """One phase (qh, qw) of one group per grid slice: ``_dgrad_tile`` at (program_id(0), program_id(1),
+    program_id(2))."""
+    _dgrad_tile(tl.program_id(0), tl.program_id(1), tl.program_id(2), g_ptr, r_ptr, w_ptr, dx_ptr, res_ptr, rmask_ptr,
+                N, H, W, OH, OW, KH, KW, Cg, OCg, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, tap_h, tap_w,
+                sgn, sgc, sgh, sgw, srn, src, srh, srw, swn, swc, swh, sww, sdxn, sdxc, sdxh, sdxw,
+                sresn, sresc, sresh, sresw, srmaskn, srmaskc, srmaskh, srmaskw,
+                HAS_MASK, CHANNEL_INNER, PRECISION, HAS_RESIDUAL, HAS_RESIDUAL_MASK, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 # ------------------------------------------------------------------------------------ weight gradient
-def _wgrad_resnet(**flags):  # ResNet-style 64 -> 64 3x3, channels_last, split 4 ways
-    return {"HAS_MASK": True, "SPLIT_K": 4, "PADDED": True, "PRECISION": "ieee", "HAS_BIAS_GRAD": False,
-            **_typical(g="nhwc", r="nhwc", x="nhwc", dw="nchw"), **flags}
-
-
-def _wgrad_lenet(**flags):  # the seed's LeNet conv2 (6 -> 16 channels), NCHW, one split
-    return {"HAS_MASK": True, "SPLIT_K": 1, "PADDED": False, "PRECISION": "ieee", "HAS_BIAS_GRAD": False,
-            **_typical(n=16, c=6, hw=14, oc=16, k=5, pad=0, g="nchw", r="nchw", x="nchw", dw="nchw"), **flags}
-
-
-@tuned_kernel(
-    "conv2d_weight_grad",
-    gpu_configs=WGRAD_GPU_CONFIGS,
-    config_for_dtype=wgrad_config_for,
-    interp_heuristics=WGRAD_INTERP,
-    key=["N", "C", "H", "W", "OC", "KH", "KW", "Cg", "SPLIT_K", "HAS_BIAS_GRAD"],
-    signature=_signature(("g_ptr", "r_ptr", "x_ptr", "dw_ptr", "db_ptr", "partial_ptr"), _strides("g", "r", "x", "dw"),
-                         ("HAS_MASK", "SPLIT_K", "PADDED", "PRECISION", "HAS_BIAS_GRAD")),
-    constexprs=lambda dtype: _wgrad_resnet(),
-    variants={
-        "few_channels": lambda dtype: _wgrad_lenet(),
-        # with the bias gradient: LeNet's conv2 has a bias (one launch for dw and db); the split-K pattern
-        # reduces the bias partials beside the weight's
-        "few_channels_bias": lambda dtype: _wgrad_lenet(HAS_BIAS_GRAD=True),
-        "bias": lambda dtype: _wgrad_resnet(HAS_BIAS_GRAD=True),
-    },
-    tensor_core=True,
-    tf32=True,
-)
 @triton.jit
-def conv2d_weight_grad_kernel(
-    g_ptr, r_ptr, x_ptr, dw_ptr, db_ptr, partial_ptr,
-    N, C, H, W, OC, OH, OW, KH, KW, Cg, OCg,
-    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+def _wgrad_tile(
+    pid_mn, group, split, g_ptr, r_ptr, x_ptr, dw_ptr, db_ptr, partial_ptr,
+    N, H, W, OC, OH, OW, KH, KW, Cg, OCg, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     sgn, sgc, sgh, sgw, srn, src, srh, srw, sxn, sxc, sxh, sxw, sdwn, sdwc, sdwh, sdww,
     HAS_MASK: tl.constexpr, SPLIT_K: tl.constexpr, PADDED: tl.constexpr, PRECISION: tl.constexpr,
     HAS_BIAS_GRAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """dw (and with HAS_BIAS_GRAD db, contiguous [OC]) for one (oc block, column block) tile of one
-    group over one split of the reduction; SPLIT_K > 1 writes float32 partials instead: split s at
-    partial[s * PART + i], PART = OC*Cg*KH*KW (+ OC), i the contiguous-dw index, then db's OC."""
-    pid_mn = tl.program_id(0)
-    group = tl.program_id(1)
-    split = tl.program_id(2)
+    """dw (and with HAS_BIAS_GRAD db, contiguous [OC]) for the (oc block, column block) tile ``pid_mn``
+    (column blocks fastest) of ``group`` over split ``split`` of the reduction; SPLIT_K > 1 writes
+    float32 partials instead: split s at partial[s * PART + i], PART = OC*Cg*KH*KW (+ OC), i the
+    contiguous-dw index, then db's OC."""
     KK = KH * KW * Cg  # GEMM columns
     P = N * OH * OW  # reduction length
     num_n = tl.cdiv(KK, BLOCK_N)
@@ -930,6 +919,164 @@ def conv2d_weight_grad_kernel(
         if HAS_BIAS_GRAD:
             if pid_n == 0:
                 tl.store(part + dw_numel + oc, db_acc, mask=m_ok)
+
+
+def _wgrad_resnet(**flags):  # ResNet-style 64 -> 64 3x3, channels_last, split 4 ways
+    return {"HAS_MASK": True, "SPLIT_K": 4, "PADDED": True, "PRECISION": "ieee", "HAS_BIAS_GRAD": False,
+            **_typical(g="nhwc", r="nhwc", x="nhwc", dw="nchw"), **flags}
+
+
+def _wgrad_lenet(**flags):  # the seed's LeNet conv2 (6 -> 16 channels), NCHW, one split
+    return {"HAS_MASK": True, "SPLIT_K": 1, "PADDED": False, "PRECISION": "ieee", "HAS_BIAS_GRAD": False,
+            **_typical(n=16, c=6, hw=14, oc=16, k=5, pad=0, g="nchw", r="nchw", x="nchw", dw="nchw"), **flags}
+
+
+@tuned_kernel(
+    "conv2d_weight_grad",
+    gpu_configs=WGRAD_GPU_CONFIGS,
+    config_for_dtype=wgrad_config_for,
+    interp_heuristics=WGRAD_INTERP,
+    key=["N", "C", "H", "W", "OC", "KH", "KW", "Cg", "SPLIT_K", "HAS_BIAS_GRAD"],
+    signature=_signature(("g_ptr", "r_ptr", "x_ptr", "dw_ptr", "db_ptr", "partial_ptr"), _strides("g", "r", "x", "dw"),
+                         ("HAS_MASK", "SPLIT_K", "PADDED", "PRECISION", "HAS_BIAS_GRAD")),
+    constexprs=lambda dtype: _wgrad_resnet(),
+    variants={
+        "few_channels": lambda dtype: _wgrad_lenet(),
+        # with the bias gradient: LeNet's conv2 has a bias (one launch for dw and db); the split-K pattern
+        # reduces the bias partials beside the weight's
+        "few_channels_bias": lambda dtype: _wgrad_lenet(HAS_BIAS_GRAD=True),
+        "bias": lambda dtype: _wgrad_resnet(HAS_BIAS_GRAD=True),
+    },
+    tensor_core=True,
+    tf32=True,
+)
+@triton.jit
+def conv2d_weight_grad_kernel(
+    g_ptr, r_ptr, x_ptr, dw_ptr, db_ptr, partial_ptr,
+    N, C, H, W, OC, OH, OW, KH, KW, Cg, OCg,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    sgn, sgc, sgh, sgw, srn, src, srh, srw, sxn, sxc, sxh, sxw, sdwn, sdwc, sdwh, sdww,
+    HAS_MASK: tl.constexpr, SPLIT_K: tl.constexpr, PADDED: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_BIAS_GRAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """``_wgrad_tile`` at (program_id(0), program_id(1), program_id(2)): (oc block, column block) tiles,
+    groups, splits of the reduction."""
+    _wgrad_tile(tl.program_id(0), tl.program_id(1), tl.program_id(2), g_ptr, r_ptr, x_ptr, dw_ptr, db_ptr, partial_ptr,
+                N, H, W, OC, OH, OW, KH, KW, Cg, OCg, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+                sgn, sgc, sgh, sgw, srn, src, srh, srw, sxn, sxc, sxh, sxw, sdwn, sdwc, sdwh, sdww,
+                HAS_MASK, SPLIT_K, PADDED, PRECISION, HAS_BIAS_GRAD, BLOCK_M, BLOCK_N, BLOCK_K)
+
+
+# --------------------------------------------------------------- input and weight gradient in one launch
+# (input-gradient tile, weight-gradient tile) pairs of one warp count, compiled at the fewer of their
+# stages: a launch may take a pair when the input gradient's lists allow its first tile (dtype,
+# CHANNEL_INNER) and the weight gradient's its second (dtype, HAS_BIAS_GRAD: wgrad_config_for).
+_BACKWARD_PAIRS = [(_C[dx], _W[dw]) for dx, dw in (
+    ("128x128w8", "128x128w8"), ("128x64w8", "64x128w8"), ("128x64w8", "128x64w8"), ("64x64w4", "64x64"),
+    ("64x64w4s3", "32x64"), ("64x32w4", "32x64"), ("128x16w4", "16x128"), ("128x16w4", "16x64k64"),
+    ("32x32w4", "32x64"), ("64x64w4s1", "64x64"), ("64x64w4s1", "32x64"),
+)]
+
+
+def _backward_config(dx, dw):
+    assert dx.num_warps == dw.num_warps, (dx, dw)
+    blocks = {**dx.kwargs, **{f"DW_{k}": v for k, v in dw.kwargs.items()}}
+    return triton.Config(blocks, num_warps=dx.num_warps, num_stages=min(dx.num_stages, dw.num_stages))
+
+
+BACKWARD_GPU_CONFIGS = [_backward_config(*pair) for pair in _BACKWARD_PAIRS]
+
+
+def backward_config_for(config, dtype, arch=None, launch=None) -> bool:
+    """Whether both tiles of the pair ``config`` stands for are allowed: DGRAD_CONFIG_FOR_DTYPE and
+    wgrad_config_for."""
+    dx, dw = next(pair for c, pair in zip(BACKWARD_GPU_CONFIGS, _BACKWARD_PAIRS) if c is config)
+    return DGRAD_CONFIG_FOR_DTYPE(dx, dtype, arch, launch) and wgrad_config_for(dw, dtype, arch, launch)
+
+
+# the interpreter tiles of either launch: BLOCK_* for the input gradient, DW_BLOCK_* for the weight's
+BACKWARD_INTERP = {**DGRAD_INTERP, **{f"DW_{k}": v for k, v in WGRAD_INTERP.items()}}
+_BACKWARD_FLAGS = ("HAS_MASK", "CHANNEL_INNER", "PRECISION", "HAS_RESIDUAL", "HAS_RESIDUAL_MASK", "SPLIT_K", "PADDED",
+                   "HAS_BIAS_GRAD", "DW_BLOCK_M", "DW_BLOCK_N", "DW_BLOCK_K")
+
+
+def _backward_typical(strided=False, **flags):
+    """ResNet-18's layer-3 conv (256 -> 256 3x3 at 14x14, channels_last; strided: its first conv, 128 ->
+    256 at 28x28 stride 2), one split, no bias: the small late layers the combined launch is for."""
+    layouts = dict(g="nhwc", r="nhwc", w="nhwc", x="nhwc", dx="nhwc", res="nhwc", rmask="nhwc", dw="nhwc")
+    values = {**_DGRAD_PLAIN, "HAS_MASK": False, "SPLIT_K": 1, "PADDED": True, "HAS_BIAS_GRAD": False}
+    if strided:
+        values.update(_typical(n=32, c=128, hw=28, oc=256, **layouts), stride_h=2, stride_w=2, tap_h=2, tap_w=2,
+                      OH=14, OW=14)
+    else:
+        values.update(_typical(n=32, c=256, hw=14, oc=256, **layouts))
+    return {**values, **flags}
+
+
+@tuned_kernel(
+    "conv2d_backward",
+    gpu_configs=BACKWARD_GPU_CONFIGS,
+    config_for_dtype=backward_config_for,
+    interp_heuristics=BACKWARD_INTERP,
+    key=["N", "C", "H", "W", "OC", "KH", "KW", "Cg", "stride_h", "stride_w", "HAS_RESIDUAL", "SPLIT_K",
+         "HAS_BIAS_GRAD"],
+    signature=_signature(("g_ptr", "r_ptr", "w_ptr", "x_ptr", "dx_ptr", "res_ptr", "rmask_ptr", "dw_ptr", "db_ptr",
+                          "partial_ptr"), _strides("g", "r", "w", "x", "dx", "res", "rmask", "dw"), _BACKWARD_FLAGS,
+                         ("tap_h", "tap_w")),
+    constexprs=lambda dtype: _backward_typical(),
+    variants={
+        "strided": lambda dtype: _backward_typical(strided=True),
+        # ResNet basic block's conv1 backward in layer 1 (64 -> 64 at 56x56: split-K) with the identity
+        # branch's gradient through the block input's ReLU
+        "residual": lambda dtype: {**_backward_typical(HAS_RESIDUAL=True, HAS_RESIDUAL_MASK=True, SPLIT_K=4),
+                                   **_typical(g="nhwc", r="nhwc", w="nhwc", x="nhwc", dx="nhwc", res="nhwc",
+                                              rmask="nhwc", dw="nhwc")},
+        # the seed's LeNet conv2 (6 -> 16, 5x5 at 14x14, NCHW) with its ReLU mask and bias gradient
+        "few_channels_bias": lambda dtype: {
+            **_backward_typical(HAS_MASK=True, CHANNEL_INNER=False, PADDED=False, HAS_BIAS_GRAD=True),
+            **_typical(n=16, c=6, hw=14, oc=16, k=5, pad=0, g="nchw", r="nchw", w="nchw", x="nchw", dx="nchw",
+                       res="nchw", rmask="nchw", dw="nchw")},
+    },
+    tensor_core=True,
+    tf32=True,
+)
+@triton.jit
+def conv2d_backward_kernel(
+    g_ptr, r_ptr, w_ptr, x_ptr, dx_ptr, res_ptr, rmask_ptr, dw_ptr, db_ptr, partial_ptr,
+    N, C, H, W, OC, OH, OW, KH, KW, Cg, OCg,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    tap_h, tap_w,
+    sgn, sgc, sgh, sgw, srn, src, srh, srw, swn, swc, swh, sww, sxn, sxc, sxh, sxw, sdxn, sdxc, sdxh, sdxw,
+    sresn, sresc, sresh, sresw, srmaskn, srmaskc, srmaskh, srmaskw, sdwn, sdwc, sdwh, sdww,
+    HAS_MASK: tl.constexpr, CHANNEL_INNER: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, HAS_RESIDUAL_MASK: tl.constexpr, SPLIT_K: tl.constexpr, PADDED: tl.constexpr,
+    HAS_BIAS_GRAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DW_BLOCK_M: tl.constexpr, DW_BLOCK_N: tl.constexpr, DW_BLOCK_K: tl.constexpr,
+):
+    """conv2d_input_grad_kernel's and conv2d_weight_grad_kernel's programs in one 1-D grid, so the two
+    GEMMs of a small layer run side by side: programs [0, DX) are the input gradient's tiles (BLOCK_*;
+    row tiles fastest, then channel tiles, then group * phases + phase), the rest the weight gradient's
+    (DW_BLOCK_*; tiles, then groups, then splits)."""
+    pid = tl.program_id(0)
+    groups = C // Cg
+    dx_rows = tl.cdiv(N * tl.cdiv(H, stride_h) * tl.cdiv(W, stride_w), BLOCK_M)
+    dx_cols = tl.cdiv(Cg, BLOCK_N)
+    dx_programs = dx_rows * dx_cols * groups * stride_h * stride_w
+    if pid < dx_programs:
+        _dgrad_tile(pid % dx_rows, (pid // dx_rows) % dx_cols, pid // (dx_rows * dx_cols),
+                    g_ptr, r_ptr, w_ptr, dx_ptr, res_ptr, rmask_ptr,
+                    N, H, W, OH, OW, KH, KW, Cg, OCg, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, tap_h, tap_w,
+                    sgn, sgc, sgh, sgw, srn, src, srh, srw, swn, swc, swh, sww, sdxn, sdxc, sdxh, sdxw,
+                    sresn, sresc, sresh, sresw, srmaskn, srmaskc, srmaskh, srmaskw,
+                    HAS_MASK, CHANNEL_INNER, PRECISION, HAS_RESIDUAL, HAS_RESIDUAL_MASK, BLOCK_M, BLOCK_N, BLOCK_K)
+    else:
+        q = pid - dx_programs
+        dw_tiles = tl.cdiv(OCg, DW_BLOCK_M) * tl.cdiv(KH * KW * Cg, DW_BLOCK_N)
+        _wgrad_tile(q % dw_tiles, (q // dw_tiles) % groups, q // (dw_tiles * groups),
+                    g_ptr, r_ptr, x_ptr, dw_ptr, db_ptr, partial_ptr,
+                    N, H, W, OC, OH, OW, KH, KW, Cg, OCg, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+                    sgn, sgc, sgh, sgw, srn, src, srh, srw, sxn, sxc, sxh, sxw, sdwn, sdwc, sdwh, sdww,
+                    HAS_MASK, SPLIT_K, PADDED, PRECISION, HAS_BIAS_GRAD, DW_BLOCK_M, DW_BLOCK_N, DW_BLOCK_K)
 
 
 # ------------------------------------------------------------------------------------------- launchers
@@ -1043,6 +1190,11 @@ def conv2d_relu_maxpool(x, w, bias, stride, padding, dilation, groups, pool_kern
     return y
 
 
+def _tap_steps(stride, dilation) -> tuple[int, int]:
+    """(tap_h, tap_w): a strided input-gradient phase visits every stride / gcd(stride, dilation)-th tap."""
+    return tuple(s // math.gcd(s, d) for s, d in zip(stride, dilation))
+
+
 def conv2d_input_grad(grad_out, w, relu_output, input_size, stride, padding, dilation, groups, *,
                       allow_tf32=False, residual=None, residual_mask=None):
     """``dx`` of shape ``input_size``, in ``grad_out``'s memory format, plus ``residual`` (dx's shape,
@@ -1065,8 +1217,7 @@ def conv2d_input_grad(grad_out, w, relu_output, input_size, stride, padding, dil
         return (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(Cg, meta["BLOCK_N"]), groups * sh * sw)
 
     conv2d_input_grad_kernel[grid](
-        grad_out, r, w, dx, res, res_mask, *shape, *conv, sh // math.gcd(sh, dilation[0]),
-        sw // math.gcd(sw, dilation[1]),
+        grad_out, r, w, dx, res, res_mask, *shape, *conv, *_tap_steps(stride, dilation),
         *grad_out.stride(), *r.stride(), *w.stride(), *dx.stride(), *res.stride(), *res_mask.stride(),
         HAS_MASK=relu_output is not None, CHANNEL_INNER=channel_inner(OCg),
         PRECISION=dot_precision(grad_out.dtype, allow_tf32), HAS_RESIDUAL=residual is not None,
@@ -1101,6 +1252,28 @@ def _split_k(tiles: int, reduction: int, device: torch.device) -> int:
     return max(1, min(triton.cdiv(2 * sms, tiles), reduction // 1024, 64))
 
 
+def _weight_grad_buffers(grad_out, x, weight_size, shape, groups, bias_grad):
+    """(dw, db or None, float32 split-K partials or None, split) of a weight-gradient launch."""
+    N, C, H, W, OC, OH, OW, KH, KW, Cg, OCg = shape
+    dw = empty(tuple(weight_size), dtype=grad_out.dtype, device=grad_out.device,
+               memory_format=suggest_memory_format(x))
+    db = empty((OC,), dtype=grad_out.dtype, device=grad_out.device) if bias_grad else None
+    split = _split_k(triton.cdiv(OCg, 32) * triton.cdiv(KH * KW * Cg, 64) * groups, N * OH * OW, grad_out.device)
+    partial = None
+    if split > 1 and dw.numel() and N * OH * OW:  # per split: a contiguous dw, then db
+        partial = empty((split, dw.numel() + (OC if bias_grad else 0)), dtype=torch.float32, device=dw.device)
+    return dw, db, partial, split
+
+
+def _reduce_splits(dw, db, partial):
+    """One reduction over the split-K partials, in a fixed order, for dw and db alike."""
+    if partial is not None:
+        total = partial.sum(0)
+        dw.copy_(total[:dw.numel()].view(dw.shape))
+        if db is not None:
+            db.copy_(total[dw.numel():])
+
+
 def conv2d_weight_grad(grad_out, x, relu_output, weight_size, stride, padding, dilation, groups, *,
                        allow_tf32=False, bias_grad=False):
     """``dw`` of shape ``weight_size``, summed over the batch and output positions; channels_last when
@@ -1108,9 +1281,7 @@ def conv2d_weight_grad(grad_out, x, relu_output, weight_size, stride, padding, d
     ``(dw, db)``, db[oc] = the sum of dy' over the batch and output positions, from the same launch."""
     shape, conv = _geometry(x.shape, weight_size, stride, padding, dilation, groups)
     N, C, H, W, OC, OH, OW, KH, KW, Cg, OCg = shape
-    dw = empty(tuple(weight_size), dtype=grad_out.dtype, device=grad_out.device,
-               memory_format=suggest_memory_format(x))
-    db = empty((OC,), dtype=grad_out.dtype, device=grad_out.device) if bias_grad else None
+    dw, db, partial, split = _weight_grad_buffers(grad_out, x, weight_size, shape, groups, bias_grad)
     out = (dw, db) if bias_grad else dw
     check_int32_indexing(grad_out, x, dw, relu_output)
     if dw.numel() == 0:
@@ -1121,11 +1292,6 @@ def conv2d_weight_grad(grad_out, x, relu_output, weight_size, stride, padding, d
                 t.zero_()
         return out
     r = relu_output if relu_output is not None else grad_out
-    tiles = triton.cdiv(OCg, 32) * triton.cdiv(KH * KW * Cg, 64) * groups
-    split = _split_k(tiles, N * OH * OW, grad_out.device)
-    partial = None
-    if split > 1:  # per split: a contiguous dw, then db
-        partial = empty((split, dw.numel() + (OC if bias_grad else 0)), dtype=torch.float32, device=dw.device)
 
     def grid(meta):
         return (triton.cdiv(OCg, meta["BLOCK_M"]) * triton.cdiv(KH * KW * Cg, meta["BLOCK_N"]), groups, split)
@@ -1136,9 +1302,48 @@ def conv2d_weight_grad(grad_out, x, relu_output, weight_size, stride, padding, d
         HAS_MASK=relu_output is not None, SPLIT_K=split, PADDED=any(padding),
         PRECISION=dot_precision(x.dtype, allow_tf32), HAS_BIAS_GRAD=bool(bias_grad),
     )
-    if split > 1:  # one reduction over the splits, in a fixed order, for dw and db alike
-        total = partial.sum(0)
-        dw.copy_(total[:dw.numel()].view(dw.shape))
-        if bias_grad:
-            db.copy_(total[dw.numel():])
+    _reduce_splits(dw, db, partial)
     return out
+
+
+def conv2d_backward(grad_out, x, w, relu_output, stride, padding, dilation, groups, *, allow_tf32=False,
+                    residual=None, residual_mask=None, bias_grad=False):
+    """``(dx, dw, db)`` in one launch (conv2d_backward_kernel): ``conv2d_input_grad`` (with its residual
+    epilogue) and ``conv2d_weight_grad`` (db None without ``bias_grad``), outputs laid out as they lay
+    them out. A problem with nothing to compute on either side (an empty dx, dw or output) runs
+    those two launchers instead."""
+    shape, conv = _geometry(x.shape, w.shape, stride, padding, dilation, groups)
+    N, C, H, W, OC, OH, OW, KH, KW, Cg, OCg = shape
+    if x.numel() == 0 or w.numel() == 0 or N * OH * OW == 0:
+        dx = conv2d_input_grad(grad_out, w, relu_output, x.shape, stride, padding, dilation, groups,
+                               allow_tf32=allow_tf32, residual=residual, residual_mask=residual_mask)
+        dw = conv2d_weight_grad(grad_out, x, relu_output, w.shape, stride, padding, dilation, groups,
+                                allow_tf32=allow_tf32, bias_grad=bias_grad)
+        return (dx, *dw) if bias_grad else (dx, dw, None)
+    dx = empty(tuple(x.shape), dtype=grad_out.dtype, device=grad_out.device,
+               memory_format=suggest_memory_format(grad_out))
+    dw, db, partial, split = _weight_grad_buffers(grad_out, x, w.shape, shape, groups, bias_grad)
+    check_int32_indexing(grad_out, x, w, dx, dw, relu_output, residual, residual_mask, partial)
+    r = relu_output if relu_output is not None else grad_out
+    res = residual if residual is not None else dx
+    res_mask = residual_mask if residual_mask is not None else res
+    sh, sw = stride
+    rows = N * triton.cdiv(H, sh) * triton.cdiv(W, sw)  # per input-gradient phase
+
+    def grid(meta):
+        dx_programs = triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(Cg, meta["BLOCK_N"]) * groups * sh * sw
+        dw_tiles = triton.cdiv(OCg, meta["DW_BLOCK_M"]) * triton.cdiv(KH * KW * Cg, meta["DW_BLOCK_N"])
+        return (dx_programs + dw_tiles * groups * split,)
+
+    conv2d_backward_kernel[grid](
+        grad_out, r, w, x, dx, res, res_mask, dw, db if bias_grad else dw, partial if partial is not None else dw,
+        *shape, *conv, *_tap_steps(stride, dilation),
+        *grad_out.stride(), *r.stride(), *w.stride(), *x.stride(), *dx.stride(), *res.stride(), *res_mask.stride(),
+        *dw.stride(),
+        HAS_MASK=relu_output is not None, CHANNEL_INNER=channel_inner(OCg),
+        PRECISION=dot_precision(grad_out.dtype, allow_tf32), HAS_RESIDUAL=residual is not None,
+        HAS_RESIDUAL_MASK=residual_mask is not None, SPLIT_K=split, PADDED=any(padding),
+        HAS_BIAS_GRAD=bool(bias_grad),
+    )
+    _reduce_splits(dw, db, partial)
+    return dx, dw, db

@@ -812,3 +812,107 @@ def test_weight_bias_grad_bad_arguments_raise(needle, bad):
     y = torch.randn(*bad["y"]) if "y" in bad else None
     with pytest.raises(RuntimeError, match=needle):
         ops.conv2d_weight_bias_grad(g, x, y, [6, 3, 3, 3], [1, 1], [0, 0], [1, 1], 1)
+
+
+# --- input, weight and bias gradient in one launch (conv2d_backward)
+def _backward_ref(g, x, w, y, geo, res=None, mask=None, bias_grad=True):
+    """Eager's (dx + residual', dw, db) of dy' = threshold_backward(g, y, 0), residual' =
+    threshold_backward(res, mask, 0) (or res, or nothing)."""
+    stride, padding, dilation, groups = geo
+    g = torch.ops.aten.threshold_backward(g, y, 0) if y is not None else g
+    dx, dw, db = torch.ops.aten.convolution_backward(g, x, w, [w.shape[0]], stride, padding, dilation, False, [0, 0],
+                                                     groups, [True, True, bias_grad])
+    if res is not None:
+        dx = dx + (torch.ops.aten.threshold_backward(res, mask, 0) if mask is not None else res)
+    return dx, dw, db
+
+
+def _check_backward(case, dtype=torch.float32, layouts=("contiguous",) * 4, relu_mask=True, residual="masked",
+                    bias_grad=True):
+    """layouts: of (x, grad_output, residual, residual_mask)."""
+    x, w, _, geo = _conv_inputs(case, dtype)
+    x = _layout(x, layouts[0])
+    y = F.relu(F.conv2d(x.float(), w.float(), None, *geo)).to(dtype) if relu_mask else None
+    g = _layout(torch.randn(F.conv2d(x.float(), w.float(), None, *geo).shape).to(dtype), layouts[1])
+    res = _layout(torch.randn(x.shape).to(dtype), layouts[2]) if residual else None
+    mask = _layout(torch.randn(x.shape).to(dtype), layouts[3]) if residual == "masked" else None
+    dx, dw, db = ops.conv2d_backward(g, x, w, y, *geo, res, mask, bias_grad)
+    ref = _backward_ref(*(t.float() if t is not None else None for t in (g, x, w, y)), geo,
+                        *(t.float() if t is not None else None for t in (res, mask)), bias_grad)
+    assert_close(dx, ref[0].to(dtype), grad=True)
+    assert_close(dw, ref[1].to(dtype), grad=True)
+    assert dx.is_contiguous(memory_format=conv_kernels.suggest_memory_format(g))
+    assert dw.is_contiguous(memory_format=conv_kernels.suggest_memory_format(x))
+    if bias_grad:
+        assert_close(db, ref[2].to(dtype), grad=True)
+    else:
+        assert db is None
+
+
+# few channels (flattened reductions), stride 2 with padding, grouped with dilation and unequal strides,
+# depthwise, 1x1 stride 2 (phases without taps), channel chunks (CHANNEL_INNER) with a strided input gradient
+BACKWARD_CASES = [SWEEP[1], SWEEP[2], SWEEP[3], SWEEP[4], SWEEP[7], SWEEP[11]]
+# (x, grad_output, residual, residual_mask) layouts, relu mask, residual, bias gradient
+BACKWARD_FLAGS = [(("contiguous",) * 4, True, "masked", True),
+                  (("channels_last", "channels_last", "strided", "contiguous"), False, "plain", False),
+                  (("channels_last", "contiguous", "channels_last", "channels_last"), True, None, True)]
+
+
+@pytest.mark.parametrize("case", BACKWARD_CASES, ids=str)
+@pytest.mark.parametrize("layouts,relu_mask,residual,bias_grad", BACKWARD_FLAGS, ids=str)
+def test_backward_matches_eager(case, layouts, relu_mask, residual, bias_grad):
+    _check_backward(case, layouts=layouts, relu_mask=relu_mask, residual=residual, bias_grad=bias_grad)
+
+
+# Several input-gradient programs (rows, channel blocks, groups x phases) and weight-gradient programs
+# (tiles, groups, splits) in the one grid: every program finds its own tile.
+@pytest.mark.parametrize("case,limit,split", [
+    (SWEEP[2], 16, 3), (SWEEP[3], 16, 2), ((2, 3, 20, 21, 4, 3, 1, 0, 1, 1), 64, 3),
+], ids=str)
+def test_backward_several_programs_and_split_k(case, limit, split):
+    with conv_kernels.interp_block_limit(limit), conv_kernels.weight_grad_split(split):
+        _check_backward(case, layouts=("channels_last",) * 4)
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("case,split", [(SWEEP[1], 2), (SWEEP[11], 1)], ids=str)
+def test_backward_half(dtype, case, split):
+    with conv_kernels.weight_grad_split(split):
+        _check_backward(case, dtype, layouts=("channels_last",) * 4)
+
+
+def test_backward_is_one_launch(monkeypatch):
+    for name in ("conv2d_input_grad_kernel", "conv2d_weight_grad_kernel"):
+        monkeypatch.setattr(conv_kernels, name, None)  # launching either would fail
+    _check_backward(SWEEP[2])
+
+
+def test_backward_empty_batch():
+    x, w = torch.randn(0, 3, 8, 8), torch.randn(4, 3, 3, 3)
+    dx, dw, db = ops.conv2d_backward(torch.randn(0, 4, 6, 6), x, w, None, [1, 1], [0, 0], [1, 1], 1, bias_grad=True)
+    assert dx.shape == x.shape and torch.equal(dw, torch.zeros_like(w)) and torch.equal(db, torch.zeros(4))
+
+
+def test_backward_opcheck():
+    x, w, _, geo = _conv_inputs(SWEEP[3], torch.float32, "channels_last")
+    y = F.relu(F.conv2d(x, w, None, *geo))
+    g, res, mask = torch.randn(y.shape), torch.randn(x.shape), torch.randn(x.shape)
+    torch.library.opcheck(ops.conv2d_backward.default, (g, x, w, y, *geo, res, mask, True))
+    torch.library.opcheck(ops.conv2d_backward.default, (g, x, w, None, *geo), {"bias_grad": False})
+
+
+@pytest.mark.parametrize("needle,bad", [
+    ("conv2d_backward: expected grad_output of size", dict(g=torch.ones(2, 6, 6, 5))),
+    ("relu_output of size", dict(y=torch.ones(2, 6, 6, 7))),
+    ("input dtype", dict(x=torch.ones(2, 3, 8, 8, dtype=torch.float16))),
+    ("expected input", dict(x=torch.ones(2, 4, 8, 8))),
+    ("expected 4-D input", dict(x=torch.ones(3, 8, 8))),
+    ("residual_mask needs a residual", dict(residual_mask=torch.ones(2, 3, 8, 8))),
+    ("residual of size", dict(residual=torch.ones(2, 3, 8, 7))),
+    ("residual dtype", dict(residual=torch.ones(2, 3, 8, 8, dtype=torch.float16))),
+], ids=str)
+def test_backward_bad_arguments_raise(needle, bad):
+    args = dict(g=torch.randn(2, 6, 6, 6), x=torch.randn(2, 3, 8, 8), y=None)
+    args.update({k: bad.pop(k) for k in ("g", "x", "y") if k in bad})
+    with pytest.raises(RuntimeError, match=needle):
+        ops.conv2d_backward(args["g"], args["x"], torch.randn(6, 3, 3, 3), args["y"], [1, 1], [0, 0], [1, 1], 1, **bad)

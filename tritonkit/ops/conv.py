@@ -1,6 +1,7 @@
 """``torch.ops.tritonkit.conv2d`` and its gradient ops (input; weight; weight and bias in one launch:
-``conv2d_weight_bias_grad``), over ``tritonkit.kernels.conv``, and the
-fused forward ops for BatchNorm networks (no autograd: inference, or building blocks for a lowering):
+``conv2d_weight_bias_grad``; all three in one launch: ``conv2d_backward``), over
+``tritonkit.kernels.conv``, and the fused forward ops for BatchNorm networks (no autograd: inference,
+or building blocks for a lowering):
 
 * ``conv2d_batch_norm(input, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, residual,
   stride, padding, dilation, groups, relu) -> Tensor``: conv -> eval-mode BatchNorm (-> + residual)
@@ -124,8 +125,7 @@ def _check_grad(op, grad_output, relu_output, expected_shape, other_name, other)
 
 
 def _check_input_grad(grad_output, weight, relu_output, input_size, stride, padding, dilation, groups, residual,
-                      residual_mask):
-    op = "tritonkit.conv2d_input_grad"
+                      residual_mask, op="tritonkit.conv2d_input_grad"):
     geometry = check_conv_args(op, input_size, weight.shape, None, stride, padding, dilation, groups)
     _check_grad(op, grad_output, relu_output, _output_shape(input_size, weight.shape, *geometry), "weight", weight)
     if residual_mask is not None and residual is None:
@@ -204,6 +204,47 @@ def _(grad_output, input, relu_output, weight_size, stride, padding, dilation, g
     _check_grad(op, grad_output, relu_output, _output_shape(input.shape, weight_size, *geometry), "input", input)
     dw = grad_output.new_empty(tuple(weight_size)).contiguous(memory_format=kernels.suggest_memory_format(input))
     return dw, grad_output.new_empty((weight_size[0],))
+
+
+# ------------------------------------------------------------------ input, weight and bias gradient
+def _check_backward(grad_output, input, weight, relu_output, stride, padding, dilation, groups, residual,
+                    residual_mask):
+    """conv2d_input_grad's checks (which cover conv2d_weight_grad's) with the input as the weight
+    gradient's operand: the same dtype and device as the others."""
+    op = "tritonkit.conv2d_backward"
+    check_float_tensors(op, grad_output=grad_output, input=input, weight=weight)
+    return _check_input_grad(grad_output, weight, relu_output, input.shape, stride, padding, dilation, groups,
+                             residual, residual_mask, op=op)
+
+
+# torch.library cannot infer an optional output (Tensor?) from the annotations: the schema is spelled out.
+@torch.library.custom_op(
+    "tritonkit::conv2d_backward", mutates_args=(),
+    schema="(Tensor grad_output, Tensor input, Tensor weight, Tensor? relu_output, int[] stride, int[] padding, "
+           "int[] dilation, int groups, Tensor? residual=None, Tensor? residual_mask=None, bool bias_grad=False) "
+           "-> (Tensor, Tensor, Tensor?)")
+def conv2d_backward(grad_output, input, weight, relu_output, stride, padding, dilation, groups, residual=None,
+                    residual_mask=None, bias_grad=False):
+    """``(grad_input, grad_weight, grad_bias)`` of conv2d in ONE launch: grad_input as
+    ``conv2d_input_grad`` (``residual``/``residual_mask`` epilogue included), grad_weight (and with
+    ``bias_grad`` grad_bias, else None) as ``conv2d_weight_bias_grad``, all from dy' = grad_output
+    masked by ``relu_output > 0`` if given; the same layouts (grad_input in grad_output's memory
+    format, grad_weight channels_last when input is)."""
+    geometry = _check_backward(grad_output, input, weight, relu_output, stride, padding, dilation, groups, residual,
+                               residual_mask)
+    return kernels.conv2d_backward(grad_output, input, weight, relu_output, *geometry, groups,
+                                   allow_tf32=conv_allows_tf32(), residual=residual, residual_mask=residual_mask,
+                                   bias_grad=bias_grad)
+
+
+@conv2d_backward.register_fake
+def _(grad_output, input, weight, relu_output, stride, padding, dilation, groups, residual=None, residual_mask=None,
+      bias_grad=False):
+    _check_backward(grad_output, input, weight, relu_output, stride, padding, dilation, groups, residual,
+                    residual_mask)
+    dx = grad_output.new_empty(tuple(input.shape)).contiguous(memory_format=kernels.suggest_memory_format(grad_output))
+    dw = grad_output.new_empty(tuple(weight.shape)).contiguous(memory_format=kernels.suggest_memory_format(input))
+    return dx, dw, grad_output.new_empty((weight.shape[0],)) if bias_grad else None
 
 
 # ------------------------------------------------------------------- conv + ReLU + max-pool (inference)
