@@ -1,4 +1,5 @@
-"""tritonkit::relu, tritonkit::relu_backward and tritonkit::bias_grad against eager PyTorch.
+"""tritonkit::relu, tritonkit::relu_backward, tritonkit::bias_grad, tritonkit::add_relu and
+tritonkit::activation(_backward) against eager PyTorch.
 
 ReLU is exact, so it is compared bit for bit (NaN included); bias_grad is a float32-accumulated sum
 compared with eager's float32 sum of the same values at the gradient tolerance. Outputs are
@@ -7,6 +8,7 @@ NaN-poisoned before every launch (tests/conftest.py).
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -330,3 +332,144 @@ def test_bias_grad_relu_output_mismatch():
     fake = torch._subclasses.fake_tensor.FakeTensorMode()
     with fake, pytest.raises(RuntimeError, match="relu_output shape"):  # the fake impl checks too
         ops.bias_grad(fake.from_tensor(grad), fake.from_tensor(make((2, 3, 4, 4))), 1)
+
+
+# --------------------------------------------------------------------------------- activations
+# Compared with eager's float32 kernels on the same (rounded) inputs; NaN positions must agree exactly.
+# The interpreter's numpy warns on the NaN and infinities these tests feed on purpose.
+SPECIALS = pytest.mark.filterwarnings("ignore:invalid value encountered", "ignore:overflow encountered")
+BOUNDS = (-0.5, 2.0)  # hardtanh's, off the defaults
+EAGER_ACTIVATIONS = {  # kind -> (forward, backward(grad, saved)), saved as tritonkit::activation_backward takes it
+    "hardtanh": (lambda x: F.hardtanh(x, *BOUNDS), lambda g, x: aten.hardtanh_backward(g, x, *BOUNDS)),
+    "hardswish": (F.hardswish, aten.hardswish_backward),
+    "hardsigmoid": (F.hardsigmoid, aten.hardsigmoid_backward),
+    "silu": (F.silu, aten.silu_backward),
+    "sigmoid": (torch.sigmoid, aten.sigmoid_backward),
+    "gelu": (F.gelu, aten.gelu_backward),
+    "gelu_tanh": (lambda x: F.gelu(x, approximate="tanh"), lambda g, x: aten.gelu_backward(g, x, approximate="tanh")),
+}
+KINDS = list(EAGER_ACTIVATIONS)
+KINKS = [-3.0, 3.0, 0.0, -0.0, *BOUNDS, 6.0, -6.0]
+
+
+def act_input(kind, layout="contiguous", dtype=torch.float32, shape=(2, 3, 7, 9)):
+    """Values over [-12, 12] (every piece of the piecewise activations), the kinks, NaN and infinities
+    (not +inf for gelu, where eager's float32 CPU kernel gives NaN and its float16 one inf)."""
+    x = make(shape, layout, torch.float32) * 4
+    if layout != "expanded":  # the first elements in logical order, whatever the layout
+        specials = KINKS + [float("nan"), float("-inf")] + ([] if kind == "gelu" else [float("inf")])
+        x[torch.unravel_index(torch.arange(len(specials)), shape)] = torch.tensor(specials)
+    return x.to(dtype)
+
+
+def eager_flat(fn, *tensors):
+    """Eager ``fn`` in float32 on flat copies padded to a multiple of 64 elements: every element then
+    takes eager's vectorized CPU path (its scalar tail gives some NaN inputs other gradients)."""
+    shape, n = tensors[0].shape, tensors[0].numel()
+    flat = [F.pad(t.detach().cpu().float().reshape(-1), (0, (-n) % 64)) for t in tensors]
+    return fn(*flat)[:n].reshape(shape)
+
+
+def args_of(kind):
+    return (kind, *BOUNDS) if kind == "hardtanh" else (kind,)
+
+
+def check_same(result, expected):
+    assert torch.equal(result.cpu().isnan(), expected.isnan()), "NaN positions differ"
+    assert_close(result.cpu(), expected)
+
+
+@SPECIALS
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_activation(kind, dtype):
+    x = act_input(kind, "channels_last", dtype)
+    y = ops.activation(x, *args_of(kind))
+    check_same(y, eager_flat(EAGER_ACTIVATIONS[kind][0], x).to(dtype))
+    assert y.stride() == x.stride()
+
+
+@SPECIALS
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_activation_backward(kind, dtype):
+    forward, backward = EAGER_ACTIVATIONS[kind]
+    x = act_input(kind, "contiguous", dtype)
+    saved = forward(x.float()).to(dtype) if kind == "sigmoid" else x
+    grad = make(x.shape, "channels_last", dtype)
+    dx = ops.activation_backward(grad, saved, *args_of(kind))
+    check_same(dx, eager_flat(backward, grad, saved).to(dtype))
+    assert dx.stride() == grad.stride()
+
+
+@SPECIALS
+@pytest.mark.parametrize("layouts", [("sliced", "permuted"), ("expanded", "channels_last"), ("permuted", "sliced")])
+@pytest.mark.parametrize("kind", ["hardswish", "gelu"])
+def test_activation_layouts(kind, layouts):
+    """Non-dense inputs are read through a dense copy; a saved tensor in another layout is copied."""
+    x = act_input(kind, layouts[0])
+    forward, backward = EAGER_ACTIVATIONS[kind]
+    y = ops.activation(x, kind)
+    check_same(y, eager_flat(forward, x))
+    assert y.stride() == torch.empty_like(x).stride()
+    grad = make(x.shape, layouts[1])
+    dx = ops.activation_backward(grad, x, kind)
+    check_same(dx, eager_flat(backward, grad, x))
+    assert dx.stride() == torch.empty_like(grad).stride()
+
+
+KINK_GRADIENTS = {  # gradient / g at each of KINKS, as aten computes it
+    "hardtanh": [0, 0, 1, 1, 0, 0, 0, 0],  # 0 at min_val = -0.5 and max_val = 2 themselves
+    "hardswish": [0, 1, 0.5, 0.5, 1 / 3, 7 / 6, 1, 0],  # 0 at -3, g at 3
+    "hardsigmoid": [0, 0, 1 / 6, 1 / 6, 1 / 6, 1 / 6, 0, 0],  # 0 at -3 and 3
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", list(KINK_GRADIENTS))
+def test_activation_gradient_at_kinks(kind, dtype):
+    x = torch.tensor(KINKS, dtype=dtype, device=DEVICE)
+    grad = torch.full_like(x, 3.0)
+    dx = ops.activation_backward(grad, x, *args_of(kind)).cpu()
+    expected = torch.tensor(KINK_GRADIENTS[kind]) * 3.0
+    assert_close(dx, expected.to(dtype))
+    assert_close(dx, eager_flat(EAGER_ACTIVATIONS[kind][1], grad, x).to(dtype))
+
+
+@pytest.mark.parametrize("shape", [(0,), (1,), (1000,), (2**20 + 3,)], ids=str)
+def test_activation_sizes(shape):
+    """Empty, tiny, off-block and bigger-than-one-interpreter-block sizes (tail masking)."""
+    x, grad = (torch.randn(shape).to(DEVICE) * 4 for _ in range(2))
+    assert_close(ops.activation(x, "hardswish").cpu(), F.hardswish(x.cpu()))
+    assert_close(ops.activation_backward(grad, x, "hardswish").cpu(), eager_flat(aten.hardswish_backward, grad, x))
+
+
+@SPECIALS
+def test_activation_opcheck():
+    x = make((2, 3, 5, 4), "channels_last") * 4
+    for kind in ["hardtanh", "sigmoid", "gelu_tanh"]:  # bounds, output-saved, a transcendental
+        torch.library.opcheck(ops.activation, (x, *args_of(kind)))
+        torch.library.opcheck(ops.activation_backward, (make((2, 3, 5, 4)), x, *args_of(kind)))
+
+
+def test_activation_bad_arguments():
+    x = make((2, 3, 4, 5))
+    with pytest.raises(ValueError, match="kind must be one of"):
+        ops.activation(x, "relu")
+    with pytest.raises(ValueError):
+        F.hardtanh(x.cpu(), 2.0, 1.0)
+    with pytest.raises(ValueError, match="min_val cannot be greater than max_val"):
+        ops.activation(x, "hardtanh", 2.0, 1.0)
+    with pytest.raises(RuntimeError, match="input must be float32"):
+        ops.activation(x.long(), "silu")
+    with pytest.raises(RuntimeError):
+        aten.silu_backward(x.cpu(), make((2, 3, 4, 4)).cpu())
+    with pytest.raises(RuntimeError, match="saved shape"):
+        ops.activation_backward(x, make((2, 3, 4, 4)), "silu")
+    with pytest.raises(RuntimeError, match="saved dtype"):
+        ops.activation_backward(x, x.half(), "gelu")
+    fake = torch._subclasses.fake_tensor.FakeTensorMode()
+    with fake, pytest.raises(ValueError, match="kind must be one of"):  # the fake impls check too
+        ops.activation(fake.from_tensor(x), "swish")
+    with fake, pytest.raises(RuntimeError, match="saved shape"):
+        ops.activation_backward(fake.from_tensor(x), fake.from_tensor(make((2, 3, 4, 4))), "sigmoid")

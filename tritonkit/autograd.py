@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 import tritonkit.ops  # noqa: F401  (registers torch.ops.tritonkit.*)
+from tritonkit.ops.elementwise import SAVES_OUTPUT
 
 ops = torch.ops.tritonkit
 
@@ -116,9 +117,31 @@ class ReLU(torch.autograd.Function):
         return ops.relu_backward(grad, output)
 
 
+class Activation(torch.autograd.Function):
+    """``y = kind(x)`` (``tritonkit::activation``); dx = activation_backward(dy, x) from the input, or from
+    the output y for sigmoid, as aten's backward ops take them."""
+
+    @staticmethod
+    def forward(input, kind, min_val, max_val):
+        return ops.activation(input, kind, min_val, max_val)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, kind, min_val, max_val = inputs
+        ctx.activation = (kind, min_val, max_val)
+        ctx.save_for_backward(output if kind in SAVES_OUTPUT else input)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (saved,) = ctx.saved_tensors
+        return ops.activation_backward(grad, saved, *ctx.activation), None, None, None
+
+
 def _register(op_name: str, function: type[torch.autograd.Function]) -> None:
     torch.library.register_autograd(f"tritonkit::{op_name}", function.backward, setup_context=function.setup_context)
 
 
-for _name, _function in (("conv2d", Conv2d), ("linear", Linear), ("max_pool2d", MaxPool2d), ("relu", ReLU)):
+for _name, _function in (("conv2d", Conv2d), ("linear", Linear), ("max_pool2d", MaxPool2d), ("relu", ReLU),
+                         ("activation", Activation)):
     _register(_name, _function)

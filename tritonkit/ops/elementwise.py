@@ -1,5 +1,5 @@
-"""``tritonkit::relu``, ``tritonkit::relu_backward``, ``tritonkit::bias_grad`` and ``tritonkit::add_relu``
-custom ops.
+"""``tritonkit::relu``, ``tritonkit::relu_backward``, ``tritonkit::bias_grad``, ``tritonkit::add_relu``,
+``tritonkit::activation`` and ``tritonkit::activation_backward`` custom ops.
 
 * ``relu(input)``: ``torch.relu``; the result has ``input``'s strides when ``input`` is dense
   (``torch.empty_like`` strides otherwise).
@@ -12,6 +12,13 @@ custom ops.
 * ``add_relu(a, b)``: ``torch.relu(a + b)`` for ``a``, ``b`` of one shape and dtype (no broadcasting or
   type promotion), laid out as eager's ``torch.add(a, b)``. Its backward is ``relu_backward(g, output)``
   (aten's ``threshold_backward`` on the output), the gradient of both operands.
+
+* ``activation(input, kind, min_val=-1., max_val=1.)``: ``kind`` one of ``KINDS`` = hardtanh (bounds
+  ``min_val``/``max_val``; relu6 is hardtanh(0, 6)), hardswish, hardsigmoid, silu, sigmoid, gelu
+  (erf form) and gelu_tanh (``approximate="tanh"``); computed in float32, laid out like ``relu``.
+* ``activation_backward(grad_output, saved, kind, min_val=-1., max_val=1.)``: aten's
+  ``<kind>_backward``, with ``saved`` what aten's backward op takes: the forward's input, or for
+  sigmoid (``SAVES_OUTPUT``) its output. Kinks and NaN as aten (``tritonkit.kernels.elementwise``).
 
 Inputs are validated (in the real and the fake impl, before any launch) with the exception types
 PyTorch raises for the same mistakes.
@@ -116,4 +123,60 @@ def _(a, b):
     return torch.empty_strided(a.shape, torch.add(a, b).stride(), dtype=a.dtype, device=a.device)
 
 
-__all__ = ["add_relu", "bias_grad", "relu", "relu_backward"]
+KINDS = kernels.ACTIVATIONS[1:]  # relu has tritonkit::relu
+SAVES_OUTPUT = kernels.SAVES_OUTPUT
+
+
+def _check_kind(op: str, kind: str, min_val: float, max_val: float) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"{op}: kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    if kind == "hardtanh" and min_val > max_val:
+        raise ValueError(f"{op}: min_val cannot be greater than max_val, got min_val={min_val}, max_val={max_val}")
+
+
+def _check_activation(input: torch.Tensor, kind: str, min_val: float, max_val: float) -> None:
+    op = "tritonkit::activation"
+    check_float_tensors(op, input=input)
+    _check_kind(op, kind, min_val, max_val)
+
+
+@torch.library.custom_op(
+    "tritonkit::activation", mutates_args=(),
+    schema="(Tensor input, str kind, float min_val=-1., float max_val=1.) -> Tensor",
+)
+def activation(input: torch.Tensor, kind: str, min_val: float = -1.0, max_val: float = 1.0) -> torch.Tensor:
+    _check_activation(input, kind, min_val, max_val)
+    return kernels.activation(input, kind, min_val, max_val)
+
+
+@activation.register_fake
+def _(input, kind, min_val=-1.0, max_val=1.0):
+    _check_activation(input, kind, min_val, max_val)
+    return torch.empty_like(input)
+
+
+def _check_activation_backward(grad_output, saved, kind, min_val, max_val) -> None:
+    op = "tritonkit::activation_backward"
+    check_float_tensors(op, grad_output=grad_output, saved=saved)
+    _check_same_shape(op, "saved", saved, "grad_output", grad_output)
+    _check_kind(op, kind, min_val, max_val)
+
+
+@torch.library.custom_op(
+    "tritonkit::activation_backward", mutates_args=(),
+    schema="(Tensor grad_output, Tensor saved, str kind, float min_val=-1., float max_val=1.) -> Tensor",
+)
+def activation_backward(grad_output: torch.Tensor, saved: torch.Tensor, kind: str, min_val: float = -1.0,
+                        max_val: float = 1.0) -> torch.Tensor:
+    _check_activation_backward(grad_output, saved, kind, min_val, max_val)
+    return kernels.activation_backward(grad_output, saved, kind, min_val, max_val)
+
+
+@activation_backward.register_fake
+def _(grad_output, saved, kind, min_val=-1.0, max_val=1.0):
+    _check_activation_backward(grad_output, saved, kind, min_val, max_val)
+    return torch.empty_like(grad_output)
+
+
+__all__ = ["KINDS", "SAVES_OUTPUT", "activation", "activation_backward", "add_relu", "bias_grad", "relu",
+           "relu_backward"]
