@@ -1,9 +1,12 @@
 """tritonkit.nn layers are drop-ins for torch.nn; the seed's LeNet trains the same on both."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+import tritonkit.functional as TF
 import tritonkit.nn as tnn
 from tritonkit.models import LeNet, TritonkitLeNet
 from tritonkit.testing import TRAINING_TOLERANCES, assert_close, check_against_eager
@@ -16,6 +19,14 @@ LAYERS = [
     (tnn.Linear, torch.nn.Linear, dict(in_features=13, out_features=7), (5, 13)),
     (tnn.MaxPool2d, torch.nn.MaxPool2d, dict(kernel_size=3, stride=2, padding=1, ceil_mode=True), (2, 3, 10, 9)),
     (tnn.ReLU, torch.nn.ReLU, dict(), (4, 9)),
+    (tnn.ReLU6, torch.nn.ReLU6, dict(), (2, 3, 5, 7)),
+    (tnn.Hardtanh, torch.nn.Hardtanh, dict(min_val=-0.5, max_val=2.0), (4, 9)),
+    (tnn.Hardswish, torch.nn.Hardswish, dict(), (2, 3, 5, 7)),
+    (tnn.Hardsigmoid, torch.nn.Hardsigmoid, dict(), (4, 9)),
+    (tnn.SiLU, torch.nn.SiLU, dict(), (2, 3, 5, 7)),
+    (tnn.Sigmoid, torch.nn.Sigmoid, dict(), (4, 9)),
+    (tnn.GELU, torch.nn.GELU, dict(), (2, 3, 5, 7)),
+    (tnn.GELU, torch.nn.GELU, dict(approximate="tanh"), (4, 9)),
 ]
 
 
@@ -29,7 +40,7 @@ def test_layer_matches_torch(ours, theirs, kwargs, shape):
     assert layer.state_dict().keys() == reference.state_dict().keys()
     for name, value in reference.state_dict().items():
         torch.testing.assert_close(layer.state_dict()[name], value, rtol=0, atol=0)
-    x = torch.randn(shape, requires_grad=True)
+    x = (torch.randn(shape) * 4).requires_grad_()  # activations: every piece of [-6, 6] and beyond
     check_against_eager(layer, reference, [x])
     for (name, p), (_, q) in zip(layer.named_parameters(), reference.named_parameters()):
         assert_close(p.grad, q.grad, grad=True, msg=name)
@@ -110,3 +121,54 @@ def test_seed_lenet_trains_like_torch(loss_fn):
     torch.testing.assert_close(ours, theirs, **TRAINING_TOLERANCES)
     for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
         torch.testing.assert_close(p, q, **TRAINING_TOLERANCES, msg=name)
+
+
+INPLACE = [("hardtanh", dict(min_val=-0.5, max_val=2.0)), ("relu6", {}), ("hardswish", {}), ("hardsigmoid", {}),
+           ("silu", {})]
+
+
+@pytest.mark.parametrize("name,kwargs", INPLACE, ids=[n for n, _ in INPLACE])
+def test_inplace_activations_write_the_input_and_differentiate_like_eager(name, kwargs):
+    """inplace=True: the input holds the result (and is returned); the gradient is eager's in-place one
+    (from the original input); a leaf that requires grad is refused as eager refuses it."""
+    ours, theirs = getattr(TF, name), getattr(F, name)
+    leaf = (torch.randn(3, 4, 5) * 4).requires_grad_()
+    ref_leaf = leaf.detach().clone().requires_grad_()
+    a, b = leaf * 1, ref_leaf * 1
+    assert ours(a, **kwargs, inplace=True) is a
+    theirs(b, **kwargs, inplace=True)
+    assert_close(a, b)
+    grad = torch.randn(a.shape)
+    a.backward(grad)
+    b.backward(grad)
+    assert_close(leaf.grad, ref_leaf.grad)
+    with pytest.raises(RuntimeError, match="leaf Variable that requires grad"):
+        theirs(ref_leaf, **kwargs, inplace=True)
+    with pytest.raises(RuntimeError, match="leaf Variable that requires grad"):
+        ours(leaf, **kwargs, inplace=True)
+    x = torch.randn(2, 3, 4, 4).contiguous(memory_format=torch.channels_last)
+    expected = theirs(x, **kwargs)
+    assert ours(x, **kwargs, inplace=True) is x
+    assert_close(x, expected)
+
+
+def test_activation_functional_bad_arguments_raise_like_eager():
+    x = torch.randn(4)
+    for fn in (F.hardtanh, TF.hardtanh):
+        with pytest.raises(ValueError, match="min_val cannot be greater than max_val"):
+            fn(x, 2.0, 1.0)
+    for fn in (F.gelu, TF.gelu):
+        with pytest.raises(RuntimeError, match="approximate argument must be either none or tanh"):
+            fn(x, approximate="erf")
+
+
+def test_convert_swaps_activation_layers():
+    acts = [torch.nn.ReLU6(), torch.nn.Hardtanh(-2.0, 0.5), torch.nn.Hardswish(), torch.nn.Hardsigmoid(),
+            torch.nn.SiLU(), torch.nn.Sigmoid(), torch.nn.GELU(), torch.nn.GELU("tanh")]
+    reference = torch.nn.Sequential(*[m for a in acts for m in (torch.nn.Linear(6, 6), a)])
+    model = tnn.convert(copy.deepcopy(reference))
+    assert [type(m) for m in model][1::2] == [tnn.ReLU6, tnn.Hardtanh, tnn.Hardswish, tnn.Hardsigmoid, tnn.SiLU,
+                                             tnn.Sigmoid, tnn.GELU, tnn.GELU]
+    assert model[3].min_val == -2.0 and model[15].approximate == "tanh"
+    x = torch.randn(5, 6) * 3
+    check_against_eager(model, reference, [x.requires_grad_()])

@@ -1,8 +1,11 @@
 """``torch.nn.functional``-style entry points over tritonkit's autograd Functions.
 
 Signatures match ``torch.nn.functional``; ``activation`` (None or ``"relu"``) fuses a ReLU into the
-conv or linear epilogue. Unbatched (C, H, W) inputs and string paddings are resolved here, so the
-custom ops only ever see 4-D inputs and numeric paddings.
+conv or linear epilogue. ``inplace=True`` (where ``torch.nn.functional`` has it) writes the result into
+``input`` and returns ``input``, with eager's errors (a leaf that requires grad, overlapping memory);
+the gradient then comes from a copy of the original input, as eager's in-place backward does.
+Unbatched (C, H, W) inputs and string paddings are resolved here, so the custom ops only
+ever see 4-D inputs and numeric paddings.
 """
 
 from __future__ import annotations
@@ -119,3 +122,50 @@ def linear(input, weight, bias=None, *, activation=None):
 def relu(input):
     """``max(input, 0)``."""
     return autograd.ReLU.apply(input)
+
+
+def _activation(input, kind, min_val=-1.0, max_val=1.0, inplace=False):
+    if not inplace:
+        return autograd.Activation.apply(input, kind, min_val, max_val)
+    records = torch.is_grad_enabled() and input.requires_grad
+    out = autograd.Activation.apply(input.clone() if records else input, kind, min_val, max_val)
+    return input.copy_(out)
+
+
+def hardtanh(input, min_val=-1.0, max_val=1.0, inplace=False):
+    """``clamp(input, min_val, max_val)``; gradient 0 at both bounds, as ``hardtanh_backward``."""
+    if min_val > max_val:
+        raise ValueError("min_val cannot be greater than max_val")
+    return _activation(input, "hardtanh", float(min_val), float(max_val), inplace)
+
+
+def relu6(input, inplace=False):
+    """``hardtanh(input, 0, 6)``."""
+    return _activation(input, "hardtanh", 0.0, 6.0, inplace)
+
+
+def hardswish(input, inplace=False):
+    """``input * clamp(input + 3, 0, 6) / 6``."""
+    return _activation(input, "hardswish", inplace=inplace)
+
+
+def hardsigmoid(input, inplace=False):
+    """``clamp(input + 3, 0, 6) / 6``."""
+    return _activation(input, "hardsigmoid", inplace=inplace)
+
+
+def silu(input, inplace=False):
+    """``input * sigmoid(input)``."""
+    return _activation(input, "silu", inplace=inplace)
+
+
+def sigmoid(input):
+    """``1 / (1 + exp(-input))``; its gradient is computed from the output."""
+    return _activation(input, "sigmoid")
+
+
+def gelu(input, approximate="none"):
+    """``input * Phi(input)`` (``approximate="none"``) or its tanh approximation (``"tanh"``)."""
+    if approximate not in ("none", "tanh"):
+        raise RuntimeError("approximate argument must be either none or tanh.")
+    return _activation(input, "gelu" if approximate == "none" else "gelu_tanh")

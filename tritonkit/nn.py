@@ -65,12 +65,64 @@ class ReLU(torch.nn.ReLU):
         return input.copy_(out) if self.inplace else out
 
 
-_SWAPS = {torch.nn.Conv2d: Conv2d, torch.nn.Linear: Linear, torch.nn.MaxPool2d: MaxPool2d, torch.nn.ReLU: ReLU}
+class Hardtanh(torch.nn.Hardtanh):
+    """``torch.nn.Hardtanh`` on tritonkit's activation kernel (``inplace=True`` writes the result back)."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return TF.hardtanh(input, self.min_val, self.max_val, self.inplace)
+
+
+class ReLU6(torch.nn.ReLU6):
+    """``torch.nn.ReLU6`` (hardtanh(0, 6)) on tritonkit's activation kernel."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return TF.hardtanh(input, self.min_val, self.max_val, self.inplace)
+
+
+class Hardswish(torch.nn.Hardswish):
+    """``torch.nn.Hardswish`` on tritonkit's activation kernel."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return TF.hardswish(input, self.inplace)
+
+
+class Hardsigmoid(torch.nn.Hardsigmoid):
+    """``torch.nn.Hardsigmoid`` on tritonkit's activation kernel."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return TF.hardsigmoid(input, self.inplace)
+
+
+class SiLU(torch.nn.SiLU):
+    """``torch.nn.SiLU`` on tritonkit's activation kernel."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return TF.silu(input, self.inplace)
+
+
+class Sigmoid(torch.nn.Sigmoid):
+    """``torch.nn.Sigmoid`` on tritonkit's activation kernel."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return TF.sigmoid(input)
+
+
+class GELU(torch.nn.GELU):
+    """``torch.nn.GELU`` (both ``approximate`` forms) on tritonkit's activation kernel."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return TF.gelu(input, self.approximate)
+
+
+_SWAPS = {torch.nn.Conv2d: Conv2d, torch.nn.Linear: Linear, torch.nn.MaxPool2d: MaxPool2d, torch.nn.ReLU: ReLU,
+          torch.nn.Hardtanh: Hardtanh, torch.nn.ReLU6: ReLU6, torch.nn.Hardswish: Hardswish,
+          torch.nn.Hardsigmoid: Hardsigmoid, torch.nn.SiLU: SiLU, torch.nn.Sigmoid: Sigmoid, torch.nn.GELU: GELU}
 _FUSED = {Conv2d: Conv2dReLU, Linear: LinearReLU}
 
 
 def convert(model: torch.nn.Module, *, fuse_relu: bool = True) -> torch.nn.Module:
-    """Make ``model``'s ``torch.nn`` Conv2d, Linear, MaxPool2d and ReLU layers run on tritonkit, in place.
+    """Make ``model``'s ``torch.nn`` Conv2d, Linear, MaxPool2d, ReLU and activation (Hardtanh, ReLU6,
+    Hardswish, Hardsigmoid, SiLU, Sigmoid, GELU) layers run on tritonkit, in place.
 
     Parameters, buffers and hooks stay where they are (each layer's class is swapped for its tritonkit
     subclass). With ``fuse_relu``, a Conv2d or Linear directly followed by a ReLU inside an
