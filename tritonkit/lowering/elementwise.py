@@ -1,5 +1,9 @@
-"""Elementwise rules: ``relu``, ``sum`` over all dims but one (a bias gradient), and ReLU backward
-(``threshold_backward``), which is folded into its consumers' loads where every consumer can take it."""
+"""Elementwise rules: ``relu``, ``sum`` over all dims but one (a bias gradient), ReLU backward
+(``threshold_backward``), which is folded into its consumers' loads where every consumer can take it,
+and the other activations and their backward ops as ``activation`` / ``activation_backward``:
+``hardtanh`` (what ``relu6`` traces to: ``hardtanh(x, 0, 6)``), ``hardswish``, ``hardsigmoid``, ``silu``,
+``sigmoid``, ``gelu`` (both ``approximate`` forms). AOTAutograd's functionalized graphs carry no in-place
+variants: ``F.silu(x, inplace=True)`` traces to ``clone`` (the copy its backward reads) + ``silu``."""
 
 from __future__ import annotations
 
@@ -128,3 +132,43 @@ def _fold(lw, grad, g, y, out: dict) -> bool:
             log.debug("%s: ReLU mask not folded into %s: %s", lw.name, user.name, why)
             return False
     return True
+
+
+_ACTIVATIONS = {aten.hardtanh.default: "hardtanh", aten.hardswish.default: "hardswish",
+                aten.hardsigmoid.default: "hardsigmoid", aten.silu.default: "silu", aten.sigmoid.default: "sigmoid",
+                aten.gelu.default: "gelu"}
+_BACKWARDS = {aten.hardtanh_backward.default: "hardtanh", aten.hardswish_backward.default: "hardswish",
+              aten.hardsigmoid_backward.default: "hardsigmoid", aten.silu_backward.default: "silu",
+              aten.sigmoid_backward.default: "sigmoid", aten.gelu_backward.default: "gelu"}
+
+
+def _kind_args(kind: str, a: dict) -> tuple:
+    """``(kind, min_val, max_val)`` as ``tritonkit::activation`` takes them, from the bound ATen arguments."""
+    if kind == "hardtanh":
+        return kind, float(a["min_val"]), float(a["max_val"])
+    if kind == "gelu":
+        if a["approximate"] not in ("none", "tanh"):
+            raise Fail(f"gelu approximate={a['approximate']!r}")
+        return ("gelu" if a["approximate"] == "none" else "gelu_tanh"), -1.0, 1.0
+    return kind, -1.0, 1.0
+
+
+@rule(*_ACTIVATIONS)
+def activation(lw, node):
+    a = bind(node)
+    lw.checker.tensors_ok(input=a["self"])
+    args = _kind_args(_ACTIVATIONS[node.target], a)
+    return Rewrite([lw.spec("activation", (a["self"], *args), node, f"activation({args[0]})")], (node,))
+
+
+@rule(*_BACKWARDS)
+def activation_backward(lw, node):
+    """``<act>_backward(g, saved)``: ``saved`` is the input, for ``sigmoid_backward`` the output."""
+    a = bind(node)
+    saved = a["output"] if node.target is aten.sigmoid_backward.default else a["self"]
+    lw.checker.tensors_ok(grad_output=a["grad_output"], saved=saved)
+    args = _kind_args(_BACKWARDS[node.target], a)
+    if tuple(val(a["grad_output"]).shape) != tuple(val(saved).shape):
+        raise Fail("grad_output and saved shapes differ (broadcasting)")
+    spec = lw.spec("activation_backward", (a["grad_output"], saved, *args), node, f"activation_backward({args[0]})")
+    return Rewrite([spec], (node,))
