@@ -37,6 +37,11 @@ views) are first copied densely (``clone``, which keeps their stride order) - on
 ``add_relu``'s result has the strides eager's ``torch.add`` gives (computed on meta tensors); an
 operand laid out otherwise is first copied into those strides.
 
+* ``channel_scale(x, s) = x * s`` for ``x`` [N, C, H, W] and ``s`` [N, C, 1, 1] (squeeze-excitation's
+  gate); its backward ``(dx, ds) = (g * s, sum over H, W of g * x)`` reads ``g`` and ``x`` once, ``ds``
+  accumulated in float32 and rounded once. Both view their tensors as [N, C, H*W] with strides
+  (NCHW and channels_last read in place, anything else through a contiguous copy).
+
 ``bias_grad`` views ``g`` as ``[A1, A2, B, C]`` by coalescing the non-reduced dims (B is the
 innermost in memory), so NCHW (A1 = N, B = H*W), channels_last (B = N*H*W) and ``(*, N)`` linear
 gradients (B = rows) are all read in place with their strides. Up to three reduced groups are
@@ -234,6 +239,77 @@ def activation_bwd_kernel(g_ptr, s_ptr, dx_ptr, numel, min_val, max_val, ACT: tl
     tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
+# channel_scale: x [N, C, H, W] times s [N, C, 1, 1] (a squeeze-excitation gate) over the [N, C, H*W]
+# view. NCHW (H*W contiguous) wants long HW tiles, channels_last (C contiguous) wide C tiles; the key
+# carries the HW stride so each layout tunes apart.
+_SCALE_GPU_CONFIGS = [
+    triton.Config({"BLOCK_C": 1, "BLOCK_HW": 1024}, num_warps=4),
+    triton.Config({"BLOCK_C": 4, "BLOCK_HW": 256}, num_warps=4),
+    triton.Config({"BLOCK_C": 16, "BLOCK_HW": 64}, num_warps=4),
+    triton.Config({"BLOCK_C": 64, "BLOCK_HW": 32}, num_warps=4),
+    triton.Config({"BLOCK_C": 128, "BLOCK_HW": 16}, num_warps=4),
+]
+_SCALE_INTERP = {
+    "BLOCK_C": lambda a: interp_block(a["C"], 1, 1024),
+    "BLOCK_HW": lambda a: interp_block(a["HW"], 1, INTERP_TILE // interp_block(a["C"], 1, 1024)),
+}
+_SCALE_STRIDES = ("x_sn", "x_sc", "x_shw", "s_sn", "s_sc", "y_sn", "y_sc", "y_shw")
+
+
+def _channel_scale_signature(dtype):
+    t = TRITON_TYPE[dtype]
+    return {"x_ptr": f"*{t}", "s_ptr": f"*{t}", "y_ptr": f"*{t}", "C": "i32", "HW": "i32",
+            **{k: "i32" for k in _SCALE_STRIDES}, "BLOCK_C": "constexpr", "BLOCK_HW": "constexpr"}
+
+
+@tuned_kernel("channel_scale_fwd", gpu_configs=_SCALE_GPU_CONFIGS, interp_heuristics=_SCALE_INTERP,
+              key=["C", "HW", "x_shw"], signature=_channel_scale_signature)
+@triton.jit
+def channel_scale_fwd_kernel(x_ptr, s_ptr, y_ptr, C, HW, x_sn, x_sc, x_shw, s_sn, s_sc, y_sn, y_sc, y_shw,
+                             BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+    """y[n, c, p] = x[n, c, p] * s[n, c]; program (n * C-blocks + c-block, p-block)."""
+    c_blocks = tl.cdiv(C, BLOCK_C)
+    n = tl.program_id(0) // c_blocks
+    c = (tl.program_id(0) % c_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
+    p = tl.program_id(1) * BLOCK_HW + tl.arange(0, BLOCK_HW)
+    m = (c < C)[:, None] & (p < HW)[None, :]
+    scale = tl.load(s_ptr + n * s_sn + c * s_sc, mask=c < C).to(tl.float32)
+    x = tl.load(x_ptr + n * x_sn + c[:, None] * x_sc + p[None, :] * x_shw, mask=m).to(tl.float32)
+    tl.store(y_ptr + n * y_sn + c[:, None] * y_sc + p[None, :] * y_shw, (x * scale[:, None]).to(y_ptr.dtype.element_ty),
+             mask=m)
+
+
+def _channel_scale_bwd_signature(dtype):
+    t = TRITON_TYPE[dtype]
+    strides = ("g_sn", "g_sc", "g_shw", "x_sn", "x_sc", "x_shw", "s_sn", "s_sc", "dx_sn", "dx_sc", "dx_shw")
+    return {"g_ptr": f"*{t}", "x_ptr": f"*{t}", "s_ptr": f"*{t}", "dx_ptr": f"*{t}", "ds_ptr": f"*{t}", "C": "i32",
+            "HW": "i32", **{k: "i32" for k in strides}, "BLOCK_C": "constexpr", "BLOCK_HW": "constexpr"}
+
+
+@tuned_kernel("channel_scale_bwd", gpu_configs=_SCALE_GPU_CONFIGS, interp_heuristics=_SCALE_INTERP,
+              key=["C", "HW", "g_shw", "x_shw"], signature=_channel_scale_bwd_signature)
+@triton.jit
+def channel_scale_bwd_kernel(g_ptr, x_ptr, s_ptr, dx_ptr, ds_ptr, C, HW,
+                             g_sn, g_sc, g_shw, x_sn, x_sc, x_shw, s_sn, s_sc, dx_sn, dx_sc, dx_shw,
+                             BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+    """dx[n, c, p] = g * s[n, c] and ds[n, c] = sum over p of g * x (float32, ascending p-blocks, rounded
+    once; ds contiguous [N, C]) in one pass over g and x; program n * C-blocks + c-block."""
+    c_blocks = tl.cdiv(C, BLOCK_C)
+    n = tl.program_id(0) // c_blocks
+    c = (tl.program_id(0) % c_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
+    scale = tl.load(s_ptr + n * s_sn + c * s_sc, mask=c < C).to(tl.float32)
+    acc = tl.zeros([BLOCK_C, BLOCK_HW], tl.float32)
+    for p0 in range(0, HW, BLOCK_HW):
+        p = p0 + tl.arange(0, BLOCK_HW)
+        m = (c < C)[:, None] & (p < HW)[None, :]
+        g = tl.load(g_ptr + n * g_sn + c[:, None] * g_sc + p[None, :] * g_shw, mask=m, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + n * x_sn + c[:, None] * x_sc + p[None, :] * x_shw, mask=m, other=0.0).to(tl.float32)
+        tl.store(dx_ptr + n * dx_sn + c[:, None] * dx_sc + p[None, :] * dx_shw,
+                 (g * scale[:, None]).to(dx_ptr.dtype.element_ty), mask=m)
+        acc += g * x
+    tl.store(ds_ptr + n * C + c, tl.sum(acc, axis=1).to(ds_ptr.dtype.element_ty), mask=c < C)
+
+
 # bias_grad partial sums. Channel-contiguous layouts (channels_last, linear) want wide C tiles,
 # NCHW (B contiguous) wants long B tiles; the key carries both strides so each layout tunes apart.
 _BIAS_GPU_CONFIGS = [
@@ -412,6 +488,59 @@ def add_relu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return y
 
 
+def _nc_hw(t: torch.Tensor) -> tuple[int, int, int]:
+    """``(n, c, hw)`` strides of a 4-D tensor viewed as [N, C, H*W] (H and W must merge: NCHW, NHWC)."""
+    return t.stride(0), t.stride(1), t.stride(3)
+
+
+def _merges_hw(t: torch.Tensor) -> bool:
+    return t.shape[2] == 1 or t.shape[3] == 1 or t.stride(2) == t.shape[3] * t.stride(3)
+
+
+def _hw_view(t: torch.Tensor) -> torch.Tensor:
+    """``t`` when its H and W merge into one strided dim and it is dense, else a contiguous copy."""
+    return t if _merges_hw(t) and _dense(t) is t else t.contiguous()
+
+
+def _as_empty_like(y: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``y``, or a copy of it in the strides ``torch.empty_like(like)`` gives (the kernel wrote a copy's
+    layout: a dense order whose H and W do not merge)."""
+    stride = torch.empty_like(like, device="meta").stride()
+    if y.stride() == stride or y.numel() == 0:
+        return y
+    return torch.empty_strided(y.shape, stride, dtype=y.dtype, device=y.device).copy_(y)
+
+
+def channel_scale(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """``x * s`` for ``x`` [N, C, H, W] and ``s`` [N, C, 1, 1]; the result is laid out as
+    ``torch.empty_like(x)``."""
+    like, x = x, _hw_view(x)
+    N, C, H, W = x.shape
+    y = empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
+    if y.numel():
+        check_int32_indexing(x)
+        grid = lambda meta: (N * triton.cdiv(C, meta["BLOCK_C"]), triton.cdiv(H * W, meta["BLOCK_HW"]))  # noqa: E731
+        channel_scale_fwd_kernel[grid](x, s, y, C, H * W, *_nc_hw(x), s.stride(0), s.stride(1), *_nc_hw(y))
+    return _as_empty_like(y, like)
+
+
+def channel_scale_backward(grad_output: torch.Tensor, x: torch.Tensor, s: torch.Tensor):
+    """``(g * s, sum of g * x over H, W)``: the first laid out as ``torch.empty_like(grad_output)``, the
+    second of ``s``'s shape [N, C, 1, 1], contiguous."""
+    g, x = _hw_view(grad_output), _hw_view(x)
+    N, C, H, W = g.shape
+    dx = empty_strided(g.shape, g.stride(), dtype=g.dtype, device=g.device)
+    ds = empty(s.shape, dtype=g.dtype, device=g.device)
+    if ds.numel() == 0:
+        return dx, ds
+    if dx.numel() == 0:
+        return dx, ds.zero_()
+    check_int32_indexing(g, x)
+    channel_scale_bwd_kernel[lambda meta: (N * triton.cdiv(C, meta["BLOCK_C"]),)](
+        g, x, s, dx, ds, C, H * W, *_nc_hw(g), *_nc_hw(x), s.stride(0), s.stride(1), *_nc_hw(dx))
+    return _as_empty_like(dx, grad_output), ds
+
+
 def _reduced_groups(g: torch.Tensor, r: torch.Tensor | None, dim: int):
     """The dims other than ``dim`` coalesced into at most 3 groups ``[size, g_stride, r_stride]``,
     outermost first (padded with size-1 groups), or None when they do not coalesce that far."""
@@ -464,4 +593,5 @@ def bias_grad(grad_output: torch.Tensor, relu_output: torch.Tensor | None, dim: 
 
 
 __all__ = ["ACTIVATIONS", "SAVES_OUTPUT", "activation", "activation_backward", "activation_grad", "add_output_strides",
-           "add_relu", "apply_activation", "bias_grad", "relu", "relu_backward"]
+           "add_relu", "apply_activation", "bias_grad", "channel_scale", "channel_scale_backward", "relu",
+           "relu_backward"]

@@ -473,3 +473,47 @@ def test_activation_bad_arguments():
         ops.activation(fake.from_tensor(x), "swish")
     with fake, pytest.raises(RuntimeError, match="saved shape"):
         ops.activation_backward(fake.from_tensor(x), fake.from_tensor(make((2, 3, 4, 4))), "sigmoid")
+
+
+# ------------------------------------------------------------------------------- channel_scale
+@pytest.mark.parametrize("layouts", [("contiguous", "contiguous"), ("channels_last", "channels_last"),
+                                     ("channels_last", "contiguous"), ("sliced", "permuted")])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_channel_scale(layouts, dtype):
+    """x * s for s [N, C, 1, 1] and its backward (g * s, sum over H, W of g * x) against eager in float32."""
+    x, grad = make((3, 5, 7, 6), layouts[0], dtype, specials=True), make((3, 5, 7, 6), layouts[1], dtype)
+    s = make((3, 5, 1, 1), "contiguous", dtype).sigmoid()
+    y = ops.channel_scale(x, s)
+    ref = (x.cpu().float() * s.cpu().float()).to(dtype)
+    check_same(y, ref)
+    assert y.stride() == torch.empty_like(x).stride()
+    x = make((3, 5, 7, 6), layouts[0], dtype)  # finite values: eager's sums of them are finite too
+    dx, ds = ops.channel_scale_backward(grad, x, s)
+    assert_close(dx.cpu(), (grad.cpu().float() * s.cpu().float()).to(dtype))
+    assert_close(ds.cpu(), (grad.cpu().float() * x.cpu().float()).sum((2, 3), keepdim=True).to(dtype), grad=True)
+    assert dx.stride() == torch.empty_like(grad).stride() and ds.is_contiguous()
+
+
+def test_channel_scale_sizes_and_opcheck():
+    for shape in [(2, 3, 0, 4), (0, 3, 2, 2), (1, 1, 1, 1), (2, 600, 1, 1), (1, 2, 300, 301)]:
+        x, grad = torch.randn(shape).to(DEVICE), torch.randn(shape).to(DEVICE)
+        s = torch.randn(shape[0], shape[1], 1, 1).to(DEVICE)
+        assert_close(ops.channel_scale(x, s).cpu(), (x * s).cpu())
+        dx, ds = ops.channel_scale_backward(grad, x, s)
+        assert_close(dx.cpu(), (grad * s).cpu())
+        assert_close(ds.cpu(), (grad * x).sum((2, 3), keepdim=True).cpu(), grad=True)
+    x, s = make((2, 3, 4, 5), "channels_last"), make((2, 3, 1, 1))
+    torch.library.opcheck(ops.channel_scale, (x, s))
+    torch.library.opcheck(ops.channel_scale_backward, (make((2, 3, 4, 5)), x, s))
+
+
+def test_channel_scale_bad_arguments():
+    x = make((2, 3, 4, 5))
+    with pytest.raises(RuntimeError, match=r"scale shape \(2, 3, 4, 5\) must be \(2, 3, 1, 1\)"):
+        ops.channel_scale(x, x)
+    with pytest.raises(RuntimeError, match="expected a 4-D input"):
+        ops.channel_scale(x[0], make((2, 3, 1, 1)))
+    with pytest.raises(RuntimeError, match="scale dtype"):
+        ops.channel_scale(x, make((2, 3, 1, 1), dtype=torch.float16))
+    with pytest.raises(RuntimeError, match="grad_output shape"):
+        ops.channel_scale_backward(make((2, 3, 4, 4)), x, make((2, 3, 1, 1)))

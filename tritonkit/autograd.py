@@ -138,10 +138,27 @@ class Activation(torch.autograd.Function):
         return ops.activation_backward(grad, saved, *ctx.activation), None, None, None
 
 
+class ChannelScale(torch.autograd.Function):
+    """``y = x * s`` for s [N, C, 1, 1]: (dx, ds) = channel_scale_backward(dy, x, s) = (dy * s, sum_hw dy * x)."""
+
+    @staticmethod
+    def forward(input, scale):
+        return ops.channel_scale(input, scale)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        return ops.channel_scale_backward(grad, *ctx.saved_tensors)
+
+
 def _register(op_name: str, function: type[torch.autograd.Function]) -> None:
     torch.library.register_autograd(f"tritonkit::{op_name}", function.backward, setup_context=function.setup_context)
 
 
 for _name, _function in (("conv2d", Conv2d), ("linear", Linear), ("max_pool2d", MaxPool2d), ("relu", ReLU),
-                         ("activation", Activation)):
+                         ("activation", Activation), ("channel_scale", ChannelScale)):
     _register(_name, _function)

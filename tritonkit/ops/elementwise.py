@@ -1,5 +1,6 @@
 """``tritonkit::relu``, ``tritonkit::relu_backward``, ``tritonkit::bias_grad``, ``tritonkit::add_relu``,
-``tritonkit::activation`` and ``tritonkit::activation_backward`` custom ops.
+``tritonkit::activation``, ``tritonkit::activation_backward``, ``tritonkit::channel_scale`` and
+``tritonkit::channel_scale_backward`` custom ops.
 
 * ``relu(input)``: ``torch.relu``; the result has ``input``'s strides when ``input`` is dense
   (``torch.empty_like`` strides otherwise).
@@ -19,6 +20,11 @@
 * ``activation_backward(grad_output, saved, kind, min_val=-1., max_val=1.)``: aten's
   ``<kind>_backward``, with ``saved`` what aten's backward op takes: the forward's input, or for
   sigmoid (``SAVES_OUTPUT``) its output. Kinks and NaN as aten (``tritonkit.kernels.elementwise``).
+* ``channel_scale(input, scale)``: ``input * scale`` for ``input`` [N, C, H, W] and ``scale`` [N, C, 1, 1]
+  (a squeeze-excitation gate), laid out like ``relu``'s result.
+* ``channel_scale_backward(grad_output, input, scale) -> (grad_input, grad_scale)``: ``grad_output *
+  scale`` (laid out like ``grad_output``) and ``sum of grad_output * input over H, W`` of ``scale``'s
+  shape (contiguous), in one pass.
 
 Inputs are validated (in the real and the fake impl, before any launch) with the exception types
 PyTorch raises for the same mistakes.
@@ -178,5 +184,44 @@ def _(grad_output, saved, kind, min_val=-1.0, max_val=1.0):
     return torch.empty_like(grad_output)
 
 
-__all__ = ["KINDS", "SAVES_OUTPUT", "activation", "activation_backward", "add_relu", "bias_grad", "relu",
-           "relu_backward"]
+def _check_channel_scale(op: str, input: torch.Tensor, scale: torch.Tensor, **more: torch.Tensor) -> None:
+    check_float_tensors(op, **more, input=input, scale=scale)
+    if input.dim() != 4:
+        raise RuntimeError(f"{op}: expected a 4-D input [N, C, H, W], got input of size {list(input.shape)}")
+    want = (input.shape[0], input.shape[1], 1, 1)
+    if tuple(scale.shape) != want:
+        raise RuntimeError(f"{op}: scale shape {tuple(scale.shape)} must be {want}, [N, C, 1, 1] of the input")
+    for name, t in more.items():
+        _check_same_shape(op, name, t, "input", input)
+
+
+@torch.library.custom_op("tritonkit::channel_scale", mutates_args=(), schema="(Tensor input, Tensor scale) -> Tensor")
+def channel_scale(input: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    _check_channel_scale("tritonkit::channel_scale", input, scale)
+    return kernels.channel_scale(input, scale)
+
+
+@channel_scale.register_fake
+def _(input, scale):
+    _check_channel_scale("tritonkit::channel_scale", input, scale)
+    return torch.empty_like(input)
+
+
+@torch.library.custom_op(
+    "tritonkit::channel_scale_backward", mutates_args=(),
+    schema="(Tensor grad_output, Tensor input, Tensor scale) -> (Tensor, Tensor)",
+)
+def channel_scale_backward(grad_output: torch.Tensor, input: torch.Tensor,
+                           scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_channel_scale("tritonkit::channel_scale_backward", input, scale, grad_output=grad_output)
+    return kernels.channel_scale_backward(grad_output, input, scale)
+
+
+@channel_scale_backward.register_fake
+def _(grad_output, input, scale):
+    _check_channel_scale("tritonkit::channel_scale_backward", input, scale, grad_output=grad_output)
+    return torch.empty_like(grad_output), grad_output.new_empty(scale.shape)
+
+
+__all__ = ["KINDS", "SAVES_OUTPUT", "activation", "activation_backward", "add_relu", "bias_grad", "channel_scale",
+           "channel_scale_backward", "relu", "relu_backward"]
