@@ -121,3 +121,51 @@ def test_float16_training_step_lowers_activations():
     for (name, p), q in zip(half.named_parameters(), reference.parameters()):
         assert_close(p.grad, q.grad.half(), grad=True, msg=name)
     no_activation_left(reports)
+
+
+class SqueezeExcite(torch.nn.Module):
+    """conv -> SiLU, then the gate: x * sigmoid(fc2(relu(fc1(avg_pool(x))))) (or gate * x); conv."""
+
+    def __init__(self, gate_first=False):
+        super().__init__()
+        self.gate_first = gate_first
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.fc1 = torch.nn.Conv2d(8, 2, 1)
+        self.fc2 = torch.nn.Conv2d(2, 8, 1)
+        self.out = torch.nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        x = F.silu(self.conv(x))
+        s = torch.sigmoid(self.fc2(F.relu(self.fc1(F.adaptive_avg_pool2d(x, 1)))))
+        return self.out(s * x if self.gate_first else x * s)
+
+
+@pytest.mark.parametrize("gate_first,channels_last", [(False, False), (True, True)], ids=["x*s", "s*x-channels_last"])
+def test_squeeze_excitation_gate_lowered(gate_first, channels_last):
+    """The gate's mul is channel_scale; its backward's mul(g, s) + sum(mul(g, x), [2, 3]) one
+    channel_scale_backward; training step and inference match eager."""
+    torch.manual_seed(0)
+    model = SqueezeExcite(gate_first).to(DEVICE)
+    eager = copy.deepcopy(model)
+    x = torch.randn(2, 3, 5, 6, device=DEVICE)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    reports = []
+    out = torch.compile(model, backend=backend, options={"collect": reports})(x)
+    ref = eager(x)
+    assert_close(out, ref, msg="forward")
+    seed = torch.randn_like(ref)
+    out.backward(seed)
+    ref.backward(seed)
+    for (name, p), q in zip(model.named_parameters(), eager.parameters()):
+        assert_close(p.grad, q.grad, grad=True, msg=name)
+    forward, backward = reports
+    assert "aten.mul.Tensor" not in forward.eager_ops and "aten.mul.Tensor" not in backward.eager_ops, str(backward)
+    assert any(e.tritonkit == ("channel_scale",) for e in forward.lowered), str(forward)
+    assert any(e.tritonkit == ("channel_scale_backward",) and len(e.aten) == 3 for e in backward.lowered), str(backward)
+    no_activation_left(reports)
+    with torch.no_grad():
+        torch._dynamo.reset()
+        reports = []
+        assert_close(torch.compile(model, backend=backend, options={"collect": reports})(x), eager(x))
+    assert "aten.mul.Tensor" not in reports[0].eager_ops

@@ -3,14 +3,17 @@
 and the other activations and their backward ops as ``activation`` / ``activation_backward``:
 ``hardtanh`` (what ``relu6`` traces to: ``hardtanh(x, 0, 6)``), ``hardswish``, ``hardsigmoid``, ``silu``,
 ``sigmoid``, ``gelu`` (both ``approximate`` forms). AOTAutograd's functionalized graphs carry no in-place
-variants: ``F.silu(x, inplace=True)`` traces to ``clone`` (the copy its backward reads) + ``silu``."""
+variants: ``F.silu(x, inplace=True)`` traces to ``clone`` (the copy its backward reads) + ``silu``.
+A squeeze-excitation gate ``mul(x, s)`` (s [N, C, 1, 1]) becomes ``channel_scale``, and its backward
+``mul(g, s)`` + ``sum(mul(g, x), [2, 3])`` one ``channel_scale_backward``."""
 
 from __future__ import annotations
 
 import logging
+import operator
 
 from tritonkit.lowering import linear
-from tritonkit.lowering.graph import VIEWS, Fail, New, Rewrite, aten, bind, is_call, val
+from tritonkit.lowering.graph import VIEWS, Fail, New, Rewrite, Spec, aten, bind, is_call, only_user, val
 from tritonkit.lowering.report import Lowered
 from tritonkit.lowering.rules import MASK_CONSUMERS, mask_consumer, rule
 
@@ -172,3 +175,76 @@ def activation_backward(lw, node):
         raise Fail("grad_output and saved shapes differ (broadcasting)")
     spec = lw.spec("activation_backward", (a["grad_output"], saved, *args), node, f"activation_backward({args[0]})")
     return Rewrite([spec], (node,))
+
+
+def _gate_operands(node):
+    """``(x, s)`` when ``node`` is ``mul(x, s)`` (either order) of x [N, C, H, W] and s [N, C, 1, 1], else None."""
+    if not is_call(node, aten.mul.Tensor) or len(node.args) != 2:
+        return None
+    a, b = node.args
+    for x, s in ((a, b), (b, a)):
+        vx, vs = val(x), val(s)
+        if (hasattr(vx, "dim") and hasattr(vs, "dim") and vx.dim() == 4 and tuple(vs.shape) != tuple(vx.shape)
+                and tuple(vs.shape) == (vx.shape[0], vx.shape[1], 1, 1)):
+            return x, s
+    return None
+
+
+def _gate_backward(gx):
+    """``(dx, sum, g, x, s)`` when ``gx`` is ``mul(g, x)`` of two [N, C, H, W] tensors whose only user is
+    ``sum(gx, [2, 3])`` and ``g`` has exactly one other use ``dx = mul(g, s)`` of s [N, C, 1, 1]: a
+    channel-scale gate's backward. None otherwise."""
+    if not is_call(gx, aten.mul.Tensor) or len(gx.args) != 2:
+        return None
+    total = only_user(gx)
+    if not is_call(total, aten.sum.dim_IntList) or bind(total).get("dtype") is not None:
+        return None
+    value = val(gx)
+    if not hasattr(value, "dim") or value.dim() != 4 or {d % 4 for d in bind(total)["dim"] or ()} != {2, 3}:
+        return None
+    for g, x in (gx.args, gx.args[::-1]):
+        if not hasattr(val(x), "shape") or tuple(val(x).shape) != tuple(value.shape):
+            continue
+        scales = [(u, _gate_operands(u)) for u in g.users if u is not gx]
+        scales = [(u, ops[1]) for u, ops in scales if ops is not None and ops[0] is g]
+        if len(scales) == 1:
+            return scales[0][0], total, g, x, scales[0][1]
+    return None
+
+
+def _gate_backward_rewrite(lw, gx):
+    found = _gate_backward(gx)
+    if found is None:
+        return None
+    dx, total, g, x, s = found
+    first = dx if lw.defined_before(dx, total) else total
+    if not (lw.defined_before(x, first) and lw.defined_before(s, first)):
+        return None
+    lw.checker.tensors_ok(grad_output=g, input=x, scale=s)
+    call = New(lw.tk.channel_scale_backward.default, (g, x, s))
+    post = [] if bind(total)["keepdim"] else [(aten.view.default, (lw.sizes(total),), {})]
+    specs = [Spec(operator.getitem, (call, 0), dx, "channel_scale_backward"),
+             Spec(operator.getitem, (call, 1), total, "channel_scale_backward", post)]
+    for spec in specs:
+        lw.checker.check(spec)
+    return Rewrite(lw.in_graph_order(specs), (gx, total, dx))
+
+
+@rule(aten.mul.Tensor)
+def channel_scale(lw, node):
+    """``mul(x, s)`` of x [N, C, H, W] and s [N, C, 1, 1] -> ``channel_scale``; a gate's backward (``mul(g, s)``
+    and ``sum(mul(g, x), [2, 3])``, reached at either mul) -> ``channel_scale_backward``."""
+    rewrite = _gate_backward_rewrite(lw, node)  # node is mul(g, x)
+    if rewrite is not None:
+        return rewrite
+    operands = _gate_operands(node)
+    if operands is None:
+        return None
+    for gx in operands[0].users:  # node may be mul(g, s), reached before its mul(g, x)
+        found = _gate_backward(gx) if gx is not node else None
+        if found is not None and found[0] is node:
+            rewrite = _gate_backward_rewrite(lw, gx)
+            if rewrite is not None:
+                return rewrite
+    lw.checker.tensors_ok(input=operands[0], scale=operands[1])
+    return Rewrite([lw.spec("channel_scale", operands, node)], (node,))
