@@ -7,6 +7,9 @@
   gradient and ``grad_bias = sum of dy'`` over every leading dim from one GEMM launch (the programs of
   the first column block sum the dy' tiles they load, in float32; deterministic), grad_bias in
   grad_output's dtype;
+* ``linear_backward(grad_output, input, weight, relu_output, bias_grad) -> (grad_input, grad_weight,
+  grad_bias)``: all three from one launch (the input gradient's tiles and the weight gradient's in one
+  grid); grad_bias None unless ``bias_grad``;
 
 where ``dy' = grad_output * (relu_output > 0)`` (``threshold_backward``; just ``grad_output`` without
 ``relu_output``). Any number of leading batch dimensions; ``mm(a, b)`` is ``linear(a, b.t(), None, False)``.
@@ -115,3 +118,32 @@ def _(grad_output, input, relu_output):
     _check_weight_grad("tritonkit.linear_weight_bias_grad", grad_output, input, relu_output)
     features = grad_output.shape[-1]
     return grad_output.new_empty((features, input.shape[-1])), grad_output.new_empty((features,))
+
+
+def _check_backward(op, grad_output, input, weight, relu_output):
+    _check_linear(op, input, weight, None)
+    _check_grad(op, grad_output, "weight", weight, relu_output, weight.shape[0])
+    _check_weight_grad(op, grad_output, input, relu_output)
+
+
+@torch.library.custom_op(
+    "tritonkit::linear_backward",
+    mutates_args=(),
+    schema="(Tensor grad_output, Tensor input, Tensor weight, Tensor? relu_output, bool bias_grad) "
+           "-> (Tensor grad_input, Tensor grad_weight, Tensor? grad_bias)",
+)
+def linear_backward(grad_output, input, weight, relu_output, bias_grad):
+    """``(dy' @ weight, dy'^T @ input, sum of dy' over all leading dims or None)`` in one launch,
+    ``dy' = grad_output * (relu_output > 0)``."""
+    _check_backward("tritonkit.linear_backward", grad_output, input, weight, relu_output)
+    return kernels.linear_backward(grad_output, input, weight, relu_output, bias_grad=bias_grad,
+                                   allow_tf32=matmul_allows_tf32())
+
+
+@linear_backward.register_fake
+def _(grad_output, input, weight, relu_output, bias_grad):
+    _check_backward("tritonkit.linear_backward", grad_output, input, weight, relu_output)
+    features = weight.shape[0]
+    return (grad_output.new_empty((*grad_output.shape[:-1], weight.shape[1])),
+            grad_output.new_empty((features, weight.shape[1])),
+            grad_output.new_empty((features,)) if bias_grad else None)
