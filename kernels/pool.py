@@ -27,6 +27,21 @@ Global average pool (``mean(x, [-1, -2], keepdim=True)``, ``adaptive_avg_pool2d(
 position. Both tile ``[BLOCK_R, BLOCK_C]`` over (plane position, channel) with the plane flattened to
 one stride, which every dense layout allows (NCHW: unit stride along R; channels_last: along C);
 other layouts are first copied densely.
+
+Average pool (``avg_pool2d``, ``adaptive_avg_pool2d``), aten's CPU/CUDA semantics: output ``(oh, ow)``
+averages rows ``[h0, h1)`` and columns ``[w0, w1)`` of the input, where
+
+* windowed: ``hs = oh*SH - PH``, ``he = min(hs + KH, H + PH)`` (a ceil_mode window may start in the
+  padding and is cut at the right padding's end), ``h0 = max(hs, 0)``, ``h1 = min(he, H)``; the divisor is
+  ``divisor_override`` if given, else ``(he - hs) * (we - ws)`` with ``count_include_pad``, else
+  ``(h1 - h0) * (w1 - w0)``;
+* adaptive: ``h0 = floor(oh*H/OH)``, ``h1 = ceil((oh+1)*H/OH)``, divisor ``(h1 - h0) * (w1 - w0)``;
+
+summed in float32, one correctly rounded division, rounded once to the output dtype. The backward is a
+gather like max-pool's: input row ``h`` lies in the windows ``oh`` in ``[(h + PH - KH) // SH + 1,
+(h + PH) // SH]`` (adaptive: ``[floor(h*OH/H), ceil((h+1)*OH/H))``, exactly the windows containing
+it), each adding ``grad / divisor`` in float32 in ascending ``(oh, ow)`` order; no atomics. Both use
+max-pool's ``[BLOCK_P, BLOCK_C]`` tiles and configs, every stride a runtime argument.
 """
 
 from __future__ import annotations
@@ -269,6 +284,149 @@ def global_avg_pool2d_bwd_kernel(
     tl.store(dx_ptr + offs, value.to(dx_ptr.dtype.element_ty), mask=(r < HW)[:, None] & c_ok[None, :])
 
 
+# --- average pool: windowed and adaptive --------------------------------------------------------------
+
+
+@triton.jit
+def _avg_window(o, size, out_size, K, S, P, ADAPTIVE: tl.constexpr):
+    """Input rows ``[lo, hi)`` averaged by output row ``o``, and the window's extent counting padding."""
+    if ADAPTIVE:
+        lo = (o * size) // out_size
+        hi = ((o + 1) * size + out_size - 1) // out_size
+        extent = hi - lo
+    else:
+        start = o * S - P
+        end = tl.minimum(start + K, size + P)
+        extent = end - start
+        lo = tl.maximum(start, 0)
+        hi = tl.minimum(end, size)
+    return lo, hi, extent
+
+
+@triton.jit
+def _avg_divisor(h0, h1, eh, w0, w1, ew, COUNT_PAD, DIVISOR):
+    """float32 divisor of each window: ``DIVISOR`` when non-zero, else its size with or without padding."""
+    div = tl.where(COUNT_PAD != 0, eh * ew, (h1 - h0) * (w1 - w0))
+    return tl.where(DIVISOR != 0, DIVISOR, div).to(tl.float32)
+
+
+@triton.jit
+def _avg_covering(i, size, out_size, K, S, P, ADAPTIVE: tl.constexpr):
+    """Output rows ``[lo, hi)`` whose windows contain input row ``i``."""
+    if ADAPTIVE:
+        lo = (i * out_size) // size
+        hi = ((i + 1) * out_size + size - 1) // size
+    else:
+        ip = i + P
+        lo = tl.where(ip < K, 0, (ip - K) // S + 1)
+        hi = tl.minimum(ip // S + 1, out_size)
+    return lo, hi
+
+
+def _avg_fwd_signature(dtype):
+    t = TRITON_TYPE[dtype]
+    ints = ["P", "C", "H", "W", "OH", "OW", "x_sn", "x_sc", "x_sh", "x_sw", "o_sn", "o_sc", "o_sh", "o_sw",
+            "KH", "KW", "SH", "SW", "PH", "PW", "COUNT_PAD", "DIVISOR"]
+    return {"x_ptr": f"*{t}", "out_ptr": f"*{t}", **{k: "i32" for k in ints},
+            "ADAPTIVE": "constexpr", "BLOCK_P": "constexpr", "BLOCK_C": "constexpr"}
+
+
+@tuned_kernel("avg_pool2d_fwd", gpu_configs=_FWD_GPU_CONFIGS, interp_heuristics=_INTERP_HEURISTICS,
+              key=["P", "C", "OH", "OW", "KH", "KW", "o_sc", "ADAPTIVE"], signature=_avg_fwd_signature,
+              constexprs=lambda dtype: {"ADAPTIVE": False}, variants={"adaptive": lambda dtype: {"ADAPTIVE": True}})
+@triton.jit
+def avg_pool2d_fwd_kernel(
+    x_ptr, out_ptr,
+    P, C, H, W, OH, OW,
+    x_sn, x_sc, x_sh, x_sw,
+    o_sn, o_sc, o_sh, o_sw,
+    KH, KW, SH, SW, PH, PW,  # ADAPTIVE: KH, KW = the largest window's extent; S, P unused
+    COUNT_PAD, DIVISOR,
+    ADAPTIVE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """out[n, c, oh, ow] = (sum of x over rows [h0, h1), columns [w0, w1)) / divisor (module docstring)."""
+    pid = tl.program_id(0)
+    c_blocks = tl.cdiv(C, BLOCK_C)
+    p = (pid // c_blocks) * BLOCK_P + tl.arange(0, BLOCK_P)  # flat (n, oh, ow)
+    c = (pid % c_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
+    p_ok = p < P
+    c_ok = c < C
+    ow = p % OW
+    oh = (p // OW) % OH
+    n = p // (OW * OH)
+    h0, h1, eh = _avg_window(oh, H, OH, KH, SH, PH, ADAPTIVE)
+    w0, w1, ew = _avg_window(ow, W, OW, KW, SW, PW, ADAPTIVE)
+
+    acc = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
+    x_nc = x_ptr + (n * x_sn)[:, None] + (c * x_sc)[None, :]
+    for kh in range(KH):
+        ih = h0 + kh
+        h_ok = p_ok & (ih < h1)
+        for kw in range(KW):
+            iw = w0 + kw
+            ok = (h_ok & (iw < w1))[:, None] & c_ok[None, :]
+            acc += tl.load(x_nc + (ih * x_sh + iw * x_sw)[:, None], mask=ok, other=0.0).to(tl.float32)
+
+    divisor = _avg_divisor(h0, h1, eh, w0, w1, ew, COUNT_PAD, DIVISOR)
+    mean = tl.math.div_rn(acc, tl.zeros([BLOCK_P, BLOCK_C], tl.float32) + divisor[:, None])
+    o_off = (n * o_sn + oh * o_sh + ow * o_sw)[:, None] + (c * o_sc)[None, :]
+    tl.store(out_ptr + o_off, mean.to(out_ptr.dtype.element_ty), mask=p_ok[:, None] & c_ok[None, :])
+
+
+def _avg_bwd_signature(dtype):
+    t = TRITON_TYPE[dtype]
+    ints = ["P", "C", "H", "W", "OH", "OW", "g_sn", "g_sc", "g_sh", "g_sw", "d_sn", "d_sc", "d_sh", "d_sw",
+            "KH", "KW", "SH", "SW", "PH", "PW", "COUNT_PAD", "DIVISOR", "WIN_H", "WIN_W"]
+    return {"grad_ptr": f"*{t}", "dx_ptr": f"*{t}", **{k: "i32" for k in ints},
+            "ADAPTIVE": "constexpr", "BLOCK_P": "constexpr", "BLOCK_C": "constexpr"}
+
+
+@tuned_kernel("avg_pool2d_bwd", gpu_configs=_BWD_GPU_CONFIGS, interp_heuristics=_INTERP_HEURISTICS,
+              key=["P", "C", "OH", "OW", "WIN_H", "WIN_W", "d_sc", "ADAPTIVE"], signature=_avg_bwd_signature,
+              constexprs=lambda dtype: {"ADAPTIVE": False}, variants={"adaptive": lambda dtype: {"ADAPTIVE": True}})
+@triton.jit
+def avg_pool2d_bwd_kernel(
+    grad_ptr, dx_ptr,
+    P, C, H, W, OH, OW,
+    g_sn, g_sc, g_sh, g_sw,
+    d_sn, d_sc, d_sh, d_sw,
+    KH, KW, SH, SW, PH, PW, COUNT_PAD, DIVISOR,
+    WIN_H, WIN_W,  # most windows containing one row / column
+    ADAPTIVE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """dx[n, c, h, w] = sum of grad[n, c, oh, ow] / divisor(oh, ow) over the windows containing (h, w)."""
+    pid = tl.program_id(0)
+    c_blocks = tl.cdiv(C, BLOCK_C)
+    p = (pid // c_blocks) * BLOCK_P + tl.arange(0, BLOCK_P)  # flat (n, h, w)
+    c = (pid % c_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
+    p_ok = p < P
+    c_ok = c < C
+    w = p % W
+    h = (p // W) % H
+    n = p // (W * H)
+    oh_lo, oh_hi = _avg_covering(h, H, OH, KH, SH, PH, ADAPTIVE)
+    ow_lo, ow_hi = _avg_covering(w, W, OW, KW, SW, PW, ADAPTIVE)
+    oh_hi = tl.where(p_ok, oh_hi, 0)  # rows past P: no windows
+    g_nc = (n * g_sn)[:, None] + (c * g_sc)[None, :]
+
+    acc = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
+    for t in range(WIN_H * WIN_W):  # one flat loop, as max_pool2d_bwd_kernel
+        i = t // WIN_W
+        oh = oh_lo + i
+        ow = ow_lo + (t - i * WIN_W)
+        window_ok = (oh < oh_hi) & (ow < ow_hi)
+        h0, h1, eh = _avg_window(oh, H, OH, KH, SH, PH, ADAPTIVE)
+        w0, w1, ew = _avg_window(ow, W, OW, KW, SW, PW, ADAPTIVE)
+        divisor = tl.where(window_ok, _avg_divisor(h0, h1, eh, w0, w1, ew, COUNT_PAD, DIVISOR), 1.0)
+        g = tl.load(grad_ptr + (g_nc + (oh * g_sh + ow * g_sw)[:, None]), mask=window_ok[:, None] & c_ok[None, :],
+                    other=0.0)
+        acc += tl.math.div_rn(g.to(tl.float32), tl.zeros([BLOCK_P, BLOCK_C], tl.float32) + divisor[:, None])
+
+    d_off = (n * d_sn + h * d_sh + w * d_sw)[:, None] + (c * d_sc)[None, :]
+    tl.store(dx_ptr + d_off, acc.to(dx_ptr.dtype.element_ty), mask=p_ok[:, None] & c_ok[None, :])
+
+
+
 # --- launchers --------------------------------------------------------------------------------------
 
 
@@ -397,7 +555,71 @@ def global_avg_pool2d_backward(grad_output: torch.Tensor, input_size, channels_l
     return dx
 
 
+def _adaptive_extent(size: int, out_size: int) -> int:
+    """The largest adaptive window along one dim: ``max(ceil((o+1)*size/out) - floor(o*size/out))``."""
+    return max(-((-(o + 1) * size) // out_size) - (o * size) // out_size for o in range(out_size))
+
+
+def _avg_args(H, W, OH, OW, params):
+    """Kernel arguments KH, KW, SH, SW, PH, PW, COUNT_PAD, DIVISOR for a windowed (``params`` = (k, s, p,
+    count_include_pad, divisor_override)) or adaptive (``params`` None) average pool."""
+    if params is None:
+        return (_adaptive_extent(H, OH), _adaptive_extent(W, OW), 1, 1, 0, 0, 0, 0)
+    (KH, KW), (SH, SW), (PH, PW), count_include_pad, divisor = params
+    return (KH, KW, SH, SW, PH, PW, int(count_include_pad), divisor or 0)
+
+
+def avg_pool2d_forward(x: torch.Tensor, output_size, params=None) -> torch.Tensor:
+    """Average pool of 4-D ``x`` (any strides) to ``output_size`` (OH, OW), in ``output_memory_format(x)``:
+    windowed with ``params = ((KH, KW), (SH, SW), (PH, PW), count_include_pad, divisor_override)`` (already
+    validated; ``output_size`` from :func:`pool_output_size`), adaptive with ``params`` None."""
+    N, C, H, W = x.shape
+    OH, OW = output_size
+    out = empty((N, C, OH, OW), dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
+    if out.numel() == 0:
+        return out
+    check_int32_indexing(x, out)
+    P = N * OH * OW
+
+    def grid(meta):
+        return (triton.cdiv(P, meta["BLOCK_P"]) * triton.cdiv(C, meta["BLOCK_C"]),)
+
+    avg_pool2d_fwd_kernel[grid](
+        x, out, P, C, H, W, OH, OW, *x.stride(), *out.stride(), *_avg_args(H, W, OH, OW, params),
+        ADAPTIVE=params is None,
+    )
+    return out
+
+
+def avg_pool2d_backward(grad_output: torch.Tensor, x: torch.Tensor, params=None) -> torch.Tensor:
+    """Gradient w.r.t. 4-D ``x`` of :func:`avg_pool2d_forward` (same ``params``), in ``x``'s memory format."""
+    N, C, H, W = x.shape
+    OH, OW = grad_output.shape[2:]
+    grad_input = empty(x.shape, dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
+    if grad_input.numel() == 0:
+        return grad_input
+    check_int32_indexing(grad_output, grad_input)
+    args = _avg_args(H, W, OH, OW, params)
+    if params is None:
+        win_h, win_w = _adaptive_extent(OH, H), _adaptive_extent(OW, W)
+    else:
+        win_h, win_w = min(triton.cdiv(args[0], args[2]), OH), min(triton.cdiv(args[1], args[3]), OW)
+    P = N * H * W
+
+    def grid(meta):
+        return (triton.cdiv(P, meta["BLOCK_P"]) * triton.cdiv(C, meta["BLOCK_C"]),)
+
+    avg_pool2d_bwd_kernel[grid](
+        grad_output, grad_input, P, C, H, W, OH, OW, *grad_output.stride(), *grad_input.stride(),
+        *args, win_h, win_w, ADAPTIVE=params is None,
+    )
+    return grad_input
+
+
+
 __all__ = [
+    "avg_pool2d_backward",
+    "avg_pool2d_forward",
     "global_avg_pool2d",
     "global_avg_pool2d_backward",
     "max_pool2d_backward",

@@ -1,9 +1,11 @@
-"""tritonkit::max_pool2d and tritonkit::max_pool2d_backward against eager PyTorch.
+"""tritonkit's pooling ops (max, global average, windowed and adaptive average) against eager PyTorch.
 
 Reference values come from eager on the CPU in float32 on the same (already rounded) inputs; the
 memory format of each result is compared with what eager returns for the same input layout. Outputs
 are NaN-poisoned (indices: INT_POISON) before every launch (tests/conftest.py).
 """
+
+import contextlib
 
 import pytest
 import torch
@@ -390,3 +392,190 @@ def test_global_avg_pool2d_bad_arguments():
         ops.global_avg_pool2d_backward(grad, [2, 3, 5], False)
     with pytest.raises(RuntimeError, match="grad_output must be float32"):
         ops.global_avg_pool2d_backward(grad.long(), [2, 3, 5, 5], False)
+
+
+# ------------------------------------------------------------------------ average pool: windowed, adaptive
+
+
+def _eager_and_grad(forward, backward, x, grad_shape_of=None):
+    """Eager float32 values and gradient (CPU) of ``forward`` on ``x``'s rounded values, with the strides eager
+    gives both for ``x``'s own dtype and layout; ``backward(grad, x)`` is the aten backward."""
+    x32 = x.detach().cpu().float()
+    ref = forward(x32)
+    grad = torch.randn(ref.shape).to(x.dtype)
+    ref_grad = backward(grad.float(), x32)
+    strides = forward(x.cpu()).stride(), backward(grad, x.cpu()).stride()
+    return ref.to(x.dtype), grad.to(DEVICE), ref_grad.to(x.dtype), strides
+
+
+def _check_against(out, grad_input, ref, ref_grad, strides):
+    assert_close(out.cpu(), ref, msg="output")
+    assert_close(grad_input.cpu(), ref_grad, grad=True, msg="grad_input")
+    assert (out.stride(), grad_input.stride()) == strides, ((out.stride(), grad_input.stride()), strides)
+
+
+def check_avg(x, k, s, p, ceil, count_include_pad, divisor):
+    args = (_pair(k), _pair(s) if s != () else [], _pair(p), ceil, count_include_pad, divisor)
+    ref, grad, ref_grad, strides = _eager_and_grad(lambda t: aten.avg_pool2d(t, *args),
+                                                   lambda g, t: aten.avg_pool2d_backward(g, t, *args), x)
+    out = ops.avg_pool2d(x, *args)
+    _check_against(out, ops.avg_pool2d_backward(grad, x, *args), ref, ref_grad, strides)
+
+
+# (shape, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override): sizes off the blocks.
+AVG_SWEEP = [
+    ((2, 3, 9, 11), 3, 2, 1, True, True, None),  # ceil-mode windows starting in the padding, cut at its end
+    ((2, 3, 9, 11), 3, 2, 1, True, False, None),  # the same, padding not counted
+    ((1, 4, 8, 8), 2, 2, 0, False, True, None),  # LeNet-style 2x2/2
+    ((2, 5, 7, 10), (3, 2), (1, 2), (1, 0), True, False, None),  # asymmetric everything
+    ((1, 3, 6, 7), 3, 1, 1, False, True, 4),  # stride 1 (every input in up to 9 windows), divisor_override
+    ((2, 2, 5, 5), 2, 3, 1, True, True, None),  # ceil mode drops the window that would start in right padding
+    ((2, 2, 5, 5), 2, 3, 1, True, False, -3),  # a negative divisor_override (eager divides by it)
+    ((1, 2, 5, 3), (5, 3), 1, (2, 1), False, False, None),  # window as big as the input
+    ((3, 1, 4, 13), (1, 3), (), (0, 1), True, True, None),  # stride omitted: kernel_size
+]
+
+
+@pytest.mark.parametrize("case", AVG_SWEEP, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_avg_pool2d(case, layout):
+    shape, *args = case
+    check_avg(make_input(shape, layout), *args)
+
+
+@pytest.mark.parametrize("case", AVG_SWEEP[:4], ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_avg_pool2d_half(case, layout, dtype):
+    shape, *args = case
+    check_avg(make_input(shape, layout, dtype), *args)
+
+
+def test_avg_pool2d_many_channels_unbatched_and_empty():
+    check_avg(make_input((2, 300, 5, 6), "channels_last"), 3, 2, 1, True, False, None)
+    check_avg(make_input((1, 3, 9, 11), "contiguous")[0], 3, 2, 1, True, True, None)  # 3-D (C, H, W)
+    check_avg(make_input((1, 3, 9, 11), "channels_last")[0], 2, 2, 1, False, True, None)
+    check_avg(make_input((0, 3, 9, 11), "channels_last"), 3, 2, 1, True, True, None)
+
+
+def check_adaptive(x, size):
+    ref, grad, ref_grad, strides = _eager_and_grad(lambda t: aten._adaptive_avg_pool2d(t, size),
+                                                   aten._adaptive_avg_pool2d_backward, x)
+    out = ops.adaptive_avg_pool2d(x, size)
+    _check_against(out, ops.adaptive_avg_pool2d_backward(grad, x), ref, ref_grad, strides)
+
+
+# (input shape, output size): overlapping windows (7 -> 3, 10 -> 4), exact splits, output larger than the
+# input (windows repeat: each input row in several), 1x1, identity.
+ADAPTIVE_SWEEP = [((2, 3, 7, 10), [3, 4]), ((1, 4, 8, 9), [2, 3]), ((2, 3, 5, 3), [7, 8]), ((1, 5, 6, 7), [1, 1]),
+                  ((2, 2, 4, 5), [4, 5]), ((1, 3, 9, 2), [4, 1])]
+
+
+@pytest.mark.parametrize("case", ADAPTIVE_SWEEP, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_adaptive_avg_pool2d(case, layout):
+    shape, size = case
+    check_adaptive(make_input(shape, layout), size)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_adaptive_avg_pool2d_half(layout, dtype):
+    check_adaptive(make_input((2, 70, 7, 10), layout, dtype), [3, 4])
+
+
+def test_adaptive_avg_pool2d_unbatched_and_empty():
+    check_adaptive(make_input((1, 3, 7, 10), "contiguous")[0], [3, 4])
+    check_adaptive(make_input((0, 3, 7, 10), "channels_last"), [3, 4])
+    x = make_input((2, 0, 7, 10), "contiguous").contiguous()  # eager's backward refuses C = 0: forward only
+    assert ops.adaptive_avg_pool2d(x, [3, 4]).shape == (2, 0, 3, 4)
+    assert ops.adaptive_avg_pool2d(make_input((2, 3, 7, 10), "contiguous"), [0, 4]).shape == (2, 3, 0, 4)
+
+
+def test_avg_pool2d_opcheck():
+    x = make_input((2, 3, 7, 6), "channels_last")
+    args = ([3, 3], [2, 2], [1, 1], True, False, None)
+    torch.library.opcheck(ops.avg_pool2d, (x, *args))
+    torch.library.opcheck(ops.avg_pool2d_backward, (torch.randn_like(ops.avg_pool2d(x, *args)), x, *args))
+    torch.library.opcheck(ops.adaptive_avg_pool2d, (x, [2, 4]))
+    torch.library.opcheck(ops.adaptive_avg_pool2d_backward, (torch.randn(2, 3, 2, 4), x))
+
+
+# (what, input shape, kernel_size, stride, padding, divisor_override): eager refuses each with the same
+# exception type, and our message names the offending argument.
+AVG_BAD_ARGS = [
+    ("kernel_size must either", (1, 2, 8, 8), [2, 2, 2], [1, 1], [0, 0], None),
+    ("kernel size should be greater than zero", (1, 2, 8, 8), [0, 2], [1, 1], [0, 0], None),
+    ("stride should not be zero", (1, 2, 8, 8), [0, 2], [], [0, 0], None),
+    ("stride must either", (1, 2, 8, 8), [2, 2], [1, 1, 1], [0, 0], None),
+    ("stride should be greater than zero", (1, 2, 8, 8), [2, 2], [2, -1], [0, 0], None),
+    ("padding must either", (1, 2, 8, 8), [2, 2], [2, 2], [0, 0, 0], None),
+    ("pad should be at most half", (1, 2, 8, 8), [3, 3], [2, 2], [1, 2], None),
+    ("pad should be at most half", (1, 2, 8, 8), [-3, 3], [1, 1], [0, 0], None),
+    ("pad must be non-negative", (1, 2, 8, 8), [2, 2], [2, 2], [-1, 0], None),
+    ("divisor must be not zero", (1, 2, 8, 8), [2, 2], [2, 2], [0, 0], 0),
+    ("Output size is too small", (1, 2, 2, 2), [3, 3], [1, 1], [0, 0], None),
+    ("Expected 3D or 4D", (2, 0, 4, 4), [2, 2], [2, 2], [0, 0], None),
+    ("Expected 3D or 4D", (1, 1, 2, 8, 8), [2, 2], [2, 2], [0, 0], None),
+    ("Dimension out of range", (8, 8), [2, 2], [2, 2], [0, 0], None),
+]
+
+
+@pytest.mark.parametrize("case", AVG_BAD_ARGS, ids=lambda c: f"{c[0]}-{c[1:]}")
+def test_avg_pool2d_bad_arguments(case):
+    what, shape, k, s, p, divisor = case
+    x = torch.randn(shape).to(DEVICE)
+    args = (k, s, p, False, True, divisor)
+    with pytest.raises(Exception) as expected:
+        aten.avg_pool2d(x.cpu(), *args)
+    fake = torch._subclasses.fake_tensor.FakeTensorMode()
+    for mode, t in ((None, x), (fake, fake.from_tensor(x))):  # the fake impl validates the same way
+        with mode or contextlib.nullcontext(), pytest.raises(expected.type, match=what):
+            ops.avg_pool2d(t, *args)
+        with mode or contextlib.nullcontext(), pytest.raises(expected.type, match=what):
+            ops.avg_pool2d_backward(t, t, *args)
+
+
+def test_avg_pool2d_backward_bad_arguments():
+    x = make_input((2, 3, 8, 8), "contiguous")
+    args = ([2, 2], [2, 2], [0, 0], False, True, None)
+    for grad, what in ((torch.randn(2, 3, 4, 3), "grad_output of the pooled shape"),
+                       (torch.randn(2, 3, 4, 4).half(), "grad_output dtype"),
+                       (torch.randn(2, 3, 4, 4).long(), "grad_output must be float32")):
+        with pytest.raises(RuntimeError):
+            aten.avg_pool2d_backward(grad, x.cpu(), *args)
+        with pytest.raises(RuntimeError, match=what):
+            ops.avg_pool2d_backward(grad.to(DEVICE), x, *args)
+
+
+ADAPTIVE_BAD = [
+    ("output_size must be 2", (1, 2, 8, 8), [2, 2, 2]),
+    ("greater than or equal to 0", (1, 2, 8, 8), [-1, 2]),
+    ("Expected 3D or 4D", (8, 8), [2, 2]),
+    ("dimension 2 being empty", (1, 2, 0, 8), [2, 2]),
+    ("input must be float32", (1, 2, 8, 8), [2, 2]),
+]
+
+
+@pytest.mark.parametrize("case", ADAPTIVE_BAD, ids=lambda c: c[0])
+def test_adaptive_avg_pool2d_bad_arguments(case):
+    what, shape, size = case
+    x = torch.randn(shape).to(DEVICE)
+    x = x.long() if "float32" in what else x
+    with pytest.raises(RuntimeError):
+        aten._adaptive_avg_pool2d(x.cpu(), size)
+    fake = torch._subclasses.fake_tensor.FakeTensorMode()
+    for mode, t in ((None, x), (fake, fake.from_tensor(x))):
+        with mode or contextlib.nullcontext(), pytest.raises(RuntimeError, match=what):
+            ops.adaptive_avg_pool2d(t, size)
+
+
+def test_adaptive_avg_pool2d_backward_bad_arguments():
+    x = make_input((2, 3, 8, 8), "contiguous")
+    for grad, what in ((torch.randn(2, 3, 0, 4), "dimension 2 being empty"),
+                       (torch.randn(3, 2, 4), "expected grad_output of size"),
+                       (torch.randn(2, 3, 2, 2).half(), "grad_output dtype")):
+        with pytest.raises(RuntimeError):
+            aten._adaptive_avg_pool2d_backward(grad, x.cpu())
+        with pytest.raises(RuntimeError, match=what):
+            ops.adaptive_avg_pool2d_backward(grad.to(DEVICE), x)

@@ -19,6 +19,12 @@ divided by ``H * W`` at every position of ``input_size``, contiguous (what eager
 expanded gradient gives) or, with ``channels_last``, channels_last (what an eager-autograd face wants
 for a channels_last input, as ``_adaptive_avg_pool2d_backward`` gives).
 
+``avg_pool2d(input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)`` and
+``avg_pool2d_backward(grad_output, input, <the same>)`` are ``aten.avg_pool2d`` / ``avg_pool2d_backward``
+(3-D or 4-D input; ``stride`` empty means ``kernel_size``); ``adaptive_avg_pool2d(input, output_size)`` and
+``adaptive_avg_pool2d_backward(grad_output, input)`` are ``aten._adaptive_avg_pool2d`` and its backward for
+any output size. Results are laid out as eager's (channels_last in, channels_last out; 3-D contiguous).
+
 Arguments are checked before any launch, in the order and with the exception types aten uses.
 """
 
@@ -182,4 +188,164 @@ def _(grad_output, input_size, channels_last):
     return torch.empty(list(input_size), dtype=grad_output.dtype, device=grad_output.device, memory_format=fmt)
 
 
-__all__ = ["global_avg_pool2d", "global_avg_pool2d_backward", "max_pool2d", "max_pool2d_backward"]
+# --- average pool: windowed and adaptive --------------------------------------------------------------
+_AVG, _AVG_BWD = "tritonkit::avg_pool2d", "tritonkit::avg_pool2d_backward"
+_ADAPTIVE, _ADAPTIVE_BWD = "tritonkit::adaptive_avg_pool2d", "tritonkit::adaptive_avg_pool2d_backward"
+_AVG_ARGS = ("int[] kernel_size, int[] stride, int[] padding, bool ceil_mode, bool count_include_pad, "
+             "int? divisor_override")
+
+
+def _avg_geometry(op, input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override):
+    """aten's ``avg_pool2d`` checks, in its order; returns the kernel's ``params`` and ``(OH, OW)``."""
+    check_float_tensors(op, input=input)
+    if len(kernel_size) not in (1, 2):
+        raise RuntimeError(f"{op}: kernel_size must either be a single int, or a tuple of two ints")
+    k = (kernel_size[0], kernel_size[-1])
+    if len(stride) not in (0, 1, 2):
+        raise RuntimeError(f"{op}: stride must either be omitted, a single int, or a tuple of two ints")
+    s = (stride[0], stride[-1]) if len(stride) else k
+    if len(padding) not in (1, 2):
+        raise RuntimeError(f"{op}: padding must either be a single int, or a tuple of two ints")
+    p = (padding[0], padding[-1])
+    if divisor_override == 0:
+        raise RuntimeError(f"{op}: divisor must be not zero")
+    if input.dim() < 3:
+        raise IndexError(f"{op}: Dimension out of range: expected a 3-D (C, H, W) or 4-D (N, C, H, W) input, "
+                         f"got shape {list(input.shape)}")
+    for kk, ss, pp in zip(k, s, p):  # pooling_output_shape, H then W
+        if ss == 0:
+            raise RuntimeError(f"{op}: stride should not be zero")
+        if pp < 0:
+            raise RuntimeError(f"{op}: pad must be non-negative, but got pad: {pp}")
+        if pp > int(kk / 2):  # C++ division: truncates toward zero
+            raise RuntimeError(f"{op}: pad should be at most half of effective kernel size, but got pad={pp}, "
+                               f"kernel_size={kk} and dilation=1")
+    if min(k) <= 0:
+        raise RuntimeError(f"{op}: kernel size should be greater than zero, but got kH: {k[0]} kW: {k[1]}")
+    if min(s) <= 0:
+        raise RuntimeError(f"{op}: stride should be greater than zero, but got dH: {s[0]} dW: {s[1]}")
+    if input.dim() > 4 or 0 in input.shape[-3:]:
+        raise RuntimeError(f"{op}: Expected 3D or 4D (batch mode) tensor with optional 0 dim batch size for input, "
+                           f"but got:{list(input.shape)}")
+    C, H, W = input.shape[-3:]
+    OH = kernels.pool_output_size(H, k[0], s[0], p[0], 1, ceil_mode)
+    OW = kernels.pool_output_size(W, k[1], s[1], p[1], 1, ceil_mode)
+    if OH < 1 or OW < 1:
+        raise RuntimeError(f"{op}: Given input size: ({C}x{H}x{W}). Calculated output size: ({C}x{OH}x{OW}). "
+                           "Output size is too small")
+    return (k, s, p, count_include_pad, divisor_override), (OH, OW)
+
+
+def _as_4d(t: torch.Tensor) -> torch.Tensor:
+    """4-D input as it is; 3-D ``(C, H, W)`` as a contiguous ``(1, C, H, W)`` (eager's 3-D results are
+    contiguous)."""
+    return t if t.dim() == 4 else t.contiguous().unsqueeze(0)
+
+
+def _like_input(input: torch.Tensor, shape) -> torch.Tensor:
+    """An empty tensor of ``shape`` laid out as eager lays out a pool's results for ``input``."""
+    fmt = kernels.output_memory_format(input) if input.dim() == 4 else torch.contiguous_format
+    return torch.empty(shape, dtype=input.dtype, device=input.device, memory_format=fmt)
+
+
+def _pooled(input: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    return out if input.dim() == 4 else out.squeeze(0)
+
+
+@torch.library.custom_op(_AVG, mutates_args=(), schema=f"(Tensor input, {_AVG_ARGS}) -> Tensor")
+def avg_pool2d(input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override):
+    params, size = _avg_geometry(_AVG, input, kernel_size, stride, padding, ceil_mode, count_include_pad,
+                                 divisor_override)
+    return _pooled(input, kernels.avg_pool2d_forward(_as_4d(input), size, params))
+
+
+@avg_pool2d.register_fake
+def _(input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override):
+    _, size = _avg_geometry(_AVG, input, kernel_size, stride, padding, ceil_mode, count_include_pad,
+                            divisor_override)
+    return _like_input(input, (*input.shape[:-2], *size))
+
+
+def _check_avg_backward(grad_output, input, *args):
+    params, size = _avg_geometry(_AVG_BWD, input, *args)
+    check_float_tensors(_AVG_BWD, input=input, grad_output=grad_output)
+    expected = (*input.shape[:-2], *size)
+    if tuple(grad_output.shape) != expected:
+        raise RuntimeError(f"{_AVG_BWD}: expected grad_output of the pooled shape {expected}, "
+                           f"got {tuple(grad_output.shape)}")
+    return params
+
+
+@torch.library.custom_op(_AVG_BWD, mutates_args=(), schema=f"(Tensor grad_output, Tensor input, {_AVG_ARGS}) -> Tensor")
+def avg_pool2d_backward(grad_output, input, kernel_size, stride, padding, ceil_mode, count_include_pad,
+                        divisor_override):
+    params = _check_avg_backward(grad_output, input, kernel_size, stride, padding, ceil_mode, count_include_pad,
+                                 divisor_override)
+    return _pooled(input, kernels.avg_pool2d_backward(_as_4d(grad_output), _as_4d(input), params))
+
+
+@avg_pool2d_backward.register_fake
+def _(grad_output, input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override):
+    _check_avg_backward(grad_output, input, kernel_size, stride, padding, ceil_mode, count_include_pad,
+                        divisor_override)
+    return _like_input(input, input.shape)
+
+
+def _check_adaptive(input, output_size):
+    op = _ADAPTIVE
+    check_float_tensors(op, input=input)
+    if len(output_size) != 2:
+        raise RuntimeError(f"{op}: output_size must be 2")
+    if min(output_size) < 0:
+        raise RuntimeError(f"{op}: elements of output_size must be greater than or equal to 0 but received "
+                           f"{{{output_size[0]}, {output_size[1]}}}")
+    if input.dim() not in (3, 4):
+        raise RuntimeError(f"{op}: Expected 3D or 4D tensor, but got {list(input.shape)}")
+    for i in (-2, -1):
+        if input.shape[i] == 0:
+            raise RuntimeError(f"{op}: Expected input to have non-zero size for non-batch dimensions, but input "
+                               f"has sizes {list(input.shape)} with dimension {i + input.dim()} being empty")
+    return tuple(output_size)
+
+
+@torch.library.custom_op(_ADAPTIVE, mutates_args=(), schema="(Tensor input, int[] output_size) -> Tensor")
+def adaptive_avg_pool2d(input, output_size):
+    size = _check_adaptive(input, output_size)
+    return _pooled(input, kernels.avg_pool2d_forward(_as_4d(input), size))
+
+
+@adaptive_avg_pool2d.register_fake
+def _(input, output_size):
+    size = _check_adaptive(input, output_size)
+    return _like_input(input, (*input.shape[:-2], *size))
+
+
+def _check_adaptive_backward(grad_output, input):
+    op = _ADAPTIVE_BWD
+    check_float_tensors(op, input=input, grad_output=grad_output)
+    for i in range(1, grad_output.dim()):
+        if grad_output.shape[i] == 0:
+            raise RuntimeError(f"{op}: Expected grad_output to have non-zero size for non-batch dimensions, but "
+                               f"grad_output has sizes {list(grad_output.shape)} with dimension {i} being empty")
+    if input.dim() not in (3, 4):
+        raise RuntimeError(f"{op}: Expected 3D or 4D tensor, but got {list(input.shape)}")
+    if grad_output.dim() != input.dim() or grad_output.shape[:-2] != input.shape[:-2]:
+        raise RuntimeError(f"{op}: expected grad_output of size {[*input.shape[:-2], 'OH', 'OW']} for input of "
+                           f"size {list(input.shape)}, got {list(grad_output.shape)}")
+    _check_adaptive(input, grad_output.shape[-2:])
+
+
+@torch.library.custom_op(_ADAPTIVE_BWD, mutates_args=(), schema="(Tensor grad_output, Tensor input) -> Tensor")
+def adaptive_avg_pool2d_backward(grad_output, input):
+    _check_adaptive_backward(grad_output, input)
+    return _pooled(input, kernels.avg_pool2d_backward(_as_4d(grad_output), _as_4d(input)))
+
+
+@adaptive_avg_pool2d_backward.register_fake
+def _(grad_output, input):
+    _check_adaptive_backward(grad_output, input)
+    return _like_input(input, input.shape)
+
+
+__all__ = ["adaptive_avg_pool2d", "adaptive_avg_pool2d_backward", "avg_pool2d", "avg_pool2d_backward",
+           "global_avg_pool2d", "global_avg_pool2d_backward", "max_pool2d", "max_pool2d_backward"]
