@@ -1,10 +1,14 @@
 """Pooling rules: ``max_pool2d_with_indices`` and its backward; the global average pool (``mean`` over
-H and W, what ``adaptive_avg_pool2d(x, 1)`` traces to) and its backward (``div(expand(g), H*W)``)."""
+H and W, what ``adaptive_avg_pool2d(x, 1)`` traces to) and its backward (``div(expand(g), H*W)``);
+``avg_pool2d`` and ``_adaptive_avg_pool2d`` and their backwards (a 4-D 1x1 adaptive pool as the global
+one)."""
 
 from __future__ import annotations
 
 import torch
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
+from tritonkit.kernels.pool import output_memory_format
 from tritonkit.lowering.graph import Fail, Rewrite, aten, bind, is_call, val
 from tritonkit.lowering.rules import rule
 
@@ -56,3 +60,49 @@ def global_avg_pool_backward(lw, node):
     lw.checker.tensors_ok(grad_output=g)
     channels_last = out.dim() == 4 and not out.is_contiguous() and out.is_contiguous(memory_format=torch.channels_last)
     return Rewrite([lw.spec("global_avg_pool2d_backward", (g, list(size), channels_last), node)], (node,))
+
+
+_AVG_ARGS = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
+
+
+def _avg_args(a) -> tuple:
+    return tuple(list(a[k]) if k in _AVG_ARGS[:3] else a[k] for k in _AVG_ARGS)
+
+
+@rule(aten.avg_pool2d.default)
+def avg_pool2d(lw, node):
+    a = bind(node)
+    lw.checker.tensors_ok(input=a["self"])
+    return Rewrite([lw.spec("avg_pool2d", (a["self"], *_avg_args(a)), node)], (node,))
+
+
+@rule(aten.avg_pool2d_backward.default)
+def avg_pool2d_backward(lw, node):
+    a = bind(node)
+    lw.checker.tensors_ok(grad_output=a["grad_output"], input=a["self"])
+    return Rewrite([lw.spec("avg_pool2d_backward", (a["grad_output"], a["self"], *_avg_args(a)), node)], (node,))
+
+
+def _is_global(x, output_size) -> bool:
+    """A 4-D adaptive pool to 1x1: the global average pool."""
+    return val(x).dim() == 4 and len(output_size) == 2 and all(is_concrete_int(s) and s == 1 for s in output_size)
+
+
+@rule(aten._adaptive_avg_pool2d.default)
+def adaptive_avg_pool2d(lw, node):
+    x, output_size = node.args
+    lw.checker.tensors_ok(input=x)
+    if _is_global(x, output_size):
+        return Rewrite([lw.spec("global_avg_pool2d", (x,), node)], (node,))
+    return Rewrite([lw.spec("adaptive_avg_pool2d", (x, list(output_size)), node)], (node,))
+
+
+@rule(aten._adaptive_avg_pool2d_backward.default)
+def adaptive_avg_pool2d_backward(lw, node):
+    g, x = node.args
+    lw.checker.tensors_ok(grad_output=g, input=x)
+    if _is_global(x, val(g).shape[-2:]):
+        channels_last = output_memory_format(val(x)) == torch.channels_last
+        spec = lw.spec("global_avg_pool2d_backward", (g, lw.sizes(x), channels_last), node)
+        return Rewrite([spec], (node,))
+    return Rewrite([lw.spec("adaptive_avg_pool2d_backward", (g, x), node)], (node,))
