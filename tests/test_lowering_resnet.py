@@ -145,7 +145,7 @@ def test_explain_lowers_every_layer_of_a_resnet(data):
     assert "conv2d_bn_stats" in labels and "conv2d_batch_norm" not in labels
     assert "batch_norm_train_from_partials(residual, relu=True, num_batches_tracked += 1)" in labels
     assert "cross_entropy(write_log_probs=True)" in labels
-    assert "conv2d_input_grad(+ masked residual)" in labels and "conv2d_input_grad(+ residual)" in labels
+    assert "conv2d_backward(+ masked residual)" in labels and "conv2d_backward(+ residual)" in labels
     assert "relu_backward" not in labels
 
     torch._dynamo.reset()
@@ -161,7 +161,7 @@ def test_explain_lowers_every_layer_of_a_resnet(data):
 
 def test_resnet18_launches_per_step():
     """torchvision-layout ResNet-18: every layer a tritonkit launch; inference one launch per conv plus
-    the pool and the classifier; the training step at most 0.6x eager's launches (108 of 181 here)."""
+    the pool and the classifier; the training step at most 0.5x eager's launches (88 of 181 here)."""
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = resnet18(num_classes=10).to(DEVICE)
@@ -170,7 +170,7 @@ def test_resnet18_launches_per_step():
     report = explain(lambda x, t: F.cross_entropy(model(x), t).backward(), x, t)
     assert [g.kind for g in report.graphs] == ["forward", "backward"]
     assert not report.fallbacks and not any(g.eager_ops for g in report.graphs), str(report)
-    assert report.launches <= 0.6 * report.launches_eager, str(report)
+    assert report.launches <= 0.5 * report.launches_eager, str(report)
     torch._dynamo.reset()
     model.eval()
     with torch.no_grad():

@@ -9,11 +9,14 @@ ATen                                                      tritonkit
   + eval BatchNorm + ``relu`` + ``max_pool2d`` (stem)     ``conv2d_relu_maxpool`` with the BN parameters
   + training BatchNorm [+ ``add``] [+ ``relu``]           ``conv2d_bn_stats`` (statistics in the epilogue) +
                                                           ``batch_norm_train_from_partials``
-``convolution_backward``                                  ``conv2d_input_grad``, ``conv2d_weight_grad`` or
-                                                          ``conv2d_weight_bias_grad`` (one launch for both)
-  + ``add`` of the input gradient and another gradient    the sum in ``conv2d_input_grad``'s epilogue
+``convolution_backward``                                  ``conv2d_backward`` (input, weight [and bias]
+                                                          gradients in one launch), or ``conv2d_weight_grad``
+                                                          / ``conv2d_weight_bias_grad`` without the input's
+  + ``add`` of the input gradient and another gradient    the sum in the input gradient's epilogue
     (a residual block's two branches)                     (``residual=``; a ReLU mask on it folded too)
 =======================================================  ===================================================
+
+Depthwise convolutions (``groups`` == input channels) go to :mod:`tritonkit.lowering.depthwise`.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from __future__ import annotations
 import logging
 import operator
 
-from tritonkit.lowering import norm
+from tritonkit.lowering import depthwise, norm
 from tritonkit.lowering.graph import Fail, New, Rewrite, Spec, aten, bind, is_call, only_user, val
 from tritonkit.lowering.rules import mask_consumer, rule
 
@@ -47,6 +50,8 @@ def convolution(lw, node):
     x, w, b = a["input"], a["weight"], a["bias"]
     lw.checker.tensors_ok(gemm=True, input=x, weight=w, bias=b)
     geo = geometry(a, x)
+    if depthwise.is_depthwise(x, w, geo[3]):
+        return depthwise.forward(lw, node, x, w, b, geo)
     for fusion in (_conv_bn_eval, _conv_bn_train):
         fused = _try(fusion, lw, node, x, w, b, geo)
         if fused is not None:
@@ -164,16 +169,36 @@ def _backward_specs(lw, node, g=None, mask=None, residual=None) -> list[Spec] | 
         if not a["output_mask"][i]:
             raise Fail(f"output {i} is used but output_mask does not ask for it")
     g = grad if g is None else g
-    specs = []
+    if depthwise.is_depthwise(x, w, geo[3]):
+        specs = depthwise.backward_specs(lw, outs, g, x, w, mask, geo, residual)
+        for spec in specs or ():
+            spec.masked = mask is not None
+        return None if specs is None else lw.in_graph_order(specs)
+    specs, combined = [], False
     if 0 in outs:
-        if residual is None:
+        first = min(outs.values(), key=lw.order)  # where a launch giving several gradients is emitted
+        if residual is None and 1 in outs:
+            found = _sum_with(outs[0], node)
+            # a sum with a gradient computed later is left to that gradient's convolution_backward
+            residual = None if found is None or not lw.defined_before(found[1], first) else (*found, None)
+        elif residual is None:
             found = _sum_with(outs[0], node)
             residual = None if found is None else (*found, None)
         target, extra = (outs[0], ()) if residual is None else (residual[0], residual[1:])
-        label = "conv2d_input_grad" + ("" if not extra else "(+ masked residual)" if extra[1] is not None
-                                       else "(+ residual)")
-        specs.append(lw.spec("conv2d_input_grad", (g, w, mask, lw.sizes(x), *geo, *extra), target, label))
-    if 1 in outs and 2 in outs:
+        note = "" if not extra else "(+ masked residual)" if extra[1] is not None else "(+ residual)"
+        combined = 1 in outs and all(lw.defined_before(t, first) for t in extra)
+        if combined:  # one launch for all the gradients; its emission point must see the residual
+            call = New(lw.tk.conv2d_backward.default, (g, x, w, mask, *geo, *(extra or (None, None)), 2 in outs))
+            label = "conv2d_backward" + note
+            specs = [Spec(operator.getitem, (call, i), target if i == 0 else outs[i], label) for i in sorted(outs)]
+            for spec in specs:
+                lw.checker.check(spec)
+        else:
+            args = (g, w, mask, lw.sizes(x), *geo, *extra)
+            specs.append(lw.spec("conv2d_input_grad", args, target, "conv2d_input_grad" + note))
+    if combined:
+        pass
+    elif 1 in outs and 2 in outs:
         call = New(lw.tk.conv2d_weight_bias_grad.default, (g, x, mask, lw.sizes(w), *geo))
         specs += [Spec(operator.getitem, (call, i - 1), outs[i], "conv2d_weight_bias_grad") for i in (1, 2)]
         for spec in specs[-2:]:

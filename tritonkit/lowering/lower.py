@@ -22,8 +22,8 @@ class GraphLowering:
     """Rewrites one AOTAutograd graph in place; :meth:`run` returns its :class:`GraphReport`.
 
     What rules use: ``spec()`` (a checked replacement), ``checker.tensors_ok()``, ``sizes()``,
-    ``relu_after()``, ``defined_before()``, ``in_graph_order()``, ``opts``, ``name`` and ``lowered``
-    (for rules that report their own rewrite).
+    ``relu_after()``, ``defined_before()``, ``order()``, ``in_graph_order()``, ``memo``, ``opts``, ``name``
+    and ``lowered`` (for rules that report their own rewrite).
     """
 
     def __init__(self, gm: fx.GraphModule, name: str, kind: str, opts: Options):
@@ -42,6 +42,7 @@ class GraphLowering:
         self.replaced: dict[fx.Node, fx.Node] = {}  # old node -> the node that now holds its value
         self.created: set[fx.Node] = set()  # tritonkit calls the rewrite inserted
         self.emitted: dict[int, tuple[New, fx.Node]] = {}  # id(New) -> (it, its node)
+        self.memo: dict = {}  # what rules computed once for several nodes of this graph (e.g. one call's specs)
 
     # -------------------------------------------------------------------------------- entry point
     def run(self) -> GraphReport:
@@ -110,6 +111,10 @@ class GraphLowering:
             if node is b:
                 return False
         return False
+
+    def order(self, node: fx.Node) -> int:
+        """``node``'s position in the graph as it is now."""
+        return next(i for i, n in enumerate(self.graph.nodes) if n is node)
 
     def in_graph_order(self, specs: list[Spec]) -> list[Spec]:
         """``specs`` sorted by where their replaced nodes are, so that a call several specs share is

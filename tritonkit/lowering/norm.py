@@ -4,7 +4,7 @@
 ATen (AOTAutograd, torch 2.11-2.14)                                  tritonkit
 ===================================================================  ==========================================
 ``_native_batch_norm_legit_functional`` (training, running stats)     ``batch_norm_train`` [+ ``relu``]
-``_native_batch_norm_legit.no_stats`` (``track_running_stats=False``)   [+ ``add`` + ``relu``: residual fused]
+``_native_batch_norm_legit.no_stats`` (``track_running_stats=False``)   [+ ``add`` [+ ``relu``]: residual fused]
 ``add(num_batches_tracked, 1)`` of the same module                    folded: the counter output of the call
 ``convolution`` feeding the training BatchNorm (conv family)          ``conv2d_bn_stats`` +
                                                                       ``batch_norm_train_from_partials``
@@ -16,7 +16,8 @@ that take the mask)                                                   BN backwar
 ===================================================================  ==========================================
 
 The ReLU after a BatchNorm is fused only when it is the BN output's only consumer (optionally through a
-residual ``add`` whose other operand is computed before the fused call, so the call can take it), so
+residual ``add`` whose other operand is computed before the fused call, so the call can take it; such an
+``add`` is fused without a ReLU after it too, as at the end of a MobileNetV2 block), so
 what the partitioner saves for backward is the ReLU output, as for a conv. ``momentum=None`` (the
 cumulative average) never reaches a graph: torch's BatchNorm reads ``float(num_batches_tracked)``,
 where dynamo breaks the graph, so that BatchNorm runs in eager PyTorch.
@@ -53,12 +54,12 @@ def epilogue(lw, bn, out):
     if not lw.opts.fuse_relu or not is_call(add, aten.add.Tensor) or add.kwargs.get("alpha", 1) != 1:
         return None, False, out
     other = add.args[1] if add.args[0] is out else add.args[0]
-    relu = lw.relu_after(add)
-    if (relu is None or relu.args[0] is not add or other is out or not hasattr(val(other), "shape")
-            or tuple(val(other).shape) != tuple(val(out).shape) or not lw.defined_before(other, bn)):
+    if (other is out or not hasattr(val(other), "shape") or tuple(val(other).shape) != tuple(val(out).shape)
+            or val(other).dtype != val(out).dtype or not lw.defined_before(other, bn)):
         return None, False, out
     lw.checker.tensors_ok(input=out, residual=other)
-    return other, True, relu
+    relu = lw.relu_after(add)
+    return (other, True, relu) if relu is not None and relu.args[0] is add else (other, False, add)
 
 
 def between(first, last) -> list:
