@@ -205,11 +205,16 @@ def _activation_signature(dtype):
             "ACT": "constexpr", "BLOCK": "constexpr"}
 
 
-# One pattern per activation for the gate: activation_fwd is hardtanh, activation_fwd_<kind> the others.
-_ACT_VARIANTS = {kind: (lambda dtype, kind=kind: {"ACT": kind}) for kind in ACTIVATIONS[2:]}
+# 8192-element tiles spill on sm_90 (float16 sigmoid backward: 8 B of stack at 80 registers); 4096
+# elements per 8 warps already keep 16 loads in flight per thread.
+_ACT_GPU_CONFIGS = [c for c in _FLAT_GPU_CONFIGS if c.kwargs["BLOCK"] <= 4096]
+# One pattern per activation these kernels launch (ReLU has its own kernels): activation_fwd / _bwd is
+# hardtanh, activation_fwd_<kind> / activation_bwd_<kind> the others.
+_ACT_VARIANTS = {kind: (lambda dtype, kind=kind: {"ACT": kind})
+                 for kind in ACTIVATIONS if kind not in ("relu", "hardtanh")}
 
 
-@tuned_kernel("activation_fwd", gpu_configs=_FLAT_GPU_CONFIGS, interp_heuristics=_FLAT_INTERP,
+@tuned_kernel("activation_fwd", gpu_configs=_ACT_GPU_CONFIGS, interp_heuristics=_FLAT_INTERP,
               key=["numel", "ACT"], signature=_activation_signature, constexprs=lambda dtype: {"ACT": "hardtanh"},
               variants=_ACT_VARIANTS)
 @triton.jit
@@ -226,7 +231,7 @@ def _activation_bwd_signature(dtype):
             "max_val": "fp32", "ACT": "constexpr", "BLOCK": "constexpr"}
 
 
-@tuned_kernel("activation_bwd", gpu_configs=_FLAT_GPU_CONFIGS, interp_heuristics=_FLAT_INTERP,
+@tuned_kernel("activation_bwd", gpu_configs=_ACT_GPU_CONFIGS, interp_heuristics=_FLAT_INTERP,
               key=["numel", "ACT"], signature=_activation_bwd_signature,
               constexprs=lambda dtype: {"ACT": "hardtanh"}, variants=_ACT_VARIANTS)
 @triton.jit
@@ -241,13 +246,18 @@ def activation_bwd_kernel(g_ptr, s_ptr, dx_ptr, numel, min_val, max_val, ACT: tl
 
 # channel_scale: x [N, C, H, W] times s [N, C, 1, 1] (a squeeze-excitation gate) over the [N, C, H*W]
 # view. NCHW (H*W contiguous) wants long HW tiles, channels_last (C contiguous) wide C tiles; the key
-# carries the HW stride so each layout tunes apart.
+# carries the HW stride so each layout tunes apart. The forward's 64x32 tile spills on sm_80 (half: 8 B
+# of stack); the backward keeps three [C, HW] tiles live, so its wide-C tiles get 8 warps.
 _SCALE_GPU_CONFIGS = [
     triton.Config({"BLOCK_C": 1, "BLOCK_HW": 1024}, num_warps=4),
     triton.Config({"BLOCK_C": 4, "BLOCK_HW": 256}, num_warps=4),
     triton.Config({"BLOCK_C": 16, "BLOCK_HW": 64}, num_warps=4),
-    triton.Config({"BLOCK_C": 64, "BLOCK_HW": 32}, num_warps=4),
     triton.Config({"BLOCK_C": 128, "BLOCK_HW": 16}, num_warps=4),
+]
+_SCALE_BWD_GPU_CONFIGS = [
+    *_SCALE_GPU_CONFIGS[:3],
+    triton.Config({"BLOCK_C": 64, "BLOCK_HW": 32}, num_warps=8),
+    triton.Config({"BLOCK_C": 128, "BLOCK_HW": 16}, num_warps=8),
 ]
 _SCALE_INTERP = {
     "BLOCK_C": lambda a: interp_block(a["C"], 1, 1024),
@@ -286,7 +296,7 @@ def _channel_scale_bwd_signature(dtype):
             "HW": "i32", **{k: "i32" for k in strides}, "BLOCK_C": "constexpr", "BLOCK_HW": "constexpr"}
 
 
-@tuned_kernel("channel_scale_bwd", gpu_configs=_SCALE_GPU_CONFIGS, interp_heuristics=_SCALE_INTERP,
+@tuned_kernel("channel_scale_bwd", gpu_configs=_SCALE_BWD_GPU_CONFIGS, interp_heuristics=_SCALE_INTERP,
               key=["C", "HW", "g_shw", "x_shw"], signature=_channel_scale_bwd_signature)
 @triton.jit
 def channel_scale_bwd_kernel(g_ptr, x_ptr, s_ptr, dx_ptr, ds_ptr, C, HW,
