@@ -206,7 +206,7 @@ def _backward_config_for(config, dtype, arch=None, launch=None) -> bool:
     float32 (16-72 B on sm_80 and sm_90)."""
     dx, dw = next((dx, dw) for pair, dx, dw in _PAIRS if pair is config)
     half = dtype != torch.float32
-    spills = dx is _C["128x64"] and half and arch is not None and arch < 90 or dx is _C["64x32"] and not half
+    spills = (dx is _C["128x64"] and half and arch is not None and arch < 90) or (dx is _C["64x32"] and not half)
     return (not spills and _config_for(dx, dtype, arch, {"ROW_SUM": False})
             and _config_for(dw, dtype, arch, {"ROW_SUM": True}))
 
@@ -219,6 +219,7 @@ def _dw_dims(a):
     return {"M": a["N"], "N": a["K"], "K": a["M"]}  # dW (N, K) = dy'^T (N, M) @ x (M, K)
 
 
+# The interpreter tiles each GEMM exactly as its own launch would (the same numbers, the same programs).
 BACKWARD_INTERP_HEURISTICS = {
     **{f"{side}_{k}": (lambda a, f=f, dims=dims: f(dims(a)))
        for side, dims in (("DX", _dx_dims), ("DW", _dw_dims)) for k, f in INTERP_HEURISTICS.items() if k != "GROUP_M"},
