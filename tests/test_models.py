@@ -4,7 +4,7 @@
 import pytest
 import torch
 
-from tritonkit.models import resnet18, resnet50
+from tritonkit.models import mobilenet_v2, resnet18, resnet50
 
 # from torchvision.models.resnet18() / resnet50(): (number of parameters, state_dict entries, a few keys)
 TORCHVISION = {
@@ -47,3 +47,25 @@ def test_small_resnet_runs_eagerly():
     model = resnet50(10, width=4, layers=(1, 1, 1, 1))
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
     assert model.fc.in_features == 4 * 8 * 4
+
+
+def test_mobilenet_v2_matches_torchvision():
+    """torchvision.models.mobilenet_v2(): 3,504,872 parameters, 314 state_dict entries, these keys."""
+    with torch.device("meta"):
+        model = mobilenet_v2()
+    state = model.state_dict()
+    assert sum(p.numel() for p in model.parameters()) == 3_504_872
+    assert len(state) == 314
+    keys = {"features.0.0.weight": (32, 3, 3, 3), "features.1.conv.0.0.weight": (32, 1, 3, 3),
+            "features.1.conv.1.weight": (16, 32, 1, 1), "features.2.conv.0.0.weight": (96, 16, 1, 1),
+            "features.2.conv.1.0.weight": (96, 1, 3, 3), "features.17.conv.2.weight": (320, 960, 1, 1),
+            "features.18.0.weight": (1280, 320, 1, 1), "classifier.1.weight": (1000, 1280)}
+    assert {k: tuple(state[k].shape) for k in keys} == keys
+    assert model.features[2].conv[1][0].stride == (2, 2) and model.features[2].conv[1][0].groups == 96
+    assert [m.use_res_connect for m in model.features[1:18]].count(True) == 10
+
+
+def test_small_mobilenet_v2_runs_eagerly():
+    torch.manual_seed(0)
+    model = mobilenet_v2(10, width=0.25, settings=((1, 16, 1, 1), (6, 24, 2, 2)), last_channels=32)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)

@@ -150,3 +150,76 @@ def resnet18(num_classes: int = 1000, width: int = 64, layers: tuple[int, ...] =
 def resnet50(num_classes: int = 1000, width: int = 64, layers: tuple[int, ...] = (3, 4, 6, 3)) -> ResNet:
     """torchvision's ``resnet50()`` (25,557,032 parameters at the defaults), untrained."""
     return ResNet(Bottleneck, list(layers), num_classes, width)
+
+
+def _conv_bn_relu6(cin: int, cout: int, k: int = 1, stride: int = 1, groups: int = 1) -> torch.nn.Sequential:
+    """torchvision's ``Conv2dNormActivation``: conv (no bias) + BN + ReLU6."""
+    conv = torch.nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False)
+    return torch.nn.Sequential(conv, torch.nn.BatchNorm2d(cout), torch.nn.ReLU6(inplace=True))
+
+
+class InvertedResidual(torch.nn.Module):
+    """MobileNetV2's block: 1x1 expand to ``cin * expand`` + BN + ReLU6 (absent when ``expand`` is 1),
+    3x3 depthwise (the stride) + BN + ReLU6, 1x1 project + BN, + the input when the shape allows."""
+
+    def __init__(self, cin: int, cout: int, stride: int, expand: int):
+        super().__init__()
+        hidden = cin * expand
+        layers = [_conv_bn_relu6(cin, hidden)] if expand != 1 else []
+        layers += [_conv_bn_relu6(hidden, hidden, 3, stride, groups=hidden),
+                   torch.nn.Conv2d(hidden, cout, 1, bias=False), torch.nn.BatchNorm2d(cout)]
+        self.conv = torch.nn.Sequential(*layers)
+        self.use_res_connect = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv(x) if self.use_res_connect else self.conv(x)
+
+
+# torchvision's MobileNetV2 stages: (expansion t, output channels c, blocks n, first stride s)
+MOBILENET_V2_SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
+                         (6, 160, 3, 2), (6, 320, 1, 1))
+
+
+class MobileNetV2(torch.nn.Module):
+    """torchvision's MobileNetV2 in plain torch.nn, with its module names (``features.0.0.weight``,
+    ``features.1.conv.0.0.weight``, ``classifier.1.weight``...) and initialization; ``width`` scales
+    every stage's channels (torchvision's ``width_mult``, channels rounded to multiples of 8),
+    ``settings`` replaces the stage table (tests and interpreter runs shrink the net with both)."""
+
+    def __init__(self, num_classes: int = 1000, width: float = 1.0, settings=MOBILENET_V2_SETTINGS,
+                 last_channels: int = 1280, dropout: float = 0.2):
+        super().__init__()
+
+        def channels(c):  # torchvision's _make_divisible(c * width, 8)
+            rounded = max(8, int(c * width + 4) // 8 * 8)
+            return rounded + 8 if rounded < 0.9 * c * width else rounded
+
+        cin, last = channels(32), channels(last_channels) if width > 1.0 else last_channels
+        features = [_conv_bn_relu6(3, cin, 3, 2)]
+        for t, c, n, s in settings:
+            cout = channels(c)
+            for i in range(n):
+                features.append(InvertedResidual(cin, cout, s if i == 0 else 1, t))
+                cin = cout
+        features.append(_conv_bn_relu6(cin, last))
+        self.features = torch.nn.Sequential(*features)
+        self.classifier = torch.nn.Sequential(torch.nn.Dropout(dropout), torch.nn.Linear(last, num_classes))
+        for m in self.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                torch.nn.init.kaiming_normal_(m.weight, mode="fan_out")
+            elif isinstance(m, torch.nn.BatchNorm2d):
+                torch.nn.init.ones_(m.weight)
+                torch.nn.init.zeros_(m.bias)
+            elif isinstance(m, torch.nn.Linear):
+                torch.nn.init.normal_(m.weight, 0, 0.01)
+                torch.nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.adaptive_avg_pool2d(self.features(x), 1)
+        return self.classifier(torch.flatten(x, 1))
+
+
+def mobilenet_v2(num_classes: int = 1000, width: float = 1.0, settings=MOBILENET_V2_SETTINGS,
+                 last_channels: int = 1280, dropout: float = 0.2) -> MobileNetV2:
+    """torchvision's ``mobilenet_v2()`` (3,504,872 parameters at the defaults), untrained."""
+    return MobileNetV2(num_classes, width, settings, last_channels, dropout)

@@ -7,18 +7,27 @@ place by a manual FX pass and run as plain Python (``make_boxed_func``). Rewrite
 ==========================================================  =============================================
 ATen                                                        tritonkit
 ==========================================================  =============================================
-``convolution`` (2-D, not transposed) [+ ``relu``]          ``conv2d(..., relu=True)`` (bias fused)
-``max_pool2d_with_indices``                                 ``max_pool2d``
-``max_pool2d_with_indices_backward``                        ``max_pool2d_backward``
+``convolution`` (2-D, not transposed) [+ ``relu``]          ``conv2d(..., relu=True)`` (bias fused); with a
+                                                            BatchNorm after it see ``conv``'s table
+``convolution`` depthwise (groups == input channels)        ``depthwise_conv2d*`` (``depthwise``'s table)
+``max_pool2d_with_indices`` / ``_backward``                 ``max_pool2d`` / ``max_pool2d_backward``
+``avg_pool2d`` / ``_adaptive_avg_pool2d`` (+ backward)      ``avg_pool2d`` / ``adaptive_avg_pool2d`` (...)
+``mean`` over H, W and its backward                         ``global_avg_pool2d`` (``_backward``)
 ``addmm(b, x, t(W))`` / ``mm(x, t(W))`` [+ views + ``relu``]  ``linear(x, W, b, relu)``
 ``mm(a, b)`` (other operands)                               ``linear(a, t(b))``
-``mm(t(g), x)``                                             ``linear_weight_grad(g, x)``
+``mm(g, W)`` + ``mm(t(g), x)`` [+ ``sum(g, 0)``]            ``linear_backward`` (one launch)
+``mm(t(g), x)`` [+ ``sum(g, 0)``]                           ``linear_weight_grad`` / ``linear_weight_bias_grad``
 ``sum(g, all dims but d)``                                  ``bias_grad(g, None, d)``
-``convolution_backward``                                    ``conv2d_input_grad`` / ``conv2d_weight_grad``
-                                                            / ``bias_grad`` (only the outputs asked for)
+``convolution_backward``                                    ``conv2d_backward`` (input, weight, bias: one
+                                                            launch) / ``conv2d_weight_grad`` / ``bias_grad``
+BatchNorm (training, eval) and its backward                 ``batch_norm_*`` (``norm``'s table)
 ``threshold_backward(g, y, 0)`` feeding only the above       folded: ``relu_output=y`` of each consumer
 ``threshold_backward(g, y, 0)`` otherwise                   ``relu_backward(g, y)``
-``relu``                                                    ``relu``
+``relu``; ``relu(a + b)``                                   ``relu``; ``add_relu``
+``hardtanh``, ``hardswish``, ``hardsigmoid``, ``silu``,     ``activation`` / ``activation_backward``
+``sigmoid``, ``gelu`` and their ``*_backward``
+``mul(x, s)``, s [N, C, 1, 1] (squeeze-excitation)          ``channel_scale`` (+ backward)
+``_log_softmax`` + ``nll_loss_forward`` (+ backward)        ``cross_entropy`` (``_backward``)
 ==========================================================  =============================================
 
 A conv (or GEMM) is fused with the ReLU after it only when the ReLU is its only user, so whatever the
@@ -43,7 +52,7 @@ Options, ``torch.compile(model, backend="tritonkit", options={...})``:
 ``tritonkit.lowering`` logger. :func:`explain` runs a model once and returns the reports.
 
 The package: ``rules`` (the registry, and how a rule is written), one module of rules per op family
-(``conv``, ``linear``, ``pool``, ``elementwise``), ``graph`` (reading nodes; ``Spec``/``Rewrite``, what a
+(``conv`` with ``depthwise``, ``linear``, ``pool``, ``norm``, ``elementwise``, ``loss``), ``graph`` (reading nodes; ``Spec``/``Rewrite``, what a
 rule returns), ``checks`` (the fake-tensor check of every rewrite), ``lower`` (the pass over a graph and
 the graph edits), ``report`` (options and reports), and here the backend itself.
 """
