@@ -28,9 +28,25 @@ and ``capturable`` are accepted; like torch they only decide where ``step`` live
 device for ``fused``/``capturable``, on the CPU otherwise). ``differentiable=True`` is refused:
 autograd cannot see through the kernel. Sparse gradients and complex parameters are refused with a
 RuntimeError.
+
+DTensor parameters (``torch.distributed.fsdp.fully_shard``, tensor parallelism, ``distribute_tensor``;
+sharded or replicated placements) are stepped on their local shards: each parameter, gradient and
+state DTensor is replaced by ``to_local()``, a view aliasing its storage, so the in-place update lands
+in the DTensor, and the locals join the same single launch per (device, dtype) group as plain tensors
+(parameters on several device meshes, or DTensors and plain tensors, may share a group and a launch:
+the update is elementwise, so each rank updating its own elements is the whole step). State is kept
+as torch.optim keeps it: buffers are DTensors with the parameter's mesh and placements (created by
+``zeros_like`` on the DTensor), ``step`` a plain tensor, so ``torch.distributed.checkpoint``'s
+``get_optimizer_state_dict`` / ``set_optimizer_state_dict`` save and load between ``torch.optim.X``
+and ``tritonkit.optim.X`` both ways. A gradient or loaded state buffer with other placements on the
+parameter's mesh is redistributed to the parameter's placements first (as DTensor's own ops would);
+one on another mesh, a plain gradient or state for a DTensor parameter (or the reverse), and
+parameters with a ``Partial`` placement are refused with a RuntimeError before any launch.
 """
 
 from __future__ import annotations
+
+import sys
 
 import torch
 from torch import Tensor
@@ -45,6 +61,24 @@ from tritonkit.runtime import default_device
 __all__ = ["SGD", "Adagrad", "Adam", "AdamW", "RMSprop", "bytes_per_step"]
 
 _KERNEL_DEVICE = default_device().type
+
+
+def _dtensor(t) -> bool:
+    """True for a DTensor. None exists until ``torch.distributed.tensor`` is imported, so it is looked up
+    only then (importing it costs about a second)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
+
+
+def _local(t: Tensor) -> Tensor:
+    """A DTensor's local shard or replica (a view of its storage, so in-place updates land); others as is."""
+    return t.to_local() if _dtensor(t) else t
+
+
+def _describe(t: Tensor) -> str:
+    if _dtensor(t):
+        return f"a DTensor with placements {tuple(t.placements)} on {t.device_mesh}"
+    return f"a {type(t).__name__} (not a DTensor)"
 
 
 def _scalar_dtype(is_fused=None) -> torch.dtype:
@@ -93,10 +127,13 @@ class _FusedOptimizer(Optimizer):
 
     def _check_param(self, p: Tensor) -> None:
         """Refuse, before any state changes, what the fused kernels cannot update."""
-        if (p.grad.layout == torch.strided and p.dtype in FLOAT_DTYPES and p.device.type == _KERNEL_DEVICE
-                and (p.is_contiguous() or is_dense(p.shape, p.stride()))):
-            return
         name = f"tritonkit.optim.{type(self).__name__}"
+        if _dtensor(p) or _dtensor(p.grad):
+            self._check_distributed(name, p, p.grad, "its grad")
+        local = _local(p)
+        if (p.grad.layout == torch.strided and p.dtype in FLOAT_DTYPES and p.device.type == _KERNEL_DEVICE
+                and (local.is_contiguous() or is_dense(local.shape, local.stride()))):
+            return
         if p.grad.layout != torch.strided:
             raise RuntimeError(f"{name} does not support sparse gradients (got a {p.grad.layout} gradient)")
         if torch.is_complex(p):
@@ -106,14 +143,36 @@ class _FusedOptimizer(Optimizer):
         if p.device.type != _KERNEL_DEVICE:
             raise RuntimeError(f"{name}: parameter is on {p.device}, but tritonkit's kernels run on "
                                f"{_KERNEL_DEVICE} tensors")
-        raise RuntimeError(f"{name}: parameter of shape {list(p.shape)} with strides {list(p.stride())} is "
-                           "not dense; the fused update needs each parameter in one gap-free block of memory")
+        raise RuntimeError(f"{name}: parameter of shape {list(local.shape)} with strides {list(local.stride())} "
+                           "is not dense; the fused update needs each parameter in one gap-free block of memory")
 
     @staticmethod
-    def _state(state: dict, key: str, p: Tensor) -> Tensor:
-        """``state[key]``, moved once to ``p``'s memory layout if it has another one (e.g. loaded)."""
+    def _check_distributed(name: str, p: Tensor, t: Tensor, what: str) -> None:
+        """``t`` (a grad or state buffer) must be a DTensor on ``p``'s mesh exactly when ``p`` is one."""
+        if not (_dtensor(p) and _dtensor(t) and t.device_mesh == p.device_mesh):
+            raise RuntimeError(f"{name}: the parameter is {_describe(p)} but {what} is {_describe(t)}; "
+                               "a DTensor parameter's grad and state must be DTensors on its device mesh")
+        if any(placement.is_partial() for placement in p.placements):
+            raise RuntimeError(f"{name}: the parameter is {_describe(p)}; a Partial placement holds "
+                               "summands, not values, and cannot be updated shard by shard")
+
+    @staticmethod
+    def _grad(p: Tensor) -> Tensor:
+        """``p.grad``, redistributed to ``p``'s placements if it is a DTensor with others (e.g. Partial)."""
+        g = p.grad
+        if _dtensor(g) and g.placements != p.placements:
+            g = g.redistribute(p.device_mesh, p.placements)
+        return g
+
+    def _state(self, state: dict, key: str, p: Tensor) -> Tensor:
+        """``state[key]``, moved once to ``p``'s placements and memory layout if it has others (e.g. loaded)."""
         t = state[key]
-        if t.stride() != p.stride() and not same_layout(t, p):
+        if _dtensor(p) or _dtensor(t):
+            self._check_distributed(f"tritonkit.optim.{type(self).__name__}", p, t, f"its state {key!r}")
+            if t.placements != p.placements:
+                t = state[key] = t.redistribute(p.device_mesh, p.placements)
+        local, p_local = _local(t), _local(p)
+        if local.stride() != p_local.stride() and not same_layout(local, p_local):
             t = state[key] = torch.empty_like(p).copy_(t)
         return t
 
@@ -122,8 +181,11 @@ class _FusedOptimizer(Optimizer):
         """Add params (with grads, state lists in stream order, coefficient columns) to their launches.
 
         ``columns``: name -> Python number, 0-d tensor or one value per param; combined in float64 on
-        ``device`` (where the step counts live) and rounded once to the float32 table.
+        ``device`` (where the step counts live) and rounded once to the float32 table. DTensors are
+        replaced by their local tensors here: the launch sees plain tensors only.
         """
+        params, grads = [_local(p) for p in params], [_local(g) for g in grads]
+        states = [[_local(t) for t in s] for s in states]
         base = torch.zeros(len(params), dtype=torch.float64, device=device)
         table = torch.stack([base + (c.to(device=device, dtype=torch.float64) if isinstance(c, Tensor) else c)
                              for c in (columns[name] for name in cls._coef_names)], dim=1).to(torch.float32)
@@ -267,7 +329,7 @@ class SGD(_FusedOptimizer):
             if p.grad is not None:
                 self._check_param(p)
                 params.append(p)
-                grads.append(p.grad)
+                grads.append(self._grad(p))
                 if group["momentum"] != 0:
                     state = self.state[p]
                     has_buffer = state.get("momentum_buffer") is not None
@@ -391,7 +453,7 @@ class Adam(_FusedOptimizer):
                 continue
             self._check_param(p)
             params.append(p)
-            grads.append(p.grad)
+            grads.append(self._grad(p))
             state = self.state[p]
             if len(state) == 0:  # lazy initialization, as torch
                 state["step"] = _new_step(p, group["capturable"] or group["fused"], group["fused"])
@@ -533,7 +595,7 @@ class RMSprop(_FusedOptimizer):
                 continue
             self._check_param(p)
             params.append(p)
-            grads.append(p.grad)
+            grads.append(self._grad(p))
             state = self.state[p]
             if len(state) == 0:
                 state["step"] = _new_step(p, group["capturable"])
@@ -650,7 +712,7 @@ class Adagrad(_FusedOptimizer):
                 continue
             self._check_param(p)
             params.append(p)
-            grads.append(p.grad)
+            grads.append(self._grad(p))
             state = self.state[p]
             if len(state) == 0:  # parameters added by add_param_group after construction
                 self._init_state(state, p, group)
@@ -691,7 +753,8 @@ def bytes_per_step(optimizer: Optimizer) -> int:
     once: ``numel * itemsize * (3 + 2 * state buffers)`` summed over all parameters, as if each has a
     gradient (SGD: 0 or 1 buffer; Adam/AdamW: 2, 3 with AMSGrad; RMSprop: 1 + momentum + centered;
     Adagrad: 1). The per-tensor tables and coefficients (tens of bytes per tensor) are not counted.
-    Takes a ``tritonkit.optim`` optimizer or its ``torch.optim`` counterpart (same floor).
+    Takes a ``tritonkit.optim`` optimizer or its ``torch.optim`` counterpart (same floor). A DTensor
+    parameter counts its local shard: the traffic of this process's step.
     """
     if isinstance(optimizer, _FusedOptimizer):
         buffers = optimizer._n_state_buffers
@@ -700,5 +763,5 @@ def bytes_per_step(optimizer: Optimizer) -> int:
         if kind is None:
             raise TypeError(f"bytes_per_step: no traffic model for {type(optimizer).__name__}")
         buffers = _TORCH_STATE_BUFFERS[kind]
-    return sum(p.numel() * p.element_size() * (3 + 2 * buffers(group))
+    return sum(_local(p).numel() * p.element_size() * (3 + 2 * buffers(group))
                for group in optimizer.param_groups for p in group["params"])
