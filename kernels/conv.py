@@ -970,12 +970,17 @@ def conv2d_weight_grad_kernel(
 # --------------------------------------------------------------- input and weight gradient in one launch
 # (input-gradient tile, weight-gradient tile) pairs of one warp count, compiled at the fewer of their
 # stages: a launch may take a pair when the input gradient's lists allow its first tile (dtype,
-# CHANNEL_INNER) and the weight gradient's its second (dtype, HAS_BIAS_GRAD: wgrad_config_for).
-_BACKWARD_PAIRS = [(_C[dx], _W[dw]) for dx, dw in (
+# CHANNEL_INNER) and the weight gradient's its second (dtype, HAS_BIAS_GRAD: wgrad_config_for), less the
+# pairs that spill in the combined kernel although either tile alone fits (AOT gate, Triton 3.9): beside
+# the flattened input-gradient reduction (CHANNEL_INNER clear) all but the smallest pair (112-224 B on
+# sm_80 and sm_90, half precision; float32, whose flattened tile is 64x64, has no pair and runs the two
+# launches), and 128x16 + 16x128 in float32 without TF32 (72-128 B on sm_80).
+_BACKWARD_PAIRS = (
     ("128x128w8", "128x128w8"), ("128x64w8", "64x128w8"), ("128x64w8", "128x64w8"), ("64x64w4", "64x64"),
-    ("64x64w4s3", "32x64"), ("64x32w4", "32x64"), ("128x16w4", "16x128"), ("128x16w4", "16x64k64"),
-    ("32x32w4", "32x64"), ("64x64w4s1", "64x64"), ("64x64w4s1", "32x64"),
-)]
+    ("64x64w4s3", "32x64"), ("64x32w4", "32x64"), ("128x16w4", "16x128"), ("32x32w4", "32x64"),
+)
+_BACKWARD_FLATTENED = ("64x32w4", "32x64")
+_BACKWARD_FP32_SPILLS = (("128x16w4", "16x128"),)
 
 
 def _backward_config(dx, dw):
@@ -984,14 +989,20 @@ def _backward_config(dx, dw):
     return triton.Config(blocks, num_warps=dx.num_warps, num_stages=min(dx.num_stages, dw.num_stages))
 
 
-BACKWARD_GPU_CONFIGS = [_backward_config(*pair) for pair in _BACKWARD_PAIRS]
+BACKWARD_GPU_CONFIGS = [_backward_config(_C[dx], _W[dw]) for dx, dw in _BACKWARD_PAIRS]
 
 
 def backward_config_for(config, dtype, arch=None, launch=None) -> bool:
-    """Whether both tiles of the pair ``config`` stands for are allowed: DGRAD_CONFIG_FOR_DTYPE and
-    wgrad_config_for."""
-    dx, dw = next(pair for c, pair in zip(BACKWARD_GPU_CONFIGS, _BACKWARD_PAIRS) if c is config)
-    return DGRAD_CONFIG_FOR_DTYPE(dx, dtype, arch, launch) and wgrad_config_for(dw, dtype, arch, launch)
+    """Whether a launch may take the pair ``config`` stands for: both tiles allowed
+    (DGRAD_CONFIG_FOR_DTYPE, wgrad_config_for) and the pair not one that spills."""
+    launch = launch or {}
+    pair = next(p for c, p in zip(BACKWARD_GPU_CONFIGS, _BACKWARD_PAIRS) if c is config)
+    if not launch.get("CHANNEL_INNER", True) and pair != _BACKWARD_FLATTENED:
+        return False
+    if dtype == torch.float32 and launch.get("PRECISION") != "tf32" and pair in _BACKWARD_FP32_SPILLS:
+        return False
+    return (DGRAD_CONFIG_FOR_DTYPE(_C[pair[0]], dtype, arch, launch)
+            and wgrad_config_for(_W[pair[1]], dtype, arch, launch))
 
 
 # the interpreter tiles of either launch: BLOCK_* for the input gradient, DW_BLOCK_* for the weight's
@@ -1004,12 +1015,12 @@ def _backward_typical(strided=False, **flags):
     """ResNet-18's layer-3 conv (256 -> 256 3x3 at 14x14, channels_last; strided: its first conv, 128 ->
     256 at 28x28 stride 2), one split, no bias: the small late layers the combined launch is for."""
     layouts = dict(g="nhwc", r="nhwc", w="nhwc", x="nhwc", dx="nhwc", res="nhwc", rmask="nhwc", dw="nhwc")
-    values = {**_DGRAD_PLAIN, "HAS_MASK": False, "SPLIT_K": 1, "PADDED": True, "HAS_BIAS_GRAD": False}
+    values = {**_DGRAD_PLAIN, "HAS_MASK": False, "SPLIT_K": 1, "PADDED": True, "HAS_BIAS_GRAD": False, "groups": 1}
     if strided:
         values.update(_typical(n=32, c=128, hw=28, oc=256, **layouts), stride_h=2, stride_w=2, tap_h=2, tap_w=2,
-                      OH=14, OW=14)
+                      OH=14, OW=14, rows=32 * 14 * 14)
     else:
-        values.update(_typical(n=32, c=256, hw=14, oc=256, **layouts))
+        values.update(_typical(n=32, c=256, hw=14, oc=256, **layouts), rows=32 * 14 * 14)
     return {**values, **flags}
 
 
@@ -1022,7 +1033,7 @@ def _backward_typical(strided=False, **flags):
          "HAS_BIAS_GRAD"],
     signature=_signature(("g_ptr", "r_ptr", "w_ptr", "x_ptr", "dx_ptr", "res_ptr", "rmask_ptr", "dw_ptr", "db_ptr",
                           "partial_ptr"), _strides("g", "r", "w", "x", "dx", "res", "rmask", "dw"), _BACKWARD_FLAGS,
-                         ("tap_h", "tap_w")),
+                         ("tap_h", "tap_w", "groups", "rows")),
     constexprs=lambda dtype: _backward_typical(),
     variants={
         "strided": lambda dtype: _backward_typical(strided=True),
@@ -1030,12 +1041,12 @@ def _backward_typical(strided=False, **flags):
         # branch's gradient through the block input's ReLU
         "residual": lambda dtype: {**_backward_typical(HAS_RESIDUAL=True, HAS_RESIDUAL_MASK=True, SPLIT_K=4),
                                    **_typical(g="nhwc", r="nhwc", w="nhwc", x="nhwc", dx="nhwc", res="nhwc",
-                                              rmask="nhwc", dw="nhwc")},
+                                              rmask="nhwc", dw="nhwc"), "rows": 32 * 56 * 56},
         # the seed's LeNet conv2 (6 -> 16, 5x5 at 14x14, NCHW) with its ReLU mask and bias gradient
         "few_channels_bias": lambda dtype: {
             **_backward_typical(HAS_MASK=True, CHANNEL_INNER=False, PADDED=False, HAS_BIAS_GRAD=True),
             **_typical(n=16, c=6, hw=14, oc=16, k=5, pad=0, g="nchw", r="nchw", w="nchw", x="nchw", dx="nchw",
-                       res="nchw", rmask="nchw", dw="nchw")},
+                       res="nchw", rmask="nchw", dw="nchw"), "rows": 16 * 14 * 14},
     },
     tensor_core=True,
     tf32=True,
@@ -1045,7 +1056,7 @@ def conv2d_backward_kernel(
     g_ptr, r_ptr, w_ptr, x_ptr, dx_ptr, res_ptr, rmask_ptr, dw_ptr, db_ptr, partial_ptr,
     N, C, H, W, OC, OH, OW, KH, KW, Cg, OCg,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    tap_h, tap_w,
+    tap_h, tap_w, groups, rows,
     sgn, sgc, sgh, sgw, srn, src, srh, srw, swn, swc, swh, sww, sxn, sxc, sxh, sxw, sdxn, sdxc, sdxh, sdxw,
     sresn, sresc, sresh, sresw, srmaskn, srmaskc, srmaskh, srmaskw, sdwn, sdwc, sdwh, sdww,
     HAS_MASK: tl.constexpr, CHANNEL_INNER: tl.constexpr, PRECISION: tl.constexpr,
@@ -1053,14 +1064,16 @@ def conv2d_backward_kernel(
     HAS_BIAS_GRAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DW_BLOCK_M: tl.constexpr, DW_BLOCK_N: tl.constexpr, DW_BLOCK_K: tl.constexpr,
 ):
-    """conv2d_input_grad_kernel's and conv2d_weight_grad_kernel's programs in one 1-D grid, so the two
+    """The input gradient dx (+ residual) and the weight gradient dw (+ db) of one conv (module doc),
+    conv2d_input_grad_kernel's and conv2d_weight_grad_kernel's programs in one 1-D grid, so the two
     GEMMs of a small layer run side by side: programs [0, DX) are the input gradient's tiles (BLOCK_*;
     row tiles fastest, then channel tiles, then group * phases + phase), the rest the weight gradient's
-    (DW_BLOCK_*; tiles, then groups, then splits)."""
+    (DW_BLOCK_*; tiles, then groups, then splits). ``rows``: the input gradient's rows per phase,
+    N * ceil(H / stride_h) * ceil(W / stride_w). Few operations before the branch, ceiling divisions
+    spelled out: the interpreter runs them in every program (and each tl.cdiv as a nested call)."""
     pid = tl.program_id(0)
-    groups = C // Cg
-    dx_rows = tl.cdiv(N * tl.cdiv(H, stride_h) * tl.cdiv(W, stride_w), BLOCK_M)
-    dx_cols = tl.cdiv(Cg, BLOCK_N)
+    dx_rows = (rows + BLOCK_M - 1) // BLOCK_M
+    dx_cols = (Cg + BLOCK_N - 1) // BLOCK_N
     dx_programs = dx_rows * dx_cols * groups * stride_h * stride_w
     if pid < dx_programs:
         _dgrad_tile(pid % dx_rows, (pid // dx_rows) % dx_cols, pid // (dx_rows * dx_cols),
@@ -1071,7 +1084,7 @@ def conv2d_backward_kernel(
                     HAS_MASK, CHANNEL_INNER, PRECISION, HAS_RESIDUAL, HAS_RESIDUAL_MASK, BLOCK_M, BLOCK_N, BLOCK_K)
     else:
         q = pid - dx_programs
-        dw_tiles = tl.cdiv(OCg, DW_BLOCK_M) * tl.cdiv(KH * KW * Cg, DW_BLOCK_N)
+        dw_tiles = ((OCg + DW_BLOCK_M - 1) // DW_BLOCK_M) * ((KH * KW * Cg + DW_BLOCK_N - 1) // DW_BLOCK_N)
         _wgrad_tile(q % dw_tiles, (q // dw_tiles) % groups, q // (dw_tiles * groups),
                     g_ptr, r_ptr, x_ptr, dw_ptr, db_ptr, partial_ptr,
                     N, H, W, OC, OH, OW, KH, KW, Cg, OCg, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
@@ -1310,11 +1323,15 @@ def conv2d_backward(grad_out, x, w, relu_output, stride, padding, dilation, grou
                     residual=None, residual_mask=None, bias_grad=False):
     """``(dx, dw, db)`` in one launch (conv2d_backward_kernel): ``conv2d_input_grad`` (with its residual
     epilogue) and ``conv2d_weight_grad`` (db None without ``bias_grad``), outputs laid out as they lay
-    them out. A problem with nothing to compute on either side (an empty dx, dw or output) runs
-    those two launchers instead."""
+    them out. Two launches instead (those launchers) for a problem with nothing to compute on either
+    side (an empty dx, dw or output) and on a GPU where no config pair fits (float32 with fewer than
+    32 output channels per group: see ``backward_config_for``)."""
     shape, conv = _geometry(x.shape, w.shape, stride, padding, dilation, groups)
     N, C, H, W, OC, OH, OW, KH, KW, Cg, OCg = shape
-    if x.numel() == 0 or w.numel() == 0 or N * OH * OW == 0:
+    flags = {"CHANNEL_INNER": channel_inner(OCg), "PRECISION": dot_precision(grad_out.dtype, allow_tf32),
+             "HAS_BIAS_GRAD": bool(bias_grad)}
+    fits = INTERPRET or any(backward_config_for(c, grad_out.dtype, None, flags) for c in BACKWARD_GPU_CONFIGS)
+    if not fits or x.numel() == 0 or w.numel() == 0 or N * OH * OW == 0:
         dx = conv2d_input_grad(grad_out, w, relu_output, x.shape, stride, padding, dilation, groups,
                                allow_tf32=allow_tf32, residual=residual, residual_mask=residual_mask)
         dw = conv2d_weight_grad(grad_out, x, relu_output, w.shape, stride, padding, dilation, groups,
@@ -1337,13 +1354,11 @@ def conv2d_backward(grad_out, x, w, relu_output, stride, padding, dilation, grou
 
     conv2d_backward_kernel[grid](
         grad_out, r, w, x, dx, res, res_mask, dw, db if bias_grad else dw, partial if partial is not None else dw,
-        *shape, *conv, *_tap_steps(stride, dilation),
+        *shape, *conv, *_tap_steps(stride, dilation), groups, rows,
         *grad_out.stride(), *r.stride(), *w.stride(), *x.stride(), *dx.stride(), *res.stride(), *res_mask.stride(),
         *dw.stride(),
-        HAS_MASK=relu_output is not None, CHANNEL_INNER=channel_inner(OCg),
-        PRECISION=dot_precision(grad_out.dtype, allow_tf32), HAS_RESIDUAL=residual is not None,
-        HAS_RESIDUAL_MASK=residual_mask is not None, SPLIT_K=split, PADDED=any(padding),
-        HAS_BIAS_GRAD=bool(bias_grad),
+        HAS_MASK=relu_output is not None, HAS_RESIDUAL=residual is not None,
+        HAS_RESIDUAL_MASK=residual_mask is not None, SPLIT_K=split, PADDED=any(padding), **flags,
     )
     _reduce_splits(dw, db, partial)
     return dx, dw, db

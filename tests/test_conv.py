@@ -916,3 +916,18 @@ def test_backward_bad_arguments_raise(needle, bad):
     args.update({k: bad.pop(k) for k in ("g", "x", "y") if k in bad})
     with pytest.raises(RuntimeError, match=needle):
         ops.conv2d_backward(args["g"], args["x"], torch.randn(6, 3, 3, 3), args["y"], [1, 1], [0, 0], [1, 1], 1, **bad)
+
+
+def test_backward_without_a_fitting_pair_runs_two_launches(monkeypatch):
+    """On a GPU no config pair fits beside float32's flattened input-gradient tile (few output channels
+    per group): the launcher runs the two gradient launches instead."""
+    def pairs(dtype, **launch):
+        return [c for c in conv_kernels.BACKWARD_GPU_CONFIGS if conv_kernels.backward_config_for(c, dtype, 80, launch)]
+
+    assert not pairs(torch.float32, CHANNEL_INNER=False) and not pairs(torch.float32, CHANNEL_INNER=False,
+                                                                       PRECISION="tf32")
+    assert pairs(torch.float16, CHANNEL_INNER=False, HAS_BIAS_GRAD=True) and pairs(torch.float32, CHANNEL_INNER=True)
+    monkeypatch.setattr(conv_kernels, "INTERPRET", False)
+    monkeypatch.setattr(conv_kernels, "conv2d_backward_kernel", None)  # launching it would fail
+    with conv_kernels.weight_grad_split(1):
+        _check_backward(SWEEP[1])
