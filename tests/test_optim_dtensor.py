@@ -5,7 +5,9 @@ launch per step on plain local tensors aliasing the shards, state kept as torch 
 checkpoints moving both ways; replicated, sharded, two-mesh and plain parameters in one group (a
 Partial gradient redistributed); mismatched grads and state refused before any launch.
 
-One spawn for the module (``results``); each test checks a part of what both ranks recorded.
+One spawn for the module (``results``); each test checks a part of what both ranks recorded. The ranks
+run on the CPU with gloo and the kernels in Triton's interpreter, on a GPU machine too: what is tested
+is the DTensor handling, not the kernels (tests/test_optim.py runs those wherever they compile).
 """
 
 import os
@@ -19,6 +21,7 @@ from tritonkit.testing import HANG_TIMEOUT_S, OPTIM_TOLERANCES
 
 WORLD = 2
 STEPS = 2  # before the checkpoint, and again after it
+BUFFERS = {"SGD": 1, "AdamW": 2, "RMSprop": 3, "Adagrad": 1}  # param-sized state buffers with OPTIMIZERS' flags
 OPTIMIZERS = {"SGD": {"lr": 0.05, "momentum": 0.9}, "AdamW": {"lr": 0.01},
               "RMSprop": {"lr": 0.005, "momentum": 0.5, "centered": True}, "Adagrad": {"lr": 0.05}}
 
@@ -106,7 +109,9 @@ def _fsdp(rank, out_dir, launches):
         _train([(ref, ref_opt), (mine, mine_opt)], data, STEPS)
         shards = [p.to_local() for p in mine.parameters()]
         aliased = all(any(t.data_ptr() == s.data_ptr() for t in launches[0]) for s in shards)
+        local_bytes = sum(s.numel() * s.element_size() * (3 + 2 * BUFFERS[name]) for s in shards)
         result = {"trained": (_locals(mine), _locals(ref)), "launches": [len(launches), aliased],
+                  "bytes": (tko.bytes_per_step(mine_opt), tko.bytes_per_step(ref_opt), local_bytes),
                   "state": (_layout(get_optimizer_state_dict(mine, mine_opt)["state"]),
                             _layout(get_optimizer_state_dict(ref, ref_opt)["state"]))}
         directories = {}
@@ -230,7 +235,9 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("optim_dtensor")
-    context = mp.spawn(_worker, args=(str(out / "init"), str(out)), nprocs=WORLD, join=False)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("TRITONKIT_INTERPRET", "1")  # read by each rank's tritonkit import: CPU tensors, gloo
+        context = mp.spawn(_worker, args=(str(out / "init"), str(out)), nprocs=WORLD, join=False)
     deadline = time.monotonic() + HANG_TIMEOUT_S
     while not context.join(timeout=10):
         if time.monotonic() > deadline:
@@ -252,6 +259,8 @@ def test_fully_shard_lenet_matches_torch_in_one_launch_per_step(results, name):
         got = r["fsdp"][name]
         _assert_all_close(*got["trained"], f"rank {rank} {name} after {STEPS} steps")
         assert got["launches"] == [STEPS, True], "one launch per step, on the shards' own storage"
+        ours, torchs, local_bytes = got["bytes"]
+        assert ours == torchs == local_bytes, "bytes_per_step counts this rank's shards"
         mine, ref = got["state"]
         assert mine == ref, "optimizer state must be kept as torch.optim keeps it (DTensors, placements)"
         assert any("DTensor" in str(entries) for entries in ref.values())
