@@ -165,7 +165,30 @@ def _mixed(rank, launches):
                      "launches": len(launches),
                      "state": ([_layout({0: mine_opt.state[p]}) for p in mine],
                                [_layout({0: ref_opt.state[p]}) for p in ref])}
+    out["loaded state"] = _loaded_state(mesh, full[1])
     return out
+
+
+def _loaded_state(mesh, full):
+    """Adam state loaded with other placements than its Shard(0) parameter's (exp_avg replicated) steps as
+    torch steps it, and is kept with the parameter's placements from then on."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    import tritonkit.optim as tko
+
+    exp_avg, exp_avg_sq, grad = torch.randn(5, 2), torch.rand(5, 2), torch.randn(5, 2)
+    got = []
+    for cls in (tko.Adam, torch.optim.Adam):
+        p = torch.nn.Parameter(distribute_tensor(full, mesh, [Shard(0)]))
+        p.grad = distribute_tensor(grad, mesh, [Shard(0)])
+        opt = cls([p], lr=0.01)
+        opt.state[p].update(step=torch.tensor(3.0), exp_avg=distribute_tensor(exp_avg, mesh, [Replicate()]),
+                            exp_avg_sq=distribute_tensor(exp_avg_sq, mesh, [Shard(0)]))
+        opt.step()
+        state = opt.state[p]
+        got.append(([_local_of(p), state["exp_avg"].full_tensor(), _local_of(state["exp_avg_sq"])],
+                    str(state["exp_avg"].placements)))
+    return got
 
 
 def _local_of(t):
@@ -285,6 +308,13 @@ def test_replicated_sharded_two_meshes_and_plain_in_one_group(results, name):
         assert mine == ref
     replicas = [r["mixed"][name]["params"][0][0] for r in results]
     assert torch.equal(*replicas), "a replicated parameter stays identical on every rank"
+
+
+def test_state_with_other_placements_is_redistributed(results):
+    for r in results:
+        (mine, placements), (ref, _) = r["mixed"]["loaded state"]
+        _assert_all_close(mine, ref, "Adam from a replicated exp_avg")
+        assert placements == "(Shard(dim=0),)"
 
 
 def test_mismatched_grads_and_state_refused_before_any_launch(results):
