@@ -95,6 +95,34 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+# --- tritonkit autotune ----------------------------------------------------------------------------------
+def _age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{max(seconds, 0):.0f}s"
+
+
+def cmd_autotune(args) -> int:
+    """Show or clear the persistent autotuning cache (``kernels/common.py``)."""
+    import time
+
+    from tritonkit.kernels.common import autotune_cache_dir, autotune_cache_entries, clear_autotune_cache
+
+    root = autotune_cache_dir()
+    if args.clear:
+        print(f"removed {clear_autotune_cache()} autotune cache entries from {root}")
+        return 0
+    entries = autotune_cache_entries()
+    print(f"{len(entries)} autotune cache entries in {root}")
+    now = time.time()
+    for e in entries:
+        key = ", ".join(map(str, e.get("key", [])))
+        print(f"{e.get('kernel')}  key=({key})  config=[{e.get('config')}]  gpu={e.get('gpu')}  "
+              f"triton={e.get('triton')}  age={_age(now - e.get('created', now))}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from tritonkit import aot
 
@@ -125,6 +153,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="also import this module or file (kernels it registers with tuned_kernel)",
     )
     p.set_defaults(func=cmd_inspect)
+
+    # tritonkit autotune
+    p = commands.add_parser(
+        "autotune",
+        help="show or clear the persistent autotuning cache",
+        description="Tuned configs persist per GPU, kernel and tuning key in TRITONKIT_AUTOTUNE_CACHE (default "
+        "~/.cache/tritonkit/autotune); TRITONKIT_AUTOTUNE=first|full|cached picks how launches use them.",
+    )
+    action = p.add_mutually_exclusive_group(required=True)
+    action.add_argument("--show", action="store_true", help="list entries: kernel, key, config, GPU, age")
+    action.add_argument("--clear", action="store_true", help="delete every entry")
+    p.set_defaults(func=cmd_autotune)
 
     # tritonkit train / tritonkit bench
     from tritonkit import bench, train
