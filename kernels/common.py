@@ -128,10 +128,11 @@ def tuned_kernel(
 ):
     """Register a ``@triton.jit`` kernel and wrap it in ``triton.autotune``.
 
-    On a GPU the autotuner picks among ``gpu_configs``. In the interpreter, where cost is per program
-    instance, either ``interp_configs`` (large blocks, a single config so nothing is benchmarked) or
-    ``interp_heuristics`` (``triton.heuristics`` values: block sizes computed from the launch's
-    arguments, so one program covers as much of the problem as numpy handles well).
+    On a GPU the autotuner (a :class:`PersistentAutotuner`: choices persist across processes, by
+    ``TRITONKIT_AUTOTUNE``, see the module docstring) picks among ``gpu_configs``. In the interpreter,
+    where cost is per program instance, either ``interp_configs`` (large blocks, a single config so
+    nothing is benchmarked) or ``interp_heuristics`` (``triton.heuristics`` values: block sizes computed
+    from the launch's arguments, so one program covers as much of the problem as numpy handles well).
     ``config_for_dtype(config, dtype, arch, launch)`` restricts the GPU configs per dtype, arch and
     launch arguments (float32 ``tl.dot`` without TF32 runs on FMA units and needs smaller tiles than
     half precision); the dtype is that of the kernel's first tensor argument. ``variants`` names
@@ -195,6 +196,7 @@ def autotune_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tritonkit" / "autotune"
 
 
+@functools.cache
 def _tritonkit_version() -> str:
     try:
         return importlib.metadata.version("tritonkit")
