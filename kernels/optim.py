@@ -28,6 +28,13 @@ different hyperparameters share one launch. Constexpr flags only decide which st
 parameter's dtype per stored value, following torch.optim's formulas operation by operation (sqrt and
 division IEEE-rounded, ``lerp`` with aten's two-branch formula).
 
+Mixed precision (``torch.amp.GradScaler``): every kernel also takes GradScaler's ``grad_scale`` and
+``found_inf`` (float32 one-element tensors). The gradient is divided by ``grad_scale`` as it is loaded
+(``UNSCALE``; the unscaled value is also stored back to the gradient, as torch's fused optimizers leave
+``p.grad``), and when ``found_inf`` != 0 each program returns before loading anything: the skip is
+decided on the device, so the host never waits for the inf check. Without GradScaler the launcher passes
+a cached 1.0 / 0.0 and ``UNSCALE=False``.
+
 Not autotuned: the update is in place through addresses that ``triton.autotune``'s ``restore_value``
 cannot see, so benchmarking configs on the live buffers would apply the step several times. The block
 size is fixed per dtype instead (it also fixes the ``blocks`` table): 32 bytes per thread per stream,
@@ -65,16 +72,16 @@ ADAGRAD_COEFS = ("clr", "grad_sign", "weight_decay", "eps")
 
 def _signature(flags):
     def signature(dtype):
-        return {"addrs": "*i64", "numels": "*i64", "blocks": "*i32", "coefs": "*fp32", "n_tensors": "i32",
-                **{f: "constexpr" for f in flags}, "DTYPE": "constexpr", "ALIGNED": "constexpr",
-                "BLOCK": "constexpr"}
+        return {"addrs": "*i64", "numels": "*i64", "blocks": "*i32", "coefs": "*fp32", "grad_scale": "*fp32",
+                "found_inf": "*fp32", "n_tensors": "i32", **{f: "constexpr" for f in flags},
+                "UNSCALE": "constexpr", "DTYPE": "constexpr", "ALIGNED": "constexpr", "BLOCK": "constexpr"}
 
     return signature
 
 
 def _constexprs(**flags):
     def constexprs(dtype):
-        return {**flags, "DTYPE": TL_DTYPE[dtype], "ALIGNED": True, "BLOCK": GPU_BLOCK[dtype]}
+        return {**flags, "UNSCALE": True, "DTYPE": TL_DTYPE[dtype], "ALIGNED": True, "BLOCK": GPU_BLOCK[dtype]}
 
     return constexprs
 
@@ -94,9 +101,14 @@ def _bf16(x):
 
 # --- SGD -------------------------------------------------------------------------------------------
 @triton.jit
-def _sgd(p_ptrs, g_ptrs, b_ptrs, row, mask, MOMENTUM: tl.constexpr, DTYPE: tl.constexpr):
+def _sgd(p_ptrs, g_ptrs, b_ptrs, row, grad_scale, mask, MOMENTUM: tl.constexpr, UNSCALE: tl.constexpr,
+         DTYPE: tl.constexpr):
     p = tl.load(p_ptrs, mask=mask).to(tl.float32)
-    g = tl.load(row + 1) * tl.load(g_ptrs, mask=mask).to(tl.float32)
+    g = tl.load(g_ptrs, mask=mask).to(tl.float32)
+    if UNSCALE:  # GradScaler's gradient: unscaled here, and written back unscaled (as torch's fused kernels)
+        g = tl.div_rn(g, tl.load(grad_scale))
+        tl.store(g_ptrs, _bf16(g) if DTYPE == tl.bfloat16 else g.to(DTYPE), mask=mask)
+    g = tl.load(row + 1) * g
     weight_decay = tl.load(row + 2)
     if weight_decay != 0.0:
         g = g + weight_decay * p
@@ -120,8 +132,8 @@ def _sgd(p_ptrs, g_ptrs, b_ptrs, row, mask, MOMENTUM: tl.constexpr, DTYPE: tl.co
 @tuned_kernel("optim_sgd", gpu_configs=_GPU_CONFIGS, interp_configs=_INTERP_CONFIGS, key=[],
               signature=_signature(["MOMENTUM"]), constexprs=_constexprs(MOMENTUM=True))
 @triton.jit
-def sgd_kernel(addrs, numels, blocks, coefs, n_tensors, MOMENTUM: tl.constexpr, DTYPE: tl.constexpr,
-               ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+def sgd_kernel(addrs, numels, blocks, coefs, grad_scale, found_inf, n_tensors, MOMENTUM: tl.constexpr,
+               UNSCALE: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     """g = sign*grad + wd*p;  b = buf_decay*b + buf_grad*g;  g = nesterov ? g + mu*b : b;  p -= lr*g.
 
     On a buffer's first step the optimizer passes buf_decay = 0, buf_grad = 1 (a zero-filled buffer),
@@ -140,17 +152,25 @@ def sgd_kernel(addrs, numels, blocks, coefs, n_tensors, MOMENTUM: tl.constexpr, 
         p_base = tl.multiple_of(p_base, 16)
         g_base = tl.multiple_of(g_base, 16)
         b_base = tl.multiple_of(b_base, 16)
-    if full:
-        _sgd(p_base + offs, g_base + offs, b_base + offs, coefs + t * 7, None, MOMENTUM, DTYPE)
-    else:
-        _sgd(p_base + offs, g_base + offs, b_base + offs, coefs + t * 7, mask, MOMENTUM, DTYPE)
+    if tl.load(found_inf) == 0.0:  # GradScaler's found_inf: a nonzero value skips the whole update
+        if full:
+            _sgd(p_base + offs, g_base + offs, b_base + offs, coefs + t * 7, grad_scale, None, MOMENTUM, UNSCALE,
+                 DTYPE)
+        else:
+            _sgd(p_base + offs, g_base + offs, b_base + offs, coefs + t * 7, grad_scale, mask, MOMENTUM, UNSCALE,
+                 DTYPE)
 
 
 # --- Adam / AdamW ----------------------------------------------------------------------------------
 @triton.jit
-def _adam(p_ptrs, g_ptrs, m_ptrs, v_ptrs, vmax_ptrs, row, mask, AMSGRAD: tl.constexpr, DTYPE: tl.constexpr):
+def _adam(p_ptrs, g_ptrs, m_ptrs, v_ptrs, vmax_ptrs, row, grad_scale, mask, AMSGRAD: tl.constexpr,
+          UNSCALE: tl.constexpr, DTYPE: tl.constexpr):
     p = tl.load(p_ptrs, mask=mask).to(tl.float32) * tl.load(row + 2)
-    g = tl.load(row + 0) * tl.load(g_ptrs, mask=mask).to(tl.float32)
+    g = tl.load(g_ptrs, mask=mask).to(tl.float32)
+    if UNSCALE:  # GradScaler's gradient: unscaled here, and written back unscaled (as torch's fused kernels)
+        g = tl.div_rn(g, tl.load(grad_scale))
+        tl.store(g_ptrs, _bf16(g) if DTYPE == tl.bfloat16 else g.to(DTYPE), mask=mask)
+    g = tl.load(row + 0) * g
     weight_decay = tl.load(row + 1)
     if weight_decay != 0.0:
         g = g + weight_decay * p
@@ -177,8 +197,8 @@ def _adam(p_ptrs, g_ptrs, m_ptrs, v_ptrs, vmax_ptrs, row, mask, AMSGRAD: tl.cons
 @tuned_kernel("optim_adam", gpu_configs=_GPU_CONFIGS, interp_configs=_INTERP_CONFIGS, key=[],
               signature=_signature(["AMSGRAD"]), constexprs=_constexprs(AMSGRAD=False))
 @triton.jit
-def adam_kernel(addrs, numels, blocks, coefs, n_tensors, AMSGRAD: tl.constexpr, DTYPE: tl.constexpr,
-                ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+def adam_kernel(addrs, numels, blocks, coefs, grad_scale, found_inf, n_tensors, AMSGRAD: tl.constexpr,
+                UNSCALE: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     """p *= param_scale;  g = sign*grad + wd*p;  m = lerp(m, g, 1-b1);  v = b2*v + (1-b2)*g*g;
     vmax = max(vmax, v) (AMSGrad);  p -= step_size * m / (sqrt(v or vmax)/sqrt(1-b2^t) + eps).
 
@@ -202,21 +222,25 @@ def adam_kernel(addrs, numels, blocks, coefs, n_tensors, AMSGRAD: tl.constexpr, 
         m_base = tl.multiple_of(m_base, 16)
         v_base = tl.multiple_of(v_base, 16)
         vmax_base = tl.multiple_of(vmax_base, 16)
-    if full:
-        _adam(p_base + offs, g_base + offs, m_base + offs, v_base + offs, vmax_base + offs, coefs + t * 9,
-              None, AMSGRAD, DTYPE)
-    else:
-        _adam(p_base + offs, g_base + offs, m_base + offs, v_base + offs, vmax_base + offs, coefs + t * 9,
-              mask, AMSGRAD, DTYPE)
+    if tl.load(found_inf) == 0.0:  # GradScaler's found_inf: a nonzero value skips the whole update
+        if full:
+            _adam(p_base + offs, g_base + offs, m_base + offs, v_base + offs, vmax_base + offs, coefs + t * 9,
+                  grad_scale, None, AMSGRAD, UNSCALE, DTYPE)
+        else:
+            _adam(p_base + offs, g_base + offs, m_base + offs, v_base + offs, vmax_base + offs, coefs + t * 9,
+                  grad_scale, mask, AMSGRAD, UNSCALE, DTYPE)
 
 
 # --- RMSprop ---------------------------------------------------------------------------------------
 @triton.jit
-def _rmsprop(p_ptrs, g_ptrs, v_ptrs, ga_ptrs, b_ptrs, row, mask, CENTERED: tl.constexpr,
-             MOMENTUM: tl.constexpr,
-             DTYPE: tl.constexpr):
+def _rmsprop(p_ptrs, g_ptrs, v_ptrs, ga_ptrs, b_ptrs, row, grad_scale, mask, CENTERED: tl.constexpr,
+             MOMENTUM: tl.constexpr, UNSCALE: tl.constexpr, DTYPE: tl.constexpr):
     p = tl.load(p_ptrs, mask=mask).to(tl.float32)
-    g = tl.load(row + 1) * tl.load(g_ptrs, mask=mask).to(tl.float32)
+    g = tl.load(g_ptrs, mask=mask).to(tl.float32)
+    if UNSCALE:  # GradScaler's gradient: unscaled here, and written back unscaled (as torch's fused kernels)
+        g = tl.div_rn(g, tl.load(grad_scale))
+        tl.store(g_ptrs, _bf16(g) if DTYPE == tl.bfloat16 else g.to(DTYPE), mask=mask)
+    g = tl.load(row + 1) * g
     weight_decay = tl.load(row + 2)
     if weight_decay != 0.0:
         g = g + weight_decay * p
@@ -249,8 +273,9 @@ def _rmsprop(p_ptrs, g_ptrs, v_ptrs, ga_ptrs, b_ptrs, row, mask, CENTERED: tl.co
               signature=_signature(["CENTERED", "MOMENTUM"]),
               constexprs=_constexprs(CENTERED=False, MOMENTUM=False))
 @triton.jit
-def rmsprop_kernel(addrs, numels, blocks, coefs, n_tensors, CENTERED: tl.constexpr, MOMENTUM: tl.constexpr,
-                   DTYPE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+def rmsprop_kernel(addrs, numels, blocks, coefs, grad_scale, found_inf, n_tensors, CENTERED: tl.constexpr,
+                   MOMENTUM: tl.constexpr, UNSCALE: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr,
+                   BLOCK: tl.constexpr):
     """g = sign*grad + wd*p;  v = alpha*v + (1-alpha)*g*g;  ga = lerp(ga, g, 1-alpha) (centered);
     avg = sqrt(v - ga*ga or v) + eps;  b = mu*b + g/avg, p -= lr*b (momentum) or p -= lr * g/avg.
     """
@@ -271,19 +296,24 @@ def rmsprop_kernel(addrs, numels, blocks, coefs, n_tensors, CENTERED: tl.constex
         v_base = tl.multiple_of(v_base, 16)
         ga_base = tl.multiple_of(ga_base, 16)
         b_base = tl.multiple_of(b_base, 16)
-    if full:
-        _rmsprop(p_base + offs, g_base + offs, v_base + offs, ga_base + offs, b_base + offs, coefs + t * 7,
-                 None, CENTERED, MOMENTUM, DTYPE)
-    else:
-        _rmsprop(p_base + offs, g_base + offs, v_base + offs, ga_base + offs, b_base + offs, coefs + t * 7,
-                 mask, CENTERED, MOMENTUM, DTYPE)
+    if tl.load(found_inf) == 0.0:  # GradScaler's found_inf: a nonzero value skips the whole update
+        if full:
+            _rmsprop(p_base + offs, g_base + offs, v_base + offs, ga_base + offs, b_base + offs, coefs + t * 7,
+                     grad_scale, None, CENTERED, MOMENTUM, UNSCALE, DTYPE)
+        else:
+            _rmsprop(p_base + offs, g_base + offs, v_base + offs, ga_base + offs, b_base + offs, coefs + t * 7,
+                     grad_scale, mask, CENTERED, MOMENTUM, UNSCALE, DTYPE)
 
 
 # --- Adagrad ---------------------------------------------------------------------------------------
 @triton.jit
-def _adagrad(p_ptrs, g_ptrs, s_ptrs, row, mask, DTYPE: tl.constexpr):
+def _adagrad(p_ptrs, g_ptrs, s_ptrs, row, grad_scale, mask, UNSCALE: tl.constexpr, DTYPE: tl.constexpr):
     p = tl.load(p_ptrs, mask=mask).to(tl.float32)
-    g = tl.load(row + 1) * tl.load(g_ptrs, mask=mask).to(tl.float32)
+    g = tl.load(g_ptrs, mask=mask).to(tl.float32)
+    if UNSCALE:  # GradScaler's gradient: unscaled here, and written back unscaled (as torch's fused kernels)
+        g = tl.div_rn(g, tl.load(grad_scale))
+        tl.store(g_ptrs, _bf16(g) if DTYPE == tl.bfloat16 else g.to(DTYPE), mask=mask)
+    g = tl.load(row + 1) * g
     weight_decay = tl.load(row + 2)
     if weight_decay != 0.0:
         g = g + weight_decay * p
@@ -300,8 +330,8 @@ def _adagrad(p_ptrs, g_ptrs, s_ptrs, row, mask, DTYPE: tl.constexpr):
 @tuned_kernel("optim_adagrad", gpu_configs=_GPU_CONFIGS, interp_configs=_INTERP_CONFIGS, key=[],
               signature=_signature([]), constexprs=_constexprs())
 @triton.jit
-def adagrad_kernel(addrs, numels, blocks, coefs, n_tensors, DTYPE: tl.constexpr, ALIGNED: tl.constexpr,
-                   BLOCK: tl.constexpr):
+def adagrad_kernel(addrs, numels, blocks, coefs, grad_scale, found_inf, n_tensors, UNSCALE: tl.constexpr,
+                   DTYPE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     """g = sign*grad + wd*p;  s += g*g;  p -= clr * g / (sqrt(s) + eps),  clr = lr / (1 + (t-1) lr_decay)."""
     pid = tl.program_id(0)
     t = tl.load(blocks + pid)
@@ -316,16 +346,18 @@ def adagrad_kernel(addrs, numels, blocks, coefs, n_tensors, DTYPE: tl.constexpr,
         p_base = tl.multiple_of(p_base, 16)
         g_base = tl.multiple_of(g_base, 16)
         s_base = tl.multiple_of(s_base, 16)
-    if full:
-        _adagrad(p_base + offs, g_base + offs, s_base + offs, coefs + t * 4, None, DTYPE)
-    else:
-        _adagrad(p_base + offs, g_base + offs, s_base + offs, coefs + t * 4, mask, DTYPE)
+    if tl.load(found_inf) == 0.0:  # GradScaler's found_inf: a nonzero value skips the whole update
+        if full:
+            _adagrad(p_base + offs, g_base + offs, s_base + offs, coefs + t * 4, grad_scale, None, UNSCALE, DTYPE)
+        else:
+            _adagrad(p_base + offs, g_base + offs, s_base + offs, coefs + t * 4, grad_scale, mask, UNSCALE, DTYPE)
 
 
 # --- launch tables ---------------------------------------------------------------------------------
 _CACHE_SIZE = 16
 _addr_tables: OrderedDict = OrderedDict()  # (device, addresses) -> int64 [S, T]
 _block_tables: OrderedDict = OrderedDict()  # (device, BLOCK, numels) -> (numels [T], blocks [2, P])
+_scalars: OrderedDict = OrderedDict()  # (device, value) -> float32 [1]
 
 
 def _cached(cache: OrderedDict, key, build):
@@ -348,9 +380,19 @@ def _build_blocks(numels: tuple, block: int, device) -> tuple[torch.Tensor, torc
     return torch.tensor(numels, dtype=torch.int64).to(device), blocks.to(device)
 
 
-def launch(kernel, streams: list[list[torch.Tensor]], coefs: torch.Tensor, **flags) -> int:
+def _scalar(device, value: float) -> torch.Tensor:
+    """A cached float32 1.0 or 0.0 on ``device``: the grad_scale / found_inf a launch without GradScaler reads."""
+    return _cached(_scalars, (device, value), lambda: torch.full((1,), value, dtype=torch.float32, device=device))
+
+
+def launch(kernel, streams: list[list[torch.Tensor]], coefs: torch.Tensor, grad_scale=None, found_inf=None,
+           **flags) -> int:
     """Update every tensor of ``streams`` (``[params, grads, *state streams]``, a state stream ``[]``
-    when its flag is off) in one launch of ``kernel``; returns the number of programs launched."""
+    when its flag is off) in one launch of ``kernel``; returns the number of programs launched.
+
+    ``grad_scale`` / ``found_inf``: GradScaler's float32 one-element tensors on the params' device, or
+    None. With ``grad_scale`` the kernel divides each gradient by it and writes the unscaled gradient back;
+    with ``found_inf`` != 0 every program returns without touching anything (no host sync either way)."""
     params = streams[0]
     numels = tuple(p.numel() for p in params)
     if sum(numels) == 0:
@@ -365,27 +407,33 @@ def launch(kernel, streams: list[list[torch.Tensor]], coefs: torch.Tensor, **fla
     numel_t, blocks = _cached(_block_tables, (device, block, numels),
                               lambda: _build_blocks(numels, block, device))
     n_programs = blocks.shape[1]
-    kernel[(n_programs,)](addrs, numel_t, blocks, coefs, n_tensors, **flags, DTYPE=TL_DTYPE[dtype],
-                          ALIGNED=aligned, BLOCK=block)
+    unscale = grad_scale is not None
+    grad_scale = grad_scale if unscale else _scalar(device, 1.0)
+    found_inf = _scalar(device, 0.0) if found_inf is None else found_inf
+    kernel[(n_programs,)](addrs, numel_t, blocks, coefs, grad_scale, found_inf, n_tensors, **flags,
+                          UNSCALE=unscale, DTYPE=TL_DTYPE[dtype], ALIGNED=aligned, BLOCK=block)
     return n_programs
 
 
-def sgd_step_(params, grads, momentum_buffers, coefs) -> int:
-    return launch(sgd_kernel, [params, grads, momentum_buffers], coefs, MOMENTUM=bool(momentum_buffers))
+def sgd_step_(params, grads, momentum_buffers, coefs, grad_scale=None, found_inf=None) -> int:
+    return launch(sgd_kernel, [params, grads, momentum_buffers], coefs, grad_scale, found_inf,
+                  MOMENTUM=bool(momentum_buffers))
 
 
-def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, coefs) -> int:
-    return launch(adam_kernel, [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs], coefs,
-                  AMSGRAD=bool(max_exp_avg_sqs))
+def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, coefs, grad_scale=None,
+               found_inf=None) -> int:
+    return launch(adam_kernel, [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs], coefs, grad_scale,
+                  found_inf, AMSGRAD=bool(max_exp_avg_sqs))
 
 
-def rmsprop_step_(params, grads, square_avgs, grad_avgs, momentum_buffers, coefs) -> int:
-    return launch(rmsprop_kernel, [params, grads, square_avgs, grad_avgs, momentum_buffers], coefs,
-                  CENTERED=bool(grad_avgs), MOMENTUM=bool(momentum_buffers))
+def rmsprop_step_(params, grads, square_avgs, grad_avgs, momentum_buffers, coefs, grad_scale=None,
+                  found_inf=None) -> int:
+    return launch(rmsprop_kernel, [params, grads, square_avgs, grad_avgs, momentum_buffers], coefs, grad_scale,
+                  found_inf, CENTERED=bool(grad_avgs), MOMENTUM=bool(momentum_buffers))
 
 
-def adagrad_step_(params, grads, state_sums, coefs) -> int:
-    return launch(adagrad_kernel, [params, grads, state_sums], coefs)
+def adagrad_step_(params, grads, state_sums, coefs, grad_scale=None, found_inf=None) -> int:
+    return launch(adagrad_kernel, [params, grads, state_sums], coefs, grad_scale, found_inf)
 
 
 __all__ = ["adagrad_step_", "adam_step_", "launch", "rmsprop_step_", "sgd_step_"]

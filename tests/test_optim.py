@@ -167,9 +167,9 @@ def test_one_launch_per_device_and_dtype(monkeypatch):
     """Every tensor of every param group in one launch; a float16 group adds exactly one more."""
     launches, real = [], kernels.launch
 
-    def counting(kernel, streams, coefs, **flags):
+    def counting(kernel, streams, *args, **flags):
         launches.append(len(streams[0]))
-        return real(kernel, streams, coefs, **flags)
+        return real(kernel, streams, *args, **flags)
 
     monkeypatch.setattr(kernels, "launch", counting)
     params = [nn.Parameter(torch.randn(s)) for s in SHAPES]
@@ -459,10 +459,12 @@ def _op_args():
         (torch.ops.tritonkit.rmsprop_step_,
          (sym(), sym(), pos(), [0.1 * x for x in sym()], sym(), torch.rand(n, len(kernels.RMSPROP_COEFS)))),
         (torch.ops.tritonkit.adagrad_step_, (sym(), sym(), pos(), torch.rand(n, len(kernels.ADAGRAD_COEFS)))),
+        (torch.ops.tritonkit.adam_step_, (sym(), sym(), sym(), pos(), [], torch.rand(n, len(kernels.ADAM_COEFS)),
+                                          torch.tensor([8.0]), torch.zeros(1))),
     ]
 
 
-@pytest.mark.parametrize("index", range(5))
+@pytest.mark.parametrize("index", range(6))
 def test_opcheck(index):
     op, args = _op_args()[index]
     torch.library.opcheck(op.default, args)
@@ -537,6 +539,157 @@ def test_compiled_training_step_matches_eager():
         torch.testing.assert_close(p.detach(), r.detach(), **OPTIM_TOLERANCES[torch.float32])
 
 
+# --- torch.amp.GradScaler --------------------------------------------------------------------------
+# torch's fused=True (which takes grad_scale/found_inf as tritonkit does) where it exists on the CPU, else
+# its default implementation through GradScaler's unscale_-then-maybe-step path.
+AMP_CASES = [("SGD", {"momentum": 0.0}, True), ("SGD", {"momentum": 0.9, "nesterov": True}, True),
+             ("Adam", {"amsgrad": True, "weight_decay": 0.01}, True), ("AdamW", {}, True),
+             ("RMSprop", {"centered": True, "momentum": 0.5}, False), ("Adagrad", {"lr_decay": 0.01}, True)]
+BAD_STEPS = {2: float("inf"), 4: float("nan")}  # a non-finite gradient element: GradScaler skips the step
+
+
+def _amp_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 9), nn.ReLU(), nn.Linear(9, 3))
+
+
+def _amp_step(model, opt, scaler, x, y, bad=None):
+    """One float16-autocast training step through ``scaler``; ``bad`` poisons a gradient element."""
+    opt.zero_grad()
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = F.mse_loss(model(x).float(), y)
+    scaler.scale(loss).backward()
+    if bad is not None:
+        model[0].weight.grad[1, 2] = bad
+    scaler.step(opt)
+    scaler.update()
+
+
+def _snapshot(model, opt):
+    return ([p.detach().clone() for p in model.parameters()],
+            {k: v.clone() for s in opt.state.values() for k, v in s.items()})
+
+
+@pytest.mark.parametrize("case", AMP_CASES, ids=[f"{c[0]}-{c[1]}" for c in AMP_CASES])
+def test_grad_scaler_matches_torch_and_skips_non_finite_steps(case, monkeypatch):
+    """float16 autocast + GradScaler("cpu"): the same trajectory, scale, state and step counts as torch.optim,
+    with an inf and a NaN step skipped (scale halves; params, state and step counts untouched). The scaler
+    hands grad_scale/found_inf to the one launch per step: it never unscales the gradients itself (its inf
+    check runs with inv_scale 1), and the gradients left in p.grad are the kernel's unscaled ones (the
+    scaled ones on a skipped step), as torch's fused optimizers leave them."""
+    name, kw, torch_fused = case
+    model, ref_model = _amp_model(), _amp_model()
+    kw = {"lr": LR[name], **kw, **({"fused": True} if torch_fused else {})}
+    opt, ref_opt = OURS[name](model.parameters(), **kw), TORCH[name](ref_model.parameters(), **kw)
+    scaler, ref_scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12), torch.amp.GradScaler("cpu",
+                                                                                                 init_scale=2.0 ** 12)
+    launches, real_launch = [], kernels.launch
+    inv_scales, real_check = [], torch._amp_foreach_non_finite_check_and_unscale_
+
+    def counting(kernel, streams, coefs, grad_scale=None, found_inf=None, **flags):
+        launches.append(grad_scale is not None and found_inf is not None)
+        return real_launch(kernel, streams, coefs, grad_scale, found_inf, **flags)
+
+    def checking(grads, found_inf, inv_scale):
+        inv_scales.append(inv_scale.item())
+        return real_check(grads, found_inf, inv_scale)
+
+    monkeypatch.setattr(kernels, "launch", counting)
+    monkeypatch.setattr(torch, "_amp_foreach_non_finite_check_and_unscale_", checking)
+    for step in range(6):
+        x, y = torch.randn(5, 6), torch.randn(5, 3)
+        before = _snapshot(model, opt)
+        scale = scaler.get_scale()
+        launches.clear()
+        inv_scales.clear()
+        _amp_step(model, opt, scaler, x, y, BAD_STEPS.get(step))
+        assert launches == [True] and inv_scales == [1.0]  # one launch, no unscaling pass
+        _amp_step(ref_model, ref_opt, ref_scaler, x, y, BAD_STEPS.get(step))
+        assert scaler.get_scale() == ref_scaler.get_scale()
+        if step in BAD_STEPS:
+            assert scaler.get_scale() == scale / 2
+            after = _snapshot(model, opt)
+            for a, b in zip(before[0] + list(before[1].values()), after[0] + list(after[1].values())):
+                assert torch.equal(a, b)
+        for p, r in zip(model.parameters(), ref_model.parameters()):
+            torch.testing.assert_close(p.detach(), r.detach(), **OPTIM_TOLERANCES[torch.float32])
+            if torch_fused:
+                torch.testing.assert_close(p.grad, r.grad, **OPTIM_TOLERANCES[torch.float32], equal_nan=True)
+        _assert_states_match(opt, ref_opt)
+
+
+def test_grad_scaler_skipped_first_sgd_step_starts_the_buffer_later():
+    """SGD with dampening whose first two steps are skipped: the buffer (zero, created on the device
+    without a sync) still starts as b = g on the first step taken, as torch's default SGD, which has no
+    buffer until then. (torch's fused SGD would keep an uninitialized buffer here.)"""
+    model, ref_model = _amp_model(), _amp_model()
+    kw = {"lr": 0.05, "momentum": 0.9, "dampening": 0.3}
+    opt, ref_opt = tko.SGD(model.parameters(), **kw), torch.optim.SGD(ref_model.parameters(), **kw)
+    scaler, ref_scaler = torch.amp.GradScaler("cpu"), torch.amp.GradScaler("cpu")
+    for step in range(4):
+        x, y = torch.randn(5, 6), torch.randn(5, 3)
+        bad = float("inf") if step < 2 else None
+        _amp_step(model, opt, scaler, x, y, bad)
+        _amp_step(ref_model, ref_opt, ref_scaler, x, y, bad)
+    for p, r in zip(model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p.detach(), r.detach(), **OPTIM_TOLERANCES[torch.float32])
+    _assert_states_match(opt, ref_opt)
+
+
+def test_grad_scaler_after_unscale_and_bad_grad_scale(monkeypatch):
+    """scaler.unscale_ first (to clip): GradScaler then passes grad_scale=None and its found_inf, and the
+    step matches torch's. A non-float32 grad_scale is refused with torch's RuntimeError before any launch."""
+    model, ref_model = _amp_model(), _amp_model()
+    opt = tko.Adam(model.parameters(), lr=0.01, fused=True)
+    ref_opt = torch.optim.Adam(ref_model.parameters(), lr=0.01, fused=True)
+    for m, o in ((model, opt), (ref_model, ref_opt)):
+        scaler = torch.amp.GradScaler("cpu")
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = m(torch.ones(2, 6)).float().sum()
+        scaler.scale(loss).backward()
+        scaler.unscale_(o)
+        torch.nn.utils.clip_grad_norm_(m.parameters(), 0.5)
+        scaler.step(o)
+        scaler.update()
+    for p, r in zip(model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p.detach(), r.detach(), **OPTIM_TOLERANCES[torch.float32])
+    launches = []
+    monkeypatch.setattr(kernels, "launch", lambda *a, **k: launches.append(1))
+    before = _snapshot(model, opt)
+    for bad in (torch.tensor(2), torch.tensor(2.0, dtype=torch.float64), torch.ones(2)):
+        opt.grad_scale, opt.found_inf = bad, torch.zeros(())
+        with pytest.raises(RuntimeError, match="grad_scale must be a float32 tensor with one element"):
+            opt.step()
+    opt.grad_scale, opt.found_inf = torch.tensor(2.0), torch.tensor(0)
+    with pytest.raises(RuntimeError, match="found_inf must be a float32 tensor with one element"):
+        opt.step()
+    assert launches == []
+    after = _snapshot(model, opt)
+    assert all(torch.equal(a, b) for a, b in zip(before[0] + list(before[1].values()),
+                                                 after[0] + list(after[1].values())))
+    ps = [torch.randn(3)]
+    with pytest.raises(RuntimeError, match="sgd_step_: grad_scale must be a float32"):
+        torch.ops.tritonkit.sgd_step_(ps, ps, [], torch.rand(1, len(kernels.SGD_COEFS)), torch.tensor([2]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_kernel_unscales_half_gradients(dtype):
+    """Half gradients: divided by grad_scale in float32, stored back rounded once; found_inf skips all."""
+    shapes = [(5000,), (3, 7)]  # a full and a partial block
+    params = [torch.randn(s).to(dtype) for s in shapes]
+    grads = [(torch.randn(s) * 64).to(dtype) for s in shapes]
+    coefs = torch.tensor([[0.1, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0]] * 2)
+    scale = torch.tensor([64.0])
+    expected_g = [(g.float() / 64).to(dtype) for g in grads]
+    expected_p = [(p.float() - 0.1 * (g.float() / 64)).to(dtype) for p, g in zip(params, grads)]
+    skipped = [p.clone() for p in params], [g.clone() for g in grads]
+    torch.ops.tritonkit.sgd_step_(*skipped, [], coefs, scale, torch.tensor([1.0]))
+    assert all(torch.equal(a, b) for a, b in zip(skipped[0] + skipped[1], params + grads))
+    torch.ops.tritonkit.sgd_step_(params, grads, [], coefs, scale, torch.tensor([0.0]))
+    for a, b in zip(params + grads, expected_p + expected_g):
+        torch.testing.assert_close(a, b, **OPTIM_TOLERANCES[dtype])
+
+
 # --- the seed's LeNet ------------------------------------------------------------------------------
 class LeNet(nn.Module):
     def __init__(self):
@@ -593,13 +746,14 @@ for name, names in flags.items():
                             len(re.findall(r"st\.global[.\w:]*\.v4", ptx))]
 print(json.dumps(out))
 """
-_FLAGS = {"optim_sgd": ["MOMENTUM"], "optim_adam": ["AMSGRAD"], "optim_rmsprop": ["CENTERED", "MOMENTUM"],
-          "optim_adagrad": []}
+_FLAGS = {"optim_sgd": ["MOMENTUM", "UNSCALE"], "optim_adam": ["AMSGRAD", "UNSCALE"],
+          "optim_rmsprop": ["CENTERED", "MOMENTUM", "UNSCALE"], "optim_adagrad": ["UNSCALE"]}
 
 
 def test_kernels_compile_for_sm90_with_vector_accesses():
     """Every kernel, flag combination and dtype compiles for sm_90; each stream of a full block moves as
-    128-bit accesses (2 per thread: 32 bytes), read once and written once."""
+    128-bit accesses (2 per thread: 32 bytes), read once and written once (the gradient written too when
+    UNSCALE stores GradScaler's unscaled gradient back)."""
     env = {**os.environ, "TRITONKIT_INTERPRET": "0", "TRITON_INTERPRET": "0"}
     done = subprocess.run([sys.executable, "-c", _AOT_SCRIPT, json.dumps(_FLAGS)], env=env,
                           capture_output=True, text=True, timeout=HANG_TIMEOUT_S, check=False)
@@ -608,6 +762,8 @@ def test_kernels_compile_for_sm90_with_vector_accesses():
     assert len(results) == sum(2 ** len(f) for f in _FLAGS.values()) + 2 * len(_FLAGS)
     for key, (loads, stores) in results.items():
         name, _, flags = key.split("|")
-        on = sum(json.loads(flags).values())
+        flags = json.loads(flags)
+        unscale = flags.pop("UNSCALE")
+        on = sum(flags.values())
         states = {"optim_sgd": on, "optim_adam": 2 + on, "optim_rmsprop": 1 + on, "optim_adagrad": 1}[name]
-        assert (loads, stores) == (2 * (2 + states), 2 * (1 + states)), key
+        assert (loads, stores) == (2 * (2 + states), 2 * (1 + states + unscale)), key

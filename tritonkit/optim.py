@@ -208,18 +208,41 @@ class _FusedOptimizer(Optimizer):
                 mine += [theirs[i] for i in idx] if theirs else []
             batch.coefs.append(rows)
 
-    def _launch(self, batches: dict) -> None:
+    def _launch(self, batches: dict, grad_scale, found_inf) -> None:
+        on: dict = {}  # GradScaler's tensors per device, moved once (asynchronously, as torch's fused path)
+
+        def at(t, device):
+            return None if t is None else on.setdefault((id(t), device), t.to(device, non_blocking=True))
+
         for (device, _, _), batch in batches.items():
             coefs = batch.coefs[0] if len(batch.coefs) == 1 else torch.cat(batch.coefs)
-            type(self)._op(batch.params, batch.grads, *batch.states, coefs.to(device))
+            type(self)._op(batch.params, batch.grads, *batch.states, coefs.to(device), at(grad_scale, device),
+                           at(found_inf, device))
+
+    # GradScaler.step sees this and, instead of unscaling the gradients (a pass over them) and reading
+    # found_inf on the host to decide whether to call step, sets ``self.grad_scale`` (None when the user
+    # already called scaler.unscale_) and ``self.found_inf`` and calls step, which hands both to the kernels.
+    _step_supports_amp_scaling = True
 
     @torch.no_grad()
     def step(self, closure=None):
         """Perform a single optimization step.
 
+        Under ``torch.amp.GradScaler``: the optimizer says ``_step_supports_amp_scaling = True`` (as torch's
+        ``fused=True`` optimizers do), so ``scaler.step(opt)`` does not unscale the gradients itself but sets
+        ``opt.grad_scale`` and ``opt.found_inf`` (float32 one-element tensors) and calls this step. The
+        kernels divide each gradient by ``grad_scale`` as they load it (writing the unscaled gradient back
+        to ``p.grad``, as torch's fused optimizers do) and, where ``found_inf`` != 0, change nothing: params,
+        state and gradients stay as they were and the step counts do not advance (they advance by
+        ``found_inf == 0``, a device-side value). Nothing waits on the host for the inf check when the step
+        counts live on the parameters' device (``fused=True`` or ``capturable=True``); with the default
+        CPU step counts, advancing them copies that flag to the CPU.
+
         Args:
             closure (Callable, optional): A closure that reevaluates the model and returns the loss.
         """
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        ops.check_amp(f"tritonkit.optim.{type(self).__name__}", grad_scale, found_inf)
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -227,14 +250,21 @@ class _FusedOptimizer(Optimizer):
         batches: dict = {}
         state_steps: list = []
         for group in self.param_groups:
-            state_steps += self._add_group(group, batches)
-        self._launch(batches)
+            state_steps += self._add_group(group, batches, found_inf)
+        self._launch(batches, grad_scale, found_inf)
         if state_steps:  # only once the update has run, so that a refused step changes nothing
-            torch._foreach_add_(state_steps, 1)
+            if found_inf is None:
+                torch._foreach_add_(state_steps, 1)
+            else:
+                advance = found_inf.reshape(()).eq(0).to(torch.float32)
+                for device in dict.fromkeys(s.device for s in state_steps):
+                    steps = [s for s in state_steps if s.device == device]
+                    torch._foreach_add_(steps, advance.to(device, non_blocking=True))
         return loss
 
-    def _add_group(self, group: dict, batches: dict) -> list:
-        """Queue the group's parameters that have grads; return their step counts (to advance)."""
+    def _add_group(self, group: dict, batches: dict, found_inf) -> list:
+        """Queue the group's parameters that have grads; return their step counts (to advance).
+        ``found_inf``: GradScaler's (or None), for what the kernel's skip cannot express."""
         raise NotImplementedError
 
     @staticmethod
@@ -337,7 +367,7 @@ class SGD(_FusedOptimizer):
                     momentum_buffer_list.append(buffer)
         return False
 
-    def _add_group(self, group, batches):
+    def _add_group(self, group, batches, found_inf):
         params, grads, buffers = [], [], []
         self._init_group(group, params, grads, buffers)
         if not params:
@@ -347,15 +377,25 @@ class SGD(_FusedOptimizer):
                    "weight_decay": group["weight_decay"],
                    "momentum": momentum, "nesterov": float(group["nesterov"]),
                    "buf_decay": momentum, "buf_grad": 1 - dampening}
-        device = torch.device("cpu")
+        device = torch.device("cpu") if found_inf is None else found_inf.device
         first = [b is None for b in buffers]
-        if any(first):  # torch starts a buffer as b_1 = g_1: decay nothing (a zero buffer), take all of g
+        # A buffer created in a step GradScaler skipped stays zero and has not started: with dampening it
+        # must still start as b = g (without, mu * 0 + g is g already). 1.0 there, kept on the device.
+        unstarted = self.__dict__.setdefault("_unstarted", {}) if momentum != 0 and dampening != 0 else {}
+        waiting = [unstarted.pop(p, None) for p in params]
+        if any(first) or any(w is not None for w in waiting):
+            # torch starts a buffer as b_1 = g_1: decay nothing (a zero buffer), take all of g
             new = torch.tensor(first, dtype=torch.float64, device=device)
+            for i, w in enumerate(waiting):
+                if w is not None:
+                    new[i] = w
             columns["buf_decay"] = momentum * (1 - new)
             columns["buf_grad"] = new + (1 - dampening) * (1 - new)
             for i, p in enumerate(params):
                 if first[i]:
                     buffers[i] = self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+                if found_inf is not None and dampening != 0 and (first[i] or waiting[i] is not None):
+                    unstarted[p] = new[i] * found_inf.reshape(()).ne(0)
         self._queue(batches, params, grads, [buffers], columns, device)
         return []
 
@@ -468,7 +508,7 @@ class Adam(_FusedOptimizer):
             state_steps.append(state["step"])
         return False
 
-    def _add_group(self, group, batches):
+    def _add_group(self, group, batches, found_inf):
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps = [], [], [], [], [], []
         self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)
         if not params:
@@ -612,7 +652,7 @@ class RMSprop(_FusedOptimizer):
                 grad_avgs.append(self._state(state, "grad_avg", p))
         return False
 
-    def _add_group(self, group, batches):
+    def _add_group(self, group, batches, found_inf):
         params, grads, square_avgs, momentum_buffers, grad_avgs, state_steps = [], [], [], [], [], []
         self._init_group(group, params, grads, square_avgs, momentum_buffers, grad_avgs, state_steps)
         if not params:
@@ -720,7 +760,7 @@ class Adagrad(_FusedOptimizer):
             state_steps.append(state["step"])
         return False
 
-    def _add_group(self, group, batches):
+    def _add_group(self, group, batches, found_inf):
         params, grads, state_sums, state_steps = [], [], [], []
         self._init_group(group, params, grads, state_sums, state_steps)
         if not params:

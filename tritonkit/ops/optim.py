@@ -1,13 +1,15 @@
 """Fused multi-tensor optimizer updates as custom ops that mutate parameters and state in place.
 
-* ``tritonkit::sgd_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers,
-  Tensor coefs) -> ()``
-* ``tritonkit::adam_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs,
-  Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor coefs) -> ()``
-* ``tritonkit::rmsprop_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] square_avgs,
-  Tensor(c!)[] grad_avgs, Tensor(d!)[] momentum_buffers, Tensor coefs) -> ()``
-* ``tritonkit::adagrad_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state_sums,
-  Tensor coefs) -> ()``
+* ``tritonkit::sgd_step_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] momentum_buffers,
+  Tensor coefs, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()``
+* ``tritonkit::adam_step_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs,
+  Tensor(d!)[] exp_avg_sqs, Tensor(e!)[] max_exp_avg_sqs, Tensor coefs, Tensor? grad_scale=None,
+  Tensor? found_inf=None) -> ()``
+* ``tritonkit::rmsprop_step_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] square_avgs,
+  Tensor(d!)[] grad_avgs, Tensor(e!)[] momentum_buffers, Tensor coefs, Tensor? grad_scale=None,
+  Tensor? found_inf=None) -> ()``
+* ``tritonkit::adagrad_step_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] state_sums,
+  Tensor coefs, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()``
 
 Each call is one kernel launch over all its tensors, which share one device and one floating dtype;
 every gradient and state tensor has its parameter's shape and memory layout, and parameters are dense
@@ -16,7 +18,12 @@ list switches that buffer off (no momentum, no AMSGrad maximum, not centered). `
 ``[len(params), K]`` table of per-tensor hyperparameters whose columns the ``*_COEFS`` tuples of
 ``tritonkit.kernels.optim`` name: runtime values, so new hyperparameters never recompile anything.
 
-``mutates_args`` names the parameter and state lists, so ``torch.compile`` traces a step through these
+``grad_scale`` / ``found_inf`` are ``torch.amp.GradScaler``'s (float32, one element, on the params'
+device): with ``grad_scale`` each gradient is divided by it in the kernel and written back unscaled
+(hence ``grads`` is mutable, as in torch's ``_fused_adam_``); ``found_inf`` != 0 makes the launch leave
+everything untouched, decided on the device.
+
+``mutates_args`` names the parameter, gradient and state lists, so ``torch.compile`` traces a step through these
 ops (functionalizing them) without a graph break. Arguments are checked in the real and the fake impl,
 before any launch, raising RuntimeError (as torch's ``_foreach``/fused optimizer ops do) with a message
 naming the argument.
@@ -50,8 +57,9 @@ def same_layout(t: torch.Tensor, ref: torch.Tensor) -> bool:
 
 
 def _check_step(op: str, params, grads, states: dict, optional: tuple, coefs: torch.Tensor,
-                n_coefs: int) -> None:
+                n_coefs: int, grad_scale, found_inf) -> None:
     """``states``: name -> list, in stream order; lists named in ``optional`` may be empty."""
+    check_amp(op, grad_scale, found_inf)
     n = len(params)
     for name, lst in (("grads", grads), *states.items()):
         if len(lst) != n and not (name in optional and len(lst) == 0):
@@ -68,8 +76,9 @@ def _check_step(op: str, params, grads, states: dict, optional: tuple, coefs: to
     if device.type not in (default_device().type, "meta"):
         raise RuntimeError(f"{op}: params must be on {default_device().type} where the kernels run, "
                            f"got {device}")
-    if coefs.device != device:
-        raise RuntimeError(f"{op}: coefs is on {coefs.device} but params are on {device}")
+    for name, t in (("coefs", coefs), ("grad_scale", grad_scale), ("found_inf", found_inf)):
+        if t is not None and t.device != device:
+            raise RuntimeError(f"{op}: {name} is on {t.device} but params are on {device}")
     for name, lst in (("params", params), ("grads", grads), *states.items()):
         for i, t in enumerate(lst):  # the common case costs a few attribute reads per tensor
             p = params[i]
@@ -77,6 +86,14 @@ def _check_step(op: str, params, grads, states: dict, optional: tuple, coefs: to
                     or not (t.stride() == p.stride() or same_layout(t, p))
                     or (t is p and not (p.is_contiguous() or is_dense(p.shape, p.stride())))):
                 _explain(op, name, i, t, p, dtype, device)
+
+
+def check_amp(op: str, grad_scale, found_inf) -> None:
+    """GradScaler's tensors: float32 with one element (torch's fused optimizers read them as float too)."""
+    for name, t in (("grad_scale", grad_scale), ("found_inf", found_inf)):
+        if t is not None and (t.dtype != torch.float32 or t.numel() != 1):
+            raise RuntimeError(f"{op}: {name} must be a float32 tensor with one element, got {t.dtype} of "
+                               f"shape {list(t.shape)}")
 
 
 def _explain(op: str, name: str, i: int, t: torch.Tensor, p: torch.Tensor, dtype, device) -> None:
@@ -95,78 +112,84 @@ _SGD, _ADAM = "tritonkit.sgd_step_", "tritonkit.adam_step_"
 _RMSPROP, _ADAGRAD = "tritonkit.rmsprop_step_", "tritonkit.adagrad_step_"
 
 
-def _check_sgd(params, grads, momentum_buffers, coefs):
+def _check_sgd(params, grads, momentum_buffers, coefs, grad_scale, found_inf):
     _check_step(_SGD, params, grads, {"momentum_buffers": momentum_buffers}, ("momentum_buffers",), coefs,
-                len(kernels.SGD_COEFS))
+                len(kernels.SGD_COEFS), grad_scale, found_inf)
 
 
-def _check_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, coefs):
+def _check_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, coefs, grad_scale, found_inf):
     _check_step(_ADAM, params, grads,
                 {"exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs, "max_exp_avg_sqs": max_exp_avg_sqs},
-                ("max_exp_avg_sqs",), coefs, len(kernels.ADAM_COEFS))
+                ("max_exp_avg_sqs",), coefs, len(kernels.ADAM_COEFS), grad_scale, found_inf)
 
 
-def _check_rmsprop(params, grads, square_avgs, grad_avgs, momentum_buffers, coefs):
+def _check_rmsprop(params, grads, square_avgs, grad_avgs, momentum_buffers, coefs, grad_scale, found_inf):
     _check_step(_RMSPROP, params, grads,
                 {"square_avgs": square_avgs, "grad_avgs": grad_avgs, "momentum_buffers": momentum_buffers},
-                ("grad_avgs", "momentum_buffers"), coefs, len(kernels.RMSPROP_COEFS))
+                ("grad_avgs", "momentum_buffers"), coefs, len(kernels.RMSPROP_COEFS), grad_scale, found_inf)
 
 
-def _check_adagrad(params, grads, state_sums, coefs):
-    _check_step(_ADAGRAD, params, grads, {"state_sums": state_sums}, (), coefs, len(kernels.ADAGRAD_COEFS))
+def _check_adagrad(params, grads, state_sums, coefs, grad_scale, found_inf):
+    _check_step(_ADAGRAD, params, grads, {"state_sums": state_sums}, (), coefs, len(kernels.ADAGRAD_COEFS),
+                grad_scale, found_inf)
 
 
-@torch.library.custom_op("tritonkit::sgd_step_", mutates_args=("params", "momentum_buffers"))
+@torch.library.custom_op("tritonkit::sgd_step_", mutates_args=("params", "grads", "momentum_buffers"))
 def sgd_step_(params: list[torch.Tensor], grads: list[torch.Tensor], momentum_buffers: list[torch.Tensor],
-              coefs: torch.Tensor) -> None:
+              coefs: torch.Tensor, grad_scale: torch.Tensor | None = None,
+              found_inf: torch.Tensor | None = None) -> None:
     """SGD (momentum, dampening, Nesterov, weight decay, maximize) on every tensor in one launch."""
-    _check_sgd(params, grads, momentum_buffers, coefs)
-    kernels.sgd_step_(params, grads, momentum_buffers, coefs.contiguous())
+    _check_sgd(params, grads, momentum_buffers, coefs, grad_scale, found_inf)
+    kernels.sgd_step_(params, grads, momentum_buffers, coefs.contiguous(), grad_scale, found_inf)
 
 
 @sgd_step_.register_fake
-def _(params, grads, momentum_buffers, coefs):
-    _check_sgd(params, grads, momentum_buffers, coefs)
+def _(params, grads, momentum_buffers, coefs, grad_scale=None, found_inf=None):
+    _check_sgd(params, grads, momentum_buffers, coefs, grad_scale, found_inf)
 
 
 @torch.library.custom_op("tritonkit::adam_step_",
-                         mutates_args=("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"))
+                         mutates_args=("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"))
 def adam_step_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
                exp_avg_sqs: list[torch.Tensor], max_exp_avg_sqs: list[torch.Tensor],
-               coefs: torch.Tensor) -> None:
+               coefs: torch.Tensor, grad_scale: torch.Tensor | None = None,
+               found_inf: torch.Tensor | None = None) -> None:
     """Adam / AdamW (L2 or decoupled weight decay, AMSGrad, maximize) on every tensor in one launch."""
-    _check_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, coefs)
-    kernels.adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, coefs.contiguous())
+    _check_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, coefs, grad_scale, found_inf)
+    kernels.adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, coefs.contiguous(), grad_scale, found_inf)
 
 
 @adam_step_.register_fake
-def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, coefs):
-    _check_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, coefs)
+def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, coefs, grad_scale=None, found_inf=None):
+    _check_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, coefs, grad_scale, found_inf)
 
 
 @torch.library.custom_op("tritonkit::rmsprop_step_",
-                         mutates_args=("params", "square_avgs", "grad_avgs", "momentum_buffers"))
+                         mutates_args=("params", "grads", "square_avgs", "grad_avgs", "momentum_buffers"))
 def rmsprop_step_(params: list[torch.Tensor], grads: list[torch.Tensor], square_avgs: list[torch.Tensor],
                   grad_avgs: list[torch.Tensor], momentum_buffers: list[torch.Tensor],
-                  coefs: torch.Tensor) -> None:
+                  coefs: torch.Tensor, grad_scale: torch.Tensor | None = None,
+                  found_inf: torch.Tensor | None = None) -> None:
     """RMSprop (centered, momentum, weight decay, maximize) on every tensor in one launch."""
-    _check_rmsprop(params, grads, square_avgs, grad_avgs, momentum_buffers, coefs)
-    kernels.rmsprop_step_(params, grads, square_avgs, grad_avgs, momentum_buffers, coefs.contiguous())
+    _check_rmsprop(params, grads, square_avgs, grad_avgs, momentum_buffers, coefs, grad_scale, found_inf)
+    kernels.rmsprop_step_(params, grads, square_avgs, grad_avgs, momentum_buffers, coefs.contiguous(), grad_scale,
+                          found_inf)
 
 
 @rmsprop_step_.register_fake
-def _(params, grads, square_avgs, grad_avgs, momentum_buffers, coefs):
-    _check_rmsprop(params, grads, square_avgs, grad_avgs, momentum_buffers, coefs)
+def _(params, grads, square_avgs, grad_avgs, momentum_buffers, coefs, grad_scale=None, found_inf=None):
+    _check_rmsprop(params, grads, square_avgs, grad_avgs, momentum_buffers, coefs, grad_scale, found_inf)
 
 
-@torch.library.custom_op("tritonkit::adagrad_step_", mutates_args=("params", "state_sums"))
+@torch.library.custom_op("tritonkit::adagrad_step_", mutates_args=("params", "grads", "state_sums"))
 def adagrad_step_(params: list[torch.Tensor], grads: list[torch.Tensor], state_sums: list[torch.Tensor],
-                  coefs: torch.Tensor) -> None:
+                  coefs: torch.Tensor, grad_scale: torch.Tensor | None = None,
+                  found_inf: torch.Tensor | None = None) -> None:
     """Adagrad (lr decay, weight decay, maximize) on every tensor in one launch."""
-    _check_adagrad(params, grads, state_sums, coefs)
-    kernels.adagrad_step_(params, grads, state_sums, coefs.contiguous())
+    _check_adagrad(params, grads, state_sums, coefs, grad_scale, found_inf)
+    kernels.adagrad_step_(params, grads, state_sums, coefs.contiguous(), grad_scale, found_inf)
 
 
 @adagrad_step_.register_fake
-def _(params, grads, state_sums, coefs):
-    _check_adagrad(params, grads, state_sums, coefs)
+def _(params, grads, state_sums, coefs, grad_scale=None, found_inf=None):
+    _check_adagrad(params, grads, state_sums, coefs, grad_scale, found_inf)
