@@ -29,6 +29,14 @@ device for ``fused``/``capturable``, on the CPU otherwise). ``differentiable=Tru
 autograd cannot see through the kernel. Sparse gradients and complex parameters are refused with a
 RuntimeError.
 
+Mixed precision: with ``torch.amp.GradScaler``, ``scaler.step(opt)`` works as with torch's ``fused=True``
+optimizers. Each optimizer sets ``_step_supports_amp_scaling = True``, which tells GradScaler not to
+unscale the gradients itself nor to read ``found_inf`` on the host, but to set ``opt.grad_scale`` and
+``opt.found_inf`` and call ``step``; the same single launch then divides each gradient by
+``grad_scale`` as it loads it (leaving the unscaled gradient in ``p.grad``, as torch's fused kernels
+do) and, when ``found_inf`` != 0, leaves params, state and gradients untouched and the step counts
+where they were (see ``step``).
+
 DTensor parameters (``torch.distributed.fsdp.fully_shard``, tensor parallelism, ``distribute_tensor``;
 sharded or replicated placements) are stepped on their local shards: each parameter, gradient and
 state DTensor is replaced by ``to_local()``, a view aliasing its storage, so the in-place update lands
@@ -232,9 +240,10 @@ class _FusedOptimizer(Optimizer):
         ``fused=True`` optimizers do), so ``scaler.step(opt)`` does not unscale the gradients itself but sets
         ``opt.grad_scale`` and ``opt.found_inf`` (float32 one-element tensors) and calls this step. The
         kernels divide each gradient by ``grad_scale`` as they load it (writing the unscaled gradient back
-        to ``p.grad``, as torch's fused optimizers do) and, where ``found_inf`` != 0, change nothing: params,
-        state and gradients stay as they were and the step counts do not advance (they advance by
-        ``found_inf == 0``, a device-side value). Nothing waits on the host for the inf check when the step
+        to ``p.grad``, as torch's fused optimizers do; a gradient that is first copied to its parameter's
+        memory layout or DTensor placements keeps its scaled values) and, where ``found_inf`` != 0, change
+        nothing: params, state and gradients stay as they were and the step counts do not advance (they
+        advance by ``found_inf == 0``, a device-side value). Nothing waits on the host for the inf check when the step
         counts live on the parameters' device (``fused=True`` or ``capturable=True``); with the default
         CPU step counts, advancing them copies that flag to the CPU.
 
