@@ -35,8 +35,7 @@ weight gradient:
     across programs (split-K, float32 partial sums reduced afterwards) when the GEMM has few tiles.
     With the bias gradient, db[oc] = sum_{n, oh, ow} dy'[n, oc, oh, ow] comes from the same launch: the
     programs of the first column block sum the dy' tiles they load anyway (float32, no atomics); with
-    split-K its partials sit beside the weight's and are reduced with them in one fixed order.
-"""
+    split-K its partials sit beside the weight's and are reduced with them in one fixed order."""
 
 from __future__ import annotations
 
@@ -50,6 +49,7 @@ import triton.language as tl
 
 from tritonkit.kernels.common import (
     INTERP_TILE,
+    REGISTRY,
     TRITON_TYPE,
     check_int32_indexing,
     dot_precision,
@@ -1090,6 +1090,11 @@ def conv2d_backward_kernel(
                     N, H, W, OC, OH, OW, KH, KW, Cg, OCg, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
                     sgn, sgc, sgh, sgw, srn, src, srh, srw, sxn, sxc, sxh, sxw, sdwn, sdwc, sdwh, sdww,
                     HAS_MASK, SPLIT_K, PADDED, PRECISION, HAS_BIAS_GRAD, DW_BLOCK_M, DW_BLOCK_N, DW_BLOCK_K)
+
+
+# float32's flattened input gradient (fewer than 32 output channels per group) has no config pair and runs
+# the two launches (backward_config_for): the few-channel pattern's TF32 twin would compile nothing.
+del REGISTRY["conv2d_backward_few_channels_bias_tf32"]
 
 
 # ------------------------------------------------------------------------------------------- launchers
