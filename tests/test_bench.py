@@ -53,12 +53,14 @@ def test_quick_every_family_against_eager(tmp_path, capsys):
     assert status == 0
     _check_rows(doc, list(bench.FAMILIES), ["eager"])
     rows = doc["results"]
-    assert {r["direction"] for r in rows if r["family"] in ("conv", "linear", "pool", "relu", "bn")} == {"fwd", "bwd"}
+    layered = ("conv", "linear", "pool", "relu", "bn", "dw")
+    assert {r["direction"] for r in rows if r["family"] in layered} == {"fwd", "bwd"}
     assert {r["case"].split()[0] for r in rows if r["family"] == "optim"} == set(bench.OPTIMIZERS)
     assert {r["subject"] for r in rows if r["family"] == "e2e"} == {"tritonkit", "tritonkit.nn"}
-    assert {r["case"].split()[0] for r in rows if r["family"] == "e2e"} == {"lenet", "resnet18", "resnet50"}
+    assert {r["case"].split()[0] for r in rows if r["family"] == "e2e"} == {"lenet", "resnet18", "resnet50",
+                                                                             "mobilenet_v2"}
     assert all("torch.compile(backend=tritonkit)" in r["impl_notes"]["tritonkit"] for r in rows
-               if r["family"] == "bn" or r["case"].startswith("resnet"))
+               if r["family"] in ("bn", "dw") or r["case"].startswith(("resnet", "mobilenet")))
     with open(tmp_path / "bench.csv") as f:
         assert len(list(csv.DictReader(f))) == sum(len(r["times_ms"]) for r in rows)
     assert (tmp_path / "speedups.png").stat().st_size > 0

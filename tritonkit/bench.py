@@ -53,10 +53,11 @@ import torch.nn.functional as F
 import tritonkit
 from tritonkit.runtime import INTERPRET, default_device
 
-FAMILIES = ("conv", "linear", "pool", "relu", "bn", "optim", "e2e")
+FAMILIES = ("conv", "linear", "pool", "relu", "bn", "dw", "optim", "e2e")
 COMPETITORS = ("eager", "inductor")
 # Share of --budget-s each family may use (time a family leaves unused passes to the next ones).
-BUDGET_WEIGHTS = {"conv": 0.2, "linear": 0.15, "pool": 0.06, "relu": 0.04, "bn": 0.1, "optim": 0.2, "e2e": 0.25}
+BUDGET_WEIGHTS = {"conv": 0.18, "linear": 0.14, "pool": 0.05, "relu": 0.04, "bn": 0.09, "dw": 0.06, "optim": 0.19,
+                  "e2e": 0.25}
 CPU_NOTE = ("NOTE: no GPU - these are Triton-interpreter / CPU times, NOT GPU figures; "
             "this run only checks that every benchmark works end to end.")
 bf16, fp16, fp32, fp64 = torch.bfloat16, torch.float16, torch.float32, torch.float64
@@ -377,9 +378,10 @@ BN_FLOOR = {fp32: 1e-4, fp16: 1e-2, bf16: 1e-2}
 
 def check_vs_reference(ours: dict, eager: dict, ref: dict, dtype: torch.dtype) -> None:
     """Each named tensor of ``ours`` (tritonkit) against ``ref`` (the same computation in a wider dtype):
-    its relative error (``max |diff| / max |ref|``) at most ``BN_ERROR_FACTOR`` times eager's own plus
-    ``BN_FLOOR``; integer tensors (``num_batches_tracked``) exactly. Raises AssertionError."""
-    from tritonkit.testing import BN_ERROR_FACTOR, relative_error
+    its relative error (``bn_error``: ``max |diff| / max |ref|``, the scale floored for tensors that are 0
+    in exact arithmetic) at most ``BN_ERROR_FACTOR`` times eager's own plus ``BN_FLOOR``; integer tensors
+    (``num_batches_tracked``) exactly. Raises AssertionError."""
+    from tritonkit.testing import BN_ERROR_FACTOR, bn_error
 
     floor = BN_FLOOR.get(dtype, 1e-3)
     for name, want in ref.items():
@@ -387,7 +389,7 @@ def check_vs_reference(ours: dict, eager: dict, ref: dict, dtype: torch.dtype) -
         if not want.is_floating_point():
             assert torch.equal(got.cpu(), want.cpu()), f"{name}: {got.tolist()} != {want.tolist()}"
             continue
-        err, base = relative_error(got, want), relative_error(eager[name], want)
+        err, base = bn_error(got, want), bn_error(eager[name], want)
         bound = BN_ERROR_FACTOR * base + floor
         assert err <= bound, (f"{name}: relative error {err:.3g} vs the {_dtype_name(want.dtype)} reference > "
                               f"{bound:.3g} ({BN_ERROR_FACTOR:g} x eager's {base:.3g} + {floor:g})")
@@ -439,6 +441,35 @@ def conv_bn_case(name, n, c, hw, oc, k, stride, pad, dtype) -> LayerCase:
                      matmul_key(dtype, torch.backends.cudnn.allow_tf32),
                      "cuDNN conv + torch's BatchNorm (cuDNN or its CUDA kernel, as torch dispatches) + ReLU"
                      if not INTERPRET else "aten conv + BatchNorm + ReLU")
+
+
+def depthwise_case(name, n, c, hw, k, stride, dtype, *, bn: bool) -> LayerCase:
+    """A MobileNetV2 depthwise layer, channels_last, in train mode: ``Conv2d(c, c, k, groups=c, bias=False)``,
+    with ``bn``: + ``BatchNorm2d`` + ``ReLU6`` (the BN statistics come from the depthwise kernel's epilogue)."""
+    device = default_device()
+    pad = k // 2
+    oh = _conv_out(hw, k, stride, pad)
+    es = torch.tensor([], dtype=dtype).element_size()
+    x_n, w_n, y_n = n * c * hw * hw, c * k * k, n * c * oh * oh
+    macs = 2.0 * y_n * k * k
+    # memory-bound: x read, y written (+ BN: y read again for the apply); backward: dy, x read, dx written
+    fwd_bytes = es * (x_n + w_n + y_n * (3 if bn else 1))
+    bwd_bytes = es * (y_n * (3 if bn else 1) + 2 * x_n + 2 * w_n)
+
+    def make():
+        gen = torch.Generator().manual_seed(0)
+        layers = [torch.nn.Conv2d(c, c, k, stride, pad, groups=c, bias=False)]
+        if bn:
+            layers += [torch.nn.BatchNorm2d(c), torch.nn.ReLU6()]
+        with torch.no_grad():
+            layers[0].weight.copy_(torch.randn(layers[0].weight.shape, generator=gen) / k)
+        module = torch.nn.Sequential(*layers).to(device=device, dtype=dtype, memory_format=torch.channels_last)
+        x = torch.randn(n, c, hw, hw, generator=gen).to(device=device, dtype=dtype)
+        return module.train(), x.contiguous(memory_format=torch.channels_last).requires_grad_()
+
+    shape = f"x[{n},{c},{hw},{hw}] NHWC dw {k}x{k} s{stride}{' +bn(train)+relu6' if bn else ''}"
+    note = "cuDNN depthwise conv" + (" + BatchNorm + ReLU6" if bn else "") if not INTERPRET else "aten depthwise conv"
+    return LayerCase("dw", name, dtype, shape, make, (macs, 2 * macs), (fwd_bytes, bwd_bytes), None, note)
 
 
 def _compiled(impl: str, module: torch.nn.Module):
@@ -776,7 +807,12 @@ def run_e2e(batch: int, competitors, timer: Timer) -> list[Result]:
     return run_train_step(rows, model_for, "LeNet", x, y, check, competitors, timer)
 
 
-RESNETS = {"resnet18": ("BasicBlock", (2, 2, 2, 2)), "resnet50": ("Bottleneck", (3, 4, 6, 3))}
+# the nets of run_e2e_net: what they are, and the builder arguments every run uses (no dropout: the
+# check compares one step of two implementations, whose dropout masks would differ)
+NETS = {"resnet18": ("BasicBlock [2, 2, 2, 2]", {}), "resnet50": ("Bottleneck [3, 4, 6, 3]", {}),
+        "mobilenet_v2": ("torchvision's inverted-residual stages, ReLU6, no dropout", {"dropout": 0.0})}
+TINY = {"resnet18": {"width": 4, "layers": (1, 1, 1, 1)}, "resnet50": {"width": 4, "layers": (1, 1, 1, 1)},
+        "mobilenet_v2": {"width": 0.25, "settings": ((1, 16, 1, 1), (6, 24, 2, 2)), "last_channels": 32}}
 
 
 def _step_record(model, loss, init: dict) -> dict:
@@ -788,14 +824,15 @@ def _step_record(model, loss, init: dict) -> dict:
     return {**out, **{n: b.detach() for n, b in model.named_buffers()}}
 
 
-def run_e2e_resnet(arch: str, batch: int, hw: int, dtype: torch.dtype, competitors, timer: Timer, *,
-                   width: int = 64, layers: tuple | None = None, classes: int = 1000) -> list[Result]:
-    """One ResNet training step (``tritonkit.models.resnet18``/``resnet50``, channels_last, every
-    parameter and the images in ``dtype``; SGD momentum 0.9), subject: the tritonkit backend.
+def run_e2e_net(arch: str, batch: int, hw: int, dtype: torch.dtype, competitors, timer: Timer, *,
+                classes: int = 1000, **shrink) -> list[Result]:
+    """One training step of a BatchNorm net of ``tritonkit.models`` (``NETS``: resnet18, resnet50,
+    mobilenet_v2; channels_last, every parameter and the images in ``dtype``; SGD momentum 0.9), subject:
+    the tritonkit backend.
 
     Checked with ``check_vs_reference``: the first step's loss, gradients, parameter updates and
     BatchNorm buffers against the same step of a wide-dtype eager copy (TF32 off), each within
-    ``BN_ERROR_FACTOR`` of eager's own error. ``width``/``layers`` shrink the net (quick mode).
+    ``BN_ERROR_FACTOR`` of eager's own error. ``shrink``: the builder's size arguments (quick mode).
     """
     from tritonkit import models
 
@@ -803,8 +840,7 @@ def run_e2e_resnet(arch: str, batch: int, hw: int, dtype: torch.dtype, competito
     wide = _wide(dtype)
 
     def build():
-        kwargs = {"width": width, **({"layers": layers} if layers else {})}
-        return getattr(models, arch)(classes, **kwargs)
+        return getattr(models, arch)(classes, **NETS[arch][1], **shrink)
 
     def model_for(impl, dt=dtype, memory_format=torch.channels_last):
         with torch.device("meta"):
@@ -828,11 +864,10 @@ def run_e2e_resnet(arch: str, batch: int, hw: int, dtype: torch.dtype, competito
         del ref
         check_vs_reference(_step_record(ours[0], ours[2], init), _step_record(eager[0], eager[2], init), want, dtype)
 
-    block, depth = RESNETS[arch]
-    tiny = layers is not None or width != 64
-    name = f"{arch}{' (tiny)' if tiny else ''} train step b{batch} @{hw}"
-    shape = (f"{arch}(): {block} {list(layers or depth)}, width {width}, {classes} classes, x[{batch},3,{hw},{hw}] "
-             f"NHWC, {_dtype_name(dtype)} parameters, SGD momentum 0.9: forward, cross-entropy, backward, step")
+    name = f"{arch}{' (tiny)' if shrink else ''} train step b{batch} @{hw}"
+    sizes = "".join(f", {k} {v}" for k, v in shrink.items())
+    shape = (f"{arch}(): {NETS[arch][0]}{sizes}, {classes} classes, x[{batch},3,{hw},{hw}] NHWC, "
+             f"{_dtype_name(dtype)} parameters, SGD momentum 0.9: forward, cross-entropy, backward, step")
     rows = {"tritonkit": Result("e2e", name, "step", _dtype_name(dtype), shape, step_flops(build, x.shape), None,
                                 matmul_key(dtype, torch.backends.cudnn.allow_tf32))}
     return run_train_step(rows, model_for, arch, x, y, check, competitors, timer)
@@ -913,6 +948,17 @@ def plan(families, quick: bool, gpu: bool) -> list[tuple]:
             for name, c, hw in (("resnet50 3x3 256->256 +bn+relu @14", 256, 14),  # layer3
                                 ("resnet50 3x3 64->64 +bn+relu @56", 64, 56)):  # layer1
                 layer(conv_bn_case(name, 64, c, hw, c, 3, 1, 1, bf16))
+        elif family == "dw":
+            if quick:
+                layer(depthwise_case("dw3x3 8ch @9", 2, 8, 9, 3, 1, fp32, bn=False))
+                layer(depthwise_case("dw3x3/2 8ch @9 +bn+relu6", 2, 8, 9, 3, 2, fp32, bn=True))
+                continue
+            for name, c, hw, s_, bn in (("mobilenetv2 dw3x3 144ch @56", 144, 56, 1, False),
+                                        ("mobilenetv2 dw3x3/2 144ch @56", 144, 56, 2, False),
+                                        ("mobilenetv2 dw3x3 384ch @14", 384, 14, 1, False),
+                                        ("mobilenetv2 dw3x3 144ch @56 +bn+relu6", 144, 56, 1, True),
+                                        ("mobilenetv2 dw3x3 960ch @7 +bn+relu6", 960, 7, 1, True)):
+                layer(depthwise_case(name, 64, c, hw, 3, s_, bf16, bn=bn))
         elif family == "optim":
             sizes = ((20_000, (64, 64)),) if quick else ((100_000_000, (2048, 2048)), (10_000_000, (1024, 1024)))
             for total, big in sizes:
@@ -927,12 +973,12 @@ def plan(families, quick: bool, gpu: bool) -> list[tuple]:
                           matmul_key(fp32, torch.backends.cudnn.allow_tf32)))
             # quick: the same builders shrunk (one block per stage, width 4, 64x64, 10 classes), float32;
             # full: torchvision's nets on 224x224 (H200: a few GB of activations at these batches)
-            for arch, batch, est_s in (("resnet18", 128, 90), ("resnet50", 64, 120)):
-                kwargs = {"width": 4, "layers": (1, 1, 1, 1), "classes": 10} if quick else {}
+            for arch, batch, est_s in (("resnet18", 128, 90), ("resnet50", 64, 120), ("mobilenet_v2", 128, 90)):
+                kwargs = {**TINY[arch], "classes": 10} if quick else {}
                 hw, dtype = (64, fp32) if quick else (224, bf16)  # 64: layer4's BatchNorms see 2x2x2 values
                 name = f"{arch}{' (tiny)' if quick else ''} train step b{2 if quick else batch} @{hw}"
                 cases.append(("e2e", name, lambda comps, timer, a=arch, b=2 if quick else batch, h=hw, d=dtype,
-                              kw=kwargs: run_e2e_resnet(a, b, h, d, comps, timer, **kw),
+                              kw=kwargs: run_e2e_net(a, b, h, d, comps, timer, **kw),
                               matmul_key(dtype, torch.backends.cudnn.allow_tf32), 0 if quick else est_s))
     return cases
 
@@ -1025,6 +1071,8 @@ def headline(rows: list[dict], gpu: bool = True) -> list[str]:
         return [r["impls"][r["subject"]]["pct_roofline"] for r in rs if r["subject"] in r["impls"]]
 
     target("conv+ReLU fwd vs cuDNN conv then ReLU", speedups(pick("conv", "fwd"), "eager"), 1.0)
+    target("pointwise 1x1 conv fwd vs cuDNN", speedups(pick("conv", "fwd", lambda c: " 1x1 " in c), "eager"), 1.1)
+    target("depthwise conv fwd vs cuDNN", speedups(pick("dw", "fwd", lambda c: "+bn" not in c), "eager"), 1.0)
     big = pick("linear", "fwd", lambda c: not c.startswith("lenet") and "+bias" not in c)
     target("linear fwd (large, plain) vs cuBLAS", speedups(big, "eager"), 0.9)
     fused = pick("linear", "fwd", lambda c: not c.startswith("lenet") and "+bias+relu" in c)
@@ -1037,7 +1085,8 @@ def headline(rows: list[dict], gpu: bool = True) -> list[str]:
     lenet = pick("e2e", case=lambda c: c.startswith("lenet"))
     for comp in ("eager", "inductor"):
         target(f"LeNet train step (tritonkit backend) vs {comp}", speedups(lenet, comp), 1.0)
-    for r in pick("e2e", case=lambda c: c.startswith("resnet")) + pick("bn"):  # no target: the figures
+    nets = pick("e2e", case=lambda c: c.startswith(("resnet", "mobilenet")))
+    for r in nets + pick("bn") + pick("dw", case=lambda c: "+bn" in c):  # no target: the figures
         out.append(f"{r['case']} {r['direction']} (tritonkit backend): "
                    + ", ".join(f"{v:.2f}x vs {c}" for c, v in r["speedup"].items() if v) + " (no target set)")
     for family in FAMILIES:
