@@ -52,9 +52,10 @@ Options, ``torch.compile(model, backend="tritonkit", options={...})``:
 ``tritonkit.lowering`` logger. :func:`explain` runs a model once and returns the reports.
 
 The package: ``rules`` (the registry, and how a rule is written), one module of rules per op family
-(``conv`` with ``depthwise``, ``linear``, ``pool``, ``norm``, ``elementwise``, ``loss``), ``graph`` (reading nodes; ``Spec``/``Rewrite``, what a
-rule returns), ``checks`` (the fake-tensor check of every rewrite), ``lower`` (the pass over a graph and
-the graph edits), ``report`` (options and reports), and here the backend itself.
+(``conv`` with ``depthwise``, ``linear``, ``pool``, ``norm``, ``elementwise``, ``loss``), ``graph``
+(reading nodes; ``Spec``/``Rewrite``, what a rule returns), ``checks`` (the fake-tensor check of every
+rewrite), ``lower`` (the pass over a graph and the graph edits), ``report`` (options and reports), and
+here the backend itself.
 """
 
 from __future__ import annotations
