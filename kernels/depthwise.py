@@ -24,7 +24,9 @@ input gradient, a program = BLOCK_P input pixels (n, h, w) x BLOCK_C input chann
         over the taps where oh = (h + ph - kh*dh) / sh and ow = (w + pw - kw*dw) / sw are whole and in
         range (the stride is constexpr, so the test is a shift and a mask for strides 1 and 2);
     dy' = dy masked by the forward's activation output: y > 0 (relu), 0 < y < 6 (relu6), as
-    threshold_backward / hardtanh_backward pass a NaN output's gradient.
+    threshold_backward / hardtanh_backward pass a NaN output's gradient. With a residual (dx's shape,
+    any strides: an inverted residual block's identity-branch gradient) dx += residual[n, c, h, w],
+    added to the float32 sum in the epilogue, before the one rounding.
 
 weight gradient, a program = BLOCK_C output channels x one split of the N*OH*OW pixels:
     dw[oc, 0, kh, kw] = sum_{n, oh, ow} dy'[n, oc, oh, ow] * x[n, oc // M, oh*sh - ph + kh*dh, ow*sw - pw + kw*dw]
@@ -137,7 +139,7 @@ def _signature(pointers, strides, constexprs, floats=()):
 def _typical(n=32, c=144, hw=56, m=1, k=3, stride=1, pad=1, layout="nhwc", prefixes=("x", "w", "y")):
     """The AOT gate's variant: the usual runtime ints of a launch, by default MobileNetV2's 144-channel
     3x3 depthwise at 56x56 (batch 32, stride 1, padding 1), channels_last; ``prefixes`` name the
-    launch's tensors (x and dx: input shape; y, g, r: output shape; w: the contiguous weight)."""
+    launch's tensors (x, dx and res: input shape; y, g, r: output shape; w: the contiguous weight)."""
     out = (hw + 2 * pad - k) // stride + 1
     oc = c * m
     values = {"N": n, "C": c, "H": hw, "W": hw, "OC": oc, "OH": out, "OW": out, "M": m, "KH": k, "KW": k,
@@ -145,7 +147,7 @@ def _typical(n=32, c=144, hw=56, m=1, k=3, stride=1, pad=1, layout="nhwc", prefi
     if "w" in prefixes:
         values.update(swn=k * k, swh=k, sww=1)
     for prefix in (p for p in prefixes if p != "w"):
-        ch, size = (c, hw) if prefix in ("x", "dx") else (oc, out)
+        ch, size = (c, hw) if prefix in ("x", "dx", "res") else (oc, out)
         strides = (size * size * ch, 1, size * ch, ch) if layout == "nhwc" else (ch * size * size, size * size, size, 1)
         values.update(zip((f"s{prefix}{d}" for d in "nchw"), strides))
     return values
@@ -293,8 +295,8 @@ def _dgrad_config_for(config, dtype, arch=None, launch=None) -> bool:
     return _config_for(config, dtype, arch, launch)
 
 
-_DGRAD_TENSORS = ("g", "r", "w", "dx")
-_DGRAD_PLAIN = {"MASK": ACTIVATIONS["relu6"], "STRIDE_H": 1, "STRIDE_W": 1}
+_DGRAD_TENSORS = ("g", "r", "w", "dx", "res")  # res: the residual, dx itself when there is none
+_DGRAD_PLAIN = {"MASK": ACTIVATIONS["relu6"], "STRIDE_H": 1, "STRIDE_W": 1, "HAS_RESIDUAL": False}
 
 
 @tuned_kernel(
@@ -302,27 +304,31 @@ _DGRAD_PLAIN = {"MASK": ACTIVATIONS["relu6"], "STRIDE_H": 1, "STRIDE_W": 1}
     gpu_configs=GPU_CONFIGS,
     config_for_dtype=_dgrad_config_for,
     interp_heuristics=_interp(lambda a: a["N"] * a["H"] * a["W"], "C"),
-    key=["N", "C", "H", "W", "OC", "OH", "OW", "KH", "KW", "STRIDE_H", "STRIDE_W", "sgc"],
-    signature=_signature(("g_ptr", "r_ptr", "w_ptr", "dx_ptr"), _strides("g", "r") + _W_STRIDES + _strides("dx"),
-                         ("MASK", "STRIDE_H", "STRIDE_W")),
+    key=["N", "C", "H", "W", "OC", "OH", "OW", "KH", "KW", "STRIDE_H", "STRIDE_W", "HAS_RESIDUAL", "sgc"],
+    signature=_signature(("g_ptr", "r_ptr", "w_ptr", "dx_ptr", "res_ptr"),
+                         _strides("g", "r") + _W_STRIDES + _strides("dx", "res"),
+                         ("MASK", "STRIDE_H", "STRIDE_W", "HAS_RESIDUAL")),
     constexprs=lambda dtype: {**_DGRAD_PLAIN, **_typical(prefixes=_DGRAD_TENSORS)},
     variants={
         "stride2": lambda dtype: {**_DGRAD_PLAIN, "STRIDE_H": 2, "STRIDE_W": 2,
                                   **_typical(c=96, hw=112, stride=2, prefixes=_DGRAD_TENSORS)},
         "5x5": lambda dtype: {**_DGRAD_PLAIN, **_typical(c=240, hw=28, k=5, pad=2, prefixes=_DGRAD_TENSORS)},
         "nchw": lambda dtype: {**_DGRAD_PLAIN, "MASK": 0, **_typical(layout="nchw", prefixes=_DGRAD_TENSORS)},
+        # MobileNetV2's inverted residual block (stride 1): + the identity branch's gradient
+        "residual": lambda dtype: {**_DGRAD_PLAIN, "HAS_RESIDUAL": True, **_typical(prefixes=_DGRAD_TENSORS)},
     },
 )
 @triton.jit
 def depthwise_conv2d_input_grad_kernel(
-    g_ptr, r_ptr, w_ptr, dx_ptr,
+    g_ptr, r_ptr, w_ptr, dx_ptr, res_ptr,
     N, C, H, W, OC, OH, OW, M, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    sgn, sgc, sgh, sgw, srn, src, srh, srw, swn, swh, sww, sdxn, sdxc, sdxh, sdxw,
+    sgn, sgc, sgh, sgw, srn, src, srh, srw, swn, swh, sww, sdxn, sdxc, sdxh, sdxw, sresn, sresc, sresh, sresw,
     KH: tl.constexpr, KW: tl.constexpr, MASK: tl.constexpr, STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """dx for one [BLOCK_P input pixels, BLOCK_C input channels] tile (module doc); MASK 0: dy as
-    given, 1: relu, 2: relu6 output r masks it. STRIDE_H/W equal stride_h/w (constexpr copies)."""
+    """dx (+ residual: HAS_RESIDUAL) for one [BLOCK_P input pixels, BLOCK_C input channels] tile
+    (module doc); MASK 0: dy as given, 1: relu, 2: relu6 output r masks it. STRIDE_H/W equal
+    stride_h/w (constexpr copies)."""
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     p_ok = p < N * H * W
@@ -352,8 +358,13 @@ def depthwise_conv2d_input_grad_kernel(
                     g = _activation_mask(g, r, MASK)
                 wt = tl.load(w_ptr + oc * swn + (kh * swh + kw * sww), mask=c_ok, other=0.0)
                 acc += g.to(tl.float32) * wt.to(tl.float32)[None, :]
+    out_mask = p_ok[:, None] & c_ok[None, :]
+    if HAS_RESIDUAL:
+        res = tl.load(res_ptr + (n * sresn + h * sresh + w * sresw)[:, None] + (c * sresc)[None, :], mask=out_mask,
+                      other=0.0)
+        acc += res.to(tl.float32)
     dx_off = (n * sdxn + h * sdxh + w * sdxw)[:, None] + (c * sdxc)[None, :]
-    tl.store(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty), mask=p_ok[:, None] & c_ok[None, :])
+    tl.store(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty), mask=out_mask)
 
 
 # ------------------------------------------------------------------------------------ weight gradient
@@ -495,25 +506,27 @@ def depthwise_conv2d(x, w, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1
 
 
 def depthwise_conv2d_input_grad(grad_out, w, relu_output, input_size, stride, padding, dilation, *,
-                                activation="relu"):
+                                activation="relu", residual=None):
     """``dx`` of shape ``input_size``, in ``grad_out``'s memory format; ``relu_output`` (optional) is
-    the forward's ``activation`` output ("relu" or "relu6") and masks ``grad_out``."""
+    the forward's ``activation`` output ("relu" or "relu6") and masks ``grad_out``; ``residual``
+    (optional, dx's shape, any strides) is added before the one rounding."""
     shape, (KH, KW) = _geometry(input_size, w.shape, stride, padding, dilation)
     N, C, H, W = shape[:4]
     dx = empty(tuple(input_size), dtype=grad_out.dtype, device=grad_out.device,
                memory_format=suggest_memory_format(grad_out))
-    check_int32_indexing(grad_out, w, dx, relu_output)
+    check_int32_indexing(grad_out, w, dx, relu_output, residual)
     if dx.numel() == 0:
         return dx
     r = relu_output if relu_output is not None else grad_out
+    res = residual if residual is not None else dx
 
     def grid(meta):
         return (triton.cdiv(N * H * W, meta["BLOCK_P"]), triton.cdiv(C, meta["BLOCK_C"]))
 
     depthwise_conv2d_input_grad_kernel[grid](
-        grad_out, r, w, dx, *shape, *grad_out.stride(), *r.stride(), w.stride(0), w.stride(2), w.stride(3),
-        *dx.stride(), KH=KH, KW=KW, MASK=ACTIVATIONS[activation] if relu_output is not None else 0,
-        STRIDE_H=stride[0], STRIDE_W=stride[1],
+        grad_out, r, w, dx, res, *shape, *grad_out.stride(), *r.stride(), w.stride(0), w.stride(2), w.stride(3),
+        *dx.stride(), *res.stride(), KH=KH, KW=KW, MASK=ACTIVATIONS[activation] if relu_output is not None else 0,
+        STRIDE_H=stride[0], STRIDE_W=stride[1], HAS_RESIDUAL=residual is not None,
     )
     return dx
 

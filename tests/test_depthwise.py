@@ -1,6 +1,8 @@
 """Depthwise conv2d (groups == C, multiplier M) forward, epilogues and gradients against eager PyTorch
 (``F.conv2d(..., groups=C)`` and autograd), in the interpreter; outputs NaN-poisoned (conftest)."""
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -193,6 +195,68 @@ def test_bad_activation_and_gradient_shapes():
         ops.depthwise_conv2d_input_grad(g[..., :5], w, None, list(x.shape), *geo)
     with pytest.raises(RuntimeError, match="relu_output of size"):
         ops.depthwise_conv2d_weight_grad(g, x, g[:1], list(w.shape), *geo)
+
+
+# --- input gradient + residual (an inverted residual block's identity-branch gradient) in the epilogue
+def _layout(t, layout):
+    if layout == "channels_last":
+        return t.contiguous(memory_format=torch.channels_last)
+    if layout == "strided":  # every other column of a wider tensor
+        wide = torch.empty(*t.shape[:3], 2 * t.shape[3], dtype=t.dtype)
+        wide[..., ::2] = t
+        return wide[..., ::2]
+    return t.contiguous()
+
+
+# (case, grad_output layout (dx's), residual layout, relu6 mask, dtype, interpreter block limit)
+RESIDUAL_CASES = [
+    (CASES[0], "contiguous", "contiguous", True, torch.float32, None),
+    (CASES[0], "channels_last", "channels_last", False, torch.float32, None),
+    (CASES[0], "channels_last", "contiguous", True, torch.float32, 16),  # tails in several programs
+    (CASES[1], "contiguous", "channels_last", False, torch.float32, None),
+    (CASES[1], "channels_last", "strided", True, torch.float32, None),
+    (CASES[2], "channels_last", "contiguous", True, torch.float32, None),  # multiplier 2
+    (CASES[0], "channels_last", "contiguous", True, torch.float16, None),
+    (CASES[1], "contiguous", "channels_last", False, torch.float16, None),
+]
+
+
+@pytest.mark.parametrize("case,g_layout,res_layout,relu_mask,dtype,limit", RESIDUAL_CASES, ids=str)
+def test_input_grad_plus_residual(case, g_layout, res_layout, relu_mask, dtype, limit):
+    """dx + residual against eager autograd of F.conv2d(groups=C) (+ relu6) plus the residual, in
+    float32 on the same rounded values, rounded once."""
+    x, w, _, geo = _inputs(case, dtype, bias=False)
+    activation = "relu6" if relu_mask else "none"
+    y = ops.depthwise_conv2d(x, w, None, *geo, activation)
+    g = _layout(torch.randn(y.shape).to(dtype), g_layout)
+    res = _layout(torch.randn(x.shape).to(dtype), res_layout)
+    _, dx_ref, _, _ = _eager_grads(x, w, None, geo, activation, g)
+    with kernels.interp_block_limit(limit) if limit else contextlib.nullcontext():
+        dx = ops.depthwise_conv2d_input_grad(g, w, y if relu_mask else None, list(x.shape), *geo, "relu6", res)
+    assert_close(dx, (dx_ref + res.float()).to(dtype), grad=True)
+    assert dx.is_contiguous(memory_format=conv_kernels.suggest_memory_format(g))
+
+
+def test_input_grad_residual_opcheck():
+    x, w, _, geo = _inputs((1, 3, 6, 5, 2, 3, 2, 1, 1))
+    y = ops.depthwise_conv2d(x, w, None, *geo, "relu")
+    res = torch.randn(x.shape).to(memory_format=torch.channels_last)
+    torch.library.opcheck(ops.depthwise_conv2d_input_grad.default, (torch.randn(y.shape), w, y, list(x.shape), *geo,
+                                                                    "relu", res))
+
+
+@pytest.mark.parametrize("needle,residual", [
+    ("residual of size", torch.ones(2, 5, 9, 10)),
+    ("residual of size", torch.ones(5, 9, 11)),
+    ("residual dtype", torch.ones(2, 5, 9, 11, dtype=torch.float16)),
+    ("residual must be float32, float16 or bfloat16", torch.ones(2, 5, 9, 11, dtype=torch.float64)),
+    ("residual is on meta", torch.ones(2, 5, 9, 11, device="meta")),
+], ids=str)
+def test_input_grad_bad_residual_raises(needle, residual, monkeypatch):
+    x, w, _, geo = _inputs(CASES[0])
+    monkeypatch.setattr(kernels, "depthwise_conv2d_input_grad_kernel", None)  # launching it would fail
+    with pytest.raises(RuntimeError, match=needle):
+        ops.depthwise_conv2d_input_grad(torch.randn(2, 5, 9, 11), w, None, list(x.shape), *geo, "relu", residual)
 
 
 # --- eval BatchNorm epilogue

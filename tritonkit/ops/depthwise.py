@@ -14,9 +14,11 @@ weight [OC, 1, KH, KW] with OC = C * M, M >= 1 the channel multiplier; direct ke
   (count, mean, M2 per 64-pixel tile, ``T = kernels.conv.bn_stat_tiles(N*OH*OW)``), from the float32
   accumulator; ``batch_norm_train_from_partials(out, partials, ...)`` consumes them unchanged.
 * ``depthwise_conv2d_input_grad(grad_output, weight, relu_output, input_size, stride, padding, dilation,
-  activation="relu") -> Tensor``: the input gradient; ``relu_output`` (optional) is the forward's
-  output under ``activation`` ("relu": grad where relu_output > 0; "relu6": where 0 < relu_output < 6,
-  as threshold_backward / hardtanh_backward, a NaN output passing its gradient).
+  activation="relu", residual=None) -> Tensor``: the input gradient; ``relu_output`` (optional) is the
+  forward's output under ``activation`` ("relu": grad where relu_output > 0; "relu6": where
+  0 < relu_output < 6, as threshold_backward / hardtanh_backward, a NaN output passing its gradient);
+  ``residual`` (optional, the input's shape and dtype, any layout) is added in float32 before the one
+  rounding: an inverted residual block's grad_x = the identity branch's gradient + this conv's.
 * ``depthwise_conv2d_weight_grad(grad_output, input, relu_output, weight_size, stride, padding, dilation,
   activation="relu", bias_grad=False) -> (grad_weight, grad_bias?)``: the weight gradient, and with
   ``bias_grad`` the bias gradient from the same launch (else None), summed in float32 in a fixed
@@ -147,28 +149,36 @@ def _check_grad(op, grad_output, relu_output, activation, expected_shape, other_
                            f"{list(grad_output.shape)}")
 
 
-def _check_input_grad(grad_output, weight, relu_output, input_size, stride, padding, dilation, activation):
+def _check_input_grad(grad_output, weight, relu_output, input_size, stride, padding, dilation, activation,
+                      residual):
     op = "tritonkit.depthwise_conv2d_input_grad"
     geometry = _check_geometry(op, input_size, weight.shape, None, stride, padding, dilation)
     _check_grad(op, grad_output, relu_output, activation, _output_shape(input_size, weight.shape, *geometry),
                 "weight", weight)
+    check_float_tensors(op, grad_output=grad_output, residual=residual)
+    if residual is not None and tuple(residual.shape) != tuple(input_size):
+        raise RuntimeError(f"{op}: residual of size {list(residual.shape)} must match the input gradient "
+                           f"{list(input_size)}")
     return geometry
 
 
 @torch.library.custom_op("tritonkit::depthwise_conv2d_input_grad", mutates_args=())
 def depthwise_conv2d_input_grad(grad_output: torch.Tensor, weight: torch.Tensor, relu_output: Optional[torch.Tensor],
                                 input_size: Sequence[int], stride: Sequence[int], padding: Sequence[int],
-                                dilation: Sequence[int], activation: str = "relu") -> torch.Tensor:
+                                dilation: Sequence[int], activation: str = "relu",
+                                residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Gradient of the depthwise conv with respect to its input; ``relu_output`` (the forward's
-    ``activation`` output) masks ``grad_output`` if given."""
-    geometry = _check_input_grad(grad_output, weight, relu_output, input_size, stride, padding, dilation, activation)
+    ``activation`` output) masks ``grad_output`` if given; ``residual`` (the input's shape, any layout)
+    is added in the epilogue, in float32 before the one rounding."""
+    geometry = _check_input_grad(grad_output, weight, relu_output, input_size, stride, padding, dilation, activation,
+                                 residual)
     return kernels.depthwise_conv2d_input_grad(grad_output, weight, relu_output, input_size, *geometry,
-                                               activation=activation)
+                                               activation=activation, residual=residual)
 
 
 @depthwise_conv2d_input_grad.register_fake
-def _(grad_output, weight, relu_output, input_size, stride, padding, dilation, activation="relu"):
-    _check_input_grad(grad_output, weight, relu_output, input_size, stride, padding, dilation, activation)
+def _(grad_output, weight, relu_output, input_size, stride, padding, dilation, activation="relu", residual=None):
+    _check_input_grad(grad_output, weight, relu_output, input_size, stride, padding, dilation, activation, residual)
     return grad_output.new_empty(tuple(input_size)).contiguous(memory_format=suggest_memory_format(grad_output))
 
 
