@@ -43,8 +43,11 @@ The apply kernel computes ``relu?((x - mean) * (invstd * w) + b [+ residual])`` 
 once: centring first keeps large-mean inputs exact (``x * scale + shift`` would cancel). In eval mode
 it reads the running stats and forms ``invstd = 1 / sqrt(running_var + eps)`` per channel itself.
 
-Backward (``aten.native_batch_norm_backward`` semantics; ``g`` is ``grad_out``, first masked to
-``threshold_backward(g, relu_output, 0)`` when a ReLU output is given): a two-stage deterministic
+Backward (``aten.native_batch_norm_backward`` semantics; ``g`` is ``grad_out``, first masked by ``relu_output``
+when given: ``activation="relu"``, the ReLU's output, ``threshold_backward(g, relu_output, 0)``, g where
+``relu_output > 0``; ``"relu6"``, the ReLU6's *input* (the BN output), ``hardtanh_backward(g, relu_output, 0, 6)``,
+g where ``0 < relu_output < 6``; a NaN ``relu_output`` passes its g in both, as aten's CUDA kernels and
+torch._decomp do; the reduction and the apply pass mask every load the same way): a two-stage deterministic
 reduction of ``sum(g)`` and ``sum(g * (x - mean))`` per channel, a finalize kernel that writes
 ``grad_bias``, ``grad_weight = invstd * sum(g * (x - mean))`` and the per-channel coefficients of
 ``grad_input = k*g + c1*(x - mean) + c0`` (training: ``k = w*invstd``, ``c0 = -k*mean(g)``,
@@ -58,7 +61,8 @@ Registered kernels (each compiled by the AOT gate in its NCHW and ``_nhwc`` patt
 one): ``batch_norm_stats_partial``, ``batch_norm_stats_finalize`` (+ ``_cumulative``, ``_tiles``: conv
 tiles in, ``_stats_only``), ``batch_norm_tiles_combine`` (float32 only: it reads only the partials),
 ``batch_norm_apply``, ``batch_norm_apply_eval`` (same kernel, running stats in the input's dtype),
-``batch_norm_bwd_reduce``, ``batch_norm_bwd_finalize`` (+ ``_eval``), ``batch_norm_bwd_apply``.
+``batch_norm_bwd_reduce`` and ``batch_norm_bwd_apply`` (ReLU mask; + ``_relu6_nhwc``: MobileNetV2's
+channels_last BN + ReLU6), ``batch_norm_bwd_finalize`` (+ ``_eval``).
 """
 
 from __future__ import annotations
@@ -137,6 +141,11 @@ def _typical(layout: str) -> dict:
 
 def _nhwc_variant(flags: dict):
     return {"nhwc": lambda dtype: {**flags, **_typical("nhwc")}}
+
+
+def _relu6_nhwc_variant(flags: dict):
+    """The backward's MobileNetV2 pattern: channels_last, ReLU6 mask."""
+    return {"relu6_nhwc": lambda dtype: {**flags, "MASK": ACTIVATIONS["relu6"], **_typical("nhwc")}}
 
 
 # --- statistics ---------------------------------------------------------------------------------------
@@ -417,26 +426,42 @@ batch_norm_apply_eval_kernel = tuned_kernel(
 # --- backward -------------------------------------------------------------------------------------------
 
 
+# Mask kinds of the backward's relu_output (the MASK constexpr; 0: no relu_output).
+ACTIVATIONS = {"relu": 1, "relu6": 2}
+
+
+@triton.jit
+def _grad_mask(g, y, MASK: tl.constexpr):
+    """g (float32) where the activation passes it: MASK 1 (relu, y its output) zeroes y <= 0, as
+    threshold_backward; 2 (relu6, y its input) also y >= 6, as hardtanh_backward(g, y, 0, 6). NaN y keeps g."""
+    if MASK:
+        drop = y <= 0
+        if MASK == 2:
+            drop = drop | (y >= 6)
+        g = tl.where(drop, 0.0, g)
+    return g
+
+
 def _bwd_reduce_signature(dtype):
     t = f"*{TRITON_TYPE[dtype]}"
     return {"g_ptr": t, "x_ptr": t, "y_ptr": t, "mean_ptr": "*fp32", "part_ptr": "*fp32",
-            **dict.fromkeys(_VIEW_INTS, "i32"), "SPLIT": "i32", "HAS_MASK": "constexpr", "NEED_DOT": "constexpr",
+            **dict.fromkeys(_VIEW_INTS, "i32"), "SPLIT": "i32", "MASK": "constexpr", "NEED_DOT": "constexpr",
             "BLOCK_B": "constexpr", "BLOCK_C": "constexpr"}
 
 
-_BWD_FLAGS = {"HAS_MASK": True, "NEED_DOT": True}
+_BWD_FLAGS = {"MASK": ACTIVATIONS["relu"], "NEED_DOT": True}
 
 
 @tuned_kernel("batch_norm_bwd_reduce", gpu_configs=_REDUCE_CONFIGS, config_for_dtype=_REDUCE_FOR,
               interp_heuristics=_REDUCE_INTERP, key=["A", "B", "C", "s_b", "s_c", "SPLIT"],
               signature=_bwd_reduce_signature, constexprs=lambda dtype: {**_BWD_FLAGS, **_typical("nchw")},
-              variants=_nhwc_variant(_BWD_FLAGS))
+              variants={**_nhwc_variant(_BWD_FLAGS), **_relu6_nhwc_variant(_BWD_FLAGS)})
 @triton.jit
 def batch_norm_bwd_reduce_kernel(
     g_ptr, x_ptr, y_ptr, mean_ptr, part_ptr,
     A, B, C, s_a, s_b, s_c,
     SPLIT,
-    HAS_MASK: tl.constexpr,  # zero g where y <= 0 (y: the ReLU output)
+    MASK: tl.constexpr,  # 0: g as given; ACTIVATIONS[...]: g masked by y (:func:`_grad_mask`)
     NEED_DOT: tl.constexpr,  # also sum g * (x - mean) (else x and mean are not read)
     BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -461,9 +486,8 @@ def batch_norm_bwd_reduce_kernel(
         off = a * s_a + b[:, None] * s_b + c_off
         m = (b < B)[:, None] & c_ok[None, :]
         g = tl.load(g_ptr + off, mask=m, other=0.0).to(tl.float32)
-        if HAS_MASK:
-            y = tl.load(y_ptr + off, mask=m, other=1.0).to(tl.float32)
-            g = tl.where(y <= 0, 0.0, g)
+        if MASK:
+            g = _grad_mask(g, tl.load(y_ptr + off, mask=m, other=1.0).to(tl.float32), MASK)
         acc_g += g
         if NEED_DOT:
             x = tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32)
@@ -531,24 +555,28 @@ def batch_norm_bwd_finalize_kernel(
         tl.store(coef_ptr + 3 * C + c, c1, mask=c_ok)
 
 
+_BWD_APPLY_FLAGS = {"MASK": ACTIVATIONS["relu"], "TRAIN": True}
+
+
 def _bwd_apply_signature(dtype):
     t = f"*{TRITON_TYPE[dtype]}"
     return {"g_ptr": t, "x_ptr": t, "y_ptr": t, "coef_ptr": "*fp32", "dx_ptr": t, **dict.fromkeys(_VIEW_INTS, "i32"),
-            "HAS_MASK": "constexpr", "TRAIN": "constexpr", "BLOCK_B": "constexpr", "BLOCK_C": "constexpr"}
+            "MASK": "constexpr", "TRAIN": "constexpr", "BLOCK_B": "constexpr", "BLOCK_C": "constexpr"}
 
 
 @tuned_kernel("batch_norm_bwd_apply", gpu_configs=_APPLY_CONFIGS, config_for_dtype=_APPLY_FOR,
               interp_heuristics=_TILE_INTERP, key=["A", "B", "C", "s_b", "s_c"], signature=_bwd_apply_signature,
-              constexprs=lambda dtype: {"HAS_MASK": True, "TRAIN": True, **_typical("nchw")},
-              variants=_nhwc_variant({"HAS_MASK": True, "TRAIN": True}))
+              constexprs=lambda dtype: {**_BWD_APPLY_FLAGS, **_typical("nchw")},
+              variants={**_nhwc_variant(_BWD_APPLY_FLAGS), **_relu6_nhwc_variant(_BWD_APPLY_FLAGS)})
 @triton.jit
 def batch_norm_bwd_apply_kernel(
     g_ptr, x_ptr, y_ptr, coef_ptr, dx_ptr,
     A, B, C, s_a, s_b, s_c,
-    HAS_MASK: tl.constexpr, TRAIN: tl.constexpr,  # eval: dx = k * g (x is not read)
+    MASK: tl.constexpr,  # as the reduction's: g masked by y (:func:`_grad_mask`) when non-zero
+    TRAIN: tl.constexpr,  # eval: dx = k * g (x is not read)
     BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """dx = k[c] * g + c1[c] * (x - mean[c]) + c0[c], g ReLU-masked by y when HAS_MASK."""
+    """dx = k[c] * g + c1[c] * (x - mean[c]) + c0[c], g masked by y when MASK."""
     pid = tl.program_id(0)
     c_blocks = tl.cdiv(C, BLOCK_C)
     tile = pid // c_blocks
@@ -561,9 +589,8 @@ def batch_norm_bwd_apply_kernel(
     m = (b < B)[:, None] & c_ok[None, :]
     k = tl.load(coef_ptr + C + c, mask=c_ok, other=0.0)
     g = tl.load(g_ptr + off, mask=m, other=0.0).to(tl.float32)
-    if HAS_MASK:
-        y = tl.load(y_ptr + off, mask=m, other=1.0).to(tl.float32)
-        g = tl.where(y <= 0, 0.0, g)
+    if MASK:
+        g = _grad_mask(g, tl.load(y_ptr + off, mask=m, other=1.0).to(tl.float32), MASK)
     dx = g * k[None, :]
     if TRAIN:
         mean = tl.load(coef_ptr + c, mask=c_ok, other=0.0)
@@ -742,13 +769,15 @@ def batch_norm_eval(input, weight, bias, running_mean, running_var, eps, residua
 
 
 def batch_norm_backward(grad_out, input, weight, running_mean, running_var, save_mean, save_invstd, train, eps,
-                        output_mask, relu_output=None, split=None):
-    """``aten.native_batch_norm_backward`` (+ an optional ReLU-output mask on ``grad_out``):
-    ``(grad_input, grad_weight, grad_bias)``, None where ``output_mask`` says so."""
+                        output_mask, relu_output=None, split=None, activation="relu"):
+    """``aten.native_batch_norm_backward`` (+ an optional mask on ``grad_out`` by ``relu_output`` under
+    ``activation``, a key of :data:`ACTIVATIONS`: module doc): ``(grad_input, grad_weight, grad_bias)``, None
+    where ``output_mask`` says so."""
     want_dx, want_gw, want_gb = (bool(m) for m in output_mask)
     x, view, fmt = _layout(input)
     A, B, C, s_a, s_b, s_c = view
     dev = x.device
+    mask_kind = ACTIVATIONS[activation] if relu_output is not None else 0
     g = _in_layout(grad_out, x, view)
     y = _in_layout(relu_output, x, view)
     check_int32_indexing(x, g, y)
@@ -763,7 +792,7 @@ def batch_norm_backward(grad_out, input, weight, running_mean, running_var, save
     if split:
         batch_norm_bwd_reduce_kernel[lambda meta: (triton.cdiv(C, meta["BLOCK_C"]), split)](
             g, x, y if y is not None else g, mean, part, A, B, C, s_a, s_b, s_c, split,
-            HAS_MASK=y is not None, NEED_DOT=need_dot)
+            MASK=mask_kind, NEED_DOT=need_dot)
     grad_weight = empty((C,), dtype=x.dtype, device=dev) if want_gw else None
     grad_bias = empty((C,), dtype=x.dtype, device=dev) if want_gb else None
     coef = empty((4, C), dtype=torch.float32, device=dev) if want_dx else part
@@ -777,7 +806,7 @@ def batch_norm_backward(grad_out, input, weight, running_mean, running_var, save
         grad_input = empty(x.shape, dtype=x.dtype, device=dev, memory_format=fmt)
         batch_norm_bwd_apply_kernel[_tile_grid(C, A, B)](
             g, x, y if y is not None else g, coef, grad_input, A, B, C, s_a, s_b, s_c,
-            HAS_MASK=y is not None, TRAIN=bool(train))
+            MASK=mask_kind, TRAIN=bool(train))
     return grad_input, grad_weight, grad_bias
 
 

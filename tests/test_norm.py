@@ -565,20 +565,30 @@ def test_eval_forward_one_value_per_channel():
 # ---------------------------------------------------------------------------------------------- backward
 
 
-def eager_backward(g, x, w, rm, rv, save_mean, save_invstd, train, mask, relu_output=None):
-    """aten's backward in float32 on the same rounded values (ReLU mask as threshold_backward)."""
+def eager_mask(g, relu_output, activation="relu"):
+    """grad_out as AOTAutograd's graph masks it: threshold_backward (relu) or hardtanh_backward(g, y, 0, 6)
+    (relu6). A NaN y passes its gradient, as aten's CUDA kernel, its scalar CPU loop and torch._decomp's
+    hardtanh_backward do; aten's vectorized CPU loop drops it, so that one case follows the decomposition."""
+    if activation == "relu6":
+        return torch.where(relu_output.isnan(), g, aten.hardtanh_backward(g, relu_output, 0.0, 6.0))
+    return aten.threshold_backward(g, relu_output, 0)
+
+
+def eager_backward(g, x, w, rm, rv, save_mean, save_invstd, train, mask, relu_output=None, activation="relu"):
+    """aten's backward in float32 on the same rounded values (masked as :func:`eager_mask`)."""
     g, x = g.float(), x.float()
     if relu_output is not None:
-        g = aten.threshold_backward(g, relu_output.float(), 0)
+        g = eager_mask(g, relu_output.float(), activation)
     up = [None if t is None else t.float() for t in (w, rm, rv, save_mean, save_invstd)]
     return aten.native_batch_norm_backward(g, x, *up, train, EPS, mask)
 
 
-def check_backward(g, x, w, rm, rv, train, mask=(True, True, True), relu_output=None, save=None):
+def check_backward(g, x, w, rm, rv, train, mask=(True, True, True), relu_output=None, save=None, activation=None):
     if save is None:  # float32 batch statistics from eager on the same rounded input
         save = aten._native_batch_norm_legit.no_stats(x.float(), None, None, True, 0.1, EPS)[1:]
-    result = ops.batch_norm_backward(g, x, w, rm, rv, *save, train, EPS, list(mask), relu_output)
-    ref = eager_backward(g, x, w, rm, rv, *save, train, list(mask), relu_output)
+    extra = () if activation is None else (activation,)  # None: the schema's default
+    result = ops.batch_norm_backward(g, x, w, rm, rv, *save, train, EPS, list(mask), relu_output, *extra)
+    ref = eager_backward(g, x, w, rm, rv, *save, train, list(mask), relu_output, activation or "relu")
     for name, got, r, want in zip(["grad_input", "grad_weight", "grad_bias"], result, ref, mask):
         if not want:
             assert got is None, name
@@ -634,6 +644,54 @@ def test_backward_relu_mask(layouts, train, dtype):
     w, _, rm, rv = params(4, dtype)
     result = check_backward(g, x, w, rm, rv, train, relu_output=y)
     assert all(r.isfinite().all() for r in result)
+
+
+def relu6_input(shape, layout, dtype, shift=3.0):
+    """A ReLU6 input y (the BN output) around [0, 6], with exact 0, -0, 6, their nearest kept neighbours
+    (just inside (0, 6)), values past both ends and NaN at random places."""
+    y = make(shape, "contiguous", torch.float32, scale=3.0, shift=shift)
+    inside = 6.0 * (1 - torch.finfo(dtype).eps)
+    assert 0 < torch.tensor(inside).to(dtype) < 6
+    specials = torch.tensor([0.0, -0.0, 6.0, torch.finfo(dtype).tiny, inside, 6.5, -0.5, float("nan")])
+    pick = torch.randint(0, 2 * len(specials), shape)  # about half the elements special
+    y = torch.where(pick < len(specials), specials[pick.clamp(max=len(specials) - 1)].to(DEVICE), y)
+    y = y.to(dtype)
+    return y.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else y
+
+
+@pytest.mark.parametrize("layouts", [("channels_last", "channels_last"), ("contiguous", "channels_last"),
+                                     ("contiguous", "contiguous")])
+@pytest.mark.parametrize("train,affine", [(True, True), (False, True), (True, False)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_backward_relu6_mask(layouts, train, affine, dtype):
+    """activation="relu6": relu_output is the hardtanh's input y, grad_out masked as hardtanh_backward(g, y,
+    0, 6) in both stages: NaN gradients where y <= 0 or y >= 6 (exactly 0 and 6 included) vanish from the
+    sums and from grad_input, a NaN y lets its gradient through."""
+    shape = (3, 5, 6, 7)
+    x = make(shape, layouts[1], dtype)
+    y = relu6_input(shape, layouts[0], dtype)
+    dead = ((y <= 0) | (y >= 6)) & (torch.rand(shape, device=DEVICE) < 0.5)
+    g = torch.where(dead, float("nan"), make(shape, layouts[1], dtype))
+    w, _, rm, rv = params(5, dtype, affine)
+    decomposition = torch._decomp.decomposition_table[aten.hardtanh_backward.default]
+    torch.testing.assert_close(eager_mask(g, y, "relu6"), decomposition(g, y, 0.0, 6.0), equal_nan=True, rtol=0, atol=0)
+    result = check_backward(g, x, w, rm, rv, train, relu_output=y, activation="relu6")
+    assert all(r.isfinite().all() for r in result)
+
+
+def test_backward_relu6_matches_autograd_chain():
+    """relu6(bn(x)) through eager autograd (the graph AOTAutograd traces) vs the op fed the BN output."""
+    x = make((2, 6, 5, 9), "channels_last", shift=0.5)
+    w, b = vec(6), vec(6)
+    mean, invstd = ops.batch_norm_stats(x, EPS)
+    xr, wr, br = (t.clone().requires_grad_() for t in (x, w, b))
+    y = torch.nn.functional.batch_norm(xr, None, None, wr, br, training=True, eps=EPS)
+    g = make((2, 6, 5, 9), "channels_last")
+    torch.nn.functional.relu6(y).backward(g)
+    assert ((y > 0) & (y < 6)).any() and ((y <= 0) | (y >= 6)).any()
+    result = ops.batch_norm_backward(g, x, w, None, None, mean, invstd, True, EPS, [True] * 3, y.detach(), "relu6")
+    for got, want in zip(result, (xr.grad, wr.grad, br.grad)):
+        assert_close(got, want, grad=True)
 
 
 MASKS = [(True, True, True), (True, False, False), (False, True, False), (False, False, True),
@@ -697,13 +755,19 @@ def test_forward_backward_chain(dtype):
         assert_close(got, r.to(dtype), grad=True)
 
 
-def test_backward_large_mean():
-    """Training gradients for x = 100 + 0.01 * randn against float64 (the centring is exact)."""
+@pytest.mark.parametrize("activation", [None, "relu6"])
+def test_backward_large_mean(activation):
+    """Training gradients for x = 100 + 0.01 * randn against float64 (the centring is exact); relu6: g
+    masked by a ReLU6 input as hardtanh_backward."""
     x = make((2, 3, 11, 7), scale=0.01, shift=100.0)
     w = vec(3)
     mean, invstd = ops.batch_norm_stats(x, EPS)
     g = make((2, 3, 11, 7))
-    gi, gw, gb = ops.batch_norm_backward(g, x, w, None, None, mean, invstd, True, EPS, [True] * 3)
+    y = None if activation is None else relu6_input((2, 3, 11, 7), "contiguous", torch.float32)
+    gi, gw, gb = ops.batch_norm_backward(g, x, w, None, None, mean, invstd, True, EPS, [True] * 3, y,
+                                         activation or "relu")
+    if y is not None:
+        g = eager_mask(g, y, activation)
     x64 = x.double().requires_grad_()
     w64 = w.double().requires_grad_()
     torch.nn.functional.batch_norm(x64, None, None, w64, None, training=True, eps=EPS).backward(g.double())
@@ -730,6 +794,8 @@ def test_opcheck(layout):
                                                     [True, True, True], x.relu()))
     torch.library.opcheck(ops.batch_norm_backward, (make((2, 3, 4, 5)), x, w, rm, rv, None, None, False, EPS,
                                                     [True, False, True]))
+    torch.library.opcheck(ops.batch_norm_backward, (make((2, 3, 4, 5)), x, w, rm, rv, mean, invstd, True, EPS,
+                                                    [True, True, True], 3 * x + 3, "relu6"))
 
 
 def test_opcheck_half_save_stats():
@@ -846,3 +912,12 @@ def test_errors_come_before_any_launch(monkeypatch):
         ops.batch_norm_train(x, None, None, None, None, None, 0.1, EPS)
     with pytest.raises(RuntimeError):
         ops.batch_norm_backward(x, x, vec(2), None, None, vec(3), vec(3), True, EPS, [True] * 3)
+    x = make((2, 3, 4, 5))
+    for relu_output in (x, None):
+        with pytest.raises(ValueError, match="activation must be one of 'relu', 'relu6', got 'gelu'"):
+            ops.batch_norm_backward(x, x, None, None, None, vec(3), vec(3), True, EPS, [True] * 3, relu_output, "gelu")
+    fake = torch._subclasses.fake_tensor.FakeTensorMode()
+    with fake, pytest.raises(ValueError, match="activation must be one of"):  # the fake impl too
+        ops.batch_norm_backward(*(fake.from_tensor(t) for t in (x, x)), None, None, None,
+                                *(fake.from_tensor(vec(3)) for _ in range(2)), True, EPS, [True] * 3,
+                                fake.from_tensor(x), "hardtanh")

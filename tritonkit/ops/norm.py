@@ -28,12 +28,18 @@
 * ``batch_norm_eval(input, weight, bias, running_mean, running_var, eps, residual=None, relu=False)
   -> out``: ``relu?((x - running_mean) / sqrt(running_var + eps) * weight + bias [+ residual])``.
 * ``batch_norm_backward(grad_out, input, weight, running_mean, running_var, save_mean, save_invstd,
-  train, eps, output_mask, relu_output=None) -> (grad_input?, grad_weight?, grad_bias?)``:
+  train, eps, output_mask, relu_output=None, activation="relu") -> (grad_input?, grad_weight?, grad_bias?)``:
   ``aten.native_batch_norm_backward``; each output is None unless ``output_mask`` asks for it. With
-  ``relu_output`` (the forward's ``relu=True`` output) ``grad_out`` is first masked as
-  ``threshold_backward(grad_out, relu_output, 0)`` inside the kernels. A residual branch's gradient
-  is that masked gradient itself: a caller that needs it computes ``relu_backward`` once and passes
-  it here with ``relu_output=None``.
+  ``relu_output`` ``grad_out`` is first masked inside the kernels (reduction and apply alike), by
+  ``activation``: ``"relu"``, ``relu_output`` the forward's ``relu=True`` output (or ``relu(bn(x))``):
+  ``threshold_backward(grad_out, relu_output, 0)``, grad where ``relu_output > 0``; ``"relu6"``
+  (MobileNetV2's ``hardtanh(bn(x), 0, 6)``), ``relu_output`` the BN *output*, the hardtanh's input:
+  ``hardtanh_backward(grad_out, relu_output, 0, 6)``, grad where ``0 < relu_output < 6`` (0 at exactly 0
+  and 6). A NaN ``relu_output`` passes its gradient under both, as aten's CUDA kernels and torch._decomp
+  do (aten's vectorized CPU hardtanh_backward drops it, its scalar loop passes it). Without
+  ``relu_output`` ``activation`` is unused (still checked: another value is a ValueError). A residual
+  branch's gradient is that masked gradient itself: a caller that needs it computes ``relu_backward``
+  once and passes it here with ``relu_output=None``.
 
 ``out`` and ``grad_input`` take the input's memory format (``suggest_memory_format``: channels_last in,
 channels_last out; otherwise contiguous), as eager's CPU and cuDNN kernels allocate them. Every tensor
@@ -240,8 +246,11 @@ def _(input, weight, bias, running_mean, running_var, eps, residual=None, relu=F
 
 
 def _check_backward(grad_out, input, weight, running_mean, running_var, save_mean, save_invstd, train,
-                    output_mask, relu_output):
+                    output_mask, relu_output, activation):
     op = _BWD
+    if activation not in kernels.ACTIVATIONS:
+        raise ValueError(f"{op}: activation must be one of {', '.join(map(repr, kernels.ACTIVATIONS))}, got "
+                         f"{activation!r}")
     check_float_tensors(op, input=input, grad_out=grad_out, weight=weight, running_mean=running_mean,
                         running_var=running_var, relu_output=relu_output)
     C = _check_input(op, input)
@@ -270,21 +279,21 @@ def _check_backward(grad_out, input, weight, running_mean, running_var, save_mea
     mutates_args=(),
     schema="(Tensor grad_out, Tensor input, Tensor? weight, Tensor? running_mean, Tensor? running_var, "
            "Tensor? save_mean, Tensor? save_invstd, bool train, float eps, bool[3] output_mask, "
-           "Tensor? relu_output=None) -> (Tensor?, Tensor?, Tensor?)",
+           "Tensor? relu_output=None, str activation=\"relu\") -> (Tensor?, Tensor?, Tensor?)",
 )
 def batch_norm_backward(grad_out, input, weight, running_mean, running_var, save_mean, save_invstd, train, eps,
-                        output_mask, relu_output=None):
+                        output_mask, relu_output=None, activation="relu"):
     _check_backward(grad_out, input, weight, running_mean, running_var, save_mean, save_invstd, train,
-                    output_mask, relu_output)
+                    output_mask, relu_output, activation)
     return kernels.batch_norm_backward(grad_out, input, weight, running_mean, running_var, save_mean, save_invstd,
-                                       train, eps, output_mask, relu_output)
+                                       train, eps, output_mask, relu_output, activation=activation)
 
 
 @batch_norm_backward.register_fake
 def _(grad_out, input, weight, running_mean, running_var, save_mean, save_invstd, train, eps, output_mask,
-      relu_output=None):
+      relu_output=None, activation="relu"):
     C = _check_backward(grad_out, input, weight, running_mean, running_var, save_mean, save_invstd, train,
-                        output_mask, relu_output)
+                        output_mask, relu_output, activation)
     want_dx, want_gw, want_gb = output_mask
     return (_out_like(input) if want_dx else None,
             input.new_empty((C,)) if want_gw else None,
