@@ -23,7 +23,8 @@ class Conv2d(torch.autograd.Function):
     """``y = act(conv2d(x, w) + b)`` for 4-D ``x``.
 
     dx = conv2d_input_grad(dy * (y > 0), w); dw = conv2d_weight_grad(dy * (y > 0), x);
-    db = sum of dy * (y > 0) over N, H, W.
+    db = sum of dy * (y > 0) over N, H, W; when dx and dw are both needed, all three come from one
+    ``conv2d_backward`` launch.
     """
 
     @staticmethod
@@ -45,6 +46,10 @@ class Conv2d(torch.autograd.Function):
         stride, padding, dilation, groups = ctx.conv
         needs = ctx.needs_input_grad
         dx = dw = db = None
+        if needs[0] and needs[1]:
+            dx, dw, db = ops.conv2d_backward(grad, input, weight, relu_out, stride, padding, dilation, groups,
+                                             None, None, ctx.has_bias and needs[2])
+            return dx, dw, db, None, None, None, None, None
         if needs[0]:
             dx = ops.conv2d_input_grad(grad, weight, relu_out, list(input.shape), stride, padding, dilation, groups)
         if needs[1]:
@@ -55,7 +60,8 @@ class Conv2d(torch.autograd.Function):
 
 
 class Linear(torch.autograd.Function):
-    """``y = act(x @ w.T + b)``: dx = (dy * (y > 0)) @ w, dw = (dy * (y > 0)).T @ x, db = sum of dy * (y > 0)."""
+    """``y = act(x @ w.T + b)``: dx = (dy * (y > 0)) @ w, dw = (dy * (y > 0)).T @ x, db = sum of dy * (y > 0)
+    (all three from one ``linear_backward`` launch when dx and dw are both needed)."""
 
     @staticmethod
     def forward(input, weight, bias, relu):
@@ -72,10 +78,81 @@ class Linear(torch.autograd.Function):
     def backward(ctx, grad):
         input, weight, relu_out = ctx.saved_tensors
         needs = ctx.needs_input_grad
+        if needs[0] and needs[1]:
+            return (*ops.linear_backward(grad, input, weight, relu_out, ctx.has_bias and needs[2]), None)
         dx = ops.linear_input_grad(grad, weight, relu_out) if needs[0] else None
         dw = ops.linear_weight_grad(grad, input, relu_out) if needs[1] else None
         db = ops.bias_grad(grad, relu_out, -1) if ctx.has_bias and needs[2] else None
         return dx, dw, db, None
+
+
+class DepthwiseConv2d(torch.autograd.Function):
+    """``y = act(depthwise conv2d(x, w) + b)`` (groups == input channels, ``act`` none / relu / relu6) on
+    the direct kernels: dx = depthwise_conv2d_input_grad(dy masked by y), (dw, db) = depthwise_conv2d_weight_grad."""
+
+    @staticmethod
+    def forward(input, weight, bias, stride, padding, dilation, activation):
+        return ops.depthwise_conv2d(input, weight, bias, stride, padding, dilation, activation)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, weight, bias, stride, padding, dilation, activation = inputs
+        ctx.conv = (list(stride), list(padding), list(dilation))
+        ctx.activation = activation
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(input, weight, output if activation != "none" else None)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        input, weight, out = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        mask_kind = ctx.activation if out is not None else "relu"
+        dx = dw = db = None
+        if needs[0]:
+            dx = ops.depthwise_conv2d_input_grad(grad, weight, out, list(input.shape), *ctx.conv, mask_kind)
+        if needs[1] or (ctx.has_bias and needs[2]):
+            dw, db = ops.depthwise_conv2d_weight_grad(grad, input, out, list(weight.shape), *ctx.conv, mask_kind,
+                                                      ctx.has_bias and needs[2])
+        return dx, dw if needs[1] else None, db, None, None, None, None
+
+
+class AvgPool2d(torch.autograd.Function):
+    """``y = avg_pool2d(x)`` (eager's windows, ``ceil_mode``, ``count_include_pad``, ``divisor_override``);
+    dx spreads each dy over its window with the same divisor."""
+
+    @staticmethod
+    def forward(input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override):
+        return ops.avg_pool2d(input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.pool = inputs[1:]
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (input,) = ctx.saved_tensors
+        return ops.avg_pool2d_backward(grad, input, *ctx.pool), None, None, None, None, None, None
+
+
+class AdaptiveAvgPool2d(torch.autograd.Function):
+    """``y = adaptive_avg_pool2d(x, output_size)`` (PyTorch's floor/ceil windows); dx spreads dy back."""
+
+    @staticmethod
+    def forward(input, output_size):
+        return ops.adaptive_avg_pool2d(input, output_size)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (input,) = ctx.saved_tensors
+        return ops.adaptive_avg_pool2d_backward(grad, input), None
 
 
 class MaxPool2d(torch.autograd.Function):
@@ -160,5 +237,7 @@ def _register(op_name: str, function: type[torch.autograd.Function]) -> None:
 
 
 for _name, _function in (("conv2d", Conv2d), ("linear", Linear), ("max_pool2d", MaxPool2d), ("relu", ReLU),
-                         ("activation", Activation), ("channel_scale", ChannelScale)):
+                         ("activation", Activation), ("channel_scale", ChannelScale),
+                         ("depthwise_conv2d", DepthwiseConv2d), ("avg_pool2d", AvgPool2d),
+                         ("adaptive_avg_pool2d", AdaptiveAvgPool2d)):
     _register(_name, _function)

@@ -57,7 +57,9 @@ def _same_padding(input, weight, stride, dilation) -> tuple[torch.Tensor, list[i
 
 
 def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, activation=None):
-    """2-D convolution, ``torch.nn.functional.conv2d``'s signature, with an optional fused ReLU."""
+    """2-D convolution, ``torch.nn.functional.conv2d``'s signature, with an optional fused ReLU; a depthwise
+    convolution (``groups`` == input channels, one input channel per filter) runs on the direct depthwise
+    kernels, any other on the implicit GEMM."""
     relu = _check_activation(activation)
     x, unbatched = _batched(input, "conv2d")
     stride, dilation = _pair("stride", stride), _pair("dilation", dilation)
@@ -70,7 +72,10 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
             raise ValueError(f"Invalid padding string {padding!r}, should be one of {{'valid', 'same'}}")
     else:
         padding = _pair("padding", padding)
-    y = autograd.Conv2d.apply(x, weight, bias, stride, padding, dilation, groups, relu)
+    if groups > 1 and groups == x.shape[1] and weight.dim() == 4 and weight.shape[1] == 1:  # depthwise
+        y = autograd.DepthwiseConv2d.apply(x, weight, bias, stride, padding, dilation, "relu" if relu else "none")
+    else:
+        y = autograd.Conv2d.apply(x, weight, bias, stride, padding, dilation, groups, relu)
     return y.squeeze(0) if unbatched else y
 
 
@@ -112,6 +117,25 @@ def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
     if unbatched:
         out, indices = out.squeeze(0), indices.squeeze(0)
     return (out, indices) if return_indices else out
+
+
+def avg_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
+               divisor_override=None):
+    """2-D average pooling, ``torch.nn.functional.avg_pool2d``'s signature."""
+    kernel_size = _pair("kernel_size", kernel_size)
+    no_stride = stride is None or (not isinstance(stride, int) and len(stride) == 0)
+    stride = kernel_size if no_stride else _pair("stride", stride)
+    return autograd.AvgPool2d.apply(input, kernel_size, stride, _pair("padding", padding), bool(ceil_mode),
+                                    bool(count_include_pad), divisor_override)
+
+
+def adaptive_avg_pool2d(input, output_size):
+    """``torch.nn.functional.adaptive_avg_pool2d``: any output size (None keeps that input dimension)."""
+    size = [output_size, output_size] if isinstance(output_size, int) else list(output_size)
+    if len(size) != 2:
+        raise ValueError(f"adaptive_avg_pool2d: output_size must be 2, got {len(size)}")
+    size = [input.shape[d - 2] if s is None else s for d, s in enumerate(size)]
+    return autograd.AdaptiveAvgPool2d.apply(input, size)
 
 
 def linear(input, weight, bias=None, *, activation=None):

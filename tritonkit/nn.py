@@ -14,7 +14,7 @@ from tritonkit import functional as TF
 
 
 class Conv2d(torch.nn.Conv2d):
-    """``torch.nn.Conv2d`` on tritonkit's implicit-GEMM conv kernel."""
+    """``torch.nn.Conv2d`` on tritonkit's implicit-GEMM conv kernel (a depthwise one on the direct kernels)."""
 
     activation: str | None = None
 
@@ -55,6 +55,21 @@ class MaxPool2d(torch.nn.MaxPool2d):
     def forward(self, input: torch.Tensor):
         return TF.max_pool2d(input, self.kernel_size, self.stride, self.padding, self.dilation,
                              ceil_mode=self.ceil_mode, return_indices=self.return_indices)
+
+
+class AvgPool2d(torch.nn.AvgPool2d):
+    """``torch.nn.AvgPool2d`` on tritonkit's pooling kernel."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return TF.avg_pool2d(input, self.kernel_size, self.stride, self.padding, self.ceil_mode,
+                             self.count_include_pad, self.divisor_override)
+
+
+class AdaptiveAvgPool2d(torch.nn.AdaptiveAvgPool2d):
+    """``torch.nn.AdaptiveAvgPool2d`` on tritonkit's pooling kernel."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return TF.adaptive_avg_pool2d(input, self.output_size)
 
 
 class ReLU(torch.nn.ReLU):
@@ -115,14 +130,16 @@ class GELU(torch.nn.GELU):
 
 
 _SWAPS = {torch.nn.Conv2d: Conv2d, torch.nn.Linear: Linear, torch.nn.MaxPool2d: MaxPool2d, torch.nn.ReLU: ReLU,
+          torch.nn.AvgPool2d: AvgPool2d, torch.nn.AdaptiveAvgPool2d: AdaptiveAvgPool2d,
           torch.nn.Hardtanh: Hardtanh, torch.nn.ReLU6: ReLU6, torch.nn.Hardswish: Hardswish,
           torch.nn.Hardsigmoid: Hardsigmoid, torch.nn.SiLU: SiLU, torch.nn.Sigmoid: Sigmoid, torch.nn.GELU: GELU}
 _FUSED = {Conv2d: Conv2dReLU, Linear: LinearReLU}
 
 
 def convert(model: torch.nn.Module, *, fuse_relu: bool = True) -> torch.nn.Module:
-    """Make ``model``'s ``torch.nn`` Conv2d, Linear, MaxPool2d, ReLU and activation (Hardtanh, ReLU6,
-    Hardswish, Hardsigmoid, SiLU, Sigmoid, GELU) layers run on tritonkit, in place.
+    """Make ``model``'s ``torch.nn`` Conv2d (depthwise too), Linear, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d,
+    ReLU and activation (Hardtanh, ReLU6, Hardswish, Hardsigmoid, SiLU, Sigmoid, GELU) layers run on
+    tritonkit, in place.
 
     Parameters, buffers and hooks stay where they are (each layer's class is swapped for its tritonkit
     subclass). With ``fuse_relu``, a Conv2d or Linear directly followed by a ReLU inside an
