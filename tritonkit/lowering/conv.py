@@ -170,7 +170,8 @@ def _backward_specs(lw, node, g=None, mask=None, residual=None) -> list[Spec] | 
             raise Fail(f"output {i} is used but output_mask does not ask for it")
     g = grad if g is None else g
     if depthwise.is_depthwise(x, w, geo[3]):
-        specs = depthwise.backward_specs(lw, outs, g, x, w, mask, geo, residual)
+        found = _sum_with(outs[0], node) if 0 in outs and residual is None else None
+        specs = depthwise.backward_specs(lw, outs, g, x, w, mask, geo, residual or found and (*found, None))
         for spec in specs or ():
             spec.masked = mask is not None
         return None if specs is None else lw.in_graph_order(specs)

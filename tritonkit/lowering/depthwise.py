@@ -11,6 +11,7 @@ ATen                                                      tritonkit
                                                           epilogue) + ``batch_norm_train_from_partials``
 ``convolution_backward`` [ReLU mask folded]               ``depthwise_conv2d_input_grad`` +
                                                           ``depthwise_conv2d_weight_grad`` (weight and bias)
+  + ``add`` of the input gradient and another gradient    the sum in the input gradient's epilogue
 =======================================================  ===================================================
 
 A ``hardtanh(0, 6)`` (ReLU6) is fused only where the conv (or BN) output has no other use: in training
@@ -92,14 +93,18 @@ def _bn_train(lw, conv, x, w, b, geo):
 
 def backward_specs(lw, outs, g, x, w, mask, geo, residual) -> list[Spec] | None:
     """Specs for the used outputs ``outs`` ({index: getitem}) of a depthwise ``convolution_backward`` whose
-    gradient is ``g`` (masked by ``mask`` > 0 when given); None with a ``residual`` to sum (not fused here)."""
-    if residual is not None:
+    gradient is ``g`` (masked by ``mask`` > 0 when given); ``residual``: ``(add, tensor, its mask)``, the sum
+    of the input gradient and ``tensor`` that replaces ``add`` (the two branch gradients of an inverted
+    residual block), added in the input gradient's epilogue; None when it has a mask (not fused here)."""
+    if residual is not None and residual[2] is not None:
         return None
     stride, padding, dilation, _groups = geo
     specs = []
     if 0 in outs:
-        args = (g, w, mask, lw.sizes(x), stride, padding, dilation, "relu")
-        specs.append(lw.spec("depthwise_conv2d_input_grad", args, outs[0]))
+        target, extra = (outs[0], ()) if residual is None else (residual[0], (residual[1],))
+        label = "depthwise_conv2d_input_grad" + ("(+ residual)" if extra else "")
+        args = (g, w, mask, lw.sizes(x), stride, padding, dilation, "relu", *extra)
+        specs.append(lw.spec("depthwise_conv2d_input_grad", args, target, label))
     if 1 in outs:
         call = New(lw.tk.depthwise_conv2d_weight_grad.default,
                    (g, x, mask, lw.sizes(w), stride, padding, dilation, "relu", 2 in outs))

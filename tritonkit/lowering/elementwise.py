@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import operator
 
-from tritonkit.lowering import linear
+from tritonkit.lowering import linear, norm
 from tritonkit.lowering.graph import VIEWS, Fail, New, Rewrite, Spec, aten, bind, is_call, only_user, val
 from tritonkit.lowering.report import Lowered
 from tritonkit.lowering.rules import MASK_CONSUMERS, mask_consumer, rule
@@ -166,7 +166,11 @@ def activation(lw, node):
 
 @rule(*_BACKWARDS)
 def activation_backward(lw, node):
-    """``<act>_backward(g, saved)``: ``saved`` is the input, for ``sigmoid_backward`` the output."""
+    """``<act>_backward(g, saved)``: ``saved`` is the input, for ``sigmoid_backward`` the output; a ReLU6's
+    (``hardtanh_backward(g, y, 0, 6)``) whose consumers are all BatchNorm backwards is folded into them."""
+    folded = _relu6_into_batch_norm(lw, node)
+    if folded is not None:
+        return folded
     a = bind(node)
     saved = a["output"] if node.target is aten.sigmoid_backward.default else a["self"]
     lw.checker.tensors_ok(grad_output=a["grad_output"], saved=saved)
@@ -175,6 +179,30 @@ def activation_backward(lw, node):
         raise Fail("grad_output and saved shapes differ (broadcasting)")
     spec = lw.spec("activation_backward", (a["grad_output"], saved, *args), node, f"activation_backward({args[0]})")
     return Rewrite([spec], (node,))
+
+
+def _relu6_into_batch_norm(lw, node):
+    """The ReLU6 mask of ``hardtanh_backward(g, y, 0, 6)`` applied in the loads of the BatchNorm backwards
+    that consume it (``batch_norm_backward(g, ..., relu_output=y, activation="relu6")``), or None."""
+    if node.target is not aten.hardtanh_backward.default or not lw.opts.fuse_relu:
+        return None
+    a = bind(node)
+    g, y = a["grad_output"], a["self"]
+    if (a["min_val"], a["max_val"]) != (0, 6) or tuple(val(g).shape) != tuple(val(y).shape) or not node.users:
+        return None
+    planned = {}
+    for user in node.users:
+        if not is_call(user, aten.native_batch_norm_backward.default) or user.args[0] is not node \
+                or node in user.args[1:]:
+            return None
+        try:
+            planned[user] = norm.backward_specs(lw, user, g, y, "relu6")
+        except Fail as why:
+            log.debug("%s: ReLU6 mask not folded into %s: %s", lw.name, user.name, why)
+            return None
+    labels = dict.fromkeys(s.describe(y.name) for specs in planned.values() for s in specs)
+    lw.lowered.append(Lowered((node.name, *(u.name for u in planned)), tuple(labels)))
+    return Rewrite([], planned=planned, report=False)
 
 
 def _gate_operands(node):

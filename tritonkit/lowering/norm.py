@@ -13,6 +13,7 @@ ATen (AOTAutograd, torch 2.11-2.14)                                  tritonkit
 ``native_batch_norm_backward``                                        ``batch_norm_backward``
 ``threshold_backward`` feeding only BN backward (and other consumers   folded: ``relu_output=`` of the
 that take the mask)                                                   BN backward
+``hardtanh_backward(g, y, 0, 6)`` (ReLU6) feeding only BN backward    folded: ``activation="relu6"``
 ===================================================================  ==========================================
 
 The ReLU after a BatchNorm is fused only when it is the BN output's only consumer (optionally through a
@@ -173,7 +174,10 @@ def batch_norm_eval(lw, node):
     return eval_rewrite(lw, node, make_spec)
 
 
-def _backward_specs(lw, node, grad=None, relu_output=None):
+def backward_specs(lw, node, grad=None, relu_output=None, activation="relu"):
+    """Specs for the used outputs of ``native_batch_norm_backward`` ``node``; ``grad``/``relu_output``: its
+    gradient is ``grad`` masked by ``relu_output`` the way ``activation``'s backward masks it (``"relu"``:
+    ``relu_output`` is the ReLU output, > 0; ``"relu6"``: the hardtanh(0, 6) input, strictly inside (0, 6))."""
     a = bind(node)
     x, w = a["input"], a["weight"]
     grad = a["grad_out"] if grad is None else grad
@@ -185,9 +189,10 @@ def _backward_specs(lw, node, grad=None, relu_output=None):
             raise Fail(f"output {i} is used but output_mask does not ask for it")
     mask = [i in outs for i in range(3)]  # compute only what is used
     saved = (a["save_mean"], a["save_invstd"]) if a["train"] else (None, None)  # eval: empty, unused
-    call = New(lw.tk.batch_norm_backward.default,
-               (grad, x, w, a["running_mean"], a["running_var"], *saved, a["train"], a["eps"], mask, relu_output))
-    specs = [Spec(operator.getitem, (call, i), outs[i], "batch_norm_backward") for i in sorted(outs)]
+    call = New(lw.tk.batch_norm_backward.default, (grad, x, w, a["running_mean"], a["running_var"], *saved,
+                                                   a["train"], a["eps"], mask, relu_output, activation))
+    label = "batch_norm_backward" + ("(relu6 mask)" if activation == "relu6" else "")
+    specs = [Spec(operator.getitem, (call, i), outs[i], label) for i in sorted(outs)]
     for spec in specs:
         lw.checker.check(spec)
     return specs
@@ -195,7 +200,7 @@ def _backward_specs(lw, node, grad=None, relu_output=None):
 
 @rule(aten.native_batch_norm_backward.default)
 def batch_norm_backward(lw, node):
-    specs = _backward_specs(lw, node)
+    specs = backward_specs(lw, node)
     return Rewrite(specs, (node,)) if specs else None
 
 
@@ -203,5 +208,5 @@ def batch_norm_backward(lw, node):
 def batch_norm_backward_masked(lw, user, grad, g, y):
     if user.args[0] is not grad or grad in user.args[1:]:
         return None
-    specs = _backward_specs(lw, user, g, y)
+    specs = backward_specs(lw, user, g, y)
     return {user: specs} if specs else None
