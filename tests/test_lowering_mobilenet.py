@@ -1,8 +1,7 @@
 """MobileNetV2-style nets through the backend: depthwise convs on the direct kernels, BatchNorm statistics
 from their epilogue, ReLU6, inverted residuals; training and inference against eager, judged against a
-float64 copy of the model as in tests/test_lowering_resnet.py."""
+float64 copy of the model (``tritonkit.testing``'s BatchNorm-net checks, as for the ResNets)."""
 
-import copy
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ import torch.nn.functional as F
 
 from tritonkit.lowering import explain
 from tritonkit.runtime import default_device
-from tritonkit.testing import BN_ERROR_FACTOR, bn_error, relative_error
+from tritonkit.testing import assert_bn_net_infers_like_eager, assert_bn_net_trains_like_eager, train_steps
 
 DEVICE = default_device()
 
@@ -49,19 +48,6 @@ class TinyMobileNetV2(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.features(x), 1), 1))
 
 
-def _train(model, xs, ts, compiled, steps=3):
-    run = torch.compile(model, backend="tritonkit") if compiled else model
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    losses = []
-    for x, t in zip(xs[:steps], ts[:steps]):
-        opt.zero_grad()
-        loss = F.cross_entropy(run(x), t)
-        loss.backward()
-        opt.step()
-        losses.append(loss.detach())
-    return torch.stack(losses)
-
-
 @pytest.fixture(scope="module")
 def data():
     torch.manual_seed(2)
@@ -70,27 +56,11 @@ def data():
     return xs, ts
 
 
-def _state(model):
-    return {k: v.detach().double() for k, v in model.state_dict().items()}
-
-
 def test_mobilenet_v2_trains_like_eager(data):
     torch._dynamo.reset()
     xs, ts = data
     torch.manual_seed(0)
-    model = TinyMobileNetV2().to(DEVICE)
-    ref64, eager, ours = copy.deepcopy(model).double(), copy.deepcopy(model), copy.deepcopy(model)
-    losses64 = _train(ref64, [x.double() for x in xs], ts, False)
-    losses_eager = _train(eager, xs, ts, False)
-    losses_ours = _train(ours, xs, ts, True)
-    assert relative_error(losses_ours, losses64) <= BN_ERROR_FACTOR * relative_error(losses_eager, losses64) + 1e-5
-    want, base, got = _state(ref64), _state(eager), _state(ours)
-    for name in want:
-        if name.endswith("num_batches_tracked"):
-            assert torch.equal(got[name], want[name]), name
-            continue
-        bound = BN_ERROR_FACTOR * bn_error(base[name], want[name]) + 1e-5
-        assert bn_error(got[name], want[name]) <= bound, name
+    assert_bn_net_trains_like_eager(TinyMobileNetV2().to(DEVICE), xs, ts)
 
 
 def test_mobilenet_v2_inference_matches_eager(data):
@@ -98,14 +68,8 @@ def test_mobilenet_v2_inference_matches_eager(data):
     xs, ts = data
     torch.manual_seed(0)
     model = TinyMobileNetV2().to(DEVICE)
-    _train(model, xs, ts, False, 2)  # running statistics that are not the initial 0 / 1
-    model.eval()
-    ref64 = copy.deepcopy(model).double()
-    with torch.no_grad():
-        want = ref64(xs[0].double())
-        got = torch.compile(model, backend="tritonkit")(xs[0])
-        eager = model(xs[0])
-    assert relative_error(got, want) <= BN_ERROR_FACTOR * relative_error(eager, want) + 1e-5
+    train_steps(model, xs, ts, False, 2)  # running statistics that are not the initial 0 / 1
+    assert_bn_net_infers_like_eager(model.eval(), xs[0])
 
 
 def _labels(report) -> str:

@@ -12,7 +12,12 @@ import torch.nn.functional as F
 from tritonkit.lowering import explain
 from tritonkit.models import resnet18
 from tritonkit.runtime import default_device
-from tritonkit.testing import BN_ERROR_FACTOR, relative_error
+from tritonkit.testing import (
+    assert_bn_net_infers_like_eager,
+    assert_bn_net_trains_like_eager,
+    assert_states_like_eager,
+    train_steps,
+)
 
 DEVICE = default_device()
 
@@ -68,23 +73,6 @@ class SmallResNet(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
-def _train(model, xs, ts, compiled: bool, steps: int):
-    run = torch.compile(model, backend="tritonkit") if compiled else model
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    losses = []
-    for x, t in zip(xs[:steps], ts[:steps]):
-        opt.zero_grad()
-        loss = F.cross_entropy(run(x), t)
-        loss.backward()
-        opt.step()
-        losses.append(loss.detach())
-    return torch.stack(losses)
-
-
-def _state(model):
-    return {k: v.detach().double() for k, v in model.state_dict().items()}
-
-
 @pytest.fixture(scope="module")
 def data():
     torch.manual_seed(1)
@@ -97,36 +85,16 @@ def test_small_resnet_trains_like_eager(data):
     torch._dynamo.reset()
     xs, ts = data
     torch.manual_seed(0)
-    model = SmallResNet().to(DEVICE)
-    ref64 = copy.deepcopy(model).double()
-    eager, ours = copy.deepcopy(model), copy.deepcopy(model)
-    losses64 = _train(ref64, [x.double() for x in xs], ts, False, 3)
-    losses_eager = _train(eager, xs, ts, False, 3)
-    losses_ours = _train(ours, xs, ts, True, 3)
-    err_eager = relative_error(losses_eager, losses64)
-    assert relative_error(losses_ours, losses64) <= BN_ERROR_FACTOR * err_eager + 1e-5
-    want, base, got = _state(ref64), _state(eager), _state(ours)
-    for name in want:
-        if name.endswith("num_batches_tracked"):
-            assert torch.equal(got[name], want[name]), name
-            continue
-        bound = BN_ERROR_FACTOR * relative_error(base[name], want[name]) + 1e-5
-        assert relative_error(got[name], want[name]) <= bound, name
+    assert_bn_net_trains_like_eager(SmallResNet().to(DEVICE), xs, ts)
 
 
 def test_small_resnet_inference_matches_eager(data):
     torch._dynamo.reset()
-    xs, _ = data
+    xs, ts = data
     torch.manual_seed(0)
     model = SmallResNet().to(DEVICE)
-    _train(model, xs, data[1], False, 2)  # running statistics that are not the initial 0 / 1
-    model.eval()
-    ref64 = copy.deepcopy(model).double()
-    with torch.no_grad():
-        want = ref64(xs[0].double())
-        got = torch.compile(model, backend="tritonkit")(xs[0])
-        eager = model(xs[0])
-    assert relative_error(got, want) <= BN_ERROR_FACTOR * relative_error(eager, want) + 1e-5
+    train_steps(model, xs, ts, False, 2)  # running statistics that are not the initial 0 / 1
+    assert_bn_net_infers_like_eager(model.eval(), xs[0])
 
 
 def _labels(report) -> str:
@@ -196,11 +164,7 @@ def test_batch_norm_variants_train_like_eager(kwargs):
             with torch.no_grad():
                 for p in m.parameters():
                     p -= 0.1 * p.grad
-    want, base, got = _state(ref64), _state(eager), _state(ours)
-    assert want.keys() == got.keys()
-    for name in want:
-        bound = BN_ERROR_FACTOR * relative_error(base[name], want[name]) + 1e-5
-        assert relative_error(got[name], want[name]) <= bound, name
+    assert_states_like_eager(ours, eager, ref64)
 
 
 def test_eval_mode_graph_with_backward_matches_eager():

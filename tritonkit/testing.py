@@ -229,3 +229,63 @@ def _scaled_error(actual: torch.Tensor, expected: torch.Tensor, floor: float) ->
         return float("inf")
     scale = max(expected.abs().max().item() if expected.numel() else 0.0, floor)
     return (actual - expected).abs().max().item() / (scale if scale > 0 else 1.0)
+
+
+# --- whole BatchNorm networks, trained and evaluated through the backend ---------------------------------
+def train_steps(model, xs, ts, compiled: bool, steps: int = 3) -> torch.Tensor:
+    """``steps`` SGD (lr 0.05, momentum 0.9) cross-entropy steps of ``model`` on ``xs``/``ts``, through
+    ``torch.compile(backend="tritonkit")`` when ``compiled``; the losses."""
+    import torch.nn.functional as F
+
+    run = torch.compile(model, backend="tritonkit") if compiled else model
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    losses = []
+    for x, t in zip(xs[:steps], ts[:steps]):
+        opt.zero_grad()
+        loss = F.cross_entropy(run(x), t)
+        loss.backward()
+        opt.step()
+        losses.append(loss.detach())
+    return torch.stack(losses)
+
+
+def _state(model) -> dict:
+    return {k: v.detach().double() for k, v in model.state_dict().items()}
+
+
+def assert_states_like_eager(ours, eager, ref64) -> None:
+    """Every parameter and buffer of ``ours`` within ``BN_ERROR_FACTOR`` of ``eager``'s own ``bn_error``
+    against the float64 copy ``ref64``; ``num_batches_tracked`` exactly."""
+    want, base, got = _state(ref64), _state(eager), _state(ours)
+    assert want.keys() == got.keys()
+    for name in want:
+        if name.endswith("num_batches_tracked"):
+            assert torch.equal(got[name], want[name]), name
+            continue
+        bound = BN_ERROR_FACTOR * bn_error(base[name], want[name]) + 1e-5
+        assert bn_error(got[name], want[name]) <= bound, name
+
+
+def assert_bn_net_trains_like_eager(model, xs, ts, steps: int = 3) -> None:
+    """``model`` trained ``steps`` steps through the backend, eagerly in float32 and in float64 from the
+    same weights: its losses, parameters and BatchNorm buffers within ``BN_ERROR_FACTOR`` of eager's error."""
+    import copy
+
+    ref64, eager, ours = copy.deepcopy(model).double(), copy.deepcopy(model), copy.deepcopy(model)
+    losses64 = train_steps(ref64, [x.double() for x in xs], ts, False, steps)
+    losses_eager = train_steps(eager, xs, ts, False, steps)
+    losses_ours = train_steps(ours, xs, ts, True, steps)
+    assert relative_error(losses_ours, losses64) <= BN_ERROR_FACTOR * relative_error(losses_eager, losses64) + 1e-5
+    assert_states_like_eager(ours, eager, ref64)
+
+
+def assert_bn_net_infers_like_eager(model, x) -> None:
+    """``model`` (in eval mode) through the backend within ``BN_ERROR_FACTOR`` of eager's error against float64."""
+    import copy
+
+    ref64 = copy.deepcopy(model).double()
+    with torch.no_grad():
+        want = ref64(x.double())
+        got = torch.compile(model, backend="tritonkit")(x)
+        eager = model(x)
+    assert relative_error(got, want) <= BN_ERROR_FACTOR * relative_error(eager, want) + 1e-5

@@ -101,15 +101,10 @@ def _conv_relu_pool(lw, conv, relu, x, w, b, geo):
     return Rewrite([spec], (conv, relu, pool))
 
 
-def _bn_user(conv, targets):
-    """The BatchNorm of one of ``targets`` that normalises ``conv``'s output, if any."""
-    return next((u for u in conv.users if is_call(u, *targets) and u.args[0] is conv), None)
-
-
 def _conv_bn_eval(lw, conv, x, w, b, geo):
     """conv -> eval BatchNorm [-> + residual] [-> ReLU] as ``conv2d_batch_norm``, or with a max-pool
     after the ReLU (the ResNet stem) ``conv2d_relu_maxpool`` with the BN parameters: one kernel."""
-    bn = _bn_user(conv, (norm.EVAL,))
+    bn = norm.user_of(conv, (norm.EVAL,))
     if bn is None or only_user(conv) is not bn:
         return None
     _, bn_w, bn_b, rm, rv, eps = norm.eval_args(bn)
@@ -131,14 +126,11 @@ def _conv_bn_eval(lw, conv, x, w, b, geo):
 def _conv_bn_train(lw, conv, x, w, b, geo):
     """conv -> training BatchNorm: the conv writes the BN statistics' per-tile partials in its epilogue
     (``conv2d_bn_stats``) and the BatchNorm call combines them instead of reading the output again."""
-    bn = _bn_user(conv, norm.TRAIN)
+    bn = norm.user_of(conv, norm.TRAIN)
     if bn is None:
         return None
-    call = New(lw.tk.conv2d_bn_stats.default, (x, w, b, *geo))
-    spec = Spec(operator.getitem, (call, 0), conv, "conv2d_bn_stats")
-    lw.checker.check(spec)
-    rewrite = norm.train_rewrite(lw, bn, partials=New(operator.getitem, (call, 1)))
-    return Rewrite([spec, *rewrite.specs], (conv, *rewrite.absorbed))
+    return norm.from_partials_rewrite(lw, conv, bn, New(lw.tk.conv2d_bn_stats.default, (x, w, b, *geo)),
+                                      "conv2d_bn_stats")
 
 
 # ------------------------------------------------------------------------------------------ backward

@@ -57,12 +57,8 @@ def forward(lw, conv, x, w, b, geo) -> Rewrite:
     return Rewrite([spec], (conv, *([act] if act is not None else [])))
 
 
-def _bn_user(conv, targets):
-    return next((u for u in conv.users if is_call(u, *targets) and u.args[0] is conv), None)
-
-
 def _bn_eval(lw, conv, x, w, b, geo):
-    bn = _bn_user(conv, (norm.EVAL,))
+    bn = norm.user_of(conv, (norm.EVAL,))
     if bn is None or only_user(conv) is not bn:
         return None
     _, bn_w, bn_b, rm, rv, eps = norm.eval_args(bn)
@@ -81,14 +77,11 @@ def _bn_eval(lw, conv, x, w, b, geo):
 
 
 def _bn_train(lw, conv, x, w, b, geo):
-    bn = _bn_user(conv, norm.TRAIN)
+    bn = norm.user_of(conv, norm.TRAIN)
     if bn is None:
         return None
     call = New(lw.tk.depthwise_conv2d_bn_stats.default, (x, w, b, *geo))
-    spec = Spec(operator.getitem, (call, 0), conv, "depthwise_conv2d_bn_stats")
-    lw.checker.check(spec)
-    rewrite = norm.train_rewrite(lw, bn, partials=New(operator.getitem, (call, 1)))
-    return Rewrite([spec, *rewrite.specs], (conv, *rewrite.absorbed))
+    return norm.from_partials_rewrite(lw, conv, bn, call, "depthwise_conv2d_bn_stats")
 
 
 def backward_specs(lw, outs, g, x, w, mask, geo, residual) -> list[Spec] | None:

@@ -135,6 +135,20 @@ def train_rewrite(lw, node, partials=None) -> Rewrite:
     return Rewrite(specs, tuple(dict.fromkeys((*absorbed, *(() if counter is None else (counter,))))))
 
 
+def user_of(conv, targets):
+    """The BatchNorm of one of ``targets`` that normalises ``conv``'s output, if any."""
+    return next((u for u in conv.users if is_call(u, *targets) and u.args[0] is conv), None)
+
+
+def from_partials_rewrite(lw, conv, bn, call, label) -> Rewrite:
+    """``conv`` replaced by output 0 of ``call`` (a conv that also writes the BN statistics' per-tile
+    partials, output 1) and the training BatchNorm ``bn`` by ``batch_norm_train_from_partials`` over them."""
+    spec = Spec(operator.getitem, (call, 0), conv, label)
+    lw.checker.check(spec)
+    rewrite = train_rewrite(lw, bn, partials=New(operator.getitem, (call, 1)))
+    return Rewrite([spec, *rewrite.specs], (conv, *rewrite.absorbed))
+
+
 @rule(*TRAIN)
 def batch_norm_train(lw, node):
     return train_rewrite(lw, node)
