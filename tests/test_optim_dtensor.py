@@ -298,6 +298,14 @@ def test_distributed_checkpoint_moves_both_ways(results, name):
             _assert_all_close(resumed, continued, f"rank {rank} {name} {what}, {STEPS} steps after loading")
 
 
+def _reduced(layout: dict) -> dict:
+    """torch >= 2.14's SGD keeps a ``Partial`` gradient's placement in the momentum buffer it clones from
+    that gradient; torch 2.13 and tritonkit store the reduced buffer with the parameter's placement (the
+    parameters, compared separately, agree either way)."""
+    return {k: {name: (*v[:3], v[3].replace("Partial(sum)", "Replicate()")) for name, v in entry.items()}
+            for k, entry in layout.items()}
+
+
 @pytest.mark.parametrize("name", ["SGD", "AdamW"])
 def test_replicated_sharded_two_meshes_and_plain_in_one_group(results, name):
     for rank, r in enumerate(results):
@@ -305,7 +313,7 @@ def test_replicated_sharded_two_meshes_and_plain_in_one_group(results, name):
         _assert_all_close(*got["params"], f"rank {rank} {name}")
         assert got["launches"] == STEPS
         mine, ref = got["state"]
-        assert mine == ref
+        assert mine == [_reduced(layout) for layout in ref]
     replicas = [r["mixed"][name]["params"][0][0] for r in results]
     assert torch.equal(*replicas), "a replicated parameter stays identical on every rank"
 
