@@ -20,13 +20,13 @@ element ``i`` of each stream is at ``address + i * itemsize`` and one flat index
 Each element of the parameter and of every state buffer is read once and written once per step, the
 gradient read once: the traffic floor.
 
-Hyperparameters are runtime values: ``coefs`` fp32 ``[T, K]`` holds one row per tensor, columns
-named by the kernel's ``*_COEFS`` (lr, bias corrections computed from that tensor's own step count,
-the gradient's sign for ``maximize``, ...), so changing lr never recompiles and param groups with
-different hyperparameters share one launch. Constexpr flags only decide which state streams exist
-(momentum buffer, AMSGrad maximum, centered average). Math runs in float32 and is rounded once to the
-parameter's dtype per stored value, following torch.optim's formulas operation by operation (sqrt and
-division IEEE-rounded, ``lerp`` with aten's two-branch formula).
+Hyperparameters are runtime values: ``coefs`` fp32 ``[T, K]`` holds one row per tensor, columns named by
+the kernel's ``*_COEFS`` (lr, bias corrections computed from that tensor's own step count, the
+gradient's sign for ``maximize``, ...) and read by those names (``*_COL``), so changing lr never
+recompiles and param groups with different hyperparameters share one launch. Constexpr flags only decide
+which state streams exist (momentum buffer, AMSGrad maximum, centered average). Math runs in float32 and
+is rounded once to the parameter's dtype per stored value, following torch.optim's formulas operation by
+operation (sqrt and division IEEE-rounded, ``lerp`` with aten's two-branch formula).
 
 Mixed precision (``torch.amp.GradScaler``): every kernel also takes GradScaler's ``grad_scale`` and
 ``found_inf`` (float32 one-element tensors). The gradient is divided by ``grad_scale`` as it is loaded
@@ -45,7 +45,7 @@ loads and stores through the loaded pointers.
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, namedtuple
 
 import torch
 import triton
@@ -62,12 +62,31 @@ INTERP_BLOCK = 4096
 _GPU_CONFIGS = [triton.Config({}, num_warps=4)]
 _INTERP_CONFIGS = [triton.Config({})]
 
-# Coefficient columns per kernel, in the order the kernel reads them; the optimizers fill them by name.
+# Coefficient columns per kernel: the one list of names. The optimizers fill the columns by name and the
+# kernels read them by name through the ``*_COL`` constexprs built from the same tuples.
 SGD_COEFS = ("lr", "grad_sign", "weight_decay", "momentum", "buf_decay", "buf_grad", "nesterov")
 ADAM_COEFS = ("grad_sign", "weight_decay", "param_scale", "beta1_weight", "beta2", "one_minus_beta2",
               "step_size", "bias_correction2_sqrt", "eps")
 RMSPROP_COEFS = ("lr", "grad_sign", "weight_decay", "alpha", "one_minus_alpha", "eps", "momentum")
 ADAGRAD_COEFS = ("clr", "grad_sign", "weight_decay", "eps")
+
+
+class Columns(tl.constexpr):
+    """Column indices of a coefficient row, by name: ``row + SGD_COL.buf_decay`` reads that column and
+    ``row`` is row ``t``. A global constexpr, so a kernel may read it: compiled,
+    Triton unwraps it to the namedtuple ``value``; the interpreter runs plain Python, hence ``__getattr__``."""
+
+    def __init__(self, names: tuple):
+        super().__init__(namedtuple("Columns", (*names, "width"))(*range(len(names)), len(names)))
+
+    def __getattr__(self, name):
+        if name.startswith("_") or name in ("value", "type"):  # not set yet (copy, pickle)
+            raise AttributeError(name)
+        return getattr(self.value, name)
+
+
+SGD_COL, ADAM_COL = Columns(SGD_COEFS), Columns(ADAM_COEFS)
+RMSPROP_COL, ADAGRAD_COL = Columns(RMSPROP_COEFS), Columns(ADAGRAD_COEFS)
 
 
 def _signature(flags):
@@ -87,8 +106,11 @@ def _constexprs(**flags):
 
 
 # --- shared pieces of the kernels ------------------------------------------------------------------
-# The update bodies are written out inline: in Triton's interpreter every call of a @triton.jit helper
-# costs about a millisecond (it re-patches triton.language), more than the arithmetic of a block.
+# Each kernel's per-block update is one @triton.jit helper (``_sgd``, ``_adam``, ...), called once per
+# program: with the tail block's mask, or with ``mask=None`` on a full block so that the compiled loads
+# and stores are unpredicated vectors. Inside it the math is written out inline rather than in further
+# helpers: in Triton's interpreter every helper call costs about a millisecond (it re-patches
+# triton.language), more than the arithmetic of a block. ``_bf16`` is the one exception (bfloat16 only).
 @triton.jit
 def _bf16(x):
     """float32 -> bfloat16 rounded to nearest-even, by hand: Triton's interpreter truncates (and its
@@ -108,18 +130,19 @@ def _sgd(p_ptrs, g_ptrs, b_ptrs, row, grad_scale, mask, MOMENTUM: tl.constexpr, 
     if UNSCALE:  # GradScaler's gradient: unscaled here, and written back unscaled (as torch's fused kernels)
         g = tl.div_rn(g, tl.load(grad_scale))
         tl.store(g_ptrs, _bf16(g) if DTYPE == tl.bfloat16 else g.to(DTYPE), mask=mask)
-    g = tl.load(row + 1) * g
-    weight_decay = tl.load(row + 2)
+    g = tl.load(row + SGD_COL.grad_sign) * g
+    weight_decay = tl.load(row + SGD_COL.weight_decay)
     if weight_decay != 0.0:
         g = g + weight_decay * p
     b = g
     if MOMENTUM:
-        b = tl.load(row + 4) * tl.load(b_ptrs, mask=mask).to(tl.float32) + tl.load(row + 5) * g
-        if tl.load(row + 6) != 0.0:
-            g = g + tl.load(row + 3) * b
+        b_old = tl.load(b_ptrs, mask=mask).to(tl.float32)
+        b = tl.load(row + SGD_COL.buf_decay) * b_old + tl.load(row + SGD_COL.buf_grad) * g
+        if tl.load(row + SGD_COL.nesterov) != 0.0:
+            g = g + tl.load(row + SGD_COL.momentum) * b
         else:
             g = b
-    p = p - tl.load(row + 0) * g
+    p = p - tl.load(row + SGD_COL.lr) * g
     if DTYPE == tl.bfloat16:
         p_out, b_out = _bf16(p), _bf16(b)
     else:
@@ -152,12 +175,13 @@ def sgd_kernel(addrs, numels, blocks, coefs, grad_scale, found_inf, n_tensors, M
         p_base = tl.multiple_of(p_base, 16)
         g_base = tl.multiple_of(g_base, 16)
         b_base = tl.multiple_of(b_base, 16)
+    row = coefs + t * SGD_COL.width  # this tensor's coefficients
     if tl.load(found_inf) == 0.0:  # GradScaler's found_inf: a nonzero value skips the whole update
         if full:
-            _sgd(p_base + offs, g_base + offs, b_base + offs, coefs + t * 7, grad_scale, None, MOMENTUM, UNSCALE,
+            _sgd(p_base + offs, g_base + offs, b_base + offs, row, grad_scale, None, MOMENTUM, UNSCALE,
                  DTYPE)
         else:
-            _sgd(p_base + offs, g_base + offs, b_base + offs, coefs + t * 7, grad_scale, mask, MOMENTUM, UNSCALE,
+            _sgd(p_base + offs, g_base + offs, b_base + offs, row, grad_scale, mask, MOMENTUM, UNSCALE,
                  DTYPE)
 
 
@@ -165,24 +189,26 @@ def sgd_kernel(addrs, numels, blocks, coefs, grad_scale, found_inf, n_tensors, M
 @triton.jit
 def _adam(p_ptrs, g_ptrs, m_ptrs, v_ptrs, vmax_ptrs, row, grad_scale, mask, AMSGRAD: tl.constexpr,
           UNSCALE: tl.constexpr, DTYPE: tl.constexpr):
-    p = tl.load(p_ptrs, mask=mask).to(tl.float32) * tl.load(row + 2)
+    p = tl.load(p_ptrs, mask=mask).to(tl.float32) * tl.load(row + ADAM_COL.param_scale)
     g = tl.load(g_ptrs, mask=mask).to(tl.float32)
     if UNSCALE:  # GradScaler's gradient: unscaled here, and written back unscaled (as torch's fused kernels)
         g = tl.div_rn(g, tl.load(grad_scale))
         tl.store(g_ptrs, _bf16(g) if DTYPE == tl.bfloat16 else g.to(DTYPE), mask=mask)
-    g = tl.load(row + 0) * g
-    weight_decay = tl.load(row + 1)
+    g = tl.load(row + ADAM_COL.grad_sign) * g
+    weight_decay = tl.load(row + ADAM_COL.weight_decay)
     if weight_decay != 0.0:
         g = g + weight_decay * p
     m = tl.load(m_ptrs, mask=mask).to(tl.float32)
-    w = tl.load(row + 3)
+    w = tl.load(row + ADAM_COL.beta1_weight)
     m = tl.where(w < 0.5, m + w * (g - m), g - (g - m) * (1.0 - w))  # aten's lerp(m, g, w)
-    v = tl.load(v_ptrs, mask=mask).to(tl.float32) * tl.load(row + 4) + tl.load(row + 5) * g * g
+    v = tl.load(v_ptrs, mask=mask).to(tl.float32)
+    v = v * tl.load(row + ADAM_COL.beta2) + tl.load(row + ADAM_COL.one_minus_beta2) * g * g
     v_hat = v
     if AMSGRAD:
         v_hat = tl.maximum(tl.load(vmax_ptrs, mask=mask).to(tl.float32), v)
-    denom = tl.div_rn(tl.sqrt_rn(v_hat), tl.load(row + 7)) + tl.load(row + 8)
-    p = p - tl.load(row + 6) * tl.div_rn(m, denom)
+    denom = tl.div_rn(tl.sqrt_rn(v_hat), tl.load(row + ADAM_COL.bias_correction2_sqrt))
+    denom = denom + tl.load(row + ADAM_COL.eps)
+    p = p - tl.load(row + ADAM_COL.step_size) * tl.div_rn(m, denom)
     if DTYPE == tl.bfloat16:
         p_out, m_out, v_out, vmax_out = _bf16(p), _bf16(m), _bf16(v), _bf16(v_hat)
     else:
@@ -222,12 +248,13 @@ def adam_kernel(addrs, numels, blocks, coefs, grad_scale, found_inf, n_tensors, 
         m_base = tl.multiple_of(m_base, 16)
         v_base = tl.multiple_of(v_base, 16)
         vmax_base = tl.multiple_of(vmax_base, 16)
+    row = coefs + t * ADAM_COL.width  # this tensor's coefficients
     if tl.load(found_inf) == 0.0:  # GradScaler's found_inf: a nonzero value skips the whole update
         if full:
-            _adam(p_base + offs, g_base + offs, m_base + offs, v_base + offs, vmax_base + offs, coefs + t * 9,
+            _adam(p_base + offs, g_base + offs, m_base + offs, v_base + offs, vmax_base + offs, row,
                   grad_scale, None, AMSGRAD, UNSCALE, DTYPE)
         else:
-            _adam(p_base + offs, g_base + offs, m_base + offs, v_base + offs, vmax_base + offs, coefs + t * 9,
+            _adam(p_base + offs, g_base + offs, m_base + offs, v_base + offs, vmax_base + offs, row,
                   grad_scale, mask, AMSGRAD, UNSCALE, DTYPE)
 
 
@@ -240,23 +267,23 @@ def _rmsprop(p_ptrs, g_ptrs, v_ptrs, ga_ptrs, b_ptrs, row, grad_scale, mask, CEN
     if UNSCALE:  # GradScaler's gradient: unscaled here, and written back unscaled (as torch's fused kernels)
         g = tl.div_rn(g, tl.load(grad_scale))
         tl.store(g_ptrs, _bf16(g) if DTYPE == tl.bfloat16 else g.to(DTYPE), mask=mask)
-    g = tl.load(row + 1) * g
-    weight_decay = tl.load(row + 2)
+    g = tl.load(row + RMSPROP_COL.grad_sign) * g
+    weight_decay = tl.load(row + RMSPROP_COL.weight_decay)
     if weight_decay != 0.0:
         g = g + weight_decay * p
-    w = tl.load(row + 4)
-    v = tl.load(v_ptrs, mask=mask).to(tl.float32) * tl.load(row + 3) + w * g * g
+    w = tl.load(row + RMSPROP_COL.one_minus_alpha)
+    v = tl.load(v_ptrs, mask=mask).to(tl.float32) * tl.load(row + RMSPROP_COL.alpha) + w * g * g
     v_tilde = v
     ga = g
     if CENTERED:
         ga = tl.load(ga_ptrs, mask=mask).to(tl.float32)
         ga = tl.where(w < 0.5, ga + w * (g - ga), g - (g - ga) * (1.0 - w))  # aten's lerp(ga, g, w)
         v_tilde = v - ga * ga
-    step = tl.div_rn(g, tl.sqrt_rn(v_tilde) + tl.load(row + 5))
+    step = tl.div_rn(g, tl.sqrt_rn(v_tilde) + tl.load(row + RMSPROP_COL.eps))
     b = step
     if MOMENTUM:
-        b = tl.load(b_ptrs, mask=mask).to(tl.float32) * tl.load(row + 6) + step
-    p = p - tl.load(row + 0) * b
+        b = tl.load(b_ptrs, mask=mask).to(tl.float32) * tl.load(row + RMSPROP_COL.momentum) + step
+    p = p - tl.load(row + RMSPROP_COL.lr) * b
     if DTYPE == tl.bfloat16:
         p_out, v_out, ga_out, b_out = _bf16(p), _bf16(v), _bf16(ga), _bf16(b)
     else:
@@ -296,12 +323,13 @@ def rmsprop_kernel(addrs, numels, blocks, coefs, grad_scale, found_inf, n_tensor
         v_base = tl.multiple_of(v_base, 16)
         ga_base = tl.multiple_of(ga_base, 16)
         b_base = tl.multiple_of(b_base, 16)
+    row = coefs + t * RMSPROP_COL.width  # this tensor's coefficients
     if tl.load(found_inf) == 0.0:  # GradScaler's found_inf: a nonzero value skips the whole update
         if full:
-            _rmsprop(p_base + offs, g_base + offs, v_base + offs, ga_base + offs, b_base + offs, coefs + t * 7,
+            _rmsprop(p_base + offs, g_base + offs, v_base + offs, ga_base + offs, b_base + offs, row,
                      grad_scale, None, CENTERED, MOMENTUM, UNSCALE, DTYPE)
         else:
-            _rmsprop(p_base + offs, g_base + offs, v_base + offs, ga_base + offs, b_base + offs, coefs + t * 7,
+            _rmsprop(p_base + offs, g_base + offs, v_base + offs, ga_base + offs, b_base + offs, row,
                      grad_scale, mask, CENTERED, MOMENTUM, UNSCALE, DTYPE)
 
 
@@ -313,12 +341,12 @@ def _adagrad(p_ptrs, g_ptrs, s_ptrs, row, grad_scale, mask, UNSCALE: tl.constexp
     if UNSCALE:  # GradScaler's gradient: unscaled here, and written back unscaled (as torch's fused kernels)
         g = tl.div_rn(g, tl.load(grad_scale))
         tl.store(g_ptrs, _bf16(g) if DTYPE == tl.bfloat16 else g.to(DTYPE), mask=mask)
-    g = tl.load(row + 1) * g
-    weight_decay = tl.load(row + 2)
+    g = tl.load(row + ADAGRAD_COL.grad_sign) * g
+    weight_decay = tl.load(row + ADAGRAD_COL.weight_decay)
     if weight_decay != 0.0:
         g = g + weight_decay * p
     s = tl.load(s_ptrs, mask=mask).to(tl.float32) + g * g
-    p = p - tl.load(row + 0) * tl.div_rn(g, tl.sqrt_rn(s) + tl.load(row + 3))
+    p = p - tl.load(row + ADAGRAD_COL.clr) * tl.div_rn(g, tl.sqrt_rn(s) + tl.load(row + ADAGRAD_COL.eps))
     if DTYPE == tl.bfloat16:
         p_out, s_out = _bf16(p), _bf16(s)
     else:
@@ -346,11 +374,12 @@ def adagrad_kernel(addrs, numels, blocks, coefs, grad_scale, found_inf, n_tensor
         p_base = tl.multiple_of(p_base, 16)
         g_base = tl.multiple_of(g_base, 16)
         s_base = tl.multiple_of(s_base, 16)
+    row = coefs + t * ADAGRAD_COL.width  # this tensor's coefficients
     if tl.load(found_inf) == 0.0:  # GradScaler's found_inf: a nonzero value skips the whole update
         if full:
-            _adagrad(p_base + offs, g_base + offs, s_base + offs, coefs + t * 4, grad_scale, None, UNSCALE, DTYPE)
+            _adagrad(p_base + offs, g_base + offs, s_base + offs, row, grad_scale, None, UNSCALE, DTYPE)
         else:
-            _adagrad(p_base + offs, g_base + offs, s_base + offs, coefs + t * 4, grad_scale, mask, UNSCALE, DTYPE)
+            _adagrad(p_base + offs, g_base + offs, s_base + offs, row, grad_scale, mask, UNSCALE, DTYPE)
 
 
 # --- launch tables ---------------------------------------------------------------------------------

@@ -60,10 +60,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from tritonkit.kernels import optim as kernels
-from tritonkit.kernels.common import FLOAT_DTYPES
 from tritonkit.ops import optim as ops
-from tritonkit.ops.optim import is_dense, same_layout
+from tritonkit.ops.optim import FLOAT_DTYPES, is_dense, same_layout
 from tritonkit.runtime import default_device
 
 __all__ = ["SGD", "Adagrad", "Adam", "AdamW", "RMSprop", "bytes_per_step"]
@@ -122,7 +120,7 @@ class _FusedOptimizer(Optimizer):
     """What the five optimizers share: argument checks, parameter checks, coefficient tables, launches."""
 
     _op = None  # the torch.ops.tritonkit.*_step_ custom op
-    _coef_names: tuple = ()  # its coefficient columns (tritonkit.kernels.optim.*_COEFS)
+    _coef_names: tuple = ()  # its coefficient columns (tritonkit.ops.optim.*_COEFS)
 
     @classmethod
     def _check_flags(cls, foreach, fused, differentiable) -> None:
@@ -335,7 +333,7 @@ class SGD(_FusedOptimizer):
     """
 
     _op = ops.sgd_step_
-    _coef_names = kernels.SGD_COEFS
+    _coef_names = ops.SGD_COEFS
 
     def __init__(self, params, lr: float | Tensor = 1e-3, momentum: float = 0, dampening: float = 0,
                  weight_decay: float | Tensor = 0, nesterov: bool = False, *, maximize: bool = False,
@@ -454,7 +452,7 @@ class Adam(_FusedOptimizer):
     """
 
     _op = ops.adam_step_
-    _coef_names = kernels.ADAM_COEFS
+    _coef_names = ops.ADAM_COEFS
 
     def __init__(self, params, lr: float | Tensor = 1e-3, betas: tuple = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0, amsgrad: bool = False, *, foreach: bool | None = None,
@@ -606,7 +604,7 @@ class RMSprop(_FusedOptimizer):
     """
 
     _op = ops.rmsprop_step_
-    _coef_names = kernels.RMSPROP_COEFS
+    _coef_names = ops.RMSPROP_COEFS
 
     def __init__(self, params, lr: float | Tensor = 1e-2, alpha: float = 0.99, eps: float = 1e-8,
                  weight_decay: float = 0, momentum: float = 0, centered: bool = False,
@@ -710,7 +708,7 @@ class Adagrad(_FusedOptimizer):
     """
 
     _op = ops.adagrad_step_
-    _coef_names = kernels.ADAGRAD_COEFS
+    _coef_names = ops.ADAGRAD_COEFS
 
     def __init__(self, params, lr: float | Tensor = 1e-2, lr_decay: float = 0, weight_decay: float = 0,
                  initial_accumulator_value: float = 0, eps: float = 1e-10, foreach: bool | None = None, *,

@@ -15,8 +15,9 @@ Each call is one kernel launch over all its tensors, which share one device and 
 every gradient and state tensor has its parameter's shape and memory layout, and parameters are dense
 (non-overlapping, no gaps: contiguous, channels_last or any permutation). An empty optional state
 list switches that buffer off (no momentum, no AMSGrad maximum, not centered). ``coefs`` is a float32
-``[len(params), K]`` table of per-tensor hyperparameters whose columns the ``*_COEFS`` tuples of
-``tritonkit.kernels.optim`` name: runtime values, so new hyperparameters never recompile anything.
+``[len(params), K]`` table of per-tensor hyperparameters whose columns the ``*_COEFS`` tuples name
+(defined with the kernels, which read the columns by these names, and re-exported here for the
+optimizers): runtime values, so new hyperparameters never recompile anything.
 
 ``grad_scale`` / ``found_inf`` are ``torch.amp.GradScaler``'s (float32, one element, on the params'
 device): with ``grad_scale`` each gradient is divided by it in the kernel and written back unscaled
@@ -35,6 +36,7 @@ import torch
 
 from tritonkit.kernels import optim as kernels
 from tritonkit.kernels.common import FLOAT_DTYPES
+from tritonkit.kernels.optim import ADAGRAD_COEFS, ADAM_COEFS, RMSPROP_COEFS, SGD_COEFS
 from tritonkit.runtime import default_device
 
 
@@ -114,23 +116,23 @@ _RMSPROP, _ADAGRAD = "tritonkit.rmsprop_step_", "tritonkit.adagrad_step_"
 
 def _check_sgd(params, grads, momentum_buffers, coefs, grad_scale, found_inf):
     _check_step(_SGD, params, grads, {"momentum_buffers": momentum_buffers}, ("momentum_buffers",), coefs,
-                len(kernels.SGD_COEFS), grad_scale, found_inf)
+                len(SGD_COEFS), grad_scale, found_inf)
 
 
 def _check_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, coefs, grad_scale, found_inf):
     _check_step(_ADAM, params, grads,
                 {"exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs, "max_exp_avg_sqs": max_exp_avg_sqs},
-                ("max_exp_avg_sqs",), coefs, len(kernels.ADAM_COEFS), grad_scale, found_inf)
+                ("max_exp_avg_sqs",), coefs, len(ADAM_COEFS), grad_scale, found_inf)
 
 
 def _check_rmsprop(params, grads, square_avgs, grad_avgs, momentum_buffers, coefs, grad_scale, found_inf):
     _check_step(_RMSPROP, params, grads,
                 {"square_avgs": square_avgs, "grad_avgs": grad_avgs, "momentum_buffers": momentum_buffers},
-                ("grad_avgs", "momentum_buffers"), coefs, len(kernels.RMSPROP_COEFS), grad_scale, found_inf)
+                ("grad_avgs", "momentum_buffers"), coefs, len(RMSPROP_COEFS), grad_scale, found_inf)
 
 
 def _check_adagrad(params, grads, state_sums, coefs, grad_scale, found_inf):
-    _check_step(_ADAGRAD, params, grads, {"state_sums": state_sums}, (), coefs, len(kernels.ADAGRAD_COEFS),
+    _check_step(_ADAGRAD, params, grads, {"state_sums": state_sums}, (), coefs, len(ADAGRAD_COEFS),
                 grad_scale, found_inf)
 
 
