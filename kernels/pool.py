@@ -252,36 +252,43 @@ def global_avg_pool2d_fwd_kernel(
 
 def _gap_bwd_signature(dtype):
     t = TRITON_TYPE[dtype]
-    ints = ["C", "HW", "g_sn", "g_sc", "d_sn", "d_sc", "d_sr"]
-    return {"grad_ptr": f"*{t}", "dx_ptr": f"*{t}", **{k: "i32" for k in ints},
-            "BLOCK_R": "constexpr", "BLOCK_C": "constexpr"}
+    ints = ["C", "HW", "g_sn", "g_sc", "r_sn", "r_sc", "r_sr", "d_sn", "d_sc", "d_sr"]
+    return {"grad_ptr": f"*{t}", "res_ptr": f"*{t}", "dx_ptr": f"*{t}", **{k: "i32" for k in ints},
+            "RESIDUAL": "constexpr", "BLOCK_R": "constexpr", "BLOCK_C": "constexpr"}
 
 
-def _gap_bwd_constexprs(layout):
-    return lambda dtype: {"C": 2048, "HW": 49, "g_sn": 2048, "g_sc": 1, **_gap_plane_strides("d", layout)}
+def _gap_bwd_constexprs(layout, residual=False):
+    return lambda dtype: {"C": 2048, "HW": 49, "g_sn": 2048, "g_sc": 1, **_gap_plane_strides("d", layout),
+                          **_gap_plane_strides("r", layout), "RESIDUAL": residual}
 
 
 @tuned_kernel("global_avg_pool2d_bwd", gpu_configs=_GAP_GPU_CONFIGS, interp_heuristics=_GAP_INTERP,
               key=["C", "HW", "d_sc"], signature=_gap_bwd_signature, constexprs=_gap_bwd_constexprs("nhwc"),
-              variants={"nchw": _gap_bwd_constexprs("nchw")})
+              variants={"nchw": _gap_bwd_constexprs("nchw"), "residual": _gap_bwd_constexprs("nhwc", True)})
 @triton.jit
 def global_avg_pool2d_bwd_kernel(
-    grad_ptr, dx_ptr, C, HW,
+    grad_ptr, res_ptr, dx_ptr, C, HW,
     g_sn, g_sc,
+    r_sn, r_sc, r_sr,
     d_sn, d_sc, d_sr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    RESIDUAL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """dx[n, c, r] = grad[n, c] / HW; grid (plane blocks x channel blocks, N)."""
+    """dx[n, c, r] = grad[n, c] / HW (+ res[n, c, r] with ``RESIDUAL``: the other gradient of the pooled
+    tensor, e.g. a squeeze-excitation gate's); grid (plane blocks x channel blocks, N)."""
     n = tl.program_id(1)
     c_blocks = tl.cdiv(C, BLOCK_C)
     r = (tl.program_id(0) // c_blocks) * BLOCK_R + tl.arange(0, BLOCK_R)
     c = (tl.program_id(0) % c_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
+    mask = (r < HW)[:, None] & c_ok[None, :]
     g = tl.load(grad_ptr + n * g_sn + c * g_sc, mask=c_ok, other=0.0).to(tl.float32)
     g = tl.math.div_rn(g, tl.zeros([BLOCK_C], tl.float32) + HW)
     value = tl.zeros([BLOCK_R, BLOCK_C], tl.float32) + g[None, :]
+    if RESIDUAL:
+        res_offs = n.to(tl.int64) * r_sn + (r * r_sr)[:, None] + (c * r_sc)[None, :]
+        value = tl.load(res_ptr + res_offs, mask=mask).to(tl.float32) + value
     offs = n.to(tl.int64) * d_sn + (r * d_sr)[:, None] + (c * d_sc)[None, :]
-    tl.store(dx_ptr + offs, value.to(dx_ptr.dtype.element_ty), mask=(r < HW)[:, None] & c_ok[None, :])
+    tl.store(dx_ptr + offs, value.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 # --- average pool: windowed and adaptive --------------------------------------------------------------
@@ -535,22 +542,28 @@ def global_avg_pool2d(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def global_avg_pool2d_backward(grad_output: torch.Tensor, input_size, channels_last: bool) -> torch.Tensor:
-    """``grad_output[n, c] / (H * W)`` broadcast to ``input_size`` (N, C, H, W), contiguous or channels_last."""
+def global_avg_pool2d_backward(grad_output: torch.Tensor, input_size, channels_last: bool,
+                               residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``grad_output[n, c] / (H * W)`` broadcast to ``input_size`` (N, C, H, W), contiguous or channels_last,
+    plus ``residual`` (of ``input_size``, any layout whose H x W plane flattens) when given."""
     N, C, H, W = input_size
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     dx = empty((N, C, H, W), dtype=grad_output.dtype, device=grad_output.device, memory_format=fmt)
     if dx.numel() == 0:
         return dx
-    check_int32_indexing(dx)
+    if residual is not None and _plane_stride(residual) is None:
+        residual = residual.contiguous(memory_format=fmt)
+    check_int32_indexing(dx, *(() if residual is None else (residual,)))
     HW = H * W
+    res = dx if residual is None else residual
 
     def grid(meta):
         return (triton.cdiv(HW, meta["BLOCK_R"]) * triton.cdiv(C, meta["BLOCK_C"]), N)
 
     global_avg_pool2d_bwd_kernel[grid](
-        grad_output, dx, C, HW, grad_output.stride(0), grad_output.stride(1), dx.stride(0), dx.stride(1),
-        _plane_stride(dx),
+        grad_output, res, dx, C, HW, grad_output.stride(0), grad_output.stride(1),
+        res.stride(0), res.stride(1), _plane_stride(res), dx.stride(0), dx.stride(1), _plane_stride(dx),
+        RESIDUAL=residual is not None,
     )
     return dx
 

@@ -331,6 +331,11 @@ def check_gap(x):
         assert grad_input.is_contiguous(memory_format=fmt)
         if not channels_last:
             assert grad_input.stride() == eager_layout.stride()
+        # the other gradient of the pooled tensor (a squeeze-excitation gate's) summed in the same pass
+        other = make_input(tuple(x.shape), "channels_last" if channels_last else "sliced", x.dtype)
+        summed = ops.global_avg_pool2d_backward(grad, list(x.shape), channels_last, other)
+        assert_close(summed.cpu(), (ref_grad.float() + other.cpu().float()).to(x.dtype), grad=True)
+        assert summed.stride() == grad_input.stride()
     return out
 
 
@@ -371,6 +376,7 @@ def test_global_avg_pool2d_opcheck(layout):
     grad = torch.randn(2, 3, 1, 1).to(DEVICE)
     for channels_last in (False, True):
         torch.library.opcheck(ops.global_avg_pool2d_backward, (grad, [2, 3, 5, 4], channels_last))
+        torch.library.opcheck(ops.global_avg_pool2d_backward, (grad, [2, 3, 5, 4], channels_last, x))
 
 
 def test_global_avg_pool2d_bad_arguments():
@@ -392,6 +398,8 @@ def test_global_avg_pool2d_bad_arguments():
         ops.global_avg_pool2d_backward(grad, [2, 3, 5], False)
     with pytest.raises(RuntimeError, match="grad_output must be float32"):
         ops.global_avg_pool2d_backward(grad.long(), [2, 3, 5, 5], False)
+    with pytest.raises(RuntimeError, match=r"expected residual of input_size \[2, 3, 5, 5\], got \[2, 3, 5, 4\]"):
+        ops.global_avg_pool2d_backward(grad, [2, 3, 5, 5], False, make_input((2, 3, 5, 4), "contiguous"))
 
 
 # ------------------------------------------------------------------------ average pool: windowed, adaptive

@@ -25,7 +25,7 @@ import logging
 import operator
 
 from tritonkit.lowering import depthwise, norm
-from tritonkit.lowering.graph import Fail, New, Rewrite, Spec, aten, bind, is_call, only_user, val
+from tritonkit.lowering.graph import Fail, New, Rewrite, Spec, aten, bind, is_call, only_user, sum_with, val
 from tritonkit.lowering.rules import mask_consumer, rule
 
 log = logging.getLogger("tritonkit.lowering")
@@ -134,18 +134,6 @@ def _conv_bn_train(lw, conv, x, w, b, geo):
 
 
 # ------------------------------------------------------------------------------------------ backward
-def _sum_with(getitem, node):
-    """``(add, other)`` when ``getitem``'s only use is ``add(getitem, other)`` of two same-shape tensors with
-    ``other`` computed before ``node`` (the sum of a residual block's two branch gradients)."""
-    add = only_user(getitem)
-    if not is_call(add, aten.add.Tensor) or bind(add).get("alpha", 1) != 1:
-        return None
-    other = add.args[1] if add.args[0] is getitem else add.args[0]
-    if other is getitem or not hasattr(val(other), "shape") or tuple(val(other).shape) != tuple(val(getitem).shape):
-        return None
-    return (add, other) if val(other).dtype == val(getitem).dtype else None
-
-
 def _backward_specs(lw, node, g=None, mask=None, residual=None) -> list[Spec] | None:
     """Specs for the used outputs of ``convolution_backward`` ``node``; ``g``/``mask``: its gradient is
     ``g`` masked by ``mask > 0``; ``residual``: ``(add, tensor, tensor's mask)`` to sum into the input
@@ -162,7 +150,7 @@ def _backward_specs(lw, node, g=None, mask=None, residual=None) -> list[Spec] | 
             raise Fail(f"output {i} is used but output_mask does not ask for it")
     g = grad if g is None else g
     if depthwise.is_depthwise(x, w, geo[3]):
-        found = _sum_with(outs[0], node) if 0 in outs and residual is None else None
+        found = sum_with(outs[0]) if 0 in outs and residual is None else None
         specs = depthwise.backward_specs(lw, outs, g, x, w, mask, geo, residual or found and (*found, None))
         for spec in specs or ():
             spec.masked = mask is not None
@@ -171,11 +159,11 @@ def _backward_specs(lw, node, g=None, mask=None, residual=None) -> list[Spec] | 
     if 0 in outs:
         first = min(outs.values(), key=lw.order)  # where a launch giving several gradients is emitted
         if residual is None and 1 in outs:
-            found = _sum_with(outs[0], node)
+            found = sum_with(outs[0])
             # a sum with a gradient computed later is left to that gradient's convolution_backward
             residual = None if found is None or not lw.defined_before(found[1], first) else (*found, None)
         elif residual is None:
-            found = _sum_with(outs[0], node)
+            found = sum_with(outs[0])
             residual = None if found is None else (*found, None)
         target, extra = (outs[0], ()) if residual is None else (residual[0], residual[1:])
         note = "" if not extra else "(+ masked residual)" if extra[1] is not None else "(+ residual)"

@@ -129,6 +129,18 @@ def only_user(node: fx.Node) -> fx.Node | None:
     return users[0] if len(users) == 1 else None
 
 
+def sum_with(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    """``(add, other)`` when ``node``'s only use is ``add(node, other)`` (either order, alpha 1) of two
+    tensors of one shape and dtype: e.g. the sum of a residual block's two branch gradients."""
+    add = only_user(node)
+    if not is_call(add, aten.add.Tensor) or bind(add).get("alpha", 1) != 1:
+        return None
+    other = add.args[1] if add.args[0] is node else add.args[0]
+    if other is node or not hasattr(val(other), "shape") or tuple(val(other).shape) != tuple(val(node).shape):
+        return None
+    return (add, other) if val(other).dtype == val(node).dtype else None
+
+
 def getitem_users(node: fx.Node) -> dict[int, fx.Node] | None:
     """``{index: getitem node}`` for a multi-output node used only through ``getitem``; None otherwise."""
     users = list(node.users)

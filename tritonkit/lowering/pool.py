@@ -9,7 +9,7 @@ import torch
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from tritonkit.kernels.pool import output_memory_format
-from tritonkit.lowering.graph import Fail, Rewrite, aten, bind, is_call, val
+from tritonkit.lowering.graph import Fail, Rewrite, aten, bind, is_call, sum_with, val
 from tritonkit.lowering.rules import rule
 
 
@@ -45,9 +45,14 @@ def global_avg_pool(lw, node):
     return Rewrite([lw.spec("global_avg_pool2d", (x,), node, post=post)], (node,))
 
 
+def _channels_last(value) -> bool:
+    return value.dim() == 4 and not value.is_contiguous() and value.is_contiguous(memory_format=torch.channels_last)
+
+
 @rule(aten.div.Scalar)
 def global_avg_pool_backward(lw, node):
-    """``div(expand(g[N, C, 1, 1], [N, C, H, W]), H * W)``: the gradient of a global average pool."""
+    """``div(expand(g[N, C, 1, 1], [N, C, H, W]), H * W)``: the gradient of a global average pool, with the
+    ``add`` of the pooled tensor's other gradient (a squeeze-excitation gate's) when that is its only use."""
     expand, divisor = node.args
     if not is_call(expand, aten.expand.default):
         return None
@@ -58,8 +63,19 @@ def global_avg_pool_backward(lw, node):
     if tuple(gval.shape[:2]) != tuple(out.shape[:2]) or divisor != out.shape[2] * out.shape[3]:
         return None
     lw.checker.tensors_ok(grad_output=g)
-    channels_last = out.dim() == 4 and not out.is_contiguous() and out.is_contiguous(memory_format=torch.channels_last)
-    return Rewrite([lw.spec("global_avg_pool2d_backward", (g, list(size), channels_last), node)], (node,))
+    found = sum_with(node)
+    if found is not None:
+        add, other = found
+        summed = val(add)
+        if summed.is_contiguous() or _channels_last(summed):
+            try:
+                lw.checker.tensors_ok(residual=other)
+                spec = lw.spec("global_avg_pool2d_backward", (g, list(size), _channels_last(summed), other), add,
+                               "global_avg_pool2d_backward(+ residual)")
+                return Rewrite([spec], (node, add))
+            except Fail:
+                pass
+    return Rewrite([lw.spec("global_avg_pool2d_backward", (g, list(size), _channels_last(out)), node)], (node,))
 
 
 _AVG_ARGS = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")

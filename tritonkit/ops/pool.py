@@ -17,7 +17,9 @@ strides ``(C, 1, 1, 1)`` for every input layout, as eager's mean; float32 accumu
 graph's ``div(expand(grad_output, input_size), H * W)``: ``grad_output`` (``[N, C, 1, 1]``, any strides)
 divided by ``H * W`` at every position of ``input_size``, contiguous (what eager's ``div`` of the
 expanded gradient gives) or, with ``channels_last``, channels_last (what an eager-autograd face wants
-for a channels_last input, as ``_adaptive_avg_pool2d_backward`` gives).
+for a channels_last input, as ``_adaptive_avg_pool2d_backward`` gives). ``residual`` (optional, of
+``input_size``, same dtype): added in the same pass, the graph's ``add`` of the pooled tensor's other
+gradient (a squeeze-excitation gate scales the tensor it pools).
 
 ``avg_pool2d(input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)`` and
 ``avg_pool2d_backward(grad_output, input, <the same>)`` are ``aten.avg_pool2d`` / ``avg_pool2d_backward``
@@ -161,8 +163,8 @@ def _(input):
     return input.new_empty((input.shape[0], input.shape[1], 1, 1))
 
 
-def _check_global_avg_pool2d_backward(grad_output, input_size):
-    check_float_tensors(_GAP_BWD, grad_output=grad_output)
+def _check_global_avg_pool2d_backward(grad_output, input_size, residual=None):
+    check_float_tensors(_GAP_BWD, grad_output=grad_output, residual=residual)
     if len(input_size) != 4:
         raise RuntimeError(f"{_GAP_BWD}: expected input_size (N, C, H, W), got {list(input_size)}")
     if min(input_size) < 0:
@@ -171,19 +173,23 @@ def _check_global_avg_pool2d_backward(grad_output, input_size):
     if tuple(grad_output.shape) != expected:
         raise RuntimeError(f"{_GAP_BWD}: expected grad_output of the pooled shape {expected}, "
                            f"got {tuple(grad_output.shape)}")
+    if residual is not None and list(residual.shape) != list(input_size):
+        raise RuntimeError(f"{_GAP_BWD}: expected residual of input_size {list(input_size)}, "
+                           f"got {list(residual.shape)}")
 
 
 @torch.library.custom_op(
-    _GAP_BWD, mutates_args=(), schema="(Tensor grad_output, SymInt[] input_size, bool channels_last) -> Tensor"
+    _GAP_BWD, mutates_args=(),
+    schema="(Tensor grad_output, SymInt[] input_size, bool channels_last, Tensor? residual=None) -> Tensor",
 )
-def global_avg_pool2d_backward(grad_output, input_size, channels_last):
-    _check_global_avg_pool2d_backward(grad_output, input_size)
-    return kernels.global_avg_pool2d_backward(grad_output, input_size, channels_last)
+def global_avg_pool2d_backward(grad_output, input_size, channels_last, residual=None):
+    _check_global_avg_pool2d_backward(grad_output, input_size, residual)
+    return kernels.global_avg_pool2d_backward(grad_output, input_size, channels_last, residual)
 
 
 @global_avg_pool2d_backward.register_fake
-def _(grad_output, input_size, channels_last):
-    _check_global_avg_pool2d_backward(grad_output, input_size)
+def _(grad_output, input_size, channels_last, residual=None):
+    _check_global_avg_pool2d_backward(grad_output, input_size, residual)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     return torch.empty(list(input_size), dtype=grad_output.dtype, device=grad_output.device, memory_format=fmt)
 
