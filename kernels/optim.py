@@ -387,31 +387,47 @@ _CACHE_SIZE = 16
 _addr_tables: OrderedDict = OrderedDict()  # (device, addresses) -> int64 [S, T]
 _block_tables: OrderedDict = OrderedDict()  # (device, BLOCK, numels) -> (numels [T], blocks [2, P])
 _scalars: OrderedDict = OrderedDict()  # (device, value) -> float32 [1]
+_captured: dict = {}  # id -> table read by a captured CUDA graph: kept as long as the process (never evicted)
 
 
-def _cached(cache: OrderedDict, key, build):
+def _cached(cache: OrderedDict, key, build, capturing: bool = False):
+    """The table for ``key``, built (from host data, copied asynchronously) on a miss. Under CUDA graph
+    capture a miss is refused: the graph would record the host-to-device copy of a temporary buffer."""
     value = cache.get(key)
     if value is None:
+        if capturing:
+            raise RuntimeError(
+                "tritonkit.optim: this step's tensors (parameter, gradient and state addresses, or sizes) are "
+                "not the ones of an earlier step, and their launch table cannot be built during CUDA graph "
+                "capture. Run the step once before capturing on the tensors the graph will use: keep "
+                "gradients allocated (zero_grad(set_to_none=False) in the warm-up and inside the graph).")
         value = cache[key] = build()
         if len(cache) > _CACHE_SIZE:
             cache.popitem(last=False)
     else:
         cache.move_to_end(key)
+    if capturing:
+        _captured[id(value)] = value
     return value
 
 
 def _build_blocks(numels: tuple, block: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    counts = torch.tensor([triton.cdiv(n, block) for n in numels], dtype=torch.int64)
-    tensor_of = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int64), counts)
-    first = torch.cumsum(counts, 0) - counts
-    piece = torch.arange(int(counts.sum()), dtype=torch.int64) - torch.repeat_interleave(first, counts)
-    blocks = torch.stack([tensor_of, piece]).to(torch.int32)
-    return torch.tensor(numels, dtype=torch.int64).to(device), blocks.to(device)
+    """Host-side Python ints only (no tensor read back), copied to ``device`` asynchronously."""
+    counts = [triton.cdiv(n, block) for n in numels]
+    blocks = torch.tensor([[t for t, c in enumerate(counts) for _ in range(c)],
+                           [j for c in counts for j in range(c)]], dtype=torch.int32)
+    return (torch.tensor(numels, dtype=torch.int64).to(device, non_blocking=True),
+            blocks.to(device, non_blocking=True))
 
 
 def _scalar(device, value: float) -> torch.Tensor:
     """A cached float32 1.0 or 0.0 on ``device``: the grad_scale / found_inf a launch without GradScaler reads."""
-    return _cached(_scalars, (device, value), lambda: torch.full((1,), value, dtype=torch.float32, device=device))
+    return _cached(_scalars, (device, value), lambda: torch.full((1,), value, dtype=torch.float32, device=device),
+                   _capturing(device))
+
+
+def _capturing(device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def launch(kernel, streams: list[list[torch.Tensor]], coefs: torch.Tensor, grad_scale=None, found_inf=None,
@@ -431,10 +447,11 @@ def launch(kernel, streams: list[list[torch.Tensor]], coefs: torch.Tensor, grad_
     n_tensors = len(params)
     addresses = tuple(a for stream in streams for a in ([t.data_ptr() for t in stream] or [0] * n_tensors))
     aligned = all(a % 16 == 0 for a in addresses)
+    capturing = _capturing(device)
     addrs = _cached(_addr_tables, (device, addresses),
-                    lambda: torch.tensor(addresses, dtype=torch.int64).to(device))
+                    lambda: torch.tensor(addresses, dtype=torch.int64).to(device, non_blocking=True), capturing)
     numel_t, blocks = _cached(_block_tables, (device, block, numels),
-                              lambda: _build_blocks(numels, block, device))
+                              lambda: _build_blocks(numels, block, device), capturing)
     n_programs = blocks.shape[1]
     unscale = grad_scale is not None
     grad_scale = grad_scale if unscale else _scalar(device, 1.0)

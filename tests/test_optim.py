@@ -3,6 +3,7 @@ checkpoints both ways, schedulers, param groups, missing grads, torch.compile, b
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import os
@@ -45,9 +46,9 @@ def _case_id(case):
     return "-".join([name] + [f"{k}={v}" for k, v in kw.items()])
 
 
-def _pair(name, kw, shapes=SHAPES, dtype=torch.float32, lr_scale=1.0):
+def _pair(name, kw, shapes=SHAPES, dtype=torch.float32, lr_scale=1.0, ours_only=None):
     """Identical parameters under torch.optim (float32) and tritonkit.optim (``dtype``), one per param
-    group, the groups cycling through ``GROUP_FLAGS``."""
+    group, the groups cycling through ``GROUP_FLAGS``; ``ours_only``: arguments for tritonkit's alone."""
     init = [torch.randn(s) for s in shapes]
     ref = [nn.Parameter(x.clone()) for x in init]
     mine = [nn.Parameter(x.to(dtype)) for x in init]
@@ -56,7 +57,7 @@ def _pair(name, kw, shapes=SHAPES, dtype=torch.float32, lr_scale=1.0):
         return [{"params": [p], **GROUP_FLAGS[i % len(GROUP_FLAGS)]} for i, p in enumerate(params)]
 
     kw = {"lr": LR[name] * lr_scale, **kw}
-    return ref, mine, TORCH[name](groups(ref), **kw), OURS[name](groups(mine), **kw)
+    return ref, mine, TORCH[name](groups(ref), **kw), OURS[name](groups(mine), **kw, **(ours_only or {}))
 
 
 def _set_grads(params, grads):
@@ -77,14 +78,16 @@ def _round_state(opt, dtype):
                         value.copy_(value.to(dtype).float())
 
 
-def _assert_states_match(opt, ref_opt, dtype=torch.float32):
-    """Same state keys per parameter, step counts equal, buffers in ``dtype`` and (float32) within the
-    optimizer tolerance. Half buffers are checked through the parameters they drive: a momentum buffer of
-    magnitude ~g / (1 - momentum) has a bfloat16 ulp above OPTIM_TOLERANCES' absolute bound, so one
-    rounding flip in it would already fail an elementwise check."""
+def _assert_states_match(opt, ref_opt, dtype=torch.float32, flags=()):
+    """Same state keys per parameter, step counts equal (value, dtype, device), buffers in ``dtype`` and
+    (float32) within the optimizer tolerance; the param groups equal but for the implementation ``flags``. Half
+    buffers are checked through the parameters they drive: a momentum buffer of magnitude ~g / (1 - momentum)
+    has a bfloat16 ulp above OPTIM_TOLERANCES' absolute bound, so one rounding flip in it would already fail an
+    elementwise check."""
     tol = OPTIM_TOLERANCES[dtype]
     mine, theirs = opt.state_dict(), ref_opt.state_dict()
-    assert mine["param_groups"] == theirs["param_groups"]
+    assert [{k: v for k, v in g.items() if k not in flags} for g in mine["param_groups"]] == [
+        {k: v for k, v in g.items() if k not in flags} for g in theirs["param_groups"]]
     assert mine["state"].keys() == theirs["state"].keys()
     for index, state in mine["state"].items():
         assert state.keys() == theirs["state"][index].keys()
@@ -368,12 +371,86 @@ def test_bytes_per_step_counts_every_stream():
             assert tko.bytes_per_step(opt) == expected, (name, kw, impl[name])
 
 
+# --- capturable: coefficients and step counts on the device, nothing read back ---------------------
+@contextlib.contextmanager
+def _no_host_reads():
+    """Every way of reading a tensor's value into Python raises: on a GPU each is a sync, and none can be
+    captured in a CUDA graph."""
+    names = ("item", "tolist", "numpy", "__float__", "__int__", "__index__", "__bool__")
+    saved = {n: getattr(torch.Tensor, n) for n in names}
+
+    def refuse(name):
+        def read(*args, **kwargs):
+            raise AssertionError(f"step() read a tensor back to the host (Tensor.{name})")
+        return read
+
+    try:
+        for n in names:
+            setattr(torch.Tensor, n, refuse(n))
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(torch.Tensor, n, f)
+
+
+# torch refuses capturable on the CPU (and SGD/Adagrad have no such flag): torch's default path with the same
+# hyperparameters is the reference. Adagrad's step counts live on the device with fused=True.
+CAPTURABLE = [("SGD", {"momentum": 0.9, "nesterov": True}, {}),
+              ("Adam", {"amsgrad": True}, {"capturable": True}),
+              ("AdamW", {"amsgrad": True}, {"capturable": True}),
+              ("RMSprop", {"centered": True, "momentum": 0.9}, {"capturable": True}),
+              ("Adagrad", {"lr_decay": 0.05}, {"fused": True})]
+
+
+@pytest.mark.parametrize("tensor_lr", [False, True], ids=["float_lr", "tensor_lr"])
+@pytest.mark.parametrize("case", CAPTURABLE, ids=[f"{n}-{'-'.join(o) or 'default'}" for n, _, o in CAPTURABLE])
+def test_capturable_step_reads_nothing_back_and_matches_torch(case, tensor_lr):
+    """A scheduler changes lr between steps (a Tensor lr in place); each step runs with host reads
+    refused and ends where torch's does, step counts included."""
+    name, kw, flags = case
+    ref, mine, ref_opt, opt = _pair(name, kw, ours_only=flags)
+    for o in (ref_opt, opt):
+        for group in o.param_groups:
+            group["lr"] = torch.tensor(group["lr"]) if tensor_lr else group["lr"]
+    scheds = [torch.optim.lr_scheduler.ExponentialLR(o, gamma=0.6) for o in (ref_opt, opt)]
+    for _step in range(3):
+        grads = [torch.randn(s) for s in SHAPES]
+        _set_grads(ref, grads)
+        _set_grads(mine, grads)
+        ref_opt.step()
+        with _no_host_reads():
+            opt.step()
+        for sched in scheds:
+            sched.step()
+    assert isinstance(opt.param_groups[0]["lr"], torch.Tensor) == tensor_lr
+    for p, r in zip(mine, ref):
+        torch.testing.assert_close(p.detach(), r.detach(), **OPTIM_TOLERANCES[torch.float32])
+    _assert_states_match(opt, ref_opt, flags=tuple(flags))
+
+
+def test_tensor_lr_set_after_construction_refused_like_torch():
+    """torch: a Tensor lr with foreach=True needs capturable=True, also when set on a group later."""
+    messages = []
+    for impl in (TORCH, OURS):
+        p = nn.Parameter(torch.randn(3))
+        opt = impl["Adam"]([p], foreach=True)
+        opt.param_groups[0]["lr"] = torch.tensor(0.01)
+        p.grad = torch.randn(3)
+        with pytest.raises(RuntimeError) as err:
+            opt.step()
+        messages.append(str(err.value))
+        assert all(state["step"] == 0 for state in opt.state.values())  # nothing advanced
+    assert messages[0] == messages[1]
+
+
 # --- bad input -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name, kw", [
     ("SGD", {"lr": -1.0}), ("SGD", {"momentum": -0.1}), ("SGD", {"nesterov": True}),
     ("SGD", {"nesterov": True, "momentum": 0.9, "dampening": 0.1}), ("SGD", {"lr": torch.tensor([0.1, 0.2])}),
     ("Adam", {"betas": (1.0, 0.9)}), ("Adam", {"betas": (0.9, -0.1)}), ("Adam", {"eps": -1.0}),
     ("Adam", {"betas": (torch.tensor(0.9), 0.99)}), ("AdamW", {"weight_decay": -1.0}),
+    ("Adam", {"lr": torch.tensor(0.01), "foreach": True}), ("Adam", {"lr": torch.tensor([0.1, 0.2])}),
+    ("AdamW", {"betas": (torch.tensor(0.9), torch.tensor(0.99)), "foreach": True}),
     ("RMSprop", {"alpha": -0.5}), ("Adagrad", {"lr_decay": -1.0}),
     ("Adagrad", {"initial_accumulator_value": -1.0}),
 ])

@@ -24,10 +24,45 @@ Supported: float32, float16 and bfloat16 parameters on the device tritonkit's ke
 in the parameter's dtype, as torch keeps it; math in float32, each stored value rounded once, like
 torch's ``fused=True`` kernels), in dense layouts (a gradient or loaded state in another layout is
 copied to the parameter's layout). Implementation switches: ``foreach`` and ``fused`` (not both True)
-and ``capturable`` are accepted; like torch they only decide where ``step`` lives (on the parameter's
-device for ``fused``/``capturable``, on the CPU otherwise). ``differentiable=True`` is refused:
-autograd cannot see through the kernel. Sparse gradients and complex parameters are refused with a
-RuntimeError.
+and ``capturable`` are accepted and decide where ``step`` lives, as in torch: on the parameter's device
+for ``fused``/``capturable``, on the CPU otherwise. ``differentiable=True`` is refused: autograd cannot
+see through the kernel. Sparse gradients and complex parameters are refused with a RuntimeError.
+
+Capturable steps: ``lr`` (and Adam's ``betas``) may be 0-d Tensors, with torch's rules (Adam/AdamW refuse
+a Tensor lr or betas with ``foreach=True`` unless ``capturable=True``). Whenever the step counts live
+on the device (``capturable=True``; Adagrad's ``fused=True``) or a hyperparameter is a Tensor, the
+coefficient rows are computed on the parameters' device by a few tensor ops (float64, as above) from
+the step-count tensors and the lr tensor, and the step counts are advanced there: ``step()`` reads
+nothing back to the host, so it can be captured in a CUDA graph, and a scheduler's in-place update of
+a Tensor lr reaches every replay. Otherwise (float lr, CPU step counts) the rows are computed on the CPU
+from Python numbers and copied to the device asynchronously. To capture a whole training step
+(``torch.cuda.graphs``; ``bench/capturable_step.py`` checks it against eager steps)::
+
+    lr = torch.tensor(1e-3, device="cuda")
+    opt = tritonkit.optim.Adam(model.parameters(), lr=lr, capturable=True)   # SGD: no flag, lr a Tensor
+
+    def train_step():
+        opt.zero_grad(set_to_none=False)   # gradients keep their storage, so the graph's addresses hold
+        loss_fn(model(static_x), static_y).backward()
+        opt.step()
+
+    side = torch.cuda.Stream()             # warm up on a side stream: state, launch tables, kernels
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            train_step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        train_step()
+    for x, y in loader:                    # each replay: forward, backward and step
+        static_x.copy_(x); static_y.copy_(y); lr.fill_(scheduled_lr); graph.replay()
+
+The launch tables (tensor addresses and sizes) are built on the host at a tensor set's first step, so
+the captured step must reuse the warm-up's tensors: ``zero_grad(set_to_none=True)`` before capture (new
+gradients inside the graph) is refused with a RuntimeError naming the fix. Tables a graph reads are
+kept alive for the process. Adam, AdamW and RMSprop with ``capturable=False`` refuse capture as torch's
+do (their step counts live on the CPU).
 
 Mixed precision: with ``torch.amp.GradScaler``, ``scaler.step(opt)`` works as with torch's ``fused=True``
 optimizers. Each optimizer sets ``_step_supports_amp_scaling = True``, which tells GradScaler not to
@@ -207,7 +242,7 @@ class _FusedOptimizer(Optimizer):
                 idx, rows = range(len(params)), table
             else:
                 idx = [i for i, k in enumerate(keys) if k == key]
-                rows = table[idx]
+                rows = torch.cat([table[i:i + 1] for i in idx])  # slices: no index tensor to copy over
             batch.params += [params[i] for i in idx]
             batch.grads += [grads[i] for i in idx]
             for mine, theirs in zip(batch.states, states):
@@ -222,7 +257,8 @@ class _FusedOptimizer(Optimizer):
 
         for (device, _, _), batch in batches.items():
             coefs = batch.coefs[0] if len(batch.coefs) == 1 else torch.cat(batch.coefs)
-            type(self)._op(batch.params, batch.grads, *batch.states, coefs.to(device), at(grad_scale, device),
+            type(self)._op(batch.params, batch.grads, *batch.states, coefs.to(device, non_blocking=True),
+                           at(grad_scale, device),
                            at(found_inf, device))
 
     # GradScaler.step sees this and, instead of unscaling the gradients (a pass over them) and reading
@@ -248,6 +284,8 @@ class _FusedOptimizer(Optimizer):
         Args:
             closure (Callable, optional): A closure that reevaluates the model and returns the loss.
         """
+        if "capturable" in self.defaults:  # torch's refusal to capture a capturable=False step
+            self._accelerator_graph_capture_health_check()
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
         ops.check_amp(f"tritonkit.optim.{type(self).__name__}", grad_scale, found_inf)
         loss = None
@@ -284,16 +322,36 @@ def _signs(maximize: bool) -> float:
     return -1.0 if maximize else 1.0
 
 
-def _steps(state_steps: list) -> tuple[Tensor, torch.device]:
-    """This step's counts t (the stored ones + 1: torch counts the update being made) as float64, and
-    the device they live on."""
-    device = state_steps[0].device
-    return torch.stack([s.to(device) for s in state_steps]).to(torch.float64) + 1, device
+def _coef_device(group: dict, params: list, state_steps: list, found_inf=None) -> torch.device:
+    """Where a group's coefficient rows are computed: on the parameters' device when any input of them
+    lives there or is a tensor (step counts kept on the device by ``capturable``/``fused``, a Tensor lr
+    or betas, GradScaler's ``found_inf``) or a CUDA graph is being captured, so that nothing is read back
+    to the host and the graph captures the computation; otherwise on the CPU from Python numbers (one
+    asynchronous copy to the device)."""
+    device = params[0].device
+    hyper = (group["lr"], *group.get("betas", ()))
+    if (found_inf is not None or any(isinstance(h, Tensor) for h in hyper)
+            or any(s.device == device for s in state_steps[:1])
+            or (device.type == "cuda" and torch.cuda.is_current_stream_capturing())):
+        return device
+    return torch.device("cpu")
+
+
+def _steps(state_steps: list, device) -> Tensor:
+    """This step's counts t (the stored ones + 1: torch counts the update being made) as float64 on
+    ``device``, moved there in one asynchronous copy if they live elsewhere."""
+    home = state_steps[0].device
+    steps = torch.stack([s if s.device == home else s.to(home) for s in state_steps])
+    return steps.to(device=device, dtype=torch.float64, non_blocking=True) + 1
 
 
 def _value(x, device):
-    """A hyperparameter as a float64 scalar on ``device`` if it is a tensor, else as is."""
-    return x.to(device=device, dtype=torch.float64) if isinstance(x, Tensor) else x
+    """A hyperparameter as a float64 scalar on ``device`` if it is a tensor (copied asynchronously), else
+    as is."""
+    return x.to(device=device, dtype=torch.float64, non_blocking=True) if isinstance(x, Tensor) else x
+
+
+_FOREACH_TENSOR_LR = "lr as a Tensor is not supported for capturable=False and foreach=True"
 
 
 def _check_lr(lr) -> None:
@@ -326,7 +384,8 @@ class SGD(_FusedOptimizer):
         weight_decay (float, optional): weight decay (L2 penalty) (default: 0)
         nesterov (bool, optional): enables Nesterov momentum (default: False)
         maximize (bool, optional): maximize the objective instead of minimizing it (default: False)
-        foreach, fused (bool, optional): accepted for compatibility; the update is always fused
+        foreach, fused (bool, optional): accepted for compatibility; the update is always fused (with lr
+            a Tensor the whole step stays on the device: see the module docstring)
         differentiable (bool, optional): must be False
 
     State per parameter (only with momentum ≠ 0): ``momentum_buffer``.
@@ -384,7 +443,7 @@ class SGD(_FusedOptimizer):
                    "weight_decay": group["weight_decay"],
                    "momentum": momentum, "nesterov": float(group["nesterov"]),
                    "buf_decay": momentum, "buf_grad": 1 - dampening}
-        device = torch.device("cpu") if found_inf is None else found_inf.device
+        device = _coef_device(group, params, [], found_inf)
         first = [b is None for b in buffers]
         # A buffer created in a step GradScaler skipped stays zero and has not started: with dampening it
         # must still start as b = g (without, mu * 0 + g is g already). 1.0 there, kept on the device.
@@ -392,7 +451,7 @@ class SGD(_FusedOptimizer):
         waiting = [unstarted.pop(p, None) for p in params]
         if any(first) or any(w is not None for w in waiting):
             # torch starts a buffer as b_1 = g_1: decay nothing (a zero buffer), take all of g
-            new = torch.tensor(first, dtype=torch.float64, device=device)
+            new = torch.tensor(first, dtype=torch.float64).to(device, non_blocking=True)
             for i, w in enumerate(waiting):
                 if w is not None:
                     new[i] = w
@@ -444,7 +503,7 @@ class Adam(_FusedOptimizer):
         amsgrad (bool, optional): use the AMSGrad variant (default: False)
         maximize (bool, optional): maximize the objective instead of minimizing it (default: False)
         foreach, fused, capturable (bool, optional): accepted; ``fused``/``capturable`` keep ``step``
-            on the parameter's device, as torch does
+            on the parameter's device, as torch does, and so the whole step (see the module docstring)
         differentiable (bool, optional): must be False
         decoupled_weight_decay (bool, optional): AdamW's weight decay (default: False)
 
@@ -458,6 +517,8 @@ class Adam(_FusedOptimizer):
                  weight_decay: float = 0, amsgrad: bool = False, *, foreach: bool | None = None,
                  maximize: bool = False, capturable: bool = False, differentiable: bool = False,
                  fused: bool | None = None, decoupled_weight_decay: bool = False) -> None:
+        if isinstance(lr, Tensor) and foreach and not capturable:
+            raise ValueError(_FOREACH_TENSOR_LR)
         _check_lr(lr)
         if not 0.0 <= eps:
             raise ValueError(f"Invalid epsilon value: {eps}")
@@ -471,6 +532,8 @@ class Adam(_FusedOptimizer):
                 or (isinstance(betas[0], Tensor) and isinstance(betas[1], Tensor))):
             raise ValueError("betas must be either both floats or both Tensors")  # noqa: TRY004  (as torch)
         for i, beta in enumerate(betas):
+            if isinstance(beta, Tensor) and foreach and not capturable:
+                raise ValueError(f"betas[{i}] as a Tensor is not supported for capturable=False and foreach=True")
             if isinstance(beta, Tensor) and beta.numel() != 1:
                 raise ValueError(f"Tensor betas[{i}] must be 1-element")
         betas = tuple(b.squeeze() if isinstance(b, Tensor) else b for b in betas)
@@ -512,6 +575,8 @@ class Adam(_FusedOptimizer):
             exp_avg_sqs.append(self._state(state, "exp_avg_sq", p))
             if group["amsgrad"]:
                 max_exp_avg_sqs.append(self._state(state, "max_exp_avg_sq", p))
+            if group["foreach"] and torch.is_tensor(group["lr"]) and not group["capturable"]:
+                raise RuntimeError(_FOREACH_TENSOR_LR)  # a Tensor lr set after construction, as torch
             state_steps.append(state["step"])
         return False
 
@@ -520,7 +585,8 @@ class Adam(_FusedOptimizer):
         self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)
         if not params:
             return []
-        step, device = _steps(state_steps)
+        device = _coef_device(group, params, state_steps, found_inf)
+        step = _steps(state_steps, device)
         lr, weight_decay = _value(group["lr"], device), group["weight_decay"]
         beta1, beta2 = (_value(b, device) for b in group["betas"])
         decoupled = group["decoupled_weight_decay"]
@@ -595,7 +661,8 @@ class RMSprop(_FusedOptimizer):
         weight_decay (float, optional): weight decay (L2 penalty) (default: 0)
         momentum (float, optional): momentum factor (default: 0)
         centered (bool, optional): normalize by an estimate of the gradient's variance (default: False)
-        capturable, foreach (bool, optional): accepted; ``capturable`` keeps ``step`` on the device
+        capturable, foreach (bool, optional): accepted; ``capturable`` keeps ``step`` on the device, and so
+            the whole step (see the module docstring)
         maximize (bool, optional): maximize the objective instead of minimizing it (default: False)
         differentiable (bool, optional): must be False
 
@@ -664,7 +731,7 @@ class RMSprop(_FusedOptimizer):
         self._init_group(group, params, grads, square_avgs, momentum_buffers, grad_avgs, state_steps)
         if not params:
             return []
-        device = state_steps[0].device
+        device = _coef_device(group, params, state_steps, found_inf)
         alpha = group["alpha"]
         columns = {"lr": _value(group["lr"], device), "grad_sign": _signs(group["maximize"]),
                    "weight_decay": group["weight_decay"], "alpha": alpha, "one_minus_alpha": 1 - alpha,
@@ -700,7 +767,8 @@ class Adagrad(_FusedOptimizer):
         initial_accumulator_value (float, optional): initial value of the sum of squared gradients
             (default: 0)
         eps (float, optional): term added to the denominator (default: 1e-10)
-        foreach, fused (bool, optional): accepted; ``fused`` keeps ``step`` on the device
+        foreach, fused (bool, optional): accepted; ``fused`` keeps ``step`` on the device, and so the
+            whole step (see the module docstring)
         maximize (bool, optional): maximize the objective instead of minimizing it (default: False)
         differentiable (bool, optional): must be False
 
@@ -772,7 +840,8 @@ class Adagrad(_FusedOptimizer):
         self._init_group(group, params, grads, state_sums, state_steps)
         if not params:
             return []
-        step, device = _steps(state_steps)
+        device = _coef_device(group, params, state_steps, found_inf)
+        step = _steps(state_steps, device)
         columns = {"clr": _value(group["lr"], device) / (1 + (step - 1) * group["lr_decay"]),
                    "grad_sign": _signs(group["maximize"]), "weight_decay": group["weight_decay"],
                    "eps": group["eps"]}
