@@ -258,8 +258,7 @@ class _FusedOptimizer(Optimizer):
         for (device, _, _), batch in batches.items():
             coefs = batch.coefs[0] if len(batch.coefs) == 1 else torch.cat(batch.coefs)
             type(self)._op(batch.params, batch.grads, *batch.states, coefs.to(device, non_blocking=True),
-                           at(grad_scale, device),
-                           at(found_inf, device))
+                           at(grad_scale, device), at(found_inf, device))
 
     # GradScaler.step sees this and, instead of unscaling the gradients (a pass over them) and reading
     # found_inf on the host to decide whether to call step, sets ``self.grad_scale`` (None when the user
