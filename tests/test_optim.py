@@ -1,5 +1,6 @@
 """tritonkit.optim against torch.optim: trajectories for every flag combination, half precision,
-checkpoints both ways, schedulers, param groups, missing grads, torch.compile, bad input, LeNet."""
+checkpoints both ways, schedulers, param groups, missing grads, capturable steps (nothing read back to
+the host, Tensor lr), torch.compile, bad input, LeNet."""
 
 from __future__ import annotations
 
