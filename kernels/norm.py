@@ -47,7 +47,9 @@ Backward (``aten.native_batch_norm_backward`` semantics; ``g`` is ``grad_out``, 
 when given: ``activation="relu"``, the ReLU's output, ``threshold_backward(g, relu_output, 0)``, g where
 ``relu_output > 0``; ``"relu6"``, the ReLU6's *input* (the BN output), ``hardtanh_backward(g, relu_output, 0, 6)``,
 g where ``0 < relu_output < 6``; a NaN ``relu_output`` passes its g in both, as aten's CUDA kernels and
-torch._decomp do; the reduction and the apply pass mask every load the same way): a two-stage deterministic
+torch._decomp do; hardswish, hardsigmoid, silu, gelu, gelu_tanh (``relu_output`` their input, the BN
+output) and sigmoid (its output): g through that activation's backward, as ``activation_backward``
+computes it; the reduction and the apply pass treat every load the same way): a two-stage deterministic
 reduction of ``sum(g)`` and ``sum(g * (x - mean))`` per channel, a finalize kernel that writes
 ``grad_bias``, ``grad_weight = invstd * sum(g * (x - mean))`` and the per-channel coefficients of
 ``grad_input = k*g + c1*(x - mean) + c0`` (training: ``k = w*invstd``, ``c0 = -k*mean(g)``,
@@ -62,7 +64,7 @@ one): ``batch_norm_stats_partial``, ``batch_norm_stats_finalize`` (+ ``_cumulati
 tiles in, ``_stats_only``), ``batch_norm_tiles_combine`` (float32 only: it reads only the partials),
 ``batch_norm_apply``, ``batch_norm_apply_eval`` (same kernel, running stats in the input's dtype),
 ``batch_norm_bwd_reduce`` and ``batch_norm_bwd_apply`` (ReLU mask; + ``_relu6_nhwc``: MobileNetV2's
-channels_last BN + ReLU6), ``batch_norm_bwd_finalize`` (+ ``_eval``).
+channels_last BN + ReLU6, ``_silu_nhwc``: EfficientNet's BN + SiLU), ``batch_norm_bwd_finalize`` (+ ``_eval``).
 """
 
 from __future__ import annotations
@@ -80,6 +82,7 @@ from tritonkit.kernels.common import (
     reduction_split,
     tuned_kernel,
 )
+from tritonkit.kernels.elementwise import activation_grad
 from tritonkit.kernels.pool import output_memory_format
 
 
@@ -143,9 +146,11 @@ def _nhwc_variant(flags: dict):
     return {"nhwc": lambda dtype: {**flags, **_typical("nhwc")}}
 
 
-def _relu6_nhwc_variant(flags: dict):
-    """The backward's MobileNetV2 pattern: channels_last, ReLU6 mask."""
-    return {"relu6_nhwc": lambda dtype: {**flags, "MASK": ACTIVATIONS["relu6"], **_typical("nhwc")}}
+def _activation_nhwc_variants(flags: dict):
+    """The backward's MobileNet patterns: channels_last with the ReLU6 mask (V2), with SiLU's gradient
+    (EfficientNet; the longest of the activation gradients but GELU's)."""
+    return {f"{kind}_nhwc": lambda dtype, kind=kind: {**flags, "MASK": ACTIVATIONS[kind], **_typical("nhwc")}
+            for kind in ("relu6", "silu")}
 
 
 # --- statistics ---------------------------------------------------------------------------------------
@@ -426,19 +431,35 @@ batch_norm_apply_eval_kernel = tuned_kernel(
 # --- backward -------------------------------------------------------------------------------------------
 
 
-# Mask kinds of the backward's relu_output (the MASK constexpr; 0: no relu_output).
-ACTIVATIONS = {"relu": 1, "relu6": 2}
+# The activation whose backward the BN backward applies to g first (the MASK constexpr; 0: none), read
+# from ``y``, the tensor that activation's aten backward saves: relu its output; relu6 (hardtanh(0, 6)),
+# hardswish, hardsigmoid, silu, gelu and gelu_tanh their input, the BN output; sigmoid its output.
+ACTIVATIONS = {"relu": 1, "relu6": 2, "hardswish": 3, "hardsigmoid": 4, "silu": 5, "sigmoid": 6, "gelu": 7,
+               "gelu_tanh": 8}
 
 
 @triton.jit
 def _grad_mask(g, y, MASK: tl.constexpr):
-    """g (float32) where the activation passes it: MASK 1 (relu, y its output) zeroes y <= 0, as
-    threshold_backward; 2 (relu6, y its input) also y >= 6, as hardtanh_backward(g, y, 0, 6). NaN y keeps g."""
-    if MASK:
+    """g (float32) through the activation's backward: MASK 1 (relu) zeroes y <= 0, as threshold_backward;
+    2 (relu6) also y >= 6, as hardtanh_backward(g, y, 0, 6) (NaN y keeps g in both); 3-8 the gradient of
+    ``tritonkit.kernels.elementwise.activation_grad``, exactly as the standalone backward kernel."""
+    if MASK == 1 or MASK == 2:
         drop = y <= 0
         if MASK == 2:
             drop = drop | (y >= 6)
         g = tl.where(drop, 0.0, g)
+    elif MASK == 3:
+        g = activation_grad(g, y, "hardswish", 0.0, 0.0)
+    elif MASK == 4:
+        g = activation_grad(g, y, "hardsigmoid", 0.0, 0.0)
+    elif MASK == 5:
+        g = activation_grad(g, y, "silu", 0.0, 0.0)
+    elif MASK == 6:
+        g = activation_grad(g, y, "sigmoid", 0.0, 0.0)
+    elif MASK == 7:
+        g = activation_grad(g, y, "gelu", 0.0, 0.0)
+    elif MASK == 8:
+        g = activation_grad(g, y, "gelu_tanh", 0.0, 0.0)
     return g
 
 
@@ -455,7 +476,7 @@ _BWD_FLAGS = {"MASK": ACTIVATIONS["relu"], "NEED_DOT": True}
 @tuned_kernel("batch_norm_bwd_reduce", gpu_configs=_REDUCE_CONFIGS, config_for_dtype=_REDUCE_FOR,
               interp_heuristics=_REDUCE_INTERP, key=["A", "B", "C", "s_b", "s_c", "SPLIT"],
               signature=_bwd_reduce_signature, constexprs=lambda dtype: {**_BWD_FLAGS, **_typical("nchw")},
-              variants={**_nhwc_variant(_BWD_FLAGS), **_relu6_nhwc_variant(_BWD_FLAGS)})
+              variants={**_nhwc_variant(_BWD_FLAGS), **_activation_nhwc_variants(_BWD_FLAGS)})
 @triton.jit
 def batch_norm_bwd_reduce_kernel(
     g_ptr, x_ptr, y_ptr, mean_ptr, part_ptr,
@@ -567,7 +588,7 @@ def _bwd_apply_signature(dtype):
 @tuned_kernel("batch_norm_bwd_apply", gpu_configs=_APPLY_CONFIGS, config_for_dtype=_APPLY_FOR,
               interp_heuristics=_TILE_INTERP, key=["A", "B", "C", "s_b", "s_c"], signature=_bwd_apply_signature,
               constexprs=lambda dtype: {**_BWD_APPLY_FLAGS, **_typical("nchw")},
-              variants={**_nhwc_variant(_BWD_APPLY_FLAGS), **_relu6_nhwc_variant(_BWD_APPLY_FLAGS)})
+              variants={**_nhwc_variant(_BWD_APPLY_FLAGS), **_activation_nhwc_variants(_BWD_APPLY_FLAGS)})
 @triton.jit
 def batch_norm_bwd_apply_kernel(
     g_ptr, x_ptr, y_ptr, coef_ptr, dx_ptr,

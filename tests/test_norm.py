@@ -8,6 +8,7 @@ strides) is compared with eager run on the real dtype. Outputs are NaN-poisoned 
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import tritonkit.ops.conv  # noqa: F401  (conv2d_bn_stats builds the partials)
 import tritonkit.ops.norm  # noqa: F401  (registers the ops)
@@ -690,6 +691,31 @@ def test_backward_relu6_matches_autograd_chain():
     torch.nn.functional.relu6(y).backward(g)
     assert ((y > 0) & (y < 6)).any() and ((y <= 0) | (y >= 6)).any()
     result = ops.batch_norm_backward(g, x, w, None, None, mean, invstd, True, EPS, [True] * 3, y.detach(), "relu6")
+    for got, want in zip(result, (xr.grad, wr.grad, br.grad)):
+        assert_close(got, want, grad=True)
+
+
+EAGER_ACTIVATIONS = {"hardswish": F.hardswish, "hardsigmoid": F.hardsigmoid, "silu": F.silu, "sigmoid": torch.sigmoid,
+                     "gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
+@pytest.mark.parametrize("kind", EAGER_ACTIVATIONS)
+def test_backward_activation_matches_autograd_chain(kind, layout):
+    """act(bn(x)) through eager autograd vs the op fed what aten's activation backward saves (the BN output;
+    sigmoid: its output), both stages applying the activation's gradient; the BN output spans the kinks
+    of hardswish / hardsigmoid (+-3)."""
+    x = make((2, 6, 5, 9), layout, scale=3.0, shift=0.5)
+    w, b = vec(6) * 3, vec(6)
+    mean, invstd = ops.batch_norm_stats(x, EPS)
+    xr, wr, br = (t.clone().requires_grad_() for t in (x, w, b))
+    y = F.batch_norm(xr, None, None, wr, br, training=True, eps=EPS)
+    out = EAGER_ACTIVATIONS[kind](y)
+    g = make((2, 6, 5, 9), layout)
+    out.backward(g)
+    saved = (out if kind == "sigmoid" else y).detach()
+    assert ((y > -3) & (y < 3)).any() and ((y <= -3) | (y >= 3)).any()
+    result = ops.batch_norm_backward(g, x, w, None, None, mean, invstd, True, EPS, [True] * 3, saved, kind)
     for got, want in zip(result, (xr.grad, wr.grad, br.grad)):
         assert_close(got, want, grad=True)
 

@@ -167,8 +167,9 @@ def activation(lw, node):
 @rule(*_BACKWARDS)
 def activation_backward(lw, node):
     """``<act>_backward(g, saved)``: ``saved`` is the input, for ``sigmoid_backward`` the output; a ReLU6's
-    (``hardtanh_backward(g, y, 0, 6)``) whose consumers are all BatchNorm backwards is folded into them."""
-    folded = _relu6_into_batch_norm(lw, node)
+    (``hardtanh_backward(g, y, 0, 6)``) or another activation's whose consumers are all BatchNorm backwards
+    is folded into them."""
+    folded = _activation_into_batch_norm(lw, node)
     if folded is not None:
         return folded
     a = bind(node)
@@ -181,14 +182,21 @@ def activation_backward(lw, node):
     return Rewrite([spec], (node,))
 
 
-def _relu6_into_batch_norm(lw, node):
-    """The ReLU6 mask of ``hardtanh_backward(g, y, 0, 6)`` applied in the loads of the BatchNorm backwards
-    that consume it (``batch_norm_backward(g, ..., relu_output=y, activation="relu6")``), or None."""
-    if node.target is not aten.hardtanh_backward.default or not lw.opts.fuse_relu:
+def _activation_into_batch_norm(lw, node):
+    """An activation's backward (``<act>_backward(g, saved)``; ReLU6: ``hardtanh_backward(g, y, 0, 6)``) whose
+    consumers are all BatchNorm backwards, applied in their loads (``batch_norm_backward(g, ..., relu_output=
+    saved, activation=kind)``), or None."""
+    if not lw.opts.fuse_relu:
         return None
     a = bind(node)
-    g, y = a["grad_output"], a["self"]
-    if (a["min_val"], a["max_val"]) != (0, 6) or tuple(val(g).shape) != tuple(val(y).shape) or not node.users:
+    kind = _kind_args(_BACKWARDS[node.target], a)[0]
+    if kind == "hardtanh":
+        if (a["min_val"], a["max_val"]) != (0, 6):
+            return None
+        kind = "relu6"
+    g = a["grad_output"]
+    saved = a["output"] if node.target is aten.sigmoid_backward.default else a["self"]
+    if tuple(val(g).shape) != tuple(val(saved).shape) or not node.users:
         return None
     planned = {}
     for user in node.users:
@@ -196,11 +204,11 @@ def _relu6_into_batch_norm(lw, node):
                 or node in user.args[1:]:
             return None
         try:
-            planned[user] = norm.backward_specs(lw, user, g, y, "relu6")
+            planned[user] = norm.backward_specs(lw, user, g, saved, kind)
         except Fail as why:
-            log.debug("%s: ReLU6 mask not folded into %s: %s", lw.name, user.name, why)
+            log.debug("%s: %s backward not folded into %s: %s", lw.name, kind, user.name, why)
             return None
-    labels = dict.fromkeys(s.describe(y.name) for specs in planned.values() for s in specs)
+    labels = dict.fromkeys(s.describe(saved.name) for specs in planned.values() for s in specs)
     lw.lowered.append(Lowered((node.name, *(u.name for u in planned)), tuple(labels)))
     return Rewrite([], planned=planned, report=False)
 

@@ -13,7 +13,8 @@ ATen (AOTAutograd, torch 2.11-2.14)                                  tritonkit
 ``native_batch_norm_backward``                                        ``batch_norm_backward``
 ``threshold_backward`` feeding only BN backward (and other consumers   folded: ``relu_output=`` of the
 that take the mask)                                                   BN backward
-``hardtanh_backward(g, y, 0, 6)`` (ReLU6) feeding only BN backward    folded: ``activation="relu6"``
+``hardtanh_backward(g, y, 0, 6)`` (ReLU6), ``hardswish_backward``,   folded: ``activation="relu6"``,
+``silu_backward``, ... feeding only BN backward                       ``"hardswish"``, ``"silu"``, ...
 ===================================================================  ==========================================
 
 The ReLU after a BatchNorm is fused only when it is the BN output's only consumer (optionally through a
@@ -190,8 +191,9 @@ def batch_norm_eval(lw, node):
 
 def backward_specs(lw, node, grad=None, relu_output=None, activation="relu"):
     """Specs for the used outputs of ``native_batch_norm_backward`` ``node``; ``grad``/``relu_output``: its
-    gradient is ``grad`` masked by ``relu_output`` the way ``activation``'s backward masks it (``"relu"``:
-    ``relu_output`` is the ReLU output, > 0; ``"relu6"``: the hardtanh(0, 6) input, strictly inside (0, 6))."""
+    gradient is ``grad`` through ``activation``'s backward from ``relu_output`` (``"relu"``: the ReLU output,
+    > 0; ``"relu6"``: the hardtanh(0, 6) input, strictly inside (0, 6); the others: what aten's backward of
+    that activation saves, ``tritonkit::batch_norm_backward``'s doc)."""
     a = bind(node)
     x, w = a["input"], a["weight"]
     grad = a["grad_out"] if grad is None else grad
@@ -205,7 +207,7 @@ def backward_specs(lw, node, grad=None, relu_output=None, activation="relu"):
     saved = (a["save_mean"], a["save_invstd"]) if a["train"] else (None, None)  # eval: empty, unused
     call = New(lw.tk.batch_norm_backward.default, (grad, x, w, a["running_mean"], a["running_var"], *saved,
                                                    a["train"], a["eps"], mask, relu_output, activation))
-    label = "batch_norm_backward" + ("(relu6 mask)" if activation == "relu6" else "")
+    label = "batch_norm_backward" + (f"({activation} mask)" if activation != "relu" else "")
     specs = [Spec(operator.getitem, (call, i), outs[i], label) for i in sorted(outs)]
     for spec in specs:
         lw.checker.check(spec)

@@ -36,7 +36,10 @@
   (MobileNetV2's ``hardtanh(bn(x), 0, 6)``), ``relu_output`` the BN *output*, the hardtanh's input:
   ``hardtanh_backward(grad_out, relu_output, 0, 6)``, grad where ``0 < relu_output < 6`` (0 at exactly 0
   and 6). A NaN ``relu_output`` passes its gradient under both, as aten's CUDA kernels and torch._decomp
-  do (aten's vectorized CPU hardtanh_backward drops it, its scalar loop passes it). Without
+  do (aten's vectorized CPU hardtanh_backward drops it, its scalar loop passes it). ``"hardswish"``,
+  ``"hardsigmoid"``, ``"silu"``, ``"gelu"``, ``"gelu_tanh"``: ``relu_output`` the BN output (the
+  activation's input), ``"sigmoid"``: the sigmoid's output; ``grad_out`` goes through that activation's
+  backward first, as ``activation_backward(grad_out, relu_output, kind)`` computes it. Without
   ``relu_output`` ``activation`` is unused (still checked: another value is a ValueError). A residual
   branch's gradient is that masked gradient itself: a caller that needs it computes ``relu_backward``
   once and passes it here with ``relu_output=None``.
