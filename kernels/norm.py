@@ -39,8 +39,11 @@ statistics pass's format, which the finalize combines (``ROWS=4``); ``SPLIT = re
 as for the statistics pass: runs of about 1024 tiles (13 runs of ~965 at T = 12544, C = 64), longer only
 once ~4 programs per SM are busy; T <= 1024 gives ``SPLIT = 1``. Deterministic, no atomics.
 
-The apply kernel computes ``relu?((x - mean) * (invstd * w) + b [+ residual])`` in float32 and rounds
-once: centring first keeps large-mean inputs exact (``x * scale + shift`` would cancel). In eval mode
+The apply kernel computes ``act((x - mean) * (invstd * w) + b [+ residual])`` in float32 and rounds
+once (``act``: ReLU, or any activation of ``tritonkit.kernels.elementwise``; training with an activation
+whose backward reads its input also writes the value before it, rounded to the input's dtype, which the
+activation then reads: the two outputs eager's BN and activation kernels write, in one pass). Centring
+first keeps large-mean inputs exact (``x * scale + shift`` would cancel). In eval mode
 it reads the running stats and forms ``invstd = 1 / sqrt(running_var + eps)`` per channel itself.
 
 Backward (``aten.native_batch_norm_backward`` semantics; ``g`` is ``grad_out``, first masked by ``relu_output``
@@ -82,7 +85,8 @@ from tritonkit.kernels.common import (
     reduction_split,
     tuned_kernel,
 )
-from tritonkit.kernels.elementwise import activation_grad
+from tritonkit.kernels.elementwise import ACTIVATIONS as ELEMENTWISE_ACTIVATIONS
+from tritonkit.kernels.elementwise import SAVES_OUTPUT, activation_grad, apply_activation
 from tritonkit.kernels.pool import output_memory_format
 
 
@@ -366,26 +370,30 @@ def _apply_signature(stat_type):
         t = f"*{TRITON_TYPE[dtype]}"
         s = f"*{stat_type or TRITON_TYPE[dtype]}"
         return {"x_ptr": t, "res_ptr": t, "out_ptr": t, "mean_ptr": s, "rstd_ptr": s, "w_ptr": t, "b_ptr": t,
-                **dict.fromkeys(_VIEW_INTS, "i32"), "eps": "fp32",
-                **dict.fromkeys(["EVAL", "HAS_WEIGHT", "HAS_BIAS", "HAS_RESIDUAL", "RELU", "BLOCK_B", "BLOCK_C"],
-                                "constexpr")}
+                "pre_ptr": t, **dict.fromkeys(_VIEW_INTS, "i32"), "eps": "fp32", "min_val": "fp32", "max_val": "fp32",
+                **dict.fromkeys(["EVAL", "HAS_WEIGHT", "HAS_BIAS", "HAS_RESIDUAL", "ACT", "PRE", "BLOCK_B",
+                                 "BLOCK_C"], "constexpr")}
 
     return signature
 
 
-_APPLY_FLAGS = {"HAS_WEIGHT": True, "HAS_BIAS": True, "HAS_RESIDUAL": True, "RELU": True}  # a ResNet block end
+_APPLY_FLAGS = {"HAS_WEIGHT": True, "HAS_BIAS": True, "HAS_RESIDUAL": True, "ACT": "relu", "PRE": False}  # ResNet
+# The training MobileNet pattern: channels_last BN + ReLU6 that also writes the pre-activation for the backward.
+_RELU6_PRE = {"HAS_WEIGHT": True, "HAS_BIAS": True, "HAS_RESIDUAL": False, "ACT": "hardtanh", "PRE": True}
 
 
 @triton.jit
 def _batch_norm_apply(
-    x_ptr, res_ptr, out_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr,
+    x_ptr, res_ptr, out_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, pre_ptr,
     A, B, C, s_a, s_b, s_c,
-    eps,
+    eps, min_val, max_val,
     EVAL: tl.constexpr,  # mean_ptr / rstd_ptr are running_mean / running_var: invstd formed here
-    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    ACT: tl.constexpr,  # "": none; else a name of tritonkit.kernels.elementwise.ACTIVATIONS (hardtanh: min/max_val)
+    PRE: tl.constexpr,  # also store the value before ACT in pre_ptr (what the activation's backward reads)
     BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """out = relu?((x - mean[c]) * invstd[c] * w[c] + b[c] [+ residual]), one [BLOCK_B, BLOCK_C] tile."""
+    """out = act((x - mean[c]) * invstd[c] * w[c] + b[c] [+ residual]), one [BLOCK_B, BLOCK_C] tile."""
     pid = tl.program_id(0)
     c_blocks = tl.cdiv(C, BLOCK_C)
     tile = pid // c_blocks
@@ -408,17 +416,26 @@ def _batch_norm_apply(
         y += tl.load(b_ptr + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_RESIDUAL:
         y += tl.load(res_ptr + off, mask=m, other=0.0).to(tl.float32)
-    if RELU:
-        y = tl.where(y < 0, 0.0, y)  # NaN stays NaN, as torch.relu keeps it
+    if PRE:
+        y = y.to(pre_ptr.dtype.element_ty)  # the activation reads the rounded value, as in eager
+        tl.store(pre_ptr + off, y, mask=m)
+        y = y.to(tl.float32)
+    if ACT != "":
+        y = apply_activation(y, ACT, min_val, max_val)  # NaN stays NaN, as torch's activations keep it
     tl.store(out_ptr + off, y.to(out_ptr.dtype.element_ty), mask=m)
 
+
+# The activations whose backward reads their input, which the training apply then also writes (``PRE``).
+SAVES_INPUT = ("hardtanh", "hardswish", "hardsigmoid", "silu", "gelu", "gelu_tanh")
+assert set(SAVES_INPUT) | set(SAVES_OUTPUT) | {"relu"} == set(ELEMENTWISE_ACTIVATIONS)
 
 # Training: mean / invstd are the float32 batch statistics. Eval: running stats in the input's dtype.
 batch_norm_apply_kernel = tuned_kernel(
     "batch_norm_apply", gpu_configs=_APPLY_CONFIGS, config_for_dtype=_APPLY_FOR, interp_heuristics=_TILE_INTERP,
     key=["A", "B", "C", "s_b", "s_c"], signature=_apply_signature("fp32"),
     constexprs=lambda dtype: {"EVAL": False, **_APPLY_FLAGS, **_typical("nchw")},
-    variants=_nhwc_variant({"EVAL": False, **_APPLY_FLAGS}),
+    variants={**_nhwc_variant({"EVAL": False, **_APPLY_FLAGS}),
+              "relu6_pre_nhwc": lambda dtype: {"EVAL": False, **_RELU6_PRE, **_typical("nhwc")}},
 )(_batch_norm_apply)
 batch_norm_apply_eval_kernel = tuned_kernel(
     "batch_norm_apply_eval", gpu_configs=_APPLY_CONFIGS, config_for_dtype=_APPLY_FOR, interp_heuristics=_TILE_INTERP,
@@ -725,40 +742,51 @@ def _tile_grid(C: int, A: int, B: int):
     return lambda meta: (triton.cdiv(C, meta["BLOCK_C"]) * A * triton.cdiv(B, meta["BLOCK_B"]),)
 
 
-def _apply(kernel, x, view, fmt, mean, rstd, weight, bias, residual, relu, eps, eval_mode):
+def _apply(kernel, x, view, fmt, mean, rstd, weight, bias, residual, activation, eps, eval_mode):
+    """``(out, pre)``: the apply pass; ``activation`` None or ``(kind, min_val, max_val)``; ``pre`` (the value
+    before the activation) is written, else None, where that activation's backward reads its input."""
     A, B, C, s_a, s_b, s_c = view
     mean, rstd, weight, bias = _vec(mean), _vec(rstd), _vec(weight), _vec(bias)
     out = empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt)
+    kind, min_val, max_val = activation or ("", 0.0, 0.0)
+    pre = empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt) if kind in SAVES_INPUT else None
     residual = _in_layout(residual, out, view)
     check_int32_indexing(x, out, residual)
     kernel[_tile_grid(C, A, B)](
         x, residual if residual is not None else x, out, mean, rstd,
-        weight if weight is not None else x, bias if bias is not None else x,
-        A, B, C, s_a, s_b, s_c, float(eps),
+        weight if weight is not None else x, bias if bias is not None else x, pre if pre is not None else out,
+        A, B, C, s_a, s_b, s_c, float(eps), float(min_val), float(max_val),
         EVAL=eval_mode, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        HAS_RESIDUAL=residual is not None, RELU=bool(relu))
-    return out
+        HAS_RESIDUAL=residual is not None, ACT=kind, PRE=pre is not None)
+    return out, pre
+
+
+def _activation(relu: bool, activation) -> tuple | None:
+    return ("relu", 0.0, 0.0) if relu else activation
 
 
 def batch_norm_train(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
-                     residual=None, relu=False, split=None):
+                     residual=None, relu=False, split=None, activation=None):
     """Training forward: ``(out, save_mean, save_invstd, running_mean_out, running_var_out,
-    num_batches_tracked_out)``.
+    num_batches_tracked_out, pre)``.
 
-    ``out = relu?(bn(input) + residual)`` in ``input``'s dtype and memory format; the running outputs
-    are new tensors (None without running stats), ``num_batches_tracked_out = num_batches_tracked + 1``
+    ``out = act(bn(input) + residual)`` in ``input``'s dtype and memory format, ``act`` ReLU when ``relu``,
+    else ``activation`` = ``(kind, min_val, max_val)`` (a kind of ``tritonkit.kernels.elementwise``) or none;
+    ``pre`` the value before ``act`` for a kind in ``SAVES_INPUT`` (its backward reads it), else None; the
+    running outputs are new tensors (None without running stats), ``num_batches_tracked_out = num_batches_tracked + 1``
     (None without it), written by the finalize launch; ``momentum=None`` takes the factor
     ``1 / num_batches_tracked_out`` (eager's cumulative average); ``save_*`` in :func:`save_stats_dtype`."""
     x, view, fmt = _layout(input)
     check_int32_indexing(x)
     mean, rstd, *saved = _stats(x, view, eps, (running_mean, running_var), momentum, num_batches_tracked, split,
                                 save_stats_dtype(input))
-    out = _apply(batch_norm_apply_kernel, x, view, fmt, mean, rstd, weight, bias, residual, relu, eps, False)
-    return out, *saved
+    out, pre = _apply(batch_norm_apply_kernel, x, view, fmt, mean, rstd, weight, bias, residual,
+                      _activation(relu, activation), eps, False)
+    return out, *saved, pre
 
 
 def batch_norm_train_from_partials(input, partials, weight, bias, running_mean, running_var, num_batches_tracked,
-                                   momentum, eps, residual=None, relu=False, split=None):
+                                   momentum, eps, residual=None, relu=False, split=None, activation=None):
     """:func:`batch_norm_train` with the statistics of ``input`` (a conv output) from its conv's tiles
     ``partials`` [T, 3, C] = (count, mean, M2) (``kernels.conv.conv2d(stats=True)``), so ``input`` is read
     once, by the apply pass. Same outputs. ``split`` (default: :func:`reduction_split` over the T tiles, 1 in
@@ -778,15 +806,17 @@ def batch_norm_train_from_partials(input, partials, weight, bias, running_mean, 
             tiles, part, C, T, split)
     mean, rstd, *saved = _finalize(part, rows, split if split > 1 else T, eps, (running_mean, running_var), momentum,
                                    num_batches_tracked, save_stats_dtype(input))
-    out = _apply(batch_norm_apply_kernel, x, view, fmt, mean, rstd, weight, bias, residual, relu, eps, False)
-    return out, *saved
+    out, pre = _apply(batch_norm_apply_kernel, x, view, fmt, mean, rstd, weight, bias, residual,
+                      _activation(relu, activation), eps, False)
+    return out, *saved, pre
 
 
-def batch_norm_eval(input, weight, bias, running_mean, running_var, eps, residual=None, relu=False):
-    """Eval forward: ``relu?((x - running_mean) / sqrt(running_var + eps) * w + b [+ residual])``."""
+def batch_norm_eval(input, weight, bias, running_mean, running_var, eps, residual=None, relu=False, activation=None):
+    """Eval forward: ``act((x - running_mean) / sqrt(running_var + eps) * w + b [+ residual])``, ``act`` as
+    :func:`batch_norm_train`'s."""
     x, view, fmt = _layout(input)
     return _apply(batch_norm_apply_eval_kernel, x, view, fmt, running_mean, running_var, weight, bias, residual,
-                  relu, eps, True)
+                  _activation(relu, activation), eps, True)[0]
 
 
 def batch_norm_backward(grad_out, input, weight, running_mean, running_var, save_mean, save_invstd, train, eps,

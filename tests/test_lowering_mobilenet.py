@@ -78,8 +78,9 @@ def _labels(report) -> str:
 
 def test_explain_lowers_every_layer_of_a_mobilenet_v2(data):
     """Every conv (depthwise ones on the direct kernels), BatchNorm, ReLU6, add, pool, the linear and
-    the loss are tritonkit launches in training, the ReLU6 masks folded into the BatchNorm backwards and
-    the branch-gradient sums into the input gradients; inference is one launch per conv plus the
+    the loss are tritonkit launches in training, each ReLU6 applied in its BatchNorm's pass (which also writes
+    the BN output its backward reads), the ReLU6 masks folded into the BatchNorm backwards and the
+    branch-gradient sums into the input gradients; inference is one launch per conv plus the
     pool, the classifier and the ReLU6s after the 1x1 convs (their epilogue has only ReLU)."""
     torch._dynamo.reset()
     xs, ts = data
@@ -92,7 +93,7 @@ def test_explain_lowers_every_layer_of_a_mobilenet_v2(data):
                "batch_norm_backward(relu6 mask)"):
         assert op in labels, labels
     assert "activation_backward" not in labels, labels
-    assert report.launches <= 0.65 * report.launches_eager, str(report)  # 56 of eager's 87
+    assert report.launches <= 0.57 * report.launches_eager, str(report)  # 49 of eager's 87
     torch._dynamo.reset()
     model.eval()
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]

@@ -100,7 +100,8 @@ def check_outputs(result, values, meta):
 
 def check_train(x, w, b, rm, rv, momentum, residual=None, relu=False):
     result = ops.batch_norm_train(x, w, b, rm, rv, None, momentum, EPS, residual, relu)
-    assert len(result) == 6 and result[5] is None  # no num_batches_tracked given: no counter output
+    assert len(result) == 7 and result[5] is None  # no num_batches_tracked given: no counter output
+    assert result[6] is None  # no activation: no pre-activation output
     check_outputs(result, *eager_train(x, w, b, rm, rv, momentum, residual=residual, relu=relu))
     return result
 
@@ -553,6 +554,51 @@ def test_eval_forward_residual_relu(layouts, relu, dtype):
                                residual=residual.float(), relu=relu)[0]
     assert_close(out, ref.to(dtype))
     assert out.stride() == x.stride()
+
+
+ACTIVATION_CASES = {"relu6": ("hardtanh", 0.0, 6.0, F.relu6), "hardswish": ("hardswish", 0.0, 0.0, F.hardswish),
+                    "silu": ("silu", 0.0, 0.0, F.silu), "sigmoid": ("sigmoid", 0.0, 0.0, torch.sigmoid),
+                    "gelu_tanh": ("gelu_tanh", 0.0, 0.0, lambda t: F.gelu(t, approximate="tanh"))}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", ACTIVATION_CASES)
+def test_forward_activation_epilogue(case, dtype):
+    """act(bn(x) [+ residual]) in the apply pass, training (from partials too) and eval, as eager's BN then
+    activation on the BN output rounded to the dtype; training also returns that BN output (``pre``) for the
+    kinds whose backward reads it. BN outputs span every kink (0 and 6; -3 and 3)."""
+    kind, lo, hi, act = ACTIVATION_CASES[case]
+    x, residual = make((2, 6, 5, 7), "channels_last", dtype, scale=2.0, shift=0.5), make((2, 6, 5, 7), dtype=dtype)
+    w, b, rm, rv = params(6, dtype)
+    w = w * 4
+    values, meta = eager_train(x, w, b, rm, rv, 0.1, residual=residual)
+    result = ops.batch_norm_train(x, w, b, rm, rv, None, 0.1, EPS, residual, False, kind, lo, hi)
+    bn_out = values[0].to(dtype)
+    assert ((bn_out < -3) | (bn_out > 6)).any() and ((bn_out > 0) & (bn_out < 3)).any()
+    check_outputs((result[0], *result[1:5]), (act(bn_out.float()), *values[1:]), meta)
+    if kind in kernels.SAVES_INPUT:
+        assert_close(result[6].cpu(), bn_out)
+        assert result[6].stride() == result[0].stride() == x.stride()
+    else:
+        assert result[6] is None
+    partials = conv_kernels.conv2d(x, torch.eye(6, dtype=dtype).reshape(6, 6, 1, 1), None, (1, 1), (0, 0), (1, 1),
+                                   1, allow_tf32=False, stats=True)[1]
+    again = ops.batch_norm_train_from_partials(x, partials, w, b, rm, rv, None, 0.1, EPS, residual, False, kind, lo,
+                                               hi)
+    assert_close(again[0], result[0])
+    out = ops.batch_norm_eval(x, w, b, rm, rv, EPS, residual, False, kind, lo, hi)
+    ref = batch_norm_reference(x.float(), w.float(), b.float(), rm.float(), rv.float(), training=False,
+                               residual=residual.float())[0]
+    assert_close(out, act(ref.to(dtype).float()).to(dtype))
+
+
+def test_forward_activation_bad_arguments():
+    x = make((2, 3, 4, 4))
+    w, b, rm, rv = params(3, torch.float32)
+    with pytest.raises(ValueError, match="activation must be one of 'none', 'relu', 'hardtanh'"):
+        ops.batch_norm_eval(x, w, b, rm, rv, EPS, None, False, "tanh")
+    with pytest.raises(ValueError, match="relu=True and activation='silu' both given"):
+        ops.batch_norm_train(x, w, b, rm, rv, None, 0.1, EPS, None, True, "silu")
 
 
 def test_eval_forward_one_value_per_channel():

@@ -109,7 +109,7 @@ def _conv_bn_eval(lw, conv, x, w, b, geo):
         return None
     _, bn_w, bn_b, rm, rv, eps = norm.eval_args(bn)
 
-    def make_spec(residual, relu, last):
+    def make_spec(residual, relu, last, _act):
         pooled = _pooled(last) if relu and residual is None else None
         if pooled is not None:
             pool, values = pooled

@@ -13,7 +13,21 @@ import logging
 import operator
 
 from tritonkit.lowering import linear, norm
-from tritonkit.lowering.graph import VIEWS, Fail, New, Rewrite, Spec, aten, bind, is_call, only_user, val
+from tritonkit.lowering.graph import (
+    ACTIVATION_BACKWARDS,
+    ACTIVATION_OPS,
+    VIEWS,
+    Fail,
+    New,
+    Rewrite,
+    Spec,
+    activation_args,
+    aten,
+    bind,
+    is_call,
+    only_user,
+    val,
+)
 from tritonkit.lowering.report import Lowered
 from tritonkit.lowering.rules import MASK_CONSUMERS, mask_consumer, rule
 
@@ -137,34 +151,15 @@ def _fold(lw, grad, g, y, out: dict) -> bool:
     return True
 
 
-_ACTIVATIONS = {aten.hardtanh.default: "hardtanh", aten.hardswish.default: "hardswish",
-                aten.hardsigmoid.default: "hardsigmoid", aten.silu.default: "silu", aten.sigmoid.default: "sigmoid",
-                aten.gelu.default: "gelu"}
-_BACKWARDS = {aten.hardtanh_backward.default: "hardtanh", aten.hardswish_backward.default: "hardswish",
-              aten.hardsigmoid_backward.default: "hardsigmoid", aten.silu_backward.default: "silu",
-              aten.sigmoid_backward.default: "sigmoid", aten.gelu_backward.default: "gelu"}
-
-
-def _kind_args(kind: str, a: dict) -> tuple:
-    """``(kind, min_val, max_val)`` as ``tritonkit::activation`` takes them, from the bound ATen arguments."""
-    if kind == "hardtanh":
-        return kind, float(a["min_val"]), float(a["max_val"])
-    if kind == "gelu":
-        if a["approximate"] not in ("none", "tanh"):
-            raise Fail(f"gelu approximate={a['approximate']!r}")
-        return ("gelu" if a["approximate"] == "none" else "gelu_tanh"), -1.0, 1.0
-    return kind, -1.0, 1.0
-
-
-@rule(*_ACTIVATIONS)
+@rule(*ACTIVATION_OPS)
 def activation(lw, node):
     a = bind(node)
     lw.checker.tensors_ok(input=a["self"])
-    args = _kind_args(_ACTIVATIONS[node.target], a)
+    args = activation_args(ACTIVATION_OPS[node.target], a)
     return Rewrite([lw.spec("activation", (a["self"], *args), node, f"activation({args[0]})")], (node,))
 
 
-@rule(*_BACKWARDS)
+@rule(*ACTIVATION_BACKWARDS)
 def activation_backward(lw, node):
     """``<act>_backward(g, saved)``: ``saved`` is the input, for ``sigmoid_backward`` the output; a ReLU6's
     (``hardtanh_backward(g, y, 0, 6)``) or another activation's whose consumers are all BatchNorm backwards
@@ -175,7 +170,7 @@ def activation_backward(lw, node):
     a = bind(node)
     saved = a["output"] if node.target is aten.sigmoid_backward.default else a["self"]
     lw.checker.tensors_ok(grad_output=a["grad_output"], saved=saved)
-    args = _kind_args(_BACKWARDS[node.target], a)
+    args = activation_args(ACTIVATION_BACKWARDS[node.target], a)
     if tuple(val(a["grad_output"]).shape) != tuple(val(saved).shape):
         raise Fail("grad_output and saved shapes differ (broadcasting)")
     spec = lw.spec("activation_backward", (a["grad_output"], saved, *args), node, f"activation_backward({args[0]})")
@@ -189,7 +184,7 @@ def _activation_into_batch_norm(lw, node):
     if not lw.opts.fuse_relu:
         return None
     a = bind(node)
-    kind = _kind_args(_BACKWARDS[node.target], a)[0]
+    kind = activation_args(ACTIVATION_BACKWARDS[node.target], a)[0]
     if kind == "hardtanh":
         if (a["min_val"], a["max_val"]) != (0, 6):
             return None

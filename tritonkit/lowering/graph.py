@@ -124,6 +124,39 @@ def transposed(node) -> fx.Node | None:
     return None
 
 
+# The activations tritonkit::activation computes, by ATen op, and their backward ops.
+ACTIVATION_OPS = {aten.hardtanh.default: "hardtanh", aten.hardswish.default: "hardswish",
+                  aten.hardsigmoid.default: "hardsigmoid", aten.silu.default: "silu", aten.sigmoid.default: "sigmoid",
+                  aten.gelu.default: "gelu"}
+ACTIVATION_BACKWARDS = {aten.hardtanh_backward.default: "hardtanh", aten.hardswish_backward.default: "hardswish",
+                        aten.hardsigmoid_backward.default: "hardsigmoid", aten.silu_backward.default: "silu",
+                        aten.sigmoid_backward.default: "sigmoid", aten.gelu_backward.default: "gelu"}
+
+
+def activation_args(kind: str, a: dict) -> tuple:
+    """``(kind, min_val, max_val)`` as ``tritonkit::activation`` takes them, from the bound ATen arguments
+    (``Fail`` for a GELU ``approximate`` other than "none" and "tanh")."""
+    if kind == "hardtanh":
+        return kind, float(a["min_val"]), float(a["max_val"])
+    if kind == "gelu":
+        if a["approximate"] not in ("none", "tanh"):
+            raise Fail(f"gelu approximate={a['approximate']!r}")
+        return ("gelu" if a["approximate"] == "none" else "gelu_tanh"), -1.0, 1.0
+    return kind, -1.0, 1.0
+
+
+def activation_after(node: fx.Node) -> tuple[fx.Node, tuple] | None:
+    """``(activation node, (kind, min_val, max_val))`` when one user of ``node`` is an activation of it
+    (``ACTIVATION_OPS``), else None."""
+    for user in node.users:
+        if user.target in ACTIVATION_OPS and user.args[0] is node:
+            try:
+                return user, activation_args(ACTIVATION_OPS[user.target], bind(user))
+            except Fail:
+                return None
+    return None
+
+
 def only_user(node: fx.Node) -> fx.Node | None:
     users = list(node.users)
     return users[0] if len(users) == 1 else None

@@ -31,7 +31,8 @@ import operator
 
 import torch
 
-from tritonkit.lowering.graph import Fail, New, Rewrite, Spec, aten, bind, is_call, only_user, val
+from tritonkit.kernels.norm import SAVES_INPUT
+from tritonkit.lowering.graph import Fail, New, Rewrite, Spec, activation_after, aten, bind, is_call, only_user, val
 from tritonkit.lowering.rules import mask_consumer, rule
 
 TRAIN = (aten._native_batch_norm_legit_functional.default, aten._native_batch_norm_legit.no_stats)
@@ -64,6 +65,24 @@ def epilogue(lw, bn, out):
     return (other, True, relu) if relu is not None and relu.args[0] is add else (other, False, add)
 
 
+def activation_epilogue(lw, last, pre: bool):
+    """``(activation node, (kind, min_val, max_val))`` for the activation applied to ``last`` (the BN output,
+    or its residual sum) that the BN call can fuse, or None: ``last``'s only use, or with ``pre`` (the call
+    also writes ``last`` itself, training) any one of its uses when that activation's backward reads its
+    input (the partitioner saves ``last`` for it)."""
+    found = activation_after(last) if lw.opts.fuse_relu else None
+    if found is None:
+        return None
+    node, args = found
+    if only_user(last) is not node and not (pre and args[0] in SAVES_INPUT):
+        return None
+    try:
+        lw.checker.tensors_ok(input=node)
+    except Fail:
+        return None
+    return found
+
+
 def between(first, last) -> list:
     """The nodes from ``first``'s user up to ``last`` along single-user links (add, views, relu)."""
     chain, node = [], first
@@ -71,6 +90,10 @@ def between(first, last) -> list:
         node = only_user(node)
         chain.append(node)
     return chain
+
+
+def activation_label(act) -> list[str]:
+    return [] if act is None else [f"activation={'relu6' if act[1][1:] == (0.0, 6.0) else act[1][0]}"]
 
 
 def epilogue_label(name: str, residual, relu: bool, *more: str) -> str:
@@ -116,6 +139,7 @@ def train_rewrite(lw, node, partials=None) -> Rewrite:
     lw.checker.tensors_ok(input=x, weight=w, bias=b, running_mean=rm, running_var=rv)
     outs = outputs(node)
     residual, relu, last = (None, False, None) if 0 not in outs else epilogue(lw, node, outs[0])
+    act = activation_epilogue(lw, last, pre=True) if last is not None and not relu else None
     counter = counter_add(lw, node) if rm is not None else None
     if counter is not None and not all(lw.defined_before(a, counter) for a in (x, w, b, rm, rv, residual)):
         counter = None  # the fused call is emitted where the increment is: its inputs must exist there
@@ -124,15 +148,22 @@ def train_rewrite(lw, node, partials=None) -> Rewrite:
         name, head = "batch_norm_train", (x,)
     else:
         name, head = "batch_norm_train_from_partials", (x, partials)
-    call = New(getattr(lw.tk, name).default, (*head, w, b, rm, rv, nbt, momentum, eps, residual, relu))
-    label = epilogue_label(name, residual, relu, *["num_batches_tracked += 1"] * (counter is not None))
+    kind = () if act is None else act[1]
+    call = New(getattr(lw.tk, name).default, (*head, w, b, rm, rv, nbt, momentum, eps, residual, relu, *kind))
+    label = epilogue_label(name, residual, relu, *activation_label(act),
+                           *["num_batches_tracked += 1"] * (counter is not None))
     replaced = {i: last if i == 0 else outs[i] for i in outs}
+    if act is not None:
+        replaced[0] = act[0]
+        if act[1][0] in SAVES_INPUT and only_user(last) is not act[0]:
+            replaced[6] = last  # the BN output, saved for the activation's backward
     if counter is not None:
         replaced[5] = counter
     specs = lw.in_graph_order([Spec(operator.getitem, (call, i), n, label) for i, n in replaced.items()])
     for spec in specs:
         lw.checker.check(spec)
     absorbed = (node,) if last is None else (node, outs[0], *between(outs[0], last))
+    absorbed += () if act is None else (act[0],)
     return Rewrite(specs, tuple(dict.fromkeys((*absorbed, *(() if counter is None else (counter,))))))
 
 
@@ -160,33 +191,39 @@ def eval_args(node):
     return x, w, b, rm, rv, eps
 
 
-def eval_rewrite(lw, node, make_spec) -> Rewrite | None:
+def eval_rewrite(lw, node, make_spec, activations: bool = False) -> Rewrite | None:
     """The eval BatchNorm ``node`` and its epilogue replaced by the spec of ``make_spec(residual, relu,
-    last) -> (spec, further absorbed nodes)``; the saved statistics an eval-mode backward never reads
-    become empty tensors."""
+    last, act) -> (spec, further absorbed nodes)`` (``act``: the activation after it, see
+    :func:`activation_epilogue`, when ``activations`` says ``make_spec`` takes one, else None; the spec
+    then replaces ``act``'s node); the saved statistics an eval-mode backward never reads become empty
+    tensors."""
     x, w, b, rm, rv, _eps = eval_args(node)
     lw.checker.tensors_ok(input=x, weight=w, bias=b, running_mean=rm, running_var=rv)
     outs = outputs(node)
     if 0 not in outs:
         return None
     residual, relu, last = epilogue(lw, node, outs[0])
-    spec, further = make_spec(residual, relu, last)
+    act = activation_epilogue(lw, last, pre=False) if activations and not relu else None
+    spec, further = make_spec(residual, relu, last, act)
     specs = [spec]
     for i in sorted(set(outs) - {0}):
         specs.append(Spec(aten.new_empty.default, (x, [0]), outs[i], spec.label))
         lw.checker.check(specs[-1])
-    return Rewrite(specs, tuple(dict.fromkeys((node, outs[0], *between(outs[0], last), *further))))
+    absorbed = (node, outs[0], *between(outs[0], last), *(() if act is None else (act[0],)), *further)
+    return Rewrite(specs, tuple(dict.fromkeys(absorbed)))
 
 
 @rule(EVAL)
 def batch_norm_eval(lw, node):
     x, w, b, rm, rv, eps = eval_args(node)
 
-    def make_spec(residual, relu, last):
-        label = epilogue_label("batch_norm_eval", residual, relu)
-        return lw.spec("batch_norm_eval", (x, w, b, rm, rv, eps, residual, relu), last, label), ()
+    def make_spec(residual, relu, last, act):
+        label = epilogue_label("batch_norm_eval", residual, relu, *activation_label(act))
+        kind = () if act is None else act[1]
+        args = (x, w, b, rm, rv, eps, residual, relu, *kind)
+        return lw.spec("batch_norm_eval", args, last if act is None else act[0], label), ()
 
-    return eval_rewrite(lw, node, make_spec)
+    return eval_rewrite(lw, node, make_spec, activations=True)
 
 
 def backward_specs(lw, node, grad=None, relu_output=None, activation="relu"):

@@ -4,10 +4,15 @@
 * ``batch_norm_stats(input, eps) -> (mean, invstd)``: per-channel float32 statistics of 4-D
   ``input`` (any float dtype), ``invstd = 1 / sqrt(biased_var + eps)``; deterministic (no atomics).
 * ``batch_norm_train(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
-  residual=None, relu=False) -> (out, save_mean, save_invstd, running_mean_out, running_var_out,
-  num_batches_tracked_out)``: eager's ``aten._native_batch_norm_legit_functional(..., training=True, ...)``
-  (and nn.BatchNorm2d's counter increment), with ``residual`` / ``relu`` the ResNet block end
-  ``relu(bn(x) + residual)`` in one pass. The running outputs are new tensors (``(1 - momentum) * old +
+  residual=None, relu=False, activation="none", min_val=0., max_val=6.) -> (out, save_mean, save_invstd,
+  running_mean_out, running_var_out, num_batches_tracked_out, pre)``: eager's
+  ``aten._native_batch_norm_legit_functional(..., training=True, ...)`` (and nn.BatchNorm2d's counter
+  increment), with ``residual`` / ``relu`` the ResNet block end ``relu(bn(x) + residual)`` in one pass.
+  ``activation`` (one of ``ACTIVATIONS``: ``tritonkit::activation``'s kinds; hardtanh's bounds
+  ``min_val``/``max_val``, ReLU6 is hardtanh(0, 6)) is applied instead of ``relu`` (both: ValueError);
+  ``pre`` is the value before it (``bn(x) [+ residual]``, rounded to the input's dtype) for the kinds whose
+  backward reads their input (``kernels.norm.SAVES_INPUT``), None otherwise: eager's BN output and
+  activation output from one pass. The running outputs are new tensors (``(1 - momentum) * old +
   momentum * batch``, unbiased variance), None when the running stats are None
   (``track_running_stats=False``). ``num_batches_tracked`` (None, or int64 with one element: 0-d as
   nn.BatchNorm2d holds it, or shape [1]) gives ``num_batches_tracked_out = num_batches_tracked + 1``, a
@@ -25,8 +30,9 @@
   combined with Chan's formula in a fixed order (bit-identical reruns; kernels.norm explains the
   two-level tree for large T). RuntimeError before any launch for partials of another shape, dtype or
   device.
-* ``batch_norm_eval(input, weight, bias, running_mean, running_var, eps, residual=None, relu=False)
-  -> out``: ``relu?((x - running_mean) / sqrt(running_var + eps) * weight + bias [+ residual])``.
+* ``batch_norm_eval(input, weight, bias, running_mean, running_var, eps, residual=None, relu=False,
+  activation="none", min_val=0., max_val=6.) -> out``: ``act((x - running_mean) / sqrt(running_var + eps) *
+  weight + bias [+ residual])``, ``act`` ReLU or ``activation`` as in ``batch_norm_train``.
 * ``batch_norm_backward(grad_out, input, weight, running_mean, running_var, save_mean, save_invstd,
   train, eps, output_mask, relu_output=None, activation="relu") -> (grad_input?, grad_weight?, grad_bias?)``:
   ``aten.native_batch_norm_backward``; each output is None unless ``output_mask`` asks for it. With
@@ -64,9 +70,11 @@ from tritonkit.ops.checks import check_float_tensors
 _STATS, _TRAIN, _EVAL, _BWD = ("tritonkit::batch_norm_stats", "tritonkit::batch_norm_train",
                                "tritonkit::batch_norm_eval", "tritonkit::batch_norm_backward")
 _PARTIALS = "tritonkit::batch_norm_train_from_partials"
+_ACT_ARGS = 'str activation="none", float min_val=0., float max_val=6.'
 _TRAIN_ARGS = ("Tensor? weight, Tensor? bias, Tensor? running_mean, Tensor? running_var, Tensor? num_batches_tracked, "
-               "float? momentum, float eps, Tensor? residual=None, bool relu=False) "
-               "-> (Tensor, Tensor, Tensor, Tensor?, Tensor?, Tensor?)")
+               f"float? momentum, float eps, Tensor? residual=None, bool relu=False, {_ACT_ARGS}) "
+               "-> (Tensor, Tensor, Tensor, Tensor?, Tensor?, Tensor?, Tensor?)")
+ACTIVATIONS = ("none", *kernels.ELEMENTWISE_ACTIVATIONS)
 
 
 def _check_input(op: str, input: torch.Tensor) -> int:
@@ -129,6 +137,15 @@ def _(input, eps):
 # --- batch_norm_train ---------------------------------------------------------------------------------------
 
 
+def _activation(op, relu, activation, min_val, max_val):
+    """The kernels' ``activation`` argument: None or ``(kind, min_val, max_val)``; ValueError for a bad one."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"{op}: activation must be one of {', '.join(map(repr, ACTIVATIONS))}, got {activation!r}")
+    if relu and activation != "none":
+        raise ValueError(f"{op}: relu=True and activation={activation!r} both given; pass one of them")
+    return None if activation == "none" else (activation, min_val, max_val)
+
+
 def _check_forward(op, input, weight, bias, running_mean, running_var, residual, training):
     check_float_tensors(op, input=input, weight=weight, bias=bias, running_mean=running_mean,
                         running_var=running_var, residual=residual)
@@ -157,13 +174,14 @@ def _check_counter(op, input, running_mean, num_batches_tracked, momentum) -> No
         raise TypeError(f"{op}: momentum=None (cumulative moving average) needs num_batches_tracked")
 
 
-def _train_outputs(input, C, running_mean, running_var, num_batches_tracked):
-    """Fake outputs of the training ops: (out, save_mean, save_invstd, rm_out?, rv_out?, nbt_out?)."""
+def _train_outputs(input, C, running_mean, running_var, num_batches_tracked, activation):
+    """Fake outputs of the training ops: (out, save_mean, save_invstd, rm_out?, rv_out?, nbt_out?, pre?)."""
     save_dtype = kernels.save_stats_dtype(input)
     running = [None if t is None else t.new_empty((C,)) for t in (running_mean, running_var)]
     counter = None if num_batches_tracked is None else torch.empty_like(num_batches_tracked)
+    pre = _out_like(input) if activation is not None and activation[0] in kernels.SAVES_INPUT else None
     return (_out_like(input), input.new_empty((C,), dtype=save_dtype), input.new_empty((C,), dtype=save_dtype),
-            *running, counter)
+            *running, counter, pre)
 
 
 def _check_train(input, weight, bias, running_mean, running_var, momentum, residual, num_batches_tracked,
@@ -175,17 +193,19 @@ def _check_train(input, weight, bias, running_mean, running_var, momentum, resid
 
 @torch.library.custom_op(_TRAIN, mutates_args=(), schema="(Tensor input, " + _TRAIN_ARGS)
 def batch_norm_train(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
-                     residual=None, relu=False):
+                     residual=None, relu=False, activation="none", min_val=0.0, max_val=6.0):
+    act = _activation(_TRAIN, relu, activation, min_val, max_val)
     _check_train(input, weight, bias, running_mean, running_var, momentum, residual, num_batches_tracked)
     return kernels.batch_norm_train(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum,
-                                    eps, residual, relu)
+                                    eps, residual, relu, activation=act)
 
 
 @batch_norm_train.register_fake
 def _(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, residual=None,
-      relu=False):
+      relu=False, activation="none", min_val=0.0, max_val=6.0):
+    act = _activation(_TRAIN, relu, activation, min_val, max_val)
     C = _check_train(input, weight, bias, running_mean, running_var, momentum, residual, num_batches_tracked)
-    return _train_outputs(input, C, running_mean, running_var, num_batches_tracked)
+    return _train_outputs(input, C, running_mean, running_var, num_batches_tracked, act)
 
 
 # --- batch_norm_train_from_partials ---------------------------------------------------------------------------
@@ -210,19 +230,22 @@ def _check_from_partials(input, partials, weight, bias, running_mean, running_va
 
 @torch.library.custom_op(_PARTIALS, mutates_args=(), schema="(Tensor input, Tensor partials, " + _TRAIN_ARGS)
 def batch_norm_train_from_partials(input, partials, weight, bias, running_mean, running_var, num_batches_tracked,
-                                   momentum, eps, residual=None, relu=False):
+                                   momentum, eps, residual=None, relu=False, activation="none", min_val=0.0,
+                                   max_val=6.0):
+    act = _activation(_PARTIALS, relu, activation, min_val, max_val)
     _check_from_partials(input, partials, weight, bias, running_mean, running_var, momentum, residual,
                          num_batches_tracked)
     return kernels.batch_norm_train_from_partials(input, partials, weight, bias, running_mean, running_var,
-                                                  num_batches_tracked, momentum, eps, residual, relu)
+                                                  num_batches_tracked, momentum, eps, residual, relu, activation=act)
 
 
 @batch_norm_train_from_partials.register_fake
 def _(input, partials, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, residual=None,
-      relu=False):
+      relu=False, activation="none", min_val=0.0, max_val=6.0):
+    act = _activation(_PARTIALS, relu, activation, min_val, max_val)
     C = _check_from_partials(input, partials, weight, bias, running_mean, running_var, momentum, residual,
                              num_batches_tracked)
-    return _train_outputs(input, C, running_mean, running_var, num_batches_tracked)
+    return _train_outputs(input, C, running_mean, running_var, num_batches_tracked, act)
 
 
 # --- batch_norm_eval ----------------------------------------------------------------------------------------
@@ -232,15 +255,19 @@ def _(input, partials, weight, bias, running_mean, running_var, num_batches_trac
     _EVAL,
     mutates_args=(),
     schema="(Tensor input, Tensor? weight, Tensor? bias, Tensor running_mean, Tensor running_var, float eps, "
-           "Tensor? residual=None, bool relu=False) -> Tensor",
+           f"Tensor? residual=None, bool relu=False, {_ACT_ARGS}) -> Tensor",
 )
-def batch_norm_eval(input, weight, bias, running_mean, running_var, eps, residual=None, relu=False):
+def batch_norm_eval(input, weight, bias, running_mean, running_var, eps, residual=None, relu=False, activation="none",
+                    min_val=0.0, max_val=6.0):
+    act = _activation(_EVAL, relu, activation, min_val, max_val)
     _check_forward(_EVAL, input, weight, bias, running_mean, running_var, residual, False)
-    return kernels.batch_norm_eval(input, weight, bias, running_mean, running_var, eps, residual, relu)
+    return kernels.batch_norm_eval(input, weight, bias, running_mean, running_var, eps, residual, relu, activation=act)
 
 
 @batch_norm_eval.register_fake
-def _(input, weight, bias, running_mean, running_var, eps, residual=None, relu=False):
+def _(input, weight, bias, running_mean, running_var, eps, residual=None, relu=False, activation="none", min_val=0.0,
+      max_val=6.0):
+    _activation(_EVAL, relu, activation, min_val, max_val)
     _check_forward(_EVAL, input, weight, bias, running_mean, running_var, residual, False)
     return _out_like(input)
 
