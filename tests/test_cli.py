@@ -122,5 +122,6 @@ def test_table_for_one_kernel(toy, tmp_path):
     result = tritonkit("inspect", "--table", "toy_cli_scale", "--output", out, *toy)
     assert result.returncode == 0, result.stderr
     rows = [line for line in out.read_text().splitlines() if line.startswith("| toy_cli_scale |")]
-    assert len(rows) == 4 and all(row.endswith(" | ok |") and "| no |" in row for row in rows), rows
+    # toy_cli_scale is not a tensor_core kernel: its SASS columns are not read ("-")
+    assert len(rows) == 4 and all(row.endswith(" | - | - | ok |") for row in rows), rows
     assert "4 compiles" in result.stderr
