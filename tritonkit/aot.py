@@ -11,8 +11,11 @@ cubin with the ``cuobjdump`` that the triton wheel ships, and rejects:
 * a ``tensor_core`` kernel in float16/bfloat16, or in float32 with a TF32 dot, whose SASS has no
   tensor-core instruction.
 
-Every row is disassembled (nvdisasm): its tensor-core column and its main loop's SASS instruction
-count (``main_loop_size``, the per-step issue cost that the step's MMA work must cover) come from it.
+The rows of ``tensor_core`` kernels are disassembled (nvdisasm): their tensor-core column and their
+main loop's SASS instruction count (``main_loop_size``, the per-step issue cost that the step's MMA work
+must cover) come from it. Other kernels' rows are not: nvdisasm costs about 0.65 s of CPU a call
+whatever the kernel's size, more than compiling an elementwise kernel (0.1-0.4 s), and no rule reads
+their SASS; ``tritonkit inspect NAME --stage resources`` shows any kernel's main loop.
 
 Tensor cores on sm_90: Triton emits wgmma (SASS ``HGMMA``) only when the tile and warp count allow
 (a warp group of 4 warps, M tile a multiple of 64); smaller configs fall back to ``mma.sync``
@@ -68,7 +71,7 @@ SHARED_LIMIT = {"sm_80": 166912, "sm_90": 232448}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 HALF_DTYPES = ("float16", "bfloat16")
 STAGES = ("ttir", "ttgir", "llir", "ptx", "sass", "resources")
-GATE_VERSION = 3  # bump when a cached record's contents change meaning
+GATE_VERSION = 4  # bump when a cached record's contents change meaning
 _COMPILE_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
 
 
@@ -255,9 +258,10 @@ def sass(compiled) -> str:
     return _nvidia_binary("cuobjdump", compiled.asm["cubin"], "-sass")
 
 
-def analyze(compiled) -> dict:
-    """Resource use of a compiled kernel: registers, STACK/LOCAL bytes, shared memory, the HMMA/HGMMA
-    instructions and the main loop's size in its SASS (nvdisasm, about 0.3 s a kernel)."""
+def analyze(compiled, disassemble: bool = True) -> dict:
+    """Resource use of a compiled kernel: registers, STACK/LOCAL bytes, shared memory and, when
+    ``disassemble``, the HMMA/HGMMA instructions and the main loop's size in its SASS (nvdisasm, about
+    0.65 s of CPU a kernel; ``None`` without it)."""
     usage = _nvidia_binary("cuobjdump", compiled.asm["cubin"], "--dump-resource-usage")
     rows = [
         dict(zip(("registers", "stack", "static_shared", "local"), map(int, m)))
@@ -265,19 +269,23 @@ def analyze(compiled) -> dict:
     ]
     if not rows:
         raise RuntimeError(f"no resource usage in cuobjdump output:\n{usage}")
-    text = _nvidia_binary("nvdisasm", compiled.asm["cubin"], "--print-code", "--no-dataflow")
-    hgmma, hmma = (len(re.findall(pattern, text)) for pattern in (r"\bHGMMA\.", r"\bHMMA\."))
     meta = compiled.metadata
-    return {
+    record = {
         **{key: max(row[key] for row in rows) for key in rows[0]},
         "shared": int(meta.shared),
         "num_warps": int(meta.num_warps),
         "num_stages": int(meta.num_stages),
-        "hgmma": hgmma,
-        "hmma": hmma,
-        "tensor_core": "HGMMA" if hgmma else "HMMA" if hmma else "",
-        "loop_sass": main_loop_size(text),
+        "hgmma": None,
+        "hmma": None,
+        "tensor_core": None,
+        "loop_sass": None,
     }
+    if disassemble:
+        text = _nvidia_binary("nvdisasm", compiled.asm["cubin"], "--print-code", "--no-dataflow")
+        hgmma, hmma = (len(re.findall(pattern, text)) for pattern in (r"\bHGMMA\.", r"\bHMMA\."))
+        record.update(hgmma=hgmma, hmma=hmma, tensor_core="HGMMA" if hgmma else "HMMA" if hmma else "",
+                      loop_sass=main_loop_size(text))
+    return record
 
 
 def main_loop_size(sass_text: str) -> int:
@@ -349,17 +357,20 @@ def cache_dir() -> Path:
     return Path(base) / "tritonkit" / "aot"
 
 
-def jobs(kernels=None) -> list[tuple[str, int, str, str]]:
-    """(kernel, config index, arch, dtype) for every registered kernel (or those named)."""
+def jobs(kernels=None, archs=None, dtypes=None) -> list[tuple[str, int, str, str]]:
+    """(kernel, config index, arch, dtype) for every registered kernel (or those named), on every arch
+    and dtype or on those named (``archs``: keys of ``ARCHS``; ``dtypes``: names such as ``"float32"``)."""
     names = sorted(REGISTRY) if kernels is None else list(kernels)
     return [
         (name, index, arch, dtype_name(dtype))
         for name in names
         for index in range(len(REGISTRY[name].gpu_configs))
         for arch in ARCHS
+        if archs is None or arch in archs
         for dtype in REGISTRY[name].dtypes
-        if REGISTRY[name].allows(REGISTRY[name].gpu_configs[index], dtype, ARCHS[arch],
-                                 REGISTRY[name].constexprs(dtype))
+        if (dtypes is None or dtype_name(dtype) in dtypes)
+        and REGISTRY[name].allows(REGISTRY[name].gpu_configs[index], dtype, ARCHS[arch],
+                                  REGISTRY[name].constexprs(dtype))
     ]
 
 
@@ -382,7 +393,8 @@ def _cache_key(job) -> str | None:
     except SpecError:
         return None
     blob = json.dumps(
-        [GATE_VERSION, triton.__version__, spec.fn.cache_key, signature, constexprs, sorted(attrs), options, arch],
+        [GATE_VERSION, triton.__version__, spec.fn.cache_key, signature, constexprs, sorted(attrs), options, arch,
+         spec.tensor_core],
         sort_keys=True,
         default=repr,
     )
@@ -397,7 +409,7 @@ def run_job(job) -> dict:
     try:
         spec = REGISTRY[name]
         compiled = compile_kernel(spec, spec.gpu_configs[index], arch, dtype)
-        record.update(analyze(compiled), error=None)
+        record.update(analyze(compiled, disassemble=spec.tensor_core), error=None)
     except Exception as err:  # noqa: BLE001  (every failure is a gate finding, reported per job)
         message = f"{type(err).__name__}: {err}".strip()
         record["error"] = message if len(message) < 4000 else message[:4000] + " ..."
@@ -454,9 +466,9 @@ def _run_isolated(task) -> dict:
                     "seconds": 0.0, "cached": False}
 
 
-def gate(kernels=None, workers: int = 2, use_cache: bool = True) -> dict:
+def gate(kernels=None, workers: int = 2, use_cache: bool = True, archs=None, dtypes=None) -> dict:
     """Compile every job (in this process, which must be in compiled mode); returns records and stats."""
-    todo = jobs(kernels)
+    todo = jobs(kernels, archs, dtypes)
     directory = cache_dir()
     directory.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -504,15 +516,17 @@ def compiled_env() -> dict:
     return env
 
 
-def run_gate(kernels=None, extra=(), workers: int = 2, use_cache: bool = True) -> dict:
-    """Run ``gate`` in a child process in compiled mode (callable from interpreter-mode processes).
+def run_gate(kernels=None, extra=(), workers: int = 2, use_cache: bool = True, archs=None, dtypes=None) -> dict:
+    """Run ``gate`` in a child process in compiled mode (callable from interpreter-mode processes);
+    ``archs``/``dtypes`` restrict the jobs as in :func:`jobs`.
 
     Triton's own cache goes to a temporary directory: the gate keeps its small records in
     ``cache_dir()``, not the ~0.5 MB of IR and cubin that each of hundreds of compiles leaves.
     """
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "gate.json"
-        request = {"kernels": kernels, "extra": list(map(str, extra)), "workers": workers, "use_cache": use_cache}
+        request = {"kernels": kernels, "extra": list(map(str, extra)), "workers": workers, "use_cache": use_cache,
+                   "archs": archs, "dtypes": dtypes}
         code = "import sys, tritonkit.aot as a; a._gate_child(sys.argv[1], sys.argv[2])"
         result = subprocess.run(
             [sys.executable, "-c", code, json.dumps(request), str(out)],
@@ -529,7 +543,7 @@ def run_gate(kernels=None, extra=(), workers: int = 2, use_cache: bool = True) -
 def _gate_child(request: str, out: str) -> None:
     request = json.loads(request)
     import_kernel_modules(request["extra"])
-    result = gate(request["kernels"], request["workers"], request["use_cache"])
+    result = gate(request["kernels"], request["workers"], request["use_cache"], request["archs"], request["dtypes"])
     result["registry"] = sorted(REGISTRY)
     Path(out).write_text(json.dumps(result))
 
@@ -555,12 +569,32 @@ def resources_text(spec: KernelSpec, record: dict) -> str:
                 + f"limit {SHARED_LIMIT[record['arch']]} B",
             ),
             ("warps/stages", f"{record['num_warps']} / {record['num_stages']}"),
-            ("tensor core", f"{record['tensor_core'] or 'no'} ({record['hgmma']} HGMMA, {record['hmma']} HMMA)"),
-            ("main loop", f"{record['loop_sass']} SASS instructions"),
         ]
+        if record["tensor_core"] is not None:
+            rows += [
+                ("tensor core", f"{record['tensor_core'] or 'no'} ({record['hgmma']} HGMMA, {record['hmma']} HMMA)"),
+                ("main loop", f"{record['loop_sass']} SASS instructions"),
+            ]
+        else:
+            rows += [("SASS", "not disassembled (not a tensor-core kernel)")]
     problems = check(spec, record)
     rows.append(("gate", "ok" if not problems else "; ".join(problems)))
     return "\n".join(f"{key:<13} {value}" for key, value in rows)
+
+
+def table_rows(text: str) -> dict[tuple, str]:
+    """The rows of a rendered table by (kernel, config index, arch, dtype)."""
+    rows = {}
+    for line in text.splitlines():
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        if line.startswith("| ") and len(cells) == 10 and cells[1].split(":")[0].isdigit():
+            rows[cells[0], int(cells[1].split(":")[0]), cells[2], cells[3]] = line
+    return rows
+
+
+def _column(value, empty) -> str:
+    """A SASS column of the table: ``-`` where the row was not disassembled."""
+    return "-" if value is None else str(value or empty)
 
 
 def render_table(result: dict) -> str:
@@ -573,7 +607,8 @@ def render_table(result: dict) -> str:
             f"{result['stats']['triton']}; do not edit by hand. Shared memory is Triton's dynamic allocation "
             "plus static; spills are cuobjdump STACK / LOCAL bytes; limits: sm_80 166912 B, sm_90 232448 B. "
             "Main loop: SASS instructions in the largest innermost loop, the per-step issue cost that the "
-            "step's MMA work must cover."
+            "step's MMA work must cover. Tensor core and main loop are read from the SASS of tensor-core kernels "
+            "only (`-` elsewhere; `tritonkit inspect NAME --stage resources` disassembles any kernel)."
         ),
         "",
         "| kernel | config | arch | dtype | registers | shared (B) | spills STACK/LOCAL (B) | tensor core "
@@ -590,6 +625,6 @@ def render_table(result: dict) -> str:
         verdict = "ok" if not problems else "FAIL: " + "; ".join(p.split(":")[0] for p in problems)
         lines.append(
             f"{head} | {rec['registers']} | {rec['shared'] + rec['static_shared']} | {rec['stack']}/{rec['local']} "
-            f"| {rec['tensor_core'] or 'no'} | {rec['loop_sass']} | {verdict} |"
+            f"| {_column(rec['tensor_core'], 'no')} | {_column(rec['loop_sass'], 0)} | {verdict} |"
         )
     return "\n".join(lines) + "\n"
