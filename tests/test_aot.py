@@ -37,9 +37,10 @@ REPO = Path(__file__).resolve().parents[1]
 TABLE = REPO / "bench" / "results" / "aot.md"
 MISSING_MODULES = aot.import_kernel_modules()
 KERNELS = sorted(REGISTRY)  # interpreter functions here; the gate compiles them in a compiled-mode child
-FULL = os.environ.get("TRITONKIT_AOT_GATE", "suite") == "full"
-if os.environ.get("TRITONKIT_AOT_GATE", "suite") not in ("suite", "full"):
-    raise ValueError(f"TRITONKIT_AOT_GATE must be 'suite' or 'full', got {os.environ['TRITONKIT_AOT_GATE']!r}")
+MODE = os.environ.get("TRITONKIT_AOT_GATE", "suite")
+if MODE not in ("suite", "full"):
+    raise ValueError(f"TRITONKIT_AOT_GATE must be 'suite' or 'full', got {MODE!r}")
+FULL = MODE == "full"
 ARCHS = None if FULL else ("sm_90",)
 DTYPES = None if FULL else ("float32", "bfloat16")
 TABLE_TRITON_IS_THIS_ONE = TABLE.exists() and f"with triton {triton.__version__};" in TABLE.read_text()
