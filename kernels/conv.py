@@ -58,6 +58,7 @@ from tritonkit.kernels.common import (
     per_flag_configs,
     tuned_kernel,
 )
+from tritonkit.kernels.elementwise import ACTIVATIONS, apply_activation
 from tritonkit.kernels.pool import pool_output_size
 from tritonkit.runtime import INTERPRET
 
@@ -408,9 +409,10 @@ def _bn_eval(v, mean, k, beta):
 
 
 @triton.jit
-def _relu(acc, RELU: tl.constexpr):
-    if RELU:
-        acc = tl.where(acc < 0, 0.0, acc)  # NaN stays NaN, as torch.relu keeps it
+def _activate(acc, ACT: tl.constexpr, min_val, max_val):
+    """``ACT`` ("" none, else a kind of ``tritonkit.kernels.elementwise.ACTIVATIONS``) of the float32 tile."""
+    if ACT != "":
+        acc = apply_activation(acc, ACT, min_val, max_val)  # NaN stays NaN, as torch's activations keep it
     return acc
 
 
@@ -459,11 +461,11 @@ def _store_bn_partials(stats_ptr, v, pid_m, M, oc, n_ok, OC, BLOCK_M: tl.constex
     interp_heuristics=FWD_INTERP,
     key=["N", "C", "H", "W", "OC", "KH", "KW", "Cg"],
     signature=_signature(("x_ptr", "w_ptr", "b_ptr", "y_ptr"), _strides("x", "w", "y"),
-                         ("HAS_BIAS", "RELU", "PADDED", "CHANNEL_INNER", "PRECISION")),
-    constexprs=lambda dtype: {"HAS_BIAS": True, "RELU": True, "PADDED": True, "CHANNEL_INNER": True,
+                         ("HAS_BIAS", "ACT", "PADDED", "CHANNEL_INNER", "PRECISION"), floats=("min_val", "max_val")),
+    constexprs=lambda dtype: {"HAS_BIAS": True, "ACT": "relu", "PADDED": True, "CHANNEL_INNER": True,
                               "PRECISION": "ieee", **_typical(x="nhwc", w="nhwc", y="nhwc")},
     variants={"few_channels": lambda dtype: {  # the seed's LeNet conv2 (6 -> 16, 5x5 at 14x14, NCHW)
-        "HAS_BIAS": True, "RELU": True, "PADDED": False, "CHANNEL_INNER": False, "PRECISION": "ieee",
+        "HAS_BIAS": True, "ACT": "relu", "PADDED": False, "CHANNEL_INNER": False, "PRECISION": "ieee",
         **_typical(n=16, c=6, hw=14, oc=16, k=5, pad=0, x="nchw", w="nchw", y="nchw")}},
     tensor_core=True,
     tf32=True,
@@ -473,12 +475,13 @@ def conv2d_fwd_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr,
     N, C, H, W, OC, OH, OW, KH, KW, Cg, OCg,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    sxn, sxc, sxh, sxw, swn, swc, swh, sww, syn, syc, syh, syw,
-    HAS_BIAS: tl.constexpr, RELU: tl.constexpr, PADDED: tl.constexpr, CHANNEL_INNER: tl.constexpr,
+    sxn, sxc, sxh, sxw, swn, swc, swh, sww, syn, syc, syh, syw, min_val, max_val,
+    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, PADDED: tl.constexpr, CHANNEL_INNER: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """y = act(conv + bias). The fused variants (BatchNorm epilogue, residual, statistics, input
-    prologue) are conv2d_fwd_bn_kernel, so this launch compiles exactly as before they existed."""
+    """y = act(conv + bias), act = ``ACT`` (``_activate``; min_val/max_val: hardtanh's bounds). The
+    fused variants (BatchNorm epilogue, residual, statistics, input prologue) are conv2d_fwd_bn_kernel,
+    so this launch compiles exactly as before they existed."""
     group = tl.program_id(2)
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     ow = rm % OW
@@ -494,7 +497,7 @@ def conv2d_fwd_kernel(
     acc = _conv_fwd_reduce(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), x_row, w_ptr, ih0, iw0, m_ok, oc, n_ok,
                            H, W, KH, KW, Cg, dil_h, dil_w, sxc, sxh, sxw, swn, swc, swh, sww,
                            x_ptr, x_ptr, 0, PADDED, CHANNEL_INNER, PRECISION, BLOCK_K, 0)
-    acc = _relu(_add_bias(acc, b_ptr, oc, n_ok, HAS_BIAS), RELU)
+    acc = _activate(_add_bias(acc, b_ptr, oc, n_ok, HAS_BIAS), ACT, min_val, max_val)
     y_off = (n * syn + oh * syh + ow * syw)[:, None] + (oc * syc)[None, :]
     tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
@@ -502,11 +505,11 @@ def conv2d_fwd_kernel(
 _FWD_POINTERS = ("x_ptr", "w_ptr", "b_ptr", "y_ptr", *_BN_EVAL_POINTERS, "r_ptr", "stats_ptr", "in_scale_ptr",
                  "in_shift_ptr")
 _BN_EVAL_FLAGS = ("BATCH_NORM", "HAS_BN_WEIGHT", "HAS_BN_BIAS")
-_FWD_FLAGS = ("HAS_BIAS", "RELU", "PADDED", "CHANNEL_INNER", "PRECISION", *_BN_EVAL_FLAGS, "HAS_RESIDUAL", "STATS",
+_FWD_FLAGS = ("HAS_BIAS", "ACT", "PADDED", "CHANNEL_INNER", "PRECISION", *_BN_EVAL_FLAGS, "HAS_RESIDUAL", "STATS",
               "PROLOGUE")
 _NO_BN = {"BATCH_NORM": False, "HAS_BN_WEIGHT": False, "HAS_BN_BIAS": False}
 _BN_AFFINE = {"BATCH_NORM": True, "HAS_BN_WEIGHT": True, "HAS_BN_BIAS": True}
-_FWD_PLAIN = {"HAS_BIAS": True, "RELU": True, "PADDED": True, "CHANNEL_INNER": True, "PRECISION": "ieee",
+_FWD_PLAIN = {"HAS_BIAS": True, "ACT": "relu", "PADDED": True, "CHANNEL_INNER": True, "PRECISION": "ieee",
               **_NO_BN, "HAS_RESIDUAL": False, "STATS": False, "PROLOGUE": 0}
 
 
@@ -520,24 +523,29 @@ def _fwd_bn_config_for(config, dtype, arch=None, launch=None) -> bool:
 
 
 # conv2d_fwd_bn's pattern: ResNet basic block's second conv in inference (conv + eval BatchNorm + residual + ReLU);
-# variants: training's conv writing BatchNorm partial statistics, ResNet-style, with its input normalised
-# (BN + ReLU) on load, and on the stem (3 -> 64, 7x7 stride 2 at 224x224, NCHW input).
+# variants: a pointwise conv + eval BatchNorm + hardswish (MobileNetV3, inference); training's conv writing
+# BatchNorm partial statistics, ResNet-style, with its input normalised (BN + ReLU) on load, and on the stem
+# (3 -> 64, 7x7 stride 2 at 224x224, NCHW input).
 @tuned_kernel(
     "conv2d_fwd_bn",
     gpu_configs=GPU_CONFIGS,
     config_for_dtype=_fwd_bn_config_for,
     interp_heuristics=FWD_INTERP,
     key=["N", "C", "H", "W", "OC", "KH", "KW", "Cg", "STATS", "BATCH_NORM", "HAS_RESIDUAL", "PROLOGUE"],
-    signature=_signature(_FWD_POINTERS, _strides("x", "w", "y", "r"), _FWD_FLAGS, floats=("eps",)),
+    signature=_signature(_FWD_POINTERS, _strides("x", "w", "y", "r"), _FWD_FLAGS,
+                         floats=("eps", "min_val", "max_val")),
     constexprs=lambda dtype: {**_FWD_PLAIN, "HAS_BIAS": False, **_BN_AFFINE, "HAS_RESIDUAL": True,
                               **_typical(x="nhwc", w="nhwc", y="nhwc", r="nhwc")},
     variants={
-        "stats": lambda dtype: {**_FWD_PLAIN, "HAS_BIAS": False, "RELU": False, "STATS": True,
+        "hardswish_1x1": lambda dtype: {  # MobileNetV3's expansion conv 40 -> 240 at 28x28
+            **_FWD_PLAIN, "HAS_BIAS": False, **_BN_AFFINE, "ACT": "hardswish", "PADDED": False,
+            **_typical(c=40, hw=28, oc=240, k=1, pad=0, x="nhwc", w="nhwc", y="nhwc", r="nhwc")},
+        "stats": lambda dtype: {**_FWD_PLAIN, "HAS_BIAS": False, "ACT": "", "STATS": True,
                                 **_typical(x="nhwc", w="nhwc", y="nhwc", r="nhwc")},
-        "stats_prologue": lambda dtype: {**_FWD_PLAIN, "HAS_BIAS": False, "RELU": False, "STATS": True, "PROLOGUE": 2,
+        "stats_prologue": lambda dtype: {**_FWD_PLAIN, "HAS_BIAS": False, "ACT": "", "STATS": True, "PROLOGUE": 2,
                                          **_typical(x="nhwc", w="nhwc", y="nhwc", r="nhwc")},
         "stats_few_channels": lambda dtype: {
-            **_FWD_PLAIN, "HAS_BIAS": False, "RELU": False, "STATS": True, "PADDED": True, "CHANNEL_INNER": False,
+            **_FWD_PLAIN, "HAS_BIAS": False, "ACT": "", "STATS": True, "PADDED": True, "CHANNEL_INNER": False,
             **_typical(n=32, c=3, hw=224, oc=64, k=7, pad=3, x="nchw", w="nchw", y="nhwc", r="nhwc"),
             "stride_h": 2, "stride_w": 2, "OH": 112, "OW": 112},
     },
@@ -550,15 +558,15 @@ def conv2d_fwd_bn_kernel(
     in_shift_ptr,
     N, C, H, W, OC, OH, OW, KH, KW, Cg, OCg,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    sxn, sxc, sxh, sxw, swn, swc, swh, sww, syn, syc, syh, syw, srn, src, srh, srw, eps,
-    HAS_BIAS: tl.constexpr, RELU: tl.constexpr, PADDED: tl.constexpr, CHANNEL_INNER: tl.constexpr,
+    sxn, sxc, sxh, sxw, swn, swc, swh, sww, syn, syc, syh, syw, srn, src, srh, srw, eps, min_val, max_val,
+    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, PADDED: tl.constexpr, CHANNEL_INNER: tl.constexpr,
     PRECISION: tl.constexpr, BATCH_NORM: tl.constexpr, HAS_BN_WEIGHT: tl.constexpr, HAS_BN_BIAS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, STATS: tl.constexpr, PROLOGUE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """y = act(BN((conv + bias)) + residual) in float32, rounded once; act = ReLU or none, every part
-    optional (constexpr flags). BATCH_NORM is eval-mode BatchNorm read from its parameters,
-    BN(v) = (v - running_mean[oc]) * (bn_weight[oc] / sqrt(running_var[oc] + eps)) + bn_bias[oc]
+    """y = act(BN((conv + bias)) + residual) in float32, rounded once; act = ``ACT`` as in
+    conv2d_fwd_kernel, every part optional (constexpr flags). BATCH_NORM is eval-mode BatchNorm read
+    from its parameters, BN(v) = (v - running_mean[oc]) * (bn_weight[oc] / sqrt(running_var[oc] + eps)) + bn_bias[oc]
     (``_bn_eval``; bn_weight/bn_bias optional: HAS_BN_WEIGHT, HAS_BN_BIAS). STATS also writes the
     BatchNorm partials of conv + bias (``_store_bn_partials``); PROLOGUE transforms x per input channel
     as it is loaded (``_input_prologue``)."""
@@ -588,7 +596,7 @@ def conv2d_fwd_bn_kernel(
     if HAS_RESIDUAL:
         r_off = (n * srn + oh * srh + ow * srw)[:, None] + (oc * src)[None, :]
         acc += tl.load(r_ptr + r_off, mask=out_mask, other=0.0).to(tl.float32)
-    acc = _relu(acc, RELU)
+    acc = _activate(acc, ACT, min_val, max_val)
     y_off = (n * syn + oh * syh + ow * syw)[:, None] + (oc * syc)[None, :]
     tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
 
@@ -671,7 +679,7 @@ def conv2d_relu_maxpool_fwd_kernel(
             v = _add_bias(v, b_ptr, oc, n_ok, HAS_BIAS)
             if BATCH_NORM:
                 v = _bn_eval(v, mean, k, beta)
-            v = _relu(v, True)
+            v = _activate(v, "relu", 0.0, 0.0)
             take = inside[:, None] & ((v > best) | (v != v))  # NaN wins, as in max_pool2d
             best = tl.where(take, v, best)
     y_off = (n * syn + ph * syh + pw * syw)[:, None] + (oc * syc)[None, :]
@@ -1136,11 +1144,13 @@ def _bn_eval_args(w, bn_weight, bn_bias, running_mean, running_var):
     return pointers, flags
 
 
-def conv2d(x, w, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1, *, relu=False,
+def conv2d(x, w, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1, *, activation=None,
            allow_tf32=False, bn_weight=None, bn_bias=None, running_mean=None, running_var=None, eps=1e-5,
            residual=None, stats=False, input_scale=None, input_shift=None, input_relu=False):
     """``act(BN(conv2d(x', w) + bias) + residual)`` for 4-D ``x``, output in ``x``'s memory format;
-    ``act`` = ReLU when ``relu``, every other part optional. BN is eval-mode BatchNorm when
+    ``act`` = ``activation``, None or ``(kind, min_val, max_val)`` with ``kind`` one of
+    ``tritonkit.kernels.elementwise.ACTIVATIONS`` (min_val/max_val: hardtanh's bounds), every other
+    part optional. BN is eval-mode BatchNorm when
     ``running_mean``/``running_var`` are given: ``(v - running_mean) * bn_weight / sqrt(running_var +
     eps) + bn_bias`` per output channel (bn_weight, bn_bias optional). ``x'`` = x, or
     ``x * input_scale[c] + input_shift[c]`` (then ReLU'd when ``input_relu``) with zero padding applied
@@ -1156,6 +1166,9 @@ def conv2d(x, w, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), grou
     if y.numel() == 0:
         return (y, partials) if stats else y
     r = residual if residual is not None else y
+    kind, min_val, max_val = activation or ("", 0.0, 0.0)
+    if kind and kind not in ACTIVATIONS:
+        raise ValueError(f"conv2d: activation must be one of {ACTIVATIONS}, got {kind!r}")
 
     def grid(meta):
         return (triton.cdiv(N * OH * OW, meta["BLOCK_M"]), triton.cdiv(OCg, meta["BLOCK_N"]), groups)
@@ -1163,7 +1176,8 @@ def conv2d(x, w, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), grou
     if running_mean is None and residual is None and not stats and input_scale is None:
         conv2d_fwd_kernel[grid](
             x, w, bias if bias is not None else w, y, *shape, *conv, *x.stride(), *w.stride(), *y.stride(),
-            HAS_BIAS=bias is not None, RELU=relu, PADDED=any(padding), CHANNEL_INNER=channel_inner(Cg),
+            float(min_val), float(max_val), HAS_BIAS=bias is not None, ACT=kind, PADDED=any(padding),
+            CHANNEL_INNER=channel_inner(Cg),
             PRECISION=dot_precision(x.dtype, allow_tf32),
         )
         return y
@@ -1171,8 +1185,8 @@ def conv2d(x, w, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), grou
     conv2d_fwd_bn_kernel[grid](
         x, w, bias if bias is not None else w, y, *bn_pointers, r,
         partials if stats else w, *(t if t is not None else w for t in (input_scale, input_shift)),
-        *shape, *conv, *x.stride(), *w.stride(), *y.stride(), *r.stride(), float(eps),
-        HAS_BIAS=bias is not None, RELU=relu, PADDED=any(padding), CHANNEL_INNER=channel_inner(Cg),
+        *shape, *conv, *x.stride(), *w.stride(), *y.stride(), *r.stride(), float(eps), float(min_val), float(max_val),
+        HAS_BIAS=bias is not None, ACT=kind, PADDED=any(padding), CHANNEL_INNER=channel_inner(Cg),
         PRECISION=dot_precision(x.dtype, allow_tf32), **bn_flags,
         HAS_RESIDUAL=residual is not None, STATS=bool(stats),
         PROLOGUE=0 if input_scale is None else 2 if input_relu else 1,

@@ -14,7 +14,9 @@ forward, a program = BLOCK_P output pixels (flattened (n, oh, ow)) x BLOCK_C out
                                                     * w[oc, 0, kh, kw]))
     in float32, rounded once. BN is eval-mode BatchNorm from its parameters, centred first as eager's:
     BN(v) = (v - running_mean[oc]) * (bn_weight[oc] / sqrt(running_var[oc] + eps)) + bn_bias[oc];
-    act is none, relu or relu6 = hardtanh(v, 0, 6) (NaN propagates, as eager's clamp).
+    act is none, relu, relu6 = hardtanh(v, 0, 6), or another kind of tritonkit.kernels.elementwise
+    (hardswish, SiLU, ...: FORWARD_ACTIVATIONS), computed as tritonkit::activation computes it (NaN
+    propagates, as eager's).
     STATS also writes the BatchNorm partials of conv + bias in conv2d_bn_stats' layout: float32
     [T, 3, OC], T = bn_stat_tiles(N*OH*OW), for each BN_STAT_ROWS-pixel tile t (in (n, oh, ow) order)
     and channel oc (count, mean, M2 = sum of squared deviations from the tile mean).
@@ -55,8 +57,13 @@ from tritonkit.kernels.common import (
     tuned_kernel,
 )
 from tritonkit.kernels.conv import BN_STAT_ROWS, bn_stat_tiles, output_size, suggest_memory_format
+from tritonkit.kernels.elementwise import ACTIVATIONS as ELEMENTWISE_ACTIVATIONS
+from tritonkit.kernels.elementwise import apply_activation
 
-ACTIVATIONS = {"none": 0, "relu": 1, "relu6": 2}
+ACTIVATIONS = {"none": 0, "relu": 1, "relu6": 2}  # the gradient kernels' masks (from the forward's output)
+# the forward's activation -> its ACT (a kind of tritonkit.kernels.elementwise; hardtanh is ReLU6 here)
+FORWARD_ACTIVATIONS = {"none": "", "relu": "relu", "relu6": "hardtanh",
+                       **{kind: kind for kind in ELEMENTWISE_ACTIVATIONS if kind not in ("relu", "hardtanh")}}
 
 
 def _cfg(block_p, block_c, warps):
@@ -201,11 +208,11 @@ def _store_partials(stats_ptr, v, pid_p, P, oc, c_ok, OC, BLOCK_P: tl.constexpr,
 
 _FWD_POINTERS = ("x_ptr", "w_ptr", "b_ptr", "y_ptr", "bn_weight_ptr", "bn_bias_ptr", "mean_ptr", "var_ptr",
                  "stats_ptr")
-_FWD_FLAGS = ("HAS_BIAS", "ACTIVATION", "BATCH_NORM", "HAS_BN_WEIGHT", "HAS_BN_BIAS", "STATS")
-_FWD_PLAIN = {"HAS_BIAS": True, "ACTIVATION": ACTIVATIONS["relu6"], "BATCH_NORM": False, "HAS_BN_WEIGHT": False,
+_FWD_FLAGS = ("HAS_BIAS", "ACT", "BATCH_NORM", "HAS_BN_WEIGHT", "HAS_BN_BIAS", "STATS")
+_FWD_PLAIN = {"HAS_BIAS": True, "ACT": "hardtanh", "BATCH_NORM": False, "HAS_BN_WEIGHT": False,
               "HAS_BN_BIAS": False, "STATS": False}
 _FWD_BN = {**_FWD_PLAIN, "HAS_BIAS": False, "BATCH_NORM": True, "HAS_BN_WEIGHT": True, "HAS_BN_BIAS": True}
-_FWD_STATS = {**_FWD_PLAIN, "HAS_BIAS": False, "ACTIVATION": 0, "STATS": True}
+_FWD_STATS = {**_FWD_PLAIN, "HAS_BIAS": False, "ACT": "", "STATS": True}
 
 
 # The gate's patterns: MobileNetV2's 3x3 stride-1 block (+ bias + relu6); variants: its stride-2 block,
@@ -229,6 +236,7 @@ _FWD_STATS = {**_FWD_PLAIN, "HAS_BIAS": False, "ACTIVATION": 0, "STATS": True}
         # inference with the weight stored tap-major ([KH, KW, OC] in memory: 16-byte weight loads)
         "bn_tap_major": lambda dtype: {**_FWD_BN, **_typical(), "swn": 1, "swh": 3 * 144, "sww": 144},
         "bn": lambda dtype: {**_FWD_BN, **_typical()},
+        "bn_hardswish": lambda dtype: {**_FWD_BN, "ACT": "hardswish", **_typical()},  # MobileNetV3, inference
         "stats": lambda dtype: {**_FWD_STATS, **_typical()},
         "stats_nchw": lambda dtype: {**_FWD_STATS, **_typical(layout="nchw")},
     },
@@ -238,12 +246,13 @@ def depthwise_conv2d_fwd_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, bn_weight_ptr, bn_bias_ptr, mean_ptr, var_ptr, stats_ptr,
     N, C, H, W, OC, OH, OW, M, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     sxn, sxc, sxh, sxw, swn, swh, sww, syn, syc, syh, syw, eps,
-    KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
     BATCH_NORM: tl.constexpr, HAS_BN_WEIGHT: tl.constexpr, HAS_BN_BIAS: tl.constexpr, STATS: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """y = act(BN(conv + bias)) for one [BLOCK_P pixels, BLOCK_C channels] tile (module doc); every
-    epilogue part optional (constexpr flags), ACTIVATION 0 none, 1 relu, 2 relu6."""
+    epilogue part optional (constexpr flags), act = ``ACT`` ("" none, else a value of
+    ``FORWARD_ACTIVATIONS``: ``tritonkit.kernels.elementwise``'s math, hardtanh with bounds 0 and 6)."""
     pid_p = tl.program_id(0)
     P = N * OH * OW
     p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -277,10 +286,8 @@ def depthwise_conv2d_fwd_kernel(
         acc = (acc - mean[None, :]) * k[None, :]
         if HAS_BN_BIAS:
             acc += tl.load(bn_bias_ptr + oc, mask=c_ok, other=0.0).to(tl.float32)[None, :]
-    if ACTIVATION:  # comparisons are false for NaN: it stays NaN
-        acc = tl.where(acc < 0, 0.0, acc)
-        if ACTIVATION == 2:
-            acc = tl.where(acc > 6, 6.0, acc)
+    if ACT != "":  # NaN stays NaN, as torch's activations keep it
+        acc = apply_activation(acc, ACT, 0.0, 6.0)
     y_off = (n * syn + oh * syh + ow * syw)[:, None] + (oc * syc)[None, :]
     tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=p_ok[:, None] & c_ok[None, :])
 
@@ -480,8 +487,8 @@ def _geometry(x_shape, w_shape, stride, padding, dilation):
 def depthwise_conv2d(x, w, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), *, activation="none",
                      bn_weight=None, bn_bias=None, running_mean=None, running_var=None, eps=1e-5, stats=False):
     """``act(BN(depthwise_conv2d(x, w) + bias))`` (module doc), output in ``x``'s memory format; BN when
-    ``running_mean``/``running_var`` are given (bn_weight, bn_bias optional), ``activation`` one of
-    ``ACTIVATIONS``. ``stats``: also return the float32 BatchNorm partials of conv + bias,
+    ``running_mean``/``running_var`` are given (bn_weight, bn_bias optional), ``activation`` a key of
+    ``FORWARD_ACTIVATIONS``. ``stats``: also return the float32 BatchNorm partials of conv + bias,
     [bn_stat_tiles(N*OH*OW), 3, OC]."""
     shape, (KH, KW) = _geometry(x.shape, w.shape, stride, padding, dilation)
     N, _, _, _, OC, OH, OW = shape[:7]
@@ -499,7 +506,7 @@ def depthwise_conv2d(x, w, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1
     depthwise_conv2d_fwd_kernel[grid](
         x, w, bias if bias is not None else w, y, *bn, partials if stats else w, *shape,
         *x.stride(), w.stride(0), w.stride(2), w.stride(3), *y.stride(), float(eps), KH=KH, KW=KW,
-        HAS_BIAS=bias is not None, ACTIVATION=ACTIVATIONS[activation], BATCH_NORM=running_mean is not None,
+        HAS_BIAS=bias is not None, ACT=FORWARD_ACTIVATIONS[activation], BATCH_NORM=running_mean is not None,
         HAS_BN_WEIGHT=bn_weight is not None, HAS_BN_BIAS=bn_bias is not None, STATS=bool(stats),
     )
     return out

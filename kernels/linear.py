@@ -1,6 +1,9 @@
-"""Linear layers as one strided GEMM kernel with a fused bias + ReLU epilogue and a fused ReLU-mask prologue.
+"""Linear layers as one strided GEMM kernel with a fused bias + activation epilogue and a fused ReLU-mask prologue.
 
     C[m, n] = act( sum_k A'[m, k] * B[k, n] + bias[n] ),   A' = A * (R > 0) when a mask R is given
+
+act is none, ReLU or any other kind of ``tritonkit.kernels.elementwise`` (its math, in float32 before
+the one rounding).
 
 Every operand is addressed through its own (row, column) strides, so one kernel serves:
 
@@ -29,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from tritonkit.kernels import elementwise
 from tritonkit.kernels.common import (
     INTERP_TILE,
     TRITON_TYPE,
@@ -39,6 +43,7 @@ from tritonkit.kernels.common import (
     per_dtype_configs,
     tuned_kernel,
 )
+from tritonkit.kernels.elementwise import apply_activation
 
 
 def _cfg(bm, bn, bk, warps, stages):
@@ -80,7 +85,8 @@ def _signature(dtype):
            "M": "i32", "N": "i32", "K": "i32"}
     for name in ("am", "ak", "bk", "bn", "rm", "rk", "cm", "cn"):
         sig[f"stride_{name}"] = "i32"
-    for name in ("HAS_BIAS", "RELU", "HAS_MASK", "ROW_SUM", "PRECISION", "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"):
+    sig |= {"min_val": "fp32", "max_val": "fp32"}
+    for name in ("HAS_BIAS", "ACT", "HAS_MASK", "ROW_SUM", "PRECISION", "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"):
         sig[name] = "constexpr"
     return sig
 
@@ -90,7 +96,7 @@ def _constexprs(dtype):
     the unit strides and multiple-of-16 sizes the JIT specializes on at such a launch."""
     typical = {"M": 4096, "N": 4096, "K": 4096, "stride_am": 4096, "stride_ak": 1, "stride_bk": 1,
                "stride_bn": 4096, "stride_rm": 4096, "stride_rk": 1, "stride_cm": 4096, "stride_cn": 1}
-    return {"HAS_BIAS": True, "RELU": True, "HAS_MASK": True, "ROW_SUM": False, "PRECISION": "ieee", **typical}
+    return {"HAS_BIAS": True, "ACT": "relu", "HAS_MASK": True, "ROW_SUM": False, "PRECISION": "ieee", **typical}
 
 
 def _weight_bias_grad_constexprs(dtype):
@@ -98,19 +104,20 @@ def _weight_bias_grad_constexprs(dtype):
     A = dy^T and R = y^T (strided views of row-major tensors), B = x."""
     typical = {"M": 4096, "N": 4096, "K": 4096, "stride_am": 1, "stride_ak": 4096, "stride_bk": 4096,
                "stride_bn": 1, "stride_rm": 1, "stride_rk": 4096, "stride_cm": 4096, "stride_cn": 1}
-    return {"HAS_BIAS": False, "RELU": False, "HAS_MASK": True, "ROW_SUM": True, "PRECISION": "ieee", **typical}
+    return {"HAS_BIAS": False, "ACT": "", "HAS_MASK": True, "ROW_SUM": True, "PRECISION": "ieee", **typical}
 
 
 @triton.jit
 def _gemm_tile(
     pid, a_ptr, b_ptr, bias_ptr, mask_ptr, c_ptr, row_sum_ptr,
     M, N, K,
-    stride_am, stride_ak, stride_bk, stride_bn, stride_rm, stride_rk, stride_cm, stride_cn,
-    HAS_BIAS: tl.constexpr, RELU: tl.constexpr, HAS_MASK: tl.constexpr, ROW_SUM: tl.constexpr,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_rm, stride_rk, stride_cm, stride_cn, min_val, max_val,
+    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_MASK: tl.constexpr, ROW_SUM: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """Output tile ``pid`` of ``C = act(A' @ B + bias)`` (and of ``s``, see the module docstring)."""
+    """Output tile ``pid`` of ``C = act(A' @ B + bias)`` (and of ``s``, see the module docstring); act =
+    ``ACT``, "" none or a kind of ``tritonkit.kernels.elementwise`` (min_val/max_val: hardtanh's bounds)."""
     # Grouped ordering of output tiles: GROUP_M row-tiles share each column-tile of B while in L2.
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.maximum(tl.cdiv(N, BLOCK_N), 1)  # N = 0 with ROW_SUM: one column block still sums A'
@@ -147,8 +154,8 @@ def _gemm_tile(
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    if RELU:
-        acc = tl.where(acc < 0, 0.0, acc)  # NaN stays NaN, as torch.relu keeps it
+    if ACT != "":
+        acc = apply_activation(acc, ACT, min_val, max_val)  # NaN stays NaN, as torch's activations keep it
     c = acc.to(c_ptr.dtype.element_ty)
     tl.store(c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn, c, mask=m_ok[:, None] & n_ok[None, :])
     if ROW_SUM:
@@ -172,15 +179,15 @@ def _gemm_tile(
 def gemm_kernel(
     a_ptr, b_ptr, bias_ptr, mask_ptr, c_ptr, row_sum_ptr,
     M, N, K,
-    stride_am, stride_ak, stride_bk, stride_bn, stride_rm, stride_rk, stride_cm, stride_cn,
-    HAS_BIAS: tl.constexpr, RELU: tl.constexpr, HAS_MASK: tl.constexpr, ROW_SUM: tl.constexpr,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_rm, stride_rk, stride_cm, stride_cn, min_val, max_val,
+    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_MASK: tl.constexpr, ROW_SUM: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     _gemm_tile(
         tl.program_id(0), a_ptr, b_ptr, bias_ptr, mask_ptr, c_ptr, row_sum_ptr, M, N, K,
-        stride_am, stride_ak, stride_bk, stride_bn, stride_rm, stride_rk, stride_cm, stride_cn,
-        HAS_BIAS, RELU, HAS_MASK, ROW_SUM, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
+        stride_am, stride_ak, stride_bk, stride_bn, stride_rm, stride_rk, stride_cm, stride_cn, min_val, max_val,
+        HAS_BIAS, ACT, HAS_MASK, ROW_SUM, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
     )
 
 
@@ -276,19 +283,20 @@ def linear_backward_kernel(
     if pid < num_dx:
         _gemm_tile(
             pid, g_ptr, w_ptr, dx_ptr, r_ptr, dx_ptr, dx_ptr, M, K, N,
-            stride_gm, stride_gn, stride_wn, stride_wk, stride_rm, stride_rn, stride_dxm, stride_dxk,
-            False, False, HAS_MASK, False, PRECISION, DX_BLOCK_M, DX_BLOCK_N, DX_BLOCK_K, GROUP_M,
+            stride_gm, stride_gn, stride_wn, stride_wk, stride_rm, stride_rn, stride_dxm, stride_dxk, 0.0, 0.0,
+            False, "", HAS_MASK, False, PRECISION, DX_BLOCK_M, DX_BLOCK_N, DX_BLOCK_K, GROUP_M,
         )
     else:
         _gemm_tile(
             pid - num_dx, g_ptr, x_ptr, dw_ptr, r_ptr, dw_ptr, db_ptr, N, K, M,
-            stride_gn, stride_gm, stride_xm, stride_xk, stride_rn, stride_rm, stride_dwn, stride_dwk,
-            False, False, HAS_MASK, BIAS_GRAD, PRECISION, DW_BLOCK_M, DW_BLOCK_N, DW_BLOCK_K, GROUP_M,
+            stride_gn, stride_gm, stride_xm, stride_xk, stride_rn, stride_rm, stride_dwn, stride_dwk, 0.0, 0.0,
+            False, "", HAS_MASK, BIAS_GRAD, PRECISION, DW_BLOCK_M, DW_BLOCK_N, DW_BLOCK_K, GROUP_M,
         )
 
 
-def gemm(a, b, *, bias=None, relu=False, mask=None, out=None, row_sum=None, allow_tf32=False):
-    """``act((a * (mask > 0)) @ b + bias)`` for 2-D ``a`` (M, K), ``b`` (K, N), any strides.
+def gemm(a, b, *, bias=None, activation=None, mask=None, out=None, row_sum=None, allow_tf32=False):
+    """``act((a * (mask > 0)) @ b + bias)`` for 2-D ``a`` (M, K), ``b`` (K, N), any strides; ``act`` =
+    ``activation``, None or ``(kind, min_val, max_val)`` (a kind of ``tritonkit.kernels.elementwise``).
 
     ``out`` (M, N) may be given (any strides) to write into; otherwise a contiguous one is allocated.
     ``row_sum`` (M,) given: the same launch also writes ``sum_k (a * (mask > 0))[m, k]`` into it.
@@ -302,12 +310,13 @@ def gemm(a, b, *, bias=None, relu=False, mask=None, out=None, row_sum=None, allo
         return out
     if K == 0:
         out.copy_(bias.expand(M, N) if bias is not None else torch.zeros((), dtype=a.dtype, device=a.device))
-        if relu:
-            out.clamp_(min=0)
+        if activation is not None:
+            out.copy_(elementwise.activation(out, *activation))
         if row_sum is not None:
             row_sum.zero_()
         return out
     r = mask if mask is not None else a
+    kind_args = activation or ("", 0.0, 0.0)
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * max(1, triton.cdiv(N, meta["BLOCK_N"])),)
@@ -316,7 +325,8 @@ def gemm(a, b, *, bias=None, relu=False, mask=None, out=None, row_sum=None, allo
         a, b, bias if bias is not None else out, r, out, row_sum if row_sum is not None else out,
         M, N, K,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), r.stride(0), r.stride(1), out.stride(0), out.stride(1),
-        HAS_BIAS=bias is not None, RELU=relu, HAS_MASK=mask is not None, ROW_SUM=row_sum is not None,
+        float(kind_args[1]), float(kind_args[2]), HAS_BIAS=bias is not None, ACT=kind_args[0],
+        HAS_MASK=mask is not None, ROW_SUM=row_sum is not None,
         PRECISION=dot_precision(a.dtype, allow_tf32),
     )
     return out
@@ -327,9 +337,9 @@ def _as_rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[:-1].numel(), t.shape[-1])  # not -1: ambiguous when D is 0
 
 
-def linear(x, weight, bias=None, *, relu=False, allow_tf32=False):
-    """``act(x @ weight^T + bias)`` for ``x`` (*, K) and ``weight`` (N, K)."""
-    out = gemm(_as_rows(x), weight.t(), bias=bias, relu=relu, allow_tf32=allow_tf32)
+def linear(x, weight, bias=None, *, activation=None, allow_tf32=False):
+    """``act(x @ weight^T + bias)`` for ``x`` (*, K) and ``weight`` (N, K), ``act`` as in :func:`gemm`."""
+    out = gemm(_as_rows(x), weight.t(), bias=bias, activation=activation, allow_tf32=allow_tf32)
     return out.view(*x.shape[:-1], weight.shape[0])
 
 

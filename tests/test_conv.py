@@ -378,6 +378,59 @@ def test_conv_batch_norm_half(dtype, layout, case, stats_dtype):
     assert_close(_conv_batch_norm(x, w, b, bn, res, geo, True), ref.to(dtype))
 
 
+# (kind, min_val, max_val, eager) of every epilogue activation; ReLU6 and another hardtanh among them
+EPILOGUE_ACTIVATIONS = {
+    "relu6": ("hardtanh", 0.0, 6.0, F.relu6), "hardtanh": ("hardtanh", -0.5, 1.5, lambda t: F.hardtanh(t, -0.5, 1.5)),
+    "hardswish": ("hardswish", 0.0, 0.0, F.hardswish), "hardsigmoid": ("hardsigmoid", 0.0, 0.0, F.hardsigmoid),
+    "silu": ("silu", 0.0, 0.0, F.silu), "sigmoid": ("sigmoid", 0.0, 0.0, torch.sigmoid),
+    "gelu": ("gelu", 0.0, 0.0, F.gelu), "gelu_tanh": ("gelu_tanh", 0.0, 0.0, lambda t: F.gelu(t, approximate="tanh"))}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", EPILOGUE_ACTIVATIONS)
+def test_activation_epilogue(case, dtype):
+    """conv2d (the plain kernel; grouped, few channels) and conv2d_batch_norm (+ residual; channel-chunked,
+    strided) apply each activation to the float32 result before the one rounding: eager's activation of the
+    float32 result, rounded. The results span every kink (-3, 0, 3, 6)."""
+    kind, lo, hi, act = EPILOGUE_ACTIVATIONS[case]
+    x, w, b, geo = _conv_inputs(BN_CASES[2], dtype, "channels_last")
+    ref = F.conv2d(4 * x.float(), w.float(), b.float(), *geo)
+    assert (ref < -3).any() and (ref > 6).any() and ((ref > 0) & (ref < 3)).any()
+    assert_close(ops.conv2d(4 * x, w, b, *geo, False, kind, lo, hi), act(ref).to(dtype))
+    x, w, b, geo = _conv_inputs(BN_CASES[0], dtype, "channels_last")
+    bn = _eval_bn(w.shape[0])
+    res = torch.randn(F.conv2d(x.float(), w.float(), None, *geo).shape).to(dtype)
+    ref = _batch_norm_ref(F.conv2d(x.float(), w.float(), b.float(), *geo), bn) * 4 + res.float()
+    bn = (bn[0] * 4, bn[1] * 4, *bn[2:])
+    out = ops.conv2d_batch_norm(x, w, b, *bn[:4], bn[4], res, *geo, False, kind, lo, hi)
+    assert_close(out, act(ref).to(dtype))
+
+
+@pytest.mark.parametrize("case", ["silu", "sigmoid", "hardtanh"])
+def test_activation_epilogue_gradients(case):
+    """``tritonkit::conv2d(activation=...)`` called directly is differentiable: the activation's backward from
+    the output (sigmoid) or the recomputed pre-activation (the others), then the conv's gradients."""
+    kind, lo, hi, act = EPILOGUE_ACTIVATIONS[case]
+    x, w, b, geo = _conv_inputs(BN_CASES[1], torch.float32)
+    check_against_eager(lambda x, w, b: ops.conv2d(4 * x, w, b, *geo, False, kind, lo, hi),
+                        lambda x, w, b: act(F.conv2d(4 * x, w, b, *geo)), [t.requires_grad_() for t in (x, w, b)])
+    torch.library.opcheck(ops.conv2d.default, (x, w, b, *geo, False, kind, lo, hi))
+
+
+@pytest.mark.parametrize("op", ["conv2d", "conv2d_batch_norm"])
+@pytest.mark.parametrize("activation,relu,needle", [("tanh", False, "activation must be one of"),
+                                                    ("silu", True, "relu=True and activation='silu' both given")])
+def test_bad_activation_raises(op, activation, relu, needle, monkeypatch):
+    x, w, b, geo = _conv_inputs(BN_CASES[1], torch.float32)
+    monkeypatch.setattr(conv_kernels, "conv2d_fwd_kernel", None)  # launching either kernel would fail
+    monkeypatch.setattr(conv_kernels, "conv2d_fwd_bn_kernel", None)
+    args = (x, w, b, *geo, relu, activation) if op == "conv2d" else (
+        x, w, b, *_eval_bn(w.shape[0])[:4], 1e-5, None, *geo, relu, activation)
+    with pytest.raises(ValueError, match=needle):
+        getattr(ops, op)(*args)
+
+
+
 def _large_mean_case():
     """conv outputs 100 + ~0.01 * N(0, 1) per channel, exact in float32 (integer inputs, weights
     multiples of 2**-14, bias 100: every product and partial sum is representable), with running

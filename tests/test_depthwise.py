@@ -17,7 +17,8 @@ from tritonkit.testing import (
 )
 
 ops = torch.ops.tritonkit
-ACT = {"none": lambda v: v, "relu": F.relu, "relu6": F.relu6}
+ACT = {"none": lambda v: v, "relu": F.relu, "relu6": F.relu6, "hardswish": F.hardswish, "hardsigmoid": F.hardsigmoid,
+       "silu": F.silu, "sigmoid": torch.sigmoid, "gelu": F.gelu, "gelu_tanh": lambda v: F.gelu(v, approximate="tanh")}
 
 # (n, c, h, w, multiplier, kernel, stride, padding, dilation): sizes off every block size
 CASES = [
@@ -187,7 +188,7 @@ def test_bad_input_raises_like_torch(needle, bad):
 def test_bad_activation_and_gradient_shapes():
     x, w, _, geo = _inputs(CASES[0])
     with pytest.raises(ValueError, match="activation"):
-        ops.depthwise_conv2d(x, w, None, *geo, "gelu")
+        ops.depthwise_conv2d(x, w, None, *geo, "tanh")
     g = torch.randn(2, 5, 9, 11)
     with pytest.raises(ValueError, match="activation"):
         ops.depthwise_conv2d_input_grad(g, w, g, list(x.shape), *geo, "none")
@@ -275,7 +276,7 @@ def _bn_ref(v, bn, activation):
 @pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[5]], ids=str)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("activation,bias,affine", [("relu6", True, True), ("none", False, False),
-                                                    ("relu", True, False)])
+                                                    ("relu", True, False), ("hardswish", True, True)])
 def test_batch_norm_eval(case, layout, activation, bias, affine):
     x, w, b, geo = _inputs(case, layout=layout, bias=bias)
     bn = _eval_bn(w.shape[0], affine=affine)
@@ -283,6 +284,18 @@ def test_batch_norm_eval(case, layout, activation, bias, affine):
     ref = _bn_ref(F.conv2d(x, w, b, *geo, groups=x.shape[1]), bn, activation)
     assert_close(out, ref)
     assert out.stride() == ref.stride()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("activation", ["hardsigmoid", "silu", "sigmoid", "gelu", "gelu_tanh"])
+def test_batch_norm_eval_activations(activation, dtype):
+    """Each other epilogue activation after BN(depthwise conv) (scaled so its kinks are crossed) as eager's
+    activation of the float32 result, rounded once."""
+    x, w, b, geo = _inputs(CASES[2], dtype, "channels_last")
+    weight, bias, mean, var, eps = _eval_bn(w.shape[0])
+    bn = (4 * weight, 4 * bias, mean, var, eps)
+    ref = _bn_ref(F.conv2d(x.float(), w.float(), b.float(), *geo, groups=7), bn, activation)
+    assert_close(ops.depthwise_conv2d_batch_norm(x, w, b, *bn, *geo, activation), ref.to(dtype))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -1,4 +1,4 @@
-"""linear (+bias, +ReLU) forward and all gradients against eager PyTorch, in the interpreter."""
+"""linear (+bias, +ReLU or another activation) forward and all gradients against eager PyTorch, in the interpreter."""
 
 import contextlib
 
@@ -92,6 +92,47 @@ def test_bad_input_raises_like_torch(needle, bad):
     with pytest.raises(expected.type) as got:
         TF.linear(x, w, b)
     assert needle.lower() in str(got.value).lower(), str(got.value)
+
+
+# (kind, min_val, max_val, eager) of the epilogue activations beside ReLU
+EPILOGUE_ACTIVATIONS = {
+    "relu6": ("hardtanh", 0.0, 6.0, F.relu6), "hardswish": ("hardswish", 0.0, 0.0, F.hardswish),
+    "hardsigmoid": ("hardsigmoid", 0.0, 0.0, F.hardsigmoid), "silu": ("silu", 0.0, 0.0, F.silu),
+    "sigmoid": ("sigmoid", 0.0, 0.0, torch.sigmoid), "gelu": ("gelu", 0.0, 0.0, F.gelu),
+    "gelu_tanh": ("gelu_tanh", 0.0, 0.0, lambda t: F.gelu(t, approximate="tanh"))}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", EPILOGUE_ACTIVATIONS)
+@pytest.mark.parametrize("lead,k", [((3, 37), 53), ((4,), 0)], ids=str)
+def test_activation_epilogue(case, dtype, lead, k):
+    """Each activation on the float32 result before the one rounding, as eager's activation of the float32
+    linear (the results span every kink: -3, 0, 3, 6); with K = 0 of the bias alone."""
+    kind, lo, hi, act = EPILOGUE_ACTIVATIONS[case]
+    x, w = torch.randn(*lead, k).to(dtype), (4 * torch.randn(29, k) / max(k, 1) ** 0.5).to(dtype)
+    b = torch.linspace(-8, 8, 29)[torch.randperm(29)].to(dtype)
+    ref = F.linear(x.float(), w.float(), b.float())
+    assert (ref < -3).any() and (ref > 6).any() and ((ref > 0) & (ref < 3)).any()
+    assert_close(ops.linear(x, w, b, False, kind, lo, hi), act(ref).to(dtype))
+
+
+@pytest.mark.parametrize("case", ["gelu", "sigmoid"])
+def test_activation_epilogue_gradients(case):
+    """``tritonkit::linear(activation=...)`` called directly is differentiable (the activation's backward
+    from the output for sigmoid, from the recomputed pre-activation otherwise)."""
+    kind, lo, hi, act = EPILOGUE_ACTIVATIONS[case]
+    x, w, b = torch.randn(3, 7, 19), torch.randn(11, 19) / 19**0.5, torch.randn(11)
+    check_against_eager(lambda x, w, b: ops.linear(x, w, b, False, kind, lo, hi),
+                        lambda x, w, b: act(F.linear(x, w, b)), [t.requires_grad_() for t in (x, w, b)])
+    torch.library.opcheck(ops.linear.default, (x, w, b, False, kind, lo, hi))
+
+
+def test_bad_activation_raises():
+    x, w = torch.randn(4, 6), torch.randn(5, 6)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        ops.linear(x, w, None, False, "tanh")
+    with pytest.raises(ValueError, match="both given"):
+        ops.linear(x, w, None, True, "silu")
 
 
 def test_nan_propagates_through_fused_relu():

@@ -59,7 +59,11 @@ def no_activation_left(reports):
 
 
 def lowered_kinds(reports) -> set[str]:
-    return {op for r in reports for entry in r.lowered for op in entry.tritonkit if op.startswith("activation")}
+    """``activation(kind)`` / ``activation_backward(kind)`` for each activation launch, and ``activation(kind)``
+    for each one applied in a conv's or linear's epilogue (``conv2d(activation=kind)``)."""
+    ops = [op for r in reports for entry in r.lowered for op in entry.tritonkit]
+    return ({op for op in ops if op.startswith("activation")}
+            | {f"activation({op.split('activation=')[1].rstrip(')')})" for op in ops if "(activation=" in op})
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered")
@@ -81,8 +85,10 @@ def test_training_step_matches_eager_and_lowers_every_activation():
     no_activation_left(reports)
     kinds = {"hardtanh", "hardswish", "hardsigmoid", "silu", "sigmoid", "gelu", "gelu_tanh"}
     assert {f"activation_backward({k})" for k in kinds} <= lowered_kinds(reports[1:])
-    # forward: every activation but a ReLU6 some conv epilogue may have absorbed
+    # forward: every activation but a ReLU6 some conv epilogue may have absorbed (a sigmoid, whose backward reads
+    # its output, in the linear's epilogue)
     assert {f"activation({k})" for k in kinds - {"hardtanh"}} <= lowered_kinds(reports[:1])
+    assert "addmm + sigmoid -> tritonkit.linear(activation=sigmoid)" in str(reports[0]), str(reports[0])
 
 
 def test_inference_matches_eager_and_explain_shows_the_activations():
@@ -99,9 +105,11 @@ def test_inference_matches_eager_and_explain_shows_the_activations():
         torch._dynamo.reset()
         report = explain(model, x)
     text = str(report)
-    for piece in ("hardswish -> tritonkit.activation(hardswish)", "silu -> tritonkit.activation(silu)",
-                  "sigmoid -> tritonkit.activation(sigmoid)", "gelu_1 -> tritonkit.activation(gelu_tanh)",
-                  "hardtanh_1 -> tritonkit.activation(hardtanh)"):
+    # each activation that is its conv's or linear's only use is in that kernel's epilogue
+    for piece in ("convolution_1 + hardswish -> tritonkit.conv2d(activation=hardswish)",
+                  "silu -> tritonkit.activation(silu)", "addmm + sigmoid -> tritonkit.linear(activation=sigmoid)",
+                  "addmm_2 + gelu_1 -> tritonkit.linear(activation=gelu_tanh)",
+                  "convolution_2 + hardtanh_1 -> tritonkit.conv2d(activation=hardtanh)"):
         assert piece in text, text
 
 

@@ -19,71 +19,97 @@ from tritonkit.ops.elementwise import SAVES_OUTPUT
 ops = torch.ops.tritonkit
 
 
+def _epilogue_context(ctx, relu, activation, output):
+    """Record a fused epilogue activation (``activation``: the op's trailing ``activation, min_val, max_val``
+    arguments as given, defaults for those left out); returns the tensor its backward reads from the forward:
+    the output for ReLU (the gradient ops mask by it) and sigmoid, else None (the pre-activation is recomputed)."""
+    ctx.relu, ctx.activation = relu, (*activation, *("none", 0.0, 6.0)[len(activation):])
+    return output if relu or ctx.activation[0] in SAVES_OUTPUT else None
+
+
+def _through_activation(ctx, grad, saved, pre_activation):
+    """``(dy', mask)``: the gradient the op's gradient ops take and the ReLU output they mask it by. Another
+    activation's backward runs first, from the saved output or the recomputed ``pre_activation()``."""
+    if ctx.relu or ctx.activation[0] == "none":
+        return grad, saved
+    return ops.activation_backward(grad, saved if saved is not None else pre_activation(), *ctx.activation), None
+
+
 class Conv2d(torch.autograd.Function):
     """``y = act(conv2d(x, w) + b)`` for 4-D ``x``.
 
     dx = conv2d_input_grad(dy * (y > 0), w); dw = conv2d_weight_grad(dy * (y > 0), x);
     db = sum of dy * (y > 0) over N, H, W; when dx and dw are both needed, all three come from one
-    ``conv2d_backward`` launch.
+    ``conv2d_backward`` launch. Another epilogue activation (``tritonkit::conv2d``'s ``activation=``, called
+    directly) goes through its ``activation_backward`` first: from the output for sigmoid, else from the
+    pre-activation, recomputed (one more conv launch).
     """
 
     @staticmethod
-    def forward(input, weight, bias, stride, padding, dilation, groups, relu):
-        return ops.conv2d(input, weight, bias, stride, padding, dilation, groups, relu)
+    def forward(input, weight, bias, stride, padding, dilation, groups, relu, activation="none", min_val=0.0,
+                max_val=6.0):
+        return ops.conv2d(input, weight, bias, stride, padding, dilation, groups, relu, activation, min_val, max_val)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        input, weight, bias, stride, padding, dilation, groups, relu = inputs
+        input, weight, bias, stride, padding, dilation, groups, relu, *act = inputs
         ctx.conv = (list(stride), list(padding), list(dilation), groups)
-        ctx.relu = relu
         ctx.has_bias = bias is not None
-        ctx.save_for_backward(input, weight, output if relu else None)
+        saved = _epilogue_context(ctx, relu, act, output)
+        ctx.save_for_backward(input, weight, bias, saved)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        input, weight, relu_out = ctx.saved_tensors
+        input, weight, bias, saved = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.conv
+        grad, relu_out = _through_activation(
+            ctx, grad, saved, lambda: ops.conv2d(input, weight, bias, stride, padding, dilation, groups, False))
         needs = ctx.needs_input_grad
+        none = (None,) * (len(needs) - 3)
         dx = dw = db = None
         if needs[0] and needs[1]:
             dx, dw, db = ops.conv2d_backward(grad, input, weight, relu_out, stride, padding, dilation, groups,
                                              None, None, ctx.has_bias and needs[2])
-            return dx, dw, db, None, None, None, None, None
+            return dx, dw, db, *none
         if needs[0]:
             dx = ops.conv2d_input_grad(grad, weight, relu_out, list(input.shape), stride, padding, dilation, groups)
         if needs[1]:
             dw = ops.conv2d_weight_grad(grad, input, relu_out, list(weight.shape), stride, padding, dilation, groups)
         if ctx.has_bias and needs[2]:
             db = ops.bias_grad(grad, relu_out, 1)
-        return dx, dw, db, None, None, None, None, None
+        return dx, dw, db, *none
 
 
 class Linear(torch.autograd.Function):
     """``y = act(x @ w.T + b)``: dx = (dy * (y > 0)) @ w, dw = (dy * (y > 0)).T @ x, db = sum of dy * (y > 0)
-    (all three from one ``linear_backward`` launch when dx and dw are both needed)."""
+    (all three from one ``linear_backward`` launch when dx and dw are both needed); another epilogue
+    activation as in :class:`Conv2d`."""
 
     @staticmethod
-    def forward(input, weight, bias, relu):
-        return ops.linear(input, weight, bias, relu)
+    def forward(input, weight, bias, relu, activation="none", min_val=0.0, max_val=6.0):
+        return ops.linear(input, weight, bias, relu, activation, min_val, max_val)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        input, weight, bias, relu = inputs
+        input, weight, bias, relu, *act = inputs
         ctx.has_bias = bias is not None
-        ctx.save_for_backward(input, weight, output if relu else None)
+        saved = _epilogue_context(ctx, relu, act, output)
+        ctx.save_for_backward(input, weight, bias, saved)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        input, weight, relu_out = ctx.saved_tensors
+        input, weight, bias, saved = ctx.saved_tensors
+        grad, relu_out = _through_activation(ctx, grad, saved, lambda: ops.linear(input, weight, bias, False))
         needs = ctx.needs_input_grad
+        none = (None,) * (len(needs) - 3)
         if needs[0] and needs[1]:
-            return (*ops.linear_backward(grad, input, weight, relu_out, ctx.has_bias and needs[2]), None)
+            return (*ops.linear_backward(grad, input, weight, relu_out, ctx.has_bias and needs[2]), *none)
         dx = ops.linear_input_grad(grad, weight, relu_out) if needs[0] else None
         dw = ops.linear_weight_grad(grad, input, relu_out) if needs[1] else None
         db = ops.bias_grad(grad, relu_out, -1) if ctx.has_bias and needs[2] else None
-        return dx, dw, db, None
+        return dx, dw, db, *none
 
 
 class DepthwiseConv2d(torch.autograd.Function):

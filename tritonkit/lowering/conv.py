@@ -4,8 +4,9 @@
 ATen                                                      tritonkit
 =======================================================  ===================================================
 ``convolution`` [+ ``relu``]                              ``conv2d`` [relu=True]
+  + another activation, its only use                      ``conv2d(activation=...)``
   + ``relu`` + ``max_pool2d`` values only (inference)     ``conv2d_relu_maxpool``
-  + eval BatchNorm [+ ``add``] [+ ``relu``]               ``conv2d_batch_norm`` (BN in the epilogue)
+  + eval BatchNorm [+ ``add``] [+ activation]             ``conv2d_batch_norm`` (BN in the epilogue)
   + eval BatchNorm + ``relu`` + ``max_pool2d`` (stem)     ``conv2d_relu_maxpool`` with the BN parameters
   + training BatchNorm [+ ``add``] [+ ``relu``]           ``conv2d_bn_stats`` (statistics in the epilogue) +
                                                           ``batch_norm_train_from_partials``
@@ -62,6 +63,10 @@ def convolution(lw, node):
         if fused is not None:
             return fused
         return Rewrite([lw.spec("conv2d", (x, w, b, *geo, True), relu, "conv2d(relu=True)")], (node, relu))
+    act = norm.activation_epilogue(lw, node, pre=False)
+    if act is not None:
+        label = norm.epilogue_label("conv2d", None, False, *norm.activation_label(act))
+        return Rewrite([lw.spec("conv2d", (x, w, b, *geo, False, *act[1]), act[0], label)], (node, act[0]))
     return Rewrite([lw.spec("conv2d", (x, w, b, *geo, False), node)], (node,))
 
 
@@ -109,17 +114,17 @@ def _conv_bn_eval(lw, conv, x, w, b, geo):
         return None
     _, bn_w, bn_b, rm, rv, eps = norm.eval_args(bn)
 
-    def make_spec(residual, relu, last, _act):
+    def make_spec(residual, relu, last, act):
         pooled = _pooled(last) if relu and residual is None else None
         if pooled is not None:
             pool, values = pooled
             args = (x, w, b, *geo, *_pool_args(pool), bn_w, bn_b, rm, rv, eps)
             return lw.spec("conv2d_relu_maxpool", args, values, "conv2d_relu_maxpool(batch_norm)"), (pool,)
-        label = norm.epilogue_label("conv2d_batch_norm", residual, relu)
-        args = (x, w, b, bn_w, bn_b, rm, rv, eps, residual, *geo, relu)
-        return lw.spec("conv2d_batch_norm", args, last, label), ()
+        label = norm.epilogue_label("conv2d_batch_norm", residual, relu, *norm.activation_label(act))
+        args = (x, w, b, bn_w, bn_b, rm, rv, eps, residual, *geo, relu, *(() if act is None else act[1]))
+        return lw.spec("conv2d_batch_norm", args, last if act is None else act[0], label), ()
 
-    rewrite = norm.eval_rewrite(lw, bn, make_spec)
+    rewrite = norm.eval_rewrite(lw, bn, make_spec, activations=True)
     return None if rewrite is None else Rewrite(rewrite.specs, (conv, *rewrite.absorbed))
 
 

@@ -5,8 +5,8 @@ The conv family's rules hand a depthwise ``convolution`` / ``convolution_backwar
 =======================================================  ===================================================
 ATen                                                      tritonkit
 =======================================================  ===================================================
-``convolution`` [+ ``relu`` | ``hardtanh(0, 6)``]         ``depthwise_conv2d(activation=relu|relu6)``
-  + eval BatchNorm [+ ``relu`` | ``hardtanh(0, 6)``]      ``depthwise_conv2d_batch_norm`` (one kernel)
+``convolution`` [+ activation]                            ``depthwise_conv2d(activation=...)``
+  + eval BatchNorm [+ activation]                         ``depthwise_conv2d_batch_norm`` (one kernel)
   + training BatchNorm [+ ``add``] [+ ``relu``]           ``depthwise_conv2d_bn_stats`` (statistics in the
                                                           epilogue) + ``batch_norm_train_from_partials``
 ``convolution_backward`` [ReLU mask folded]               ``depthwise_conv2d_input_grad`` +
@@ -14,16 +14,19 @@ ATen                                                      tritonkit
   + ``add`` of the input gradient and another gradient    the sum in the input gradient's epilogue
 =======================================================  ===================================================
 
-A ``hardtanh(0, 6)`` (ReLU6) is fused only where the conv (or BN) output has no other use: in training
-graphs the partitioner saves the hardtanh's input for ``hardtanh_backward``, so it stays a launch of its own.
+The activation is a ReLU, ``hardtanh(0, 6)`` (ReLU6) or another of the forward kernel's kinds (hardswish,
+SiLU, ...: ``kernels.depthwise.FORWARD_ACTIVATIONS``), fused only where the conv (or BN) output has no other
+use: in training graphs the partitioner saves the input of an activation whose backward reads it (ReLU6's
+``hardtanh_backward`` too), so that activation stays a launch of its own.
 """
 
 from __future__ import annotations
 
 import operator
 
+from tritonkit.kernels.depthwise import FORWARD_ACTIVATIONS
 from tritonkit.lowering import norm
-from tritonkit.lowering.graph import New, Rewrite, Spec, aten, bind, is_call, only_user, val
+from tritonkit.lowering.graph import New, Rewrite, Spec, aten, only_user, val
 
 
 def is_depthwise(x, w, groups) -> bool:
@@ -31,17 +34,19 @@ def is_depthwise(x, w, groups) -> bool:
 
 
 def activation_after(lw, node):
-    """``(node's only user, kind)`` when that user is a ReLU (``"relu"``) or ``hardtanh(0, 6)`` (``"relu6"``)
-    of it, else ``(None, "none")``."""
+    """``(node's only user, kind)`` when that user is an activation of it that the forward kernel applies: a
+    ReLU (``"relu"``), ``hardtanh(0, 6)`` (``"relu6"``) or another kind of ``FORWARD_ACTIVATIONS``, else
+    ``(None, "none")``."""
     relu = lw.relu_after(node)
     if relu is not None and relu.args[0] is node:
         return relu, "relu"
-    user = only_user(node)
-    if lw.opts.fuse_relu and is_call(user, aten.hardtanh.default) and user.args[0] is node:
-        a = bind(user)
-        if (a["min_val"], a["max_val"]) == (0, 6):
-            return user, "relu6"
-    return None, "none"
+    found = norm.activation_epilogue(lw, node, pre=False)
+    if found is None:
+        return None, "none"
+    user, (kind, min_val, max_val) = found
+    if kind == "hardtanh":
+        return (user, "relu6") if (min_val, max_val) == (0, 6) else (None, "none")
+    return (user, kind) if kind in FORWARD_ACTIVATIONS else (None, "none")
 
 
 def forward(lw, conv, x, w, b, geo) -> Rewrite:

@@ -1,11 +1,13 @@
-"""GEMM rules: ``addmm`` / ``mm`` [+ views + ``relu``] as ``linear``, ``mm(t(g), x)`` as ``linear_weight_grad``,
-and with the bias gradient ``sum(g, [0])`` of the same layer as one ``linear_weight_bias_grad``."""
+"""GEMM rules: ``addmm`` / ``mm`` [+ views + ``relu`` or another activation, its only use] as ``linear``,
+``mm(t(g), x)`` as ``linear_weight_grad``, and with the bias gradient ``sum(g, [0])`` of the same layer as one
+``linear_weight_bias_grad``."""
 
 from __future__ import annotations
 
 import operator
 
-from tritonkit.lowering.graph import Fail, New, Rewrite, Spec, aten, bind, is_call, transposed, val
+from tritonkit.lowering import norm
+from tritonkit.lowering.graph import VIEWS, Fail, New, Rewrite, Spec, aten, bind, is_call, only_user, transposed, val
 from tritonkit.lowering.rules import mask_consumer, rule
 
 
@@ -123,7 +125,21 @@ def _gemm(lw, node, x, mat2, bias):
         spec = lw.spec("linear", (x, weight, bias, True), node, "linear(relu=True)")
         # the ReLU (after any views) is replaced by its input: the (viewed) fused result
         return Rewrite([spec, Spec(None, (), relu, "")], (node, relu))
+    act = _activation_after(lw, node)
+    if act is not None:
+        label = f"linear({norm.activation_label(act)[0]})"
+        spec = lw.spec("linear", (x, weight, bias, False, *act[1]), node, label)
+        return Rewrite([spec, Spec(None, (), act[0], "")], (node, act[0]))
     return Rewrite([lw.spec("linear", (x, weight, bias, False), node)], (node,))
+
+
+def _activation_after(lw, node):
+    """``(activation node, (kind, min_val, max_val))`` for the activation that is the only consumer of
+    ``node`` through single-user views (a linear over the last dim of a 3-D or 4-D input), or None."""
+    user = only_user(node)
+    while is_call(user, *VIEWS) and user.args[0] is node:
+        node, user = user, only_user(user)
+    return norm.activation_epilogue(lw, node, pre=False)
 
 
 @rule(aten.mm.default)

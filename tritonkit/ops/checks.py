@@ -8,7 +8,10 @@ from typing import Sequence
 import torch
 
 from tritonkit.kernels.common import FLOAT_DTYPES
+from tritonkit.kernels.elementwise import ACTIVATIONS as _KINDS
 from tritonkit.runtime import INTERPRET
+
+EPILOGUE_ACTIVATIONS = ("none", *_KINDS)  # an op's ``activation=`` (hardtanh: with min_val/max_val)
 
 
 def check_float_tensors(op: str, **tensors: torch.Tensor | None) -> None:
@@ -39,3 +42,14 @@ def check_pair(op: str, name: str, value: Sequence[int]) -> tuple[int, int]:
     if len(value) != 2:
         raise RuntimeError(f"{op}: expected {name} to be a list of 2 values, but got {name}={list(value)}")
     return value
+
+
+def epilogue_activation(op: str, relu: bool, activation: str, min_val: float, max_val: float):
+    """A fused op's ``relu``/``activation`` arguments as its kernel takes them: None or ``(kind, min_val,
+    max_val)``; ValueError (what torch raises for a bad ``approximate=`` too) for an unknown kind or both."""
+    if activation not in EPILOGUE_ACTIVATIONS:
+        raise ValueError(f"{op}: activation must be one of {', '.join(map(repr, EPILOGUE_ACTIVATIONS))}, "
+                         f"got {activation!r}")
+    if relu and activation != "none":
+        raise ValueError(f"{op}: relu=True and activation={activation!r} both given; pass one of them")
+    return ("relu", 0.0, 0.0) if relu else None if activation == "none" else (activation, min_val, max_val)

@@ -4,9 +4,9 @@
 or building blocks for a lowering):
 
 * ``conv2d_batch_norm(input, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, residual,
-  stride, padding, dilation, groups, relu) -> Tensor``: conv -> eval-mode BatchNorm (-> + residual)
-  (-> ReLU) in one kernel, the BatchNorm computed in the epilogue from its parameters, per output
-  channel oc, in float32 and rounded once:
+  stride, padding, dilation, groups, relu, activation="none", min_val=0., max_val=6.) -> Tensor``: conv ->
+  eval-mode BatchNorm (-> + residual) (-> activation) in one kernel, the BatchNorm computed in the
+  epilogue from its parameters, per output channel oc, in float32 and rounded once:
   ``act(((conv2d(input, weight) + bias[oc]) - running_mean[oc]) * (bn_weight[oc] / sqrt(running_var[oc] + eps))
   + bn_bias[oc] (+ residual))``, centred first like eager's eval BatchNorm. ``bias``, ``bn_weight``,
   ``bn_bias`` (affine=False: 1 and 0) and ``residual`` (any layout, the output's shape and dtype)
@@ -23,6 +23,11 @@ or building blocks for a lowering):
   eps=1e-5)``: the fused inference conv + ReLU + max-pool, with the same eval-mode BatchNorm of
   ``conv + bias`` before the ReLU when ``running_mean``/``running_var`` are given (together): the
   ResNet stem's conv -> BN -> ReLU -> max-pool in one launch.
+
+``conv2d`` and ``conv2d_batch_norm`` apply ReLU when ``relu``, else ``activation`` (one of
+``tritonkit.ops.checks.EPILOGUE_ACTIVATIONS``, the kinds of ``tritonkit::activation``; hardtanh with
+``min_val``/``max_val``, ReLU6 = hardtanh(0, 6)) to the float32 result before its one rounding, exactly
+as ``tritonkit::activation`` computes it (an unknown kind, or both: ValueError).
 
 ``x'`` is the input, or with ``input_scale``/``input_shift`` (per input channel) the input as the
 kernel loads it: ``x * input_scale[c] + input_shift[c]``, ReLU'd when ``input_relu``, with the zero
@@ -43,7 +48,7 @@ import torch
 
 from tritonkit.kernels import conv as kernels
 from tritonkit.ops import pool as pool_ops
-from tritonkit.ops.checks import check_float_tensors, check_pair
+from tritonkit.ops.checks import check_float_tensors, check_pair, epilogue_activation
 
 Geometry = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
 
@@ -99,15 +104,19 @@ def conv_allows_tf32() -> bool:
 # ----------------------------------------------------------------------------------------- forward
 @torch.library.custom_op("tritonkit::conv2d", mutates_args=())
 def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: Sequence[int],
-           padding: Sequence[int], dilation: Sequence[int], groups: int, relu: bool) -> torch.Tensor:
-    """``act(conv2d(input, weight) + bias)`` with ``act`` = ReLU when ``relu``; 4-D input, any strides."""
+           padding: Sequence[int], dilation: Sequence[int], groups: int, relu: bool, activation: str = "none",
+           min_val: float = 0.0, max_val: float = 6.0) -> torch.Tensor:
+    """``act(conv2d(input, weight) + bias)`` with ``act`` = ReLU when ``relu``, else ``activation``
+    (module doc); 4-D input, any strides."""
+    act = epilogue_activation("tritonkit.conv2d", relu, activation, min_val, max_val)
     check_float_tensors("tritonkit.conv2d", input=input, weight=weight, bias=bias)
     geometry = check_conv_args("tritonkit.conv2d", input.shape, weight.shape, bias, stride, padding, dilation, groups)
-    return kernels.conv2d(input, weight, bias, *geometry, groups, relu=relu, allow_tf32=conv_allows_tf32())
+    return kernels.conv2d(input, weight, bias, *geometry, groups, activation=act, allow_tf32=conv_allows_tf32())
 
 
 @conv2d.register_fake
-def _(input, weight, bias, stride, padding, dilation, groups, relu):
+def _(input, weight, bias, stride, padding, dilation, groups, relu, activation="none", min_val=0.0, max_val=6.0):
+    epilogue_activation("tritonkit.conv2d", relu, activation, min_val, max_val)
     check_float_tensors("tritonkit.conv2d", input=input, weight=weight, bias=bias)
     geometry = check_conv_args("tritonkit.conv2d", input.shape, weight.shape, bias, stride, padding, dilation, groups)
     return input.new_empty(_output_shape(input.shape, weight.shape, *geometry)).contiguous(
@@ -352,18 +361,21 @@ def _check_conv_batch_norm(op, input, weight, bias, bn_weight, bn_bias, running_
 def conv2d_batch_norm(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                       bn_weight: Optional[torch.Tensor], bn_bias: Optional[torch.Tensor], running_mean: torch.Tensor,
                       running_var: torch.Tensor, eps: float, residual: Optional[torch.Tensor], stride: Sequence[int],
-                      padding: Sequence[int], dilation: Sequence[int], groups: int, relu: bool) -> torch.Tensor:
+                      padding: Sequence[int], dilation: Sequence[int], groups: int, relu: bool,
+                      activation: str = "none", min_val: float = 0.0, max_val: float = 6.0) -> torch.Tensor:
     """``act(BN_eval(conv2d(input, weight) + bias) (+ residual))`` in one kernel (module doc)."""
+    act = epilogue_activation("tritonkit.conv2d_batch_norm", relu, activation, min_val, max_val)
     geometry, _ = _check_conv_batch_norm("tritonkit.conv2d_batch_norm", input, weight, bias, bn_weight, bn_bias,
                                          running_mean, running_var, residual, stride, padding, dilation, groups)
-    return kernels.conv2d(input, weight, bias, *geometry, groups, relu=relu, allow_tf32=conv_allows_tf32(),
+    return kernels.conv2d(input, weight, bias, *geometry, groups, activation=act, allow_tf32=conv_allows_tf32(),
                           bn_weight=bn_weight, bn_bias=bn_bias, running_mean=running_mean, running_var=running_var,
                           eps=eps, residual=residual)
 
 
 @conv2d_batch_norm.register_fake
 def _(input, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, residual, stride, padding, dilation,
-      groups, relu):
+      groups, relu, activation="none", min_val=0.0, max_val=6.0):
+    epilogue_activation("tritonkit.conv2d_batch_norm", relu, activation, min_val, max_val)
     _, shape = _check_conv_batch_norm("tritonkit.conv2d_batch_norm", input, weight, bias, bn_weight, bn_bias,
                                       running_mean, running_var, residual, stride, padding, dilation, groups)
     return input.new_empty(shape).contiguous(memory_format=kernels.suggest_memory_format(input))

@@ -3,7 +3,8 @@ weight [OC, 1, KH, KW] with OC = C * M, M >= 1 the channel multiplier; direct ke
 
 * ``depthwise_conv2d(input, weight, bias, stride, padding, dilation, activation="none") -> Tensor``:
   ``act(F.conv2d(input, weight, bias, stride, padding, dilation, groups=C))``, act one of
-  "none", "relu", "relu6" (``F.relu6``: hardtanh(0, 6)), computed in float32 and rounded once.
+  "none", "relu", "relu6" (``F.relu6``: hardtanh(0, 6)) or another kind of ``tritonkit::activation``
+  ("hardswish", "hardsigmoid", "silu", "sigmoid", "gelu", "gelu_tanh"), in float32, rounded once.
 * ``depthwise_conv2d_batch_norm(input, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps,
   stride, padding, dilation, activation="none") -> Tensor``: ``act(BN_eval(conv + bias))`` in one
   kernel, BN exactly as ``conv2d_batch_norm`` computes it: ``((conv + bias[oc]) - running_mean[oc]) *
@@ -64,7 +65,7 @@ def _output_shape(input_size, weight_size, stride, padding, dilation):
 
 def _check_forward(op, input, weight, bias, stride, padding, dilation, activation):
     check_float_tensors(op, input=input, weight=weight, bias=bias)
-    _check_activation(op, activation, tuple(kernels.ACTIVATIONS))
+    _check_activation(op, activation, tuple(kernels.FORWARD_ACTIVATIONS))
     geometry = _check_geometry(op, input.shape, weight.shape, bias, stride, padding, dilation)
     return geometry, _output_shape(input.shape, weight.shape, *geometry)
 

@@ -1,6 +1,8 @@
 """``torch.ops.tritonkit.linear`` and its gradient ops, over ``tritonkit.kernels.linear``.
 
-* ``linear(input, weight, bias, relu) -> y = act(input @ weight.T + bias)``;
+* ``linear(input, weight, bias, relu, activation="none", min_val=0., max_val=6.) -> y = act(input @ weight.T
+  + bias)``, act = ReLU when ``relu``, else ``activation`` (one of ``tritonkit.ops.checks.EPILOGUE_ACTIVATIONS``,
+  hardtanh with ``min_val``/``max_val``) on the float32 result before its one rounding (both: ValueError);
 * ``linear_input_grad(grad_output, weight, relu_output) -> dy' @ weight``;
 * ``linear_weight_grad(grad_output, input, relu_output) -> dy'^T @ input``;
 * ``linear_weight_bias_grad(grad_output, input, relu_output) -> (grad_weight, grad_bias)``: the weight
@@ -22,7 +24,7 @@ from typing import Optional
 import torch
 
 from tritonkit.kernels import linear as kernels
-from tritonkit.ops.checks import check_float_tensors
+from tritonkit.ops.checks import check_float_tensors, epilogue_activation
 
 
 def matmul_allows_tf32() -> bool:
@@ -54,14 +56,17 @@ def _check_grad(op, grad_output, other_name, other, relu_output, features):
 
 
 @torch.library.custom_op("tritonkit::linear", mutates_args=())
-def linear(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], relu: bool) -> torch.Tensor:
-    """``act(input @ weight.T + bias)``, ``act`` = ReLU when ``relu``."""
+def linear(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], relu: bool,
+           activation: str = "none", min_val: float = 0.0, max_val: float = 6.0) -> torch.Tensor:
+    """``act(input @ weight.T + bias)``, ``act`` = ReLU when ``relu``, else ``activation`` (module doc)."""
+    act = epilogue_activation("tritonkit.linear", relu, activation, min_val, max_val)
     _check_linear("tritonkit.linear", input, weight, bias)
-    return kernels.linear(input, weight, bias, relu=relu, allow_tf32=matmul_allows_tf32())
+    return kernels.linear(input, weight, bias, activation=act, allow_tf32=matmul_allows_tf32())
 
 
 @linear.register_fake
-def _(input, weight, bias, relu):
+def _(input, weight, bias, relu, activation="none", min_val=0.0, max_val=6.0):
+    epilogue_activation("tritonkit.linear", relu, activation, min_val, max_val)
     _check_linear("tritonkit.linear", input, weight, bias)
     return input.new_empty((*input.shape[:-1], weight.shape[0]))
 

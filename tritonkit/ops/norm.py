@@ -8,8 +8,8 @@
   running_mean_out, running_var_out, num_batches_tracked_out, pre)``: eager's
   ``aten._native_batch_norm_legit_functional(..., training=True, ...)`` (and nn.BatchNorm2d's counter
   increment), with ``residual`` / ``relu`` the ResNet block end ``relu(bn(x) + residual)`` in one pass.
-  ``activation`` (one of ``ACTIVATIONS``: ``tritonkit::activation``'s kinds; hardtanh's bounds
-  ``min_val``/``max_val``, ReLU6 is hardtanh(0, 6)) is applied instead of ``relu`` (both: ValueError);
+  ``activation`` (one of ``tritonkit.ops.checks.EPILOGUE_ACTIVATIONS``: ``tritonkit::activation``'s kinds;
+  hardtanh's bounds ``min_val``/``max_val``, ReLU6 is hardtanh(0, 6)) is applied instead of ``relu`` (both: ValueError);
   ``pre`` is the value before it (``bn(x) [+ residual]``, rounded to the input's dtype) for the kinds whose
   backward reads their input (``kernels.norm.SAVES_INPUT``), None otherwise: eager's BN output and
   activation output from one pass. The running outputs are new tensors (``(1 - momentum) * old +
@@ -65,7 +65,7 @@ import torch
 from tritonkit.kernels import norm as kernels
 from tritonkit.kernels.conv import bn_stat_tiles
 from tritonkit.kernels.pool import output_memory_format
-from tritonkit.ops.checks import check_float_tensors
+from tritonkit.ops.checks import check_float_tensors, epilogue_activation
 
 _STATS, _TRAIN, _EVAL, _BWD = ("tritonkit::batch_norm_stats", "tritonkit::batch_norm_train",
                                "tritonkit::batch_norm_eval", "tritonkit::batch_norm_backward")
@@ -74,7 +74,6 @@ _ACT_ARGS = 'str activation="none", float min_val=0., float max_val=6.'
 _TRAIN_ARGS = ("Tensor? weight, Tensor? bias, Tensor? running_mean, Tensor? running_var, Tensor? num_batches_tracked, "
                f"float? momentum, float eps, Tensor? residual=None, bool relu=False, {_ACT_ARGS}) "
                "-> (Tensor, Tensor, Tensor, Tensor?, Tensor?, Tensor?, Tensor?)")
-ACTIVATIONS = ("none", *kernels.ELEMENTWISE_ACTIVATIONS)
 
 
 def _check_input(op: str, input: torch.Tensor) -> int:
@@ -138,12 +137,9 @@ def _(input, eps):
 
 
 def _activation(op, relu, activation, min_val, max_val):
-    """The kernels' ``activation`` argument: None or ``(kind, min_val, max_val)``; ValueError for a bad one."""
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"{op}: activation must be one of {', '.join(map(repr, ACTIVATIONS))}, got {activation!r}")
-    if relu and activation != "none":
-        raise ValueError(f"{op}: relu=True and activation={activation!r} both given; pass one of them")
-    return None if activation == "none" else (activation, min_val, max_val)
+    """The kernels' ``activation`` argument beside their ``relu``: None or ``(kind, min_val, max_val)``."""
+    act = epilogue_activation(op, relu, activation, min_val, max_val)
+    return None if relu else act
 
 
 def _check_forward(op, input, weight, bias, running_mean, running_var, residual, training):
