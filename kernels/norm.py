@@ -682,7 +682,8 @@ def _layout(x: torch.Tensor):
 
 def save_stats_dtype(input: torch.Tensor) -> torch.dtype:
     """dtype of ``save_mean`` / ``save_invstd``: float32 on a GPU, the input's dtype on the CPU (eager's
-    rule on each device, so a graph's recorded metadata stays right when tritonkit replaces aten)."""
+    rule on each device as its fake/meta tensors record it, also with float32 parameters under autocast,
+    so a graph's recorded metadata stays right when tritonkit replaces aten)."""
     return input.dtype if input.device.type == "cpu" else torch.float32
 
 
@@ -804,8 +805,9 @@ def batch_norm_train_from_partials(input, partials, weight, bias, running_mean, 
         part, rows = empty((split, 4, C), dtype=torch.float32, device=x.device), 4
         batch_norm_tiles_combine_kernel[lambda meta: (triton.cdiv(C, meta["BLOCK_C"]), split)](
             tiles, part, C, T, split)
+    save_dtype = save_stats_dtype(input)
     mean, rstd, *saved = _finalize(part, rows, split if split > 1 else T, eps, (running_mean, running_var), momentum,
-                                   num_batches_tracked, save_stats_dtype(input))
+                                   num_batches_tracked, save_dtype)
     out, pre = _apply(batch_norm_apply_kernel, x, view, fmt, mean, rstd, weight, bias, residual,
                       _activation(relu, activation), eps, False)
     return out, *saved, pre
@@ -844,8 +846,9 @@ def batch_norm_backward(grad_out, input, weight, running_mean, running_var, save
         batch_norm_bwd_reduce_kernel[lambda meta: (triton.cdiv(C, meta["BLOCK_C"]), split)](
             g, x, y if y is not None else g, mean, part, A, B, C, s_a, s_b, s_c, split,
             MASK=mask_kind, NEED_DOT=need_dot)
-    grad_weight = empty((C,), dtype=x.dtype, device=dev) if want_gw else None
-    grad_bias = empty((C,), dtype=x.dtype, device=dev) if want_gb else None
+    param_dtype = weight.dtype if weight is not None else x.dtype  # float32 under autocast, as eager's
+    grad_weight = empty((C,), dtype=param_dtype, device=dev) if want_gw else None
+    grad_bias = empty((C,), dtype=param_dtype, device=dev) if want_gb else None
     coef = empty((4, C), dtype=torch.float32, device=dev) if want_dx else part
     batch_norm_bwd_finalize_kernel[lambda meta: (triton.cdiv(C, meta["BLOCK_C"]),)](
         part, mean, rstd, weight if weight is not None else x,

@@ -935,11 +935,34 @@ def test_empty_input():
         ops.batch_norm_train(x, None, None, None, None, None, 0.1, EPS)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_float32_parameters_of_a_half_input(dtype):
+    """Eager's mixed-type BatchNorm (autocast): half input and output, float32 weight, bias and running
+    statistics; the running outputs and the parameter gradients float32, as aten's."""
+    x, g = make((2, 3, 4, 5), "channels_last", dtype), make((2, 3, 4, 5), "channels_last", dtype)
+    w, b, rm, rv = vec(3), vec(3), vec(3), vec(3, positive=True)
+    ours = ops.batch_norm_train(x, w, b, rm, rv, None, 0.1, EPS)
+    ref = aten._native_batch_norm_legit_functional(x.float(), w, b, rm, rv, True, 0.1, EPS)
+    assert [t.dtype for t in ours[:5]] == [dtype, dtype, dtype, torch.float32, torch.float32]  # save_*: fake's
+    for got, want in zip((ours[0], ours[3], ours[4]), (ref[0].to(dtype), ref[3], ref[4])):
+        assert_close(got.cpu(), want)
+    eval_ref = F.batch_norm(x.float(), rm, rv, w, b, eps=EPS).to(dtype)
+    assert_close(ops.batch_norm_eval(x, w, b, rm, rv, EPS).cpu(), eval_ref)
+    dx, dw, db = ops.batch_norm_backward(g, x, w, rm, rv, ours[1], ours[2], True, EPS, [True] * 3)
+    saved = [t.float() for t in ours[1:3]]  # the input's dtype on the CPU (as aten's fake tensors record it)
+    want = aten.native_batch_norm_backward(g.float(), x.float(), w, rm, rv, *saved, True, EPS, [True] * 3)
+    assert (dw.dtype, db.dtype) == (torch.float32, torch.float32)
+    assert_close(dx.cpu(), want[0].to(dtype))
+    for got, expected in zip((dw, db), want[1:]):
+        assert_close(got.cpu(), expected, grad=True)
+
+
 def test_mixed_dtypes():
     x = make((2, 3, 4, 5), dtype=torch.float16)
-    with pytest.raises(RuntimeError, match="weight dtype torch.float32 must match input dtype torch.float16"):
-        ops.batch_norm_train(x, vec(3), None, None, None, None, 0.1, EPS)
-    with pytest.raises(RuntimeError, match="running_var dtype"):
+    with pytest.raises(RuntimeError, match="all of the input's dtype torch.float16 or all float32, got weight "
+                                           "torch.bfloat16"):
+        ops.batch_norm_train(x, vec(3, torch.bfloat16), None, None, None, None, 0.1, EPS)
+    with pytest.raises(RuntimeError, match="running_mean torch.float16, running_var torch.float32"):
         ops.batch_norm_eval(x, None, None, vec(3, torch.float16), vec(3), EPS)
     with pytest.raises(RuntimeError, match="residual dtype"):
         ops.batch_norm_train(x, None, None, None, None, None, 0.1, EPS, make((2, 3, 4, 5)))

@@ -232,9 +232,12 @@ def _scaled_error(actual: torch.Tensor, expected: torch.Tensor, floor: float) ->
 
 
 # --- whole BatchNorm networks, trained and evaluated through the backend ---------------------------------
-def train_steps(model, xs, ts, compiled: bool, steps: int = 3) -> torch.Tensor:
+def train_steps(model, xs, ts, compiled: bool, steps: int = 3, autocast: torch.dtype | None = None) -> torch.Tensor:
     """``steps`` SGD (lr 0.05, momentum 0.9) cross-entropy steps of ``model`` on ``xs``/``ts``, through
-    ``torch.compile(backend="tritonkit")`` when ``compiled``; the losses."""
+    ``torch.compile(backend="tritonkit")`` when ``compiled``, the forward under ``torch.autocast`` to
+    ``autocast`` when given; the losses."""
+    import contextlib
+
     import torch.nn.functional as F
 
     run = torch.compile(model, backend="tritonkit") if compiled else model
@@ -242,7 +245,8 @@ def train_steps(model, xs, ts, compiled: bool, steps: int = 3) -> torch.Tensor:
     losses = []
     for x, t in zip(xs[:steps], ts[:steps]):
         opt.zero_grad()
-        loss = F.cross_entropy(run(x), t)
+        with torch.autocast(x.device.type, dtype=autocast) if autocast else contextlib.nullcontext():
+            loss = F.cross_entropy(run(x), t)
         loss.backward()
         opt.step()
         losses.append(loss.detach())
@@ -266,15 +270,16 @@ def assert_states_like_eager(ours, eager, ref64) -> None:
         assert bn_error(got[name], want[name]) <= bound, name
 
 
-def assert_bn_net_trains_like_eager(model, xs, ts, steps: int = 3) -> None:
-    """``model`` trained ``steps`` steps through the backend, eagerly in float32 and in float64 from the
-    same weights: its losses, parameters and BatchNorm buffers within ``BN_ERROR_FACTOR`` of eager's error."""
+def assert_bn_net_trains_like_eager(model, xs, ts, steps: int = 3, autocast: torch.dtype | None = None) -> None:
+    """``model`` trained ``steps`` steps through the backend, eagerly in float32 (both under ``autocast``
+    when given) and in float64 from the same weights: its losses, parameters and BatchNorm buffers within
+    ``BN_ERROR_FACTOR`` of eager's error."""
     import copy
 
     ref64, eager, ours = copy.deepcopy(model).double(), copy.deepcopy(model), copy.deepcopy(model)
     losses64 = train_steps(ref64, [x.double() for x in xs], ts, False, steps)
-    losses_eager = train_steps(eager, xs, ts, False, steps)
-    losses_ours = train_steps(ours, xs, ts, True, steps)
+    losses_eager = train_steps(eager, xs, ts, False, steps, autocast)
+    losses_ours = train_steps(ours, xs, ts, True, steps, autocast)
     assert relative_error(losses_ours, losses64) <= BN_ERROR_FACTOR * relative_error(losses_eager, losses64) + 1e-5
     assert_states_like_eager(ours, eager, ref64)
 

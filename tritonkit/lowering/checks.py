@@ -131,3 +131,12 @@ class FakeChecker:
             dtype = value.dtype
         if gemm and self.interpret and dtype is torch.bfloat16:
             raise Fail("bfloat16 GEMM: Triton's interpreter computes tl.dot on bfloat16 wrongly")
+
+    def params_ok(self, input, **nodes) -> None:
+        """BatchNorm's per-channel parameters: float tensors on the device tritonkit runs on, all of
+        ``input``'s dtype or all float32 (a half input under autocast keeps float32 parameters)."""
+        given = {name: node for name, node in nodes.items() if node is not None}
+        self.tensors_ok(**given)
+        dtypes = {val(node).dtype for node in given.values()}
+        if dtypes and dtypes.pop() not in (val(input).dtype, torch.float32):
+            raise Fail(f"parameters of another dtype than the input's {val(input).dtype} and not float32")

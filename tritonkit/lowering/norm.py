@@ -136,7 +136,8 @@ def train_rewrite(lw, node, partials=None) -> Rewrite:
     """``batch_norm_train`` (or, given the producing conv's ``partials``, ``batch_norm_train_from_partials``)
     for the training BatchNorm ``node``, with its epilogue and its module's counter increment fused."""
     x, w, b, rm, rv, momentum, eps = _train_args(node)
-    lw.checker.tensors_ok(input=x, weight=w, bias=b, running_mean=rm, running_var=rv)
+    lw.checker.tensors_ok(input=x)
+    lw.checker.params_ok(x, weight=w, bias=b, running_mean=rm, running_var=rv)
     outs = outputs(node)
     residual, relu, last = (None, False, None) if 0 not in outs else epilogue(lw, node, outs[0])
     act = activation_epilogue(lw, last, pre=True) if last is not None and not relu else None
@@ -198,7 +199,8 @@ def eval_rewrite(lw, node, make_spec, activations: bool = False) -> Rewrite | No
     then replaces ``act``'s node); the saved statistics an eval-mode backward never reads become empty
     tensors."""
     x, w, b, rm, rv, _eps = eval_args(node)
-    lw.checker.tensors_ok(input=x, weight=w, bias=b, running_mean=rm, running_var=rv)
+    lw.checker.tensors_ok(input=x)
+    lw.checker.params_ok(x, weight=w, bias=b, running_mean=rm, running_var=rv)
     outs = outputs(node)
     if 0 not in outs:
         return None
@@ -234,7 +236,8 @@ def backward_specs(lw, node, grad=None, relu_output=None, activation="relu"):
     a = bind(node)
     x, w = a["input"], a["weight"]
     grad = a["grad_out"] if grad is None else grad
-    lw.checker.tensors_ok(grad_out=a["grad_out"], input=x, weight=w)
+    lw.checker.tensors_ok(grad_out=a["grad_out"], input=x)
+    lw.checker.params_ok(x, weight=w, running_mean=a["running_mean"], running_var=a["running_var"])
     outs = outputs(node)
     mask = list(a["output_mask"])
     for i in outs:

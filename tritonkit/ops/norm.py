@@ -52,7 +52,10 @@
 
 ``out`` and ``grad_input`` take the input's memory format (``suggest_memory_format``: channels_last in,
 channels_last out; otherwise contiguous), as eager's CPU and cuDNN kernels allocate them. Every tensor
-argument must share the input's dtype and device (``save_*``: float32 or the input's dtype).
+argument is on the input's device; the activations (input, residual, grad_out, relu_output) share its dtype,
+the per-channel parameters (weight, bias, running statistics) are all of it or all float32 (eager's
+mixed-type BatchNorm, as under autocast: the running outputs and the parameter gradients then float32
+too), ``save_*`` float32 or the input's dtype.
 Arguments are checked before any launch (real and fake impl) with eager's exception types and messages:
 ``F.batch_norm``'s RuntimeError for vectors of the wrong length and ValueError for one value per channel
 when training, ``nn.BatchNorm2d``'s ValueError for a non-4-D input, aten's RuntimeError for an empty one.
@@ -90,6 +93,20 @@ def _check_vectors(op: str, C: int, **vectors: torch.Tensor | None) -> None:
     for name, t in vectors.items():
         if t is not None and t.numel() != C:
             raise RuntimeError(f"{op}: {name} should contain {C} elements not {t.numel()}")
+
+
+def _check_params(op: str, input: torch.Tensor, **params: torch.Tensor | None) -> None:
+    """Per-channel parameters (weight, bias, running statistics) on the input's device, all of the input's
+    dtype or all float32 (eager's mixed-type BatchNorm: a half input under autocast keeps float32 ones)."""
+    given = {name: t for name, t in params.items() if t is not None}
+    for name, t in given.items():
+        if t.device != input.device:
+            raise RuntimeError(f"{op}: {name} is on {t.device} but input is on {input.device}; expected one device")
+    dtypes = {t.dtype for t in given.values()}
+    if dtypes and (len(dtypes) > 1 or dtypes.pop() not in (input.dtype, torch.float32)):
+        listed = ", ".join(f"{name} {t.dtype}" for name, t in given.items())
+        raise RuntimeError(f"{op}: expected the parameters to be all of the input's dtype {input.dtype} or all "
+                           f"float32, got {listed}")
 
 
 def _check_running(op: str, running_mean, running_var) -> None:
@@ -143,8 +160,8 @@ def _activation(op, relu, activation, min_val, max_val):
 
 
 def _check_forward(op, input, weight, bias, running_mean, running_var, residual, training):
-    check_float_tensors(op, input=input, weight=weight, bias=bias, running_mean=running_mean,
-                        running_var=running_var, residual=residual)
+    check_float_tensors(op, input=input, residual=residual)
+    _check_params(op, input, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
     C = _check_input(op, input)
     _check_running(op, running_mean, running_var)
     _check_vectors(op, C, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
@@ -277,8 +294,8 @@ def _check_backward(grad_out, input, weight, running_mean, running_var, save_mea
     if activation not in kernels.ACTIVATIONS:
         raise ValueError(f"{op}: activation must be one of {', '.join(map(repr, kernels.ACTIVATIONS))}, got "
                          f"{activation!r}")
-    check_float_tensors(op, input=input, grad_out=grad_out, weight=weight, running_mean=running_mean,
-                        running_var=running_var, relu_output=relu_output)
+    check_float_tensors(op, input=input, grad_out=grad_out, relu_output=relu_output)
+    _check_params(op, input, weight=weight, running_mean=running_mean, running_var=running_var)
     C = _check_input(op, input)
     _check_same_shape(op, "grad_out", grad_out, input)
     _check_same_shape(op, "relu_output", relu_output, input)
@@ -321,9 +338,10 @@ def _(grad_out, input, weight, running_mean, running_var, save_mean, save_invstd
     C = _check_backward(grad_out, input, weight, running_mean, running_var, save_mean, save_invstd, train,
                         output_mask, relu_output, activation)
     want_dx, want_gw, want_gb = output_mask
+    param_dtype = weight.dtype if weight is not None else input.dtype
     return (_out_like(input) if want_dx else None,
-            input.new_empty((C,)) if want_gw else None,
-            input.new_empty((C,)) if want_gb else None)
+            input.new_empty((C,), dtype=param_dtype) if want_gw else None,
+            input.new_empty((C,), dtype=param_dtype) if want_gb else None)
 
 
 __all__ = ["batch_norm_backward", "batch_norm_eval", "batch_norm_stats", "batch_norm_train",
