@@ -515,9 +515,14 @@ _FWD_PLAIN = {"HAS_BIAS": True, "ACT": "relu", "PADDED": True, "CHANNEL_INNER": 
 
 def _fwd_bn_config_for(config, dtype, arch=None, launch=None) -> bool:
     """CONFIG_FOR_DTYPE, and for statistics launches only tiles of whole BN_STAT_ROWS-row groups, less
-    the float32 128x16 tile (its statistics epilogue spills 16 B on sm_80 with an FMA dot)."""
-    if (launch or {}).get("STATS") and (config.kwargs["BLOCK_M"] % BN_STAT_ROWS or (
+    the float32 128x16 tile (its statistics epilogue spills 16 B on sm_80 with an FMA dot); float32
+    launches with an activation beyond ReLU / hardtanh (hardswish's epilogue: 8 B on sm_80) skip the
+    128x64 8-warp tile."""
+    launch = launch or {}
+    if launch.get("STATS") and (config.kwargs["BLOCK_M"] % BN_STAT_ROWS or (
             dtype == torch.float32 and config is _C["128x16w4"])):
+        return False
+    if dtype == torch.float32 and launch.get("ACT", "") not in ("", "relu", "hardtanh") and config is _C["128x64w8"]:
         return False
     return CONFIG_FOR_DTYPE(config, dtype, arch, launch)
 

@@ -4,10 +4,10 @@ copy of the model (``tritonkit.testing``'s BatchNorm-net checks), and what ``exp
 
 MobileNetV3, EfficientNet and RegNet run every conv (depthwise, grouped, 1x1), BatchNorm, activation
 (hardswish, hardsigmoid, SiLU, sigmoid, ReLU), squeeze-excitation gate, pool, residual add, the classifier
-and the loss on tritonkit kernels, with no ATen compute op left. ConvNeXt's LayerNorm stays eager (tritonkit
-has no LayerNorm kernel yet), and so do its layer-scale multiply over the channel-last dim and the residual
-add of two tensors in different memory layouts; its 7x7 depthwise conv, GELU MLP (``nn.Linear`` over
-channels) and the pool, classifier and loss are tritonkit's."""
+and the loss on tritonkit kernels, with no ATen compute op left. ConvNeXt's layer-scale multiply over the
+channel-last dim and its residual add of two tensors in different memory layouts stay eager; its 7x7
+depthwise conv, LayerNorm over channels, GELU MLP (``nn.Linear`` over channels) and the pool, classifier
+and loss are tritonkit's."""
 
 import pytest
 import torch
@@ -121,10 +121,10 @@ def convnext():
 NETS = {"mobilenet_v3": mobilenet_v3, "efficientnet": efficientnet, "regnet": regnet, "convnext": convnext}
 # What stays eager, per graph kind: ConvNeXt's LayerNorm and what surrounds it (module doc).
 CONVNEXT_EAGER = {
-    "forward": {"aten.native_layer_norm.default", "aten.mul.Tensor", "aten.add.Tensor"},
-    "backward": {"aten.native_layer_norm_backward.default", "aten.mul.Tensor", "aten.clone.default",
-                 "aten.new_zeros.default", "aten.copy.default", "aten.as_strided_scatter.default"},
-    "inference": {"aten.native_layer_norm.default", "aten.mul.Tensor", "aten.add.Tensor"},
+    "forward": {"aten.mul.Tensor", "aten.add.Tensor"},
+    "backward": {"aten.mul.Tensor", "aten.clone.default", "aten.new_zeros.default", "aten.copy.default",
+                 "aten.as_strided_scatter.default"},
+    "inference": {"aten.mul.Tensor", "aten.add.Tensor"},
 }
 
 
@@ -169,7 +169,8 @@ def test_explain_lowers_every_block_layer(name, data):
     labels = "\n".join(op for g in train.graphs for entry in g.lowered for op in entry.tritonkit)
     expected = {"mobilenet_v3": ("depthwise_conv2d_weight_grad", "batch_norm_backward(hardswish mask)"),
                 "efficientnet": ("depthwise_conv2d_weight_grad", "batch_norm_backward(silu mask)"),
-                "regnet": ("conv2d_backward(+ residual)",), "convnext": ("depthwise_conv2d_weight_grad",)}[name]
+                "regnet": ("conv2d_backward(+ residual)",),
+                "convnext": ("depthwise_conv2d_weight_grad", "layer_norm", "layer_norm_backward")}[name]
     if name != "convnext":  # the squeeze-excitation gate's backward, its add in the pool's gradient
         expected += ("channel_scale_backward", "global_avg_pool2d_backward(+ residual)")
     for op in expected:

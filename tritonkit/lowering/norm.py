@@ -1,4 +1,4 @@
-"""BatchNorm rules.
+"""BatchNorm and LayerNorm rules.
 
 ===================================================================  ==========================================
 ATen (AOTAutograd, torch 2.11-2.14)                                  tritonkit
@@ -15,6 +15,8 @@ ATen (AOTAutograd, torch 2.11-2.14)                                  tritonkit
 that take the mask)                                                   BN backward
 ``hardtanh_backward(g, y, 0, 6)`` (ReLU6), ``hardswish_backward``,   folded: ``activation="relu6"``,
 ``silu_backward``, ... feeding only BN backward                       ``"hardswish"``, ``"silu"``, ...
+``native_layer_norm`` / ``native_layer_norm_backward`` over the       ``layer_norm`` / ``layer_norm_backward``
+last dim (ConvNeXt's channels-last LayerNorm)
 ===================================================================  ==========================================
 
 The ReLU after a BatchNorm is fused only when it is the BN output's only consumer (optionally through a
@@ -266,3 +268,43 @@ def batch_norm_backward_masked(lw, user, grad, g, y):
         return None
     specs = backward_specs(lw, user, g, y)
     return {user: specs} if specs else None
+
+
+# --------------------------------------------------------------------------------------------- LayerNorm
+def _layer_norm_specs(lw, node, op: str, args: tuple) -> Rewrite | None:
+    """``node``'s used outputs (getitems) replaced by those of ``tritonkit::<op>(*args)``."""
+    outs = outputs(node)
+    if not outs:
+        return None
+    call = New(getattr(lw.tk, op).default, args)
+    specs = [Spec(operator.getitem, (call, i), outs[i], op) for i in sorted(outs)]
+    for spec in specs:
+        lw.checker.check(spec)
+    return Rewrite(specs, (node,))
+
+
+def _normalized_last_dim(a) -> None:
+    if len(a["normalized_shape"]) != 1:
+        raise Fail(f"LayerNorm over the last {len(a['normalized_shape'])} dims (tritonkit normalises the last one)")
+
+
+@rule(aten.native_layer_norm.default)
+def layer_norm(lw, node):
+    a = bind(node)
+    _normalized_last_dim(a)
+    x = a["input"]
+    lw.checker.tensors_ok(input=x)
+    lw.checker.params_ok(x, weight=a["weight"], bias=a["bias"])
+    return _layer_norm_specs(lw, node, "layer_norm", (x, a["weight"], a["bias"], a["eps"]))
+
+
+@rule(aten.native_layer_norm_backward.default)
+def layer_norm_backward(lw, node):
+    a = bind(node)
+    _normalized_last_dim(a)
+    x = a["input"]
+    lw.checker.tensors_ok(grad_out=a["grad_out"], input=x)
+    lw.checker.params_ok(x, weight=a["weight"])
+    mask = [i in outputs(node) for i in range(3)]  # compute only what is used
+    return _layer_norm_specs(lw, node, "layer_norm_backward",
+                             (a["grad_out"], x, a["mean"], a["rstd"], a["weight"], mask))

@@ -3,4 +3,4 @@
 Importing this package registers every op family.
 """
 
-from tritonkit.ops import conv, depthwise, elementwise, linear, loss, norm, optim, pool  # noqa: F401
+from tritonkit.ops import conv, depthwise, elementwise, layer_norm, linear, loss, norm, optim, pool  # noqa: F401
