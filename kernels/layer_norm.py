@@ -68,8 +68,8 @@ def _signature(pointers, ints):
     return signature
 
 
-def _typical(C=384, M=32 * 14 * 14):  # ConvNeXt-T's third stage (384 channels at 14x14, batch 32)
-    return {"M": M, "C": C, "s_xm": C, "s_ym": C, "s_gm": C, "HAS_WEIGHT": True, "HAS_BIAS": True,
+def _typical(C=384, M=32 * 14 * 14, strides=("s_xm", "s_ym")):  # ConvNeXt-T's third stage: 384 at 14x14
+    return {"M": M, "C": C, **dict.fromkeys(strides, C), "HAS_WEIGHT": True, "HAS_BIAS": True,
             "BLOCK_C": triton.next_power_of_2(C)}
 
 
@@ -115,7 +115,8 @@ def layer_norm_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, M, C, 
     key=["M", "C", "HAS_WEIGHT"],
     signature=_signature(("g_ptr", "x_ptr", "w_ptr", "mean_ptr", "rstd_ptr", "dx_ptr", "part_ptr"),
                          ("M", "C", "s_gm", "s_xm", "rows_per_program")),
-    constexprs=lambda dtype: {**_typical(), "HAS_BIAS": False, "rows_per_program": 32 * 14 * 14 // 264},
+    constexprs=lambda dtype: {**_typical(strides=("s_gm", "s_xm")), "HAS_BIAS": False,
+                              "rows_per_program": 32 * 14 * 14 // 264},
 )
 @triton.jit
 def layer_norm_bwd_kernel(g_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, part_ptr, M, C, s_gm, s_xm,

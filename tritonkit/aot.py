@@ -63,7 +63,7 @@ import triton
 from tritonkit.kernels.common import REGISTRY, KernelSpec
 
 # The kernel modules that register into REGISTRY; every module file in kernels/ must be listed here.
-KERNEL_MODULES = ("conv", "linear", "pool", "elementwise", "optim", "loss", "norm", "depthwise")
+KERNEL_MODULES = ("conv", "linear", "pool", "elementwise", "optim", "loss", "norm", "layer_norm", "depthwise")
 
 ARCHS = {"sm_80": 80, "sm_90": 90}
 # Opt-in maximum shared memory per block (cudaDevAttrMaxSharedMemoryPerBlockOptin): A100, H100.
