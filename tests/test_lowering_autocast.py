@@ -5,6 +5,8 @@ lowered onto tritonkit (with its conv's statistics epilogue) instead of falling 
 step and inference are judged like the float32 ones: against a float64 copy, within ``BN_ERROR_FACTOR`` of
 eager autocast's own error."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -69,7 +71,7 @@ def test_autocast_inference_matches_eager(data):
     train_steps(model, xs, ts, False, 2)  # running statistics that are not the initial 0 / 1
     model.eval()
     with torch.no_grad():
-        want = __import__("copy").deepcopy(model).double()(xs[0].double())
+        want = copy.deepcopy(model).double()(xs[0].double())
         with torch.autocast(DEVICE.type, dtype=torch.float16):
             eager = model(xs[0])
             got = torch.compile(model, backend="tritonkit")(xs[0])
