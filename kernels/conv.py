@@ -259,11 +259,12 @@ def _typical(n=32, c=64, hw=56, oc=64, k=3, pad=1, **layouts):
 
 
 # float32 buffers whatever the activations' dtype: split-K partial sums, BN statistics; per-channel
-# vectors (BatchNorm parameters and running statistics, the input prologue's scale/shift) may be
+# vectors (BatchNorm parameters and running statistics, the input prologue's statistics) may be
 # float32 or the input's dtype and are float32 in the gate (BatchNorm's parameters and buffers stay
 # float32 under autocast).
 _BN_EVAL_POINTERS = ("bn_weight_ptr", "bn_bias_ptr", "mean_ptr", "var_ptr")
-_FLOAT32_POINTERS = ("partial_ptr", "stats_ptr", *_BN_EVAL_POINTERS, "in_scale_ptr", "in_shift_ptr")
+_PROLOGUE_POINTERS = ("in_mean_ptr", "in_rstd_ptr", "in_w_ptr", "in_b_ptr")
+_FLOAT32_POINTERS = ("partial_ptr", "stats_ptr", *_BN_EVAL_POINTERS, *_PROLOGUE_POINTERS)
 
 
 def _signature(pointers, strides, constexprs, extra_ints=(), floats=()):
@@ -300,16 +301,24 @@ def _next_chunk(c0, kw, kh, C, KW, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _input_prologue(a, mask, in_scale_ptr, in_shift_ptr, channel, c_ok, PROLOGUE: tl.constexpr):
-    """x as the conv reads it: x * in_scale[c] + in_shift[c] (float32), then ReLU when PROLOGUE == 2;
-    padding and tails (``mask`` false) stay 0, so a padding tap contributes nothing. Rounded back to
-    x's dtype for the dot, as the normalised activation would be stored."""
-    scale = tl.load(in_scale_ptr + channel, mask=c_ok, other=0.0).to(tl.float32)
-    shift = tl.load(in_shift_ptr + channel, mask=c_ok, other=0.0).to(tl.float32)
-    if len(scale.shape) == 1:
-        scale = scale[None, :]
-        shift = shift[None, :]
-    v = a.to(tl.float32) * scale + shift
+def _prologue_coefficients(in_mean_ptr, in_rstd_ptr, in_w_ptr, in_b_ptr, channel, c_ok):
+    """(mean, k, beta) per input channel ``channel`` (1-D) of the input prologue x' = (x - mean) * k + beta,
+    k = invstd * weight: a training BatchNorm's apply, in float32 (``kernels.norm._batch_norm_apply``'s
+    arithmetic, so a recomputed x' equals the stored one bit for bit)."""
+    mean = tl.load(in_mean_ptr + channel, mask=c_ok, other=0.0).to(tl.float32)
+    k = tl.load(in_rstd_ptr + channel, mask=c_ok, other=0.0).to(tl.float32)
+    k = k * tl.load(in_w_ptr + channel, mask=c_ok, other=0.0).to(tl.float32)
+    beta = tl.load(in_b_ptr + channel, mask=c_ok, other=0.0).to(tl.float32)
+    return mean, k, beta
+
+
+@triton.jit
+def _apply_prologue(a, mask, mean, k, beta, PROLOGUE: tl.constexpr):
+    """x as the conv reads it: (x - mean[c]) * k[c] + beta[c] for the tile's columns c (float32), then
+    ReLU when PROLOGUE == 2; padding and tails (``mask`` false) stay 0, so a padding tap contributes
+    nothing. Rounded back to x's dtype for the dot, as the normalised activation would be stored."""
+    v = (a.to(tl.float32) - mean[None, :]) * k[None, :]
+    v += beta[None, :]
     if PROLOGUE == 2:
         v = tl.where(v < 0, 0.0, v)
     return tl.where(mask, v, 0.0).to(a.dtype)
@@ -319,7 +328,7 @@ def _input_prologue(a, mask, in_scale_ptr, in_shift_ptr, channel, c_ok, PROLOGUE
 def _conv_fwd_reduce(
     acc, x_row, w_ptr, ih0, iw0, m_ok, oc, n_ok,
     H, W, KH, KW, Cg, dil_h, dil_w, sxc, sxh, sxw, swn, swc, swh, sww,
-    in_scale_ptr, in_shift_ptr, c_base,
+    in_mean_ptr, in_rstd_ptr, in_w_ptr, in_b_ptr, c_base,
     PADDED: tl.constexpr, CHANNEL_INNER: tl.constexpr, PRECISION: tl.constexpr, BLOCK_K: tl.constexpr,
     PROLOGUE: tl.constexpr,
 ):
@@ -329,8 +338,8 @@ def _conv_fwd_reduce(
     the tap, its padding test and its address offset are scalars per step and only the channel tail
     is masked per column. Otherwise (few channels, e.g. 3 or 6) a step is BLOCK_K consecutive k of
     the flattened reduction, spanning taps, which wastes no lanes but splits k per column.
-    PROLOGUE (1: scale/shift, 2: and ReLU) transforms x per input channel ``c_base + c`` as it is
-    loaded (``_input_prologue``).
+    PROLOGUE (1: a BatchNorm apply, 2: and ReLU) transforms x per input channel ``c_base + c`` as it is
+    loaded (``_apply_prologue``).
     """
     if CHANNEL_INNER:
         rc = tl.arange(0, BLOCK_K)
@@ -349,7 +358,9 @@ def _conv_fwd_reduce(
             a_mask = row_ok[:, None] & c_ok[None, :]
             a = tl.load(x_tile + (c0 * sxc + kh * dil_h * sxh + kw * dil_w * sxw), mask=a_mask, other=0.0)
             if PROLOGUE:
-                a = _input_prologue(a, a_mask, in_scale_ptr, in_shift_ptr, c_base + c0 + rc, c_ok, PROLOGUE)
+                mean, k, beta = _prologue_coefficients(in_mean_ptr, in_rstd_ptr, in_w_ptr, in_b_ptr, c_base + c0 + rc,
+                                                       c_ok)
+                a = _apply_prologue(a, a_mask, mean, k, beta, PROLOGUE)
             b = tl.load(w_tile + (c0 * swc + kh * swh + kw * sww), mask=c_ok[:, None] & n_ok[None, :], other=0.0)
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
             c0, kw, kh = _next_chunk(c0, kw, kh, Cg, KW, BLOCK_K)
@@ -368,7 +379,8 @@ def _conv_fwd_reduce(
             x_col = c * sxc + kh * dil_h * sxh + kw * dil_w * sxw
             a = tl.load(x_row[:, None] + x_col[None, :], mask=a_mask, other=0.0)
             if PROLOGUE:
-                a = _input_prologue(a, a_mask, in_scale_ptr, in_shift_ptr, c_base + c, k_ok, PROLOGUE)
+                mean, k, beta = _prologue_coefficients(in_mean_ptr, in_rstd_ptr, in_w_ptr, in_b_ptr, c_base + c, k_ok)
+                a = _apply_prologue(a, a_mask, mean, k, beta, PROLOGUE)
             w_off = oc[None, :] * swn + (c * swc + kh * swh + kw * sww)[:, None]
             b = tl.load(w_ptr + w_off, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
@@ -496,14 +508,13 @@ def conv2d_fwd_kernel(
     x_row = x_ptr + n * sxn + ih0 * sxh + iw0 * sxw + group * Cg * sxc
     acc = _conv_fwd_reduce(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), x_row, w_ptr, ih0, iw0, m_ok, oc, n_ok,
                            H, W, KH, KW, Cg, dil_h, dil_w, sxc, sxh, sxw, swn, swc, swh, sww,
-                           x_ptr, x_ptr, 0, PADDED, CHANNEL_INNER, PRECISION, BLOCK_K, 0)
+                           x_ptr, x_ptr, x_ptr, x_ptr, 0, PADDED, CHANNEL_INNER, PRECISION, BLOCK_K, 0)
     acc = _activate(_add_bias(acc, b_ptr, oc, n_ok, HAS_BIAS), ACT, min_val, max_val)
     y_off = (n * syn + oh * syh + ow * syw)[:, None] + (oc * syc)[None, :]
     tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-_FWD_POINTERS = ("x_ptr", "w_ptr", "b_ptr", "y_ptr", *_BN_EVAL_POINTERS, "r_ptr", "stats_ptr", "in_scale_ptr",
-                 "in_shift_ptr")
+_FWD_POINTERS = ("x_ptr", "w_ptr", "b_ptr", "y_ptr", *_BN_EVAL_POINTERS, "r_ptr", "stats_ptr", *_PROLOGUE_POINTERS)
 _BN_EVAL_FLAGS = ("BATCH_NORM", "HAS_BN_WEIGHT", "HAS_BN_BIAS")
 _FWD_FLAGS = ("HAS_BIAS", "ACT", "PADDED", "CHANNEL_INNER", "PRECISION", *_BN_EVAL_FLAGS, "HAS_RESIDUAL", "STATS",
               "PROLOGUE")
@@ -559,8 +570,8 @@ def _fwd_bn_config_for(config, dtype, arch=None, launch=None) -> bool:
 )
 @triton.jit
 def conv2d_fwd_bn_kernel(
-    x_ptr, w_ptr, b_ptr, y_ptr, bn_weight_ptr, bn_bias_ptr, mean_ptr, var_ptr, r_ptr, stats_ptr, in_scale_ptr,
-    in_shift_ptr,
+    x_ptr, w_ptr, b_ptr, y_ptr, bn_weight_ptr, bn_bias_ptr, mean_ptr, var_ptr, r_ptr, stats_ptr,
+    in_mean_ptr, in_rstd_ptr, in_w_ptr, in_b_ptr,
     N, C, H, W, OC, OH, OW, KH, KW, Cg, OCg,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     sxn, sxc, sxh, sxw, swn, swc, swh, sww, syn, syc, syh, syw, srn, src, srh, srw, eps, min_val, max_val,
@@ -574,7 +585,7 @@ def conv2d_fwd_bn_kernel(
     from its parameters, BN(v) = (v - running_mean[oc]) * (bn_weight[oc] / sqrt(running_var[oc] + eps)) + bn_bias[oc]
     (``_bn_eval``; bn_weight/bn_bias optional: HAS_BN_WEIGHT, HAS_BN_BIAS). STATS also writes the
     BatchNorm partials of conv + bias (``_store_bn_partials``); PROLOGUE transforms x per input channel
-    as it is loaded (``_input_prologue``)."""
+    as it is loaded (``_apply_prologue``)."""
     group = tl.program_id(2)
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     ow = rm % OW
@@ -589,7 +600,8 @@ def conv2d_fwd_bn_kernel(
     x_row = x_ptr + n * sxn + ih0 * sxh + iw0 * sxw + group * Cg * sxc
     acc = _conv_fwd_reduce(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), x_row, w_ptr, ih0, iw0, m_ok, oc, n_ok,
                            H, W, KH, KW, Cg, dil_h, dil_w, sxc, sxh, sxw, swn, swc, swh, sww,
-                           in_scale_ptr, in_shift_ptr, group * Cg, PADDED, CHANNEL_INNER, PRECISION, BLOCK_K, PROLOGUE)
+                           in_mean_ptr, in_rstd_ptr, in_w_ptr, in_b_ptr, group * Cg, PADDED, CHANNEL_INNER, PRECISION,
+                           BLOCK_K, PROLOGUE)
     acc = _add_bias(acc, b_ptr, oc, n_ok, HAS_BIAS)
     if STATS:
         _store_bn_partials(stats_ptr, acc, tl.program_id(0), N * OH * OW, oc, n_ok, OC, BLOCK_M, BLOCK_N)
@@ -680,7 +692,7 @@ def conv2d_relu_maxpool_fwd_kernel(
             x_row = x_ptr + n * sxn + ih0 * sxh + iw0 * sxw + group * Cg * sxc
             v = _conv_fwd_reduce(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), x_row, w_ptr, ih0, iw0, inside, oc,
                                  n_ok, H, W, KH, KW, Cg, dil_h, dil_w, sxc, sxh, sxw, swn, swc, swh, sww,
-                                 x_ptr, x_ptr, 0, PADDED, CHANNEL_INNER, PRECISION, BLOCK_K, 0)
+                                 x_ptr, x_ptr, x_ptr, x_ptr, 0, PADDED, CHANNEL_INNER, PRECISION, BLOCK_K, 0)
             v = _add_bias(v, b_ptr, oc, n_ok, HAS_BIAS)
             if BATCH_NORM:
                 v = _bn_eval(v, mean, k, beta)
@@ -855,16 +867,18 @@ def conv2d_input_grad_kernel(
 # ------------------------------------------------------------------------------------ weight gradient
 @triton.jit
 def _wgrad_tile(
-    pid_mn, group, split, g_ptr, r_ptr, x_ptr, dw_ptr, db_ptr, partial_ptr,
-    N, H, W, OC, OH, OW, KH, KW, Cg, OCg, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    pid_mn, group, split, g_ptr, r_ptr, x_ptr, dw_ptr, db_ptr, partial_ptr, in_mean_ptr, in_rstd_ptr, in_w_ptr,
+    in_b_ptr, N, H, W, OC, OH, OW, KH, KW, Cg, OCg, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     sgn, sgc, sgh, sgw, srn, src, srh, srw, sxn, sxc, sxh, sxw, sdwn, sdwc, sdwh, sdww,
     HAS_MASK: tl.constexpr, SPLIT_K: tl.constexpr, PADDED: tl.constexpr, PRECISION: tl.constexpr,
-    HAS_BIAS_GRAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_BIAS_GRAD: tl.constexpr, PROLOGUE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """dw (and with HAS_BIAS_GRAD db, contiguous [OC]) for the (oc block, column block) tile ``pid_mn``
     (column blocks fastest) of ``group`` over split ``split`` of the reduction; SPLIT_K > 1 writes
     float32 partials instead: split s at partial[s * PART + i], PART = OC*Cg*KH*KW (+ OC), i the
-    contiguous-dw index, then db's OC."""
+    contiguous-dw index, then db's OC. PROLOGUE: the forward's input x' recomputed from x as it is
+    loaded (``_apply_prologue``), so a BatchNorm'd input the forward never stored is never read."""
     KK = KH * KW * Cg  # GEMM columns
     P = N * OH * OW  # reduction length
     num_n = tl.cdiv(KK, BLOCK_N)
@@ -883,6 +897,9 @@ def _wgrad_tile(
     kh_d = kh * dil_h
     kw_d = kw * dil_w
     x_col = (group * Cg + c) * sxc + kh_d * sxh + kw_d * sxw
+    if PROLOGUE:  # per column, so loaded once
+        in_mean, in_k, in_beta = _prologue_coefficients(in_mean_ptr, in_rstd_ptr, in_w_ptr, in_b_ptr, group * Cg + c,
+                                                        n_ok)
 
     # This program's slice of the reduction, in whole BLOCK_K steps.
     steps = tl.cdiv(P, BLOCK_K)
@@ -914,6 +931,8 @@ def _wgrad_tile(
                       & (iw0[:, None] >= -kw_d[None, :]) & (iw0[:, None] < (W - kw_d)[None, :]))
         x_row = n * sxn + (oh * stride_h - pad_h) * sxh + (ow * stride_w - pad_w) * sxw
         b = tl.load(x_ptr + x_row[:, None] + x_col[None, :], mask=b_mask, other=0.0)
+        if PROLOGUE:
+            b = _apply_prologue(b, b_mask, in_mean, in_k, in_beta, PROLOGUE)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
 
     out_mask = m_ok[:, None] & n_ok[None, :]
@@ -936,12 +955,13 @@ def _wgrad_tile(
 
 def _wgrad_resnet(**flags):  # ResNet-style 64 -> 64 3x3, channels_last, split 4 ways
     return {"HAS_MASK": True, "SPLIT_K": 4, "PADDED": True, "PRECISION": "ieee", "HAS_BIAS_GRAD": False,
-            **_typical(g="nhwc", r="nhwc", x="nhwc", dw="nchw"), **flags}
+            "PROLOGUE": 0, **_typical(g="nhwc", r="nhwc", x="nhwc", dw="nchw"), **flags}
 
 
 def _wgrad_lenet(**flags):  # the seed's LeNet conv2 (6 -> 16 channels), NCHW, one split
     return {"HAS_MASK": True, "SPLIT_K": 1, "PADDED": False, "PRECISION": "ieee", "HAS_BIAS_GRAD": False,
-            **_typical(n=16, c=6, hw=14, oc=16, k=5, pad=0, g="nchw", r="nchw", x="nchw", dw="nchw"), **flags}
+            "PROLOGUE": 0, **_typical(n=16, c=6, hw=14, oc=16, k=5, pad=0, g="nchw", r="nchw", x="nchw", dw="nchw"),
+            **flags}
 
 
 @tuned_kernel(
@@ -949,11 +969,14 @@ def _wgrad_lenet(**flags):  # the seed's LeNet conv2 (6 -> 16 channels), NCHW, o
     gpu_configs=WGRAD_GPU_CONFIGS,
     config_for_dtype=wgrad_config_for,
     interp_heuristics=WGRAD_INTERP,
-    key=["N", "C", "H", "W", "OC", "KH", "KW", "Cg", "SPLIT_K", "HAS_BIAS_GRAD"],
-    signature=_signature(("g_ptr", "r_ptr", "x_ptr", "dw_ptr", "db_ptr", "partial_ptr"), _strides("g", "r", "x", "dw"),
-                         ("HAS_MASK", "SPLIT_K", "PADDED", "PRECISION", "HAS_BIAS_GRAD")),
+    key=["N", "C", "H", "W", "OC", "KH", "KW", "Cg", "SPLIT_K", "HAS_BIAS_GRAD", "PROLOGUE"],
+    signature=_signature(("g_ptr", "r_ptr", "x_ptr", "dw_ptr", "db_ptr", "partial_ptr", *_PROLOGUE_POINTERS),
+                         _strides("g", "r", "x", "dw"),
+                         ("HAS_MASK", "SPLIT_K", "PADDED", "PRECISION", "HAS_BIAS_GRAD", "PROLOGUE")),
     constexprs=lambda dtype: _wgrad_resnet(),
     variants={
+        # a training ResNet's conv2: its input, bn1(conv1) + ReLU, recomputed from conv1's output on load
+        "prologue": lambda dtype: _wgrad_resnet(PROLOGUE=2),
         "few_channels": lambda dtype: _wgrad_lenet(),
         # with the bias gradient: LeNet's conv2 has a bias (one launch for dw and db); the split-K pattern
         # reduces the bias partials beside the weight's
@@ -965,19 +988,21 @@ def _wgrad_lenet(**flags):  # the seed's LeNet conv2 (6 -> 16 channels), NCHW, o
 )
 @triton.jit
 def conv2d_weight_grad_kernel(
-    g_ptr, r_ptr, x_ptr, dw_ptr, db_ptr, partial_ptr,
+    g_ptr, r_ptr, x_ptr, dw_ptr, db_ptr, partial_ptr, in_mean_ptr, in_rstd_ptr, in_w_ptr, in_b_ptr,
     N, C, H, W, OC, OH, OW, KH, KW, Cg, OCg,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     sgn, sgc, sgh, sgw, srn, src, srh, srw, sxn, sxc, sxh, sxw, sdwn, sdwc, sdwh, sdww,
     HAS_MASK: tl.constexpr, SPLIT_K: tl.constexpr, PADDED: tl.constexpr, PRECISION: tl.constexpr,
-    HAS_BIAS_GRAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_BIAS_GRAD: tl.constexpr, PROLOGUE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """``_wgrad_tile`` at (program_id(0), program_id(1), program_id(2)): (oc block, column block) tiles,
     groups, splits of the reduction."""
     _wgrad_tile(tl.program_id(0), tl.program_id(1), tl.program_id(2), g_ptr, r_ptr, x_ptr, dw_ptr, db_ptr, partial_ptr,
+                in_mean_ptr, in_rstd_ptr, in_w_ptr, in_b_ptr,
                 N, H, W, OC, OH, OW, KH, KW, Cg, OCg, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
                 sgn, sgc, sgh, sgw, srn, src, srh, srw, sxn, sxc, sxh, sxw, sdwn, sdwc, sdwh, sdww,
-                HAS_MASK, SPLIT_K, PADDED, PRECISION, HAS_BIAS_GRAD, BLOCK_M, BLOCK_N, BLOCK_K)
+                HAS_MASK, SPLIT_K, PADDED, PRECISION, HAS_BIAS_GRAD, PROLOGUE, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 # --------------------------------------------------------------- input and weight gradient in one launch
@@ -1021,14 +1046,15 @@ def backward_config_for(config, dtype, arch=None, launch=None) -> bool:
 # the interpreter tiles of either launch: BLOCK_* for the input gradient, DW_BLOCK_* for the weight's
 BACKWARD_INTERP = {**DGRAD_INTERP, **{f"DW_{k}": v for k, v in WGRAD_INTERP.items()}}
 _BACKWARD_FLAGS = ("HAS_MASK", "CHANNEL_INNER", "PRECISION", "HAS_RESIDUAL", "HAS_RESIDUAL_MASK", "SPLIT_K", "PADDED",
-                   "HAS_BIAS_GRAD", "DW_BLOCK_M", "DW_BLOCK_N", "DW_BLOCK_K")
+                   "HAS_BIAS_GRAD", "PROLOGUE", "DW_BLOCK_M", "DW_BLOCK_N", "DW_BLOCK_K")
 
 
 def _backward_typical(strided=False, **flags):
     """ResNet-18's layer-3 conv (256 -> 256 3x3 at 14x14, channels_last; strided: its first conv, 128 ->
     256 at 28x28 stride 2), one split, no bias: the small late layers the combined launch is for."""
     layouts = dict(g="nhwc", r="nhwc", w="nhwc", x="nhwc", dx="nhwc", res="nhwc", rmask="nhwc", dw="nhwc")
-    values = {**_DGRAD_PLAIN, "HAS_MASK": False, "SPLIT_K": 1, "PADDED": True, "HAS_BIAS_GRAD": False, "groups": 1}
+    values = {**_DGRAD_PLAIN, "HAS_MASK": False, "SPLIT_K": 1, "PADDED": True, "HAS_BIAS_GRAD": False, "PROLOGUE": 0,
+              "groups": 1}
     if strided:
         values.update(_typical(n=32, c=128, hw=28, oc=256, **layouts), stride_h=2, stride_w=2, tap_h=2, tap_w=2,
                       OH=14, OW=14, rows=32 * 14 * 14)
@@ -1043,13 +1069,15 @@ def _backward_typical(strided=False, **flags):
     config_for_dtype=backward_config_for,
     interp_heuristics=BACKWARD_INTERP,
     key=["N", "C", "H", "W", "OC", "KH", "KW", "Cg", "stride_h", "stride_w", "HAS_RESIDUAL", "SPLIT_K",
-         "HAS_BIAS_GRAD"],
+         "HAS_BIAS_GRAD", "PROLOGUE"],
     signature=_signature(("g_ptr", "r_ptr", "w_ptr", "x_ptr", "dx_ptr", "res_ptr", "rmask_ptr", "dw_ptr", "db_ptr",
-                          "partial_ptr"), _strides("g", "r", "w", "x", "dx", "res", "rmask", "dw"), _BACKWARD_FLAGS,
-                         ("tap_h", "tap_w", "groups", "rows")),
+                          "partial_ptr", *_PROLOGUE_POINTERS), _strides("g", "r", "w", "x", "dx", "res", "rmask", "dw"),
+                         _BACKWARD_FLAGS, ("tap_h", "tap_w", "groups", "rows")),
     constexprs=lambda dtype: _backward_typical(),
     variants={
         "strided": lambda dtype: _backward_typical(strided=True),
+        # a training ResNet's conv2 in layer 3, its input bn1(conv1) + ReLU recomputed from conv1's output
+        "prologue": lambda dtype: _backward_typical(PROLOGUE=2),
         # ResNet basic block's conv1 backward in layer 1 (64 -> 64 at 56x56: split-K) with the identity
         # branch's gradient through the block input's ReLU
         "residual": lambda dtype: {**_backward_typical(HAS_RESIDUAL=True, HAS_RESIDUAL_MASK=True, SPLIT_K=4),
@@ -1067,6 +1095,7 @@ def _backward_typical(strided=False, **flags):
 @triton.jit
 def conv2d_backward_kernel(
     g_ptr, r_ptr, w_ptr, x_ptr, dx_ptr, res_ptr, rmask_ptr, dw_ptr, db_ptr, partial_ptr,
+    in_mean_ptr, in_rstd_ptr, in_w_ptr, in_b_ptr,
     N, C, H, W, OC, OH, OW, KH, KW, Cg, OCg,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     tap_h, tap_w, groups, rows,
@@ -1074,7 +1103,8 @@ def conv2d_backward_kernel(
     sresn, sresc, sresh, sresw, srmaskn, srmaskc, srmaskh, srmaskw, sdwn, sdwc, sdwh, sdww,
     HAS_MASK: tl.constexpr, CHANNEL_INNER: tl.constexpr, PRECISION: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, HAS_RESIDUAL_MASK: tl.constexpr, SPLIT_K: tl.constexpr, PADDED: tl.constexpr,
-    HAS_BIAS_GRAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_BIAS_GRAD: tl.constexpr, PROLOGUE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DW_BLOCK_M: tl.constexpr, DW_BLOCK_N: tl.constexpr, DW_BLOCK_K: tl.constexpr,
 ):
     """The input gradient dx (+ residual) and the weight gradient dw (+ db) of one conv (module doc),
@@ -1099,10 +1129,11 @@ def conv2d_backward_kernel(
         q = pid - dx_programs
         dw_tiles = ((OCg + DW_BLOCK_M - 1) // DW_BLOCK_M) * ((KH * KW * Cg + DW_BLOCK_N - 1) // DW_BLOCK_N)
         _wgrad_tile(q % dw_tiles, (q // dw_tiles) % groups, q // (dw_tiles * groups),
-                    g_ptr, r_ptr, x_ptr, dw_ptr, db_ptr, partial_ptr,
+                    g_ptr, r_ptr, x_ptr, dw_ptr, db_ptr, partial_ptr, in_mean_ptr, in_rstd_ptr, in_w_ptr, in_b_ptr,
                     N, H, W, OC, OH, OW, KH, KW, Cg, OCg, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
                     sgn, sgc, sgh, sgw, srn, src, srh, srw, sxn, sxc, sxh, sxw, sdwn, sdwc, sdwh, sdww,
-                    HAS_MASK, SPLIT_K, PADDED, PRECISION, HAS_BIAS_GRAD, DW_BLOCK_M, DW_BLOCK_N, DW_BLOCK_K)
+                    HAS_MASK, SPLIT_K, PADDED, PRECISION, HAS_BIAS_GRAD, PROLOGUE, DW_BLOCK_M, DW_BLOCK_N,
+                    DW_BLOCK_K)
 
 
 # float32's flattened input gradient (fewer than 32 output channels per group) has no config pair and runs
@@ -1149,18 +1180,30 @@ def _bn_eval_args(w, bn_weight, bn_bias, running_mean, running_var):
     return pointers, flags
 
 
+def _prologue_args(x, input_norm, input_relu) -> tuple[tuple, int]:
+    """``(the four prologue pointers, PROLOGUE)`` for ``input_norm`` = (mean, invstd, weight, bias) per input
+    channel of ``x`` (weight/bias None: 1 and 0), or None (no prologue: ``x`` stands for the pointers)."""
+    if input_norm is None:
+        return (x,) * 4, 0
+    mean, invstd, weight, bias = input_norm
+    C = x.shape[1]
+    weight = torch.ones(C, dtype=torch.float32, device=x.device) if weight is None else weight
+    bias = torch.zeros(C, dtype=torch.float32, device=x.device) if bias is None else bias
+    return tuple(v.reshape(-1).contiguous() for v in (mean, invstd, weight, bias)), 2 if input_relu else 1
+
+
 def conv2d(x, w, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1, *, activation=None,
            allow_tf32=False, bn_weight=None, bn_bias=None, running_mean=None, running_var=None, eps=1e-5,
-           residual=None, stats=False, input_scale=None, input_shift=None, input_relu=False):
+           residual=None, stats=False, input_norm=None, input_relu=False):
     """``act(BN(conv2d(x', w) + bias) + residual)`` for 4-D ``x``, output in ``x``'s memory format;
     ``act`` = ``activation``, None or ``(kind, min_val, max_val)`` with ``kind`` one of
     ``tritonkit.kernels.elementwise.ACTIVATIONS`` (min_val/max_val: hardtanh's bounds), every other
     part optional. BN is eval-mode BatchNorm when
     ``running_mean``/``running_var`` are given: ``(v - running_mean) * bn_weight / sqrt(running_var +
-    eps) + bn_bias`` per output channel (bn_weight, bn_bias optional). ``x'`` = x, or
-    ``x * input_scale[c] + input_shift[c]`` (then ReLU'd when ``input_relu``) with zero padding applied
-    after that transform. ``stats``: also return the float32 BatchNorm partials of conv + bias, shape
-    [bn_stat_tiles(N*OH*OW), 3, OC] (see ``_store_bn_partials``)."""
+    eps) + bn_bias`` per output channel (bn_weight, bn_bias optional). ``x'`` = x, or with ``input_norm`` =
+    (mean, invstd, weight, bias) per input channel ``(x - mean[c]) * invstd[c] * weight[c] + bias[c]`` (then
+    ReLU'd when ``input_relu``) with zero padding applied after that transform. ``stats``: also return the
+    float32 BatchNorm partials of conv + bias, shape [bn_stat_tiles(N*OH*OW), 3, OC] (see ``_store_bn_partials``)."""
     shape, conv = _geometry(x.shape, w.shape, stride, padding, dilation, groups)
     N, C, H, W, OC, OH, OW, KH, KW, Cg, OCg = shape
     y = empty((N, OC, OH, OW), dtype=x.dtype, device=x.device, memory_format=suggest_memory_format(x))
@@ -1178,7 +1221,7 @@ def conv2d(x, w, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), grou
     def grid(meta):
         return (triton.cdiv(N * OH * OW, meta["BLOCK_M"]), triton.cdiv(OCg, meta["BLOCK_N"]), groups)
 
-    if running_mean is None and residual is None and not stats and input_scale is None:
+    if running_mean is None and residual is None and not stats and input_norm is None:
         conv2d_fwd_kernel[grid](
             x, w, bias if bias is not None else w, y, *shape, *conv, *x.stride(), *w.stride(), *y.stride(),
             float(min_val), float(max_val), HAS_BIAS=bias is not None, ACT=kind, PADDED=any(padding),
@@ -1187,14 +1230,13 @@ def conv2d(x, w, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), grou
         )
         return y
     bn_pointers, bn_flags = _bn_eval_args(w, bn_weight, bn_bias, running_mean, running_var)
+    in_pointers, prologue = _prologue_args(x, input_norm, input_relu)
     conv2d_fwd_bn_kernel[grid](
-        x, w, bias if bias is not None else w, y, *bn_pointers, r,
-        partials if stats else w, *(t if t is not None else w for t in (input_scale, input_shift)),
-        *shape, *conv, *x.stride(), *w.stride(), *y.stride(), *r.stride(), float(eps), float(min_val), float(max_val),
+        x, w, bias if bias is not None else w, y, *bn_pointers, r, partials if stats else w, *in_pointers, *shape,
+        *conv, *x.stride(), *w.stride(), *y.stride(), *r.stride(), float(eps), float(min_val), float(max_val),
         HAS_BIAS=bias is not None, ACT=kind, PADDED=any(padding), CHANNEL_INNER=channel_inner(Cg),
         PRECISION=dot_precision(x.dtype, allow_tf32), **bn_flags,
-        HAS_RESIDUAL=residual is not None, STATS=bool(stats),
-        PROLOGUE=0 if input_scale is None else 2 if input_relu else 1,
+        HAS_RESIDUAL=residual is not None, STATS=bool(stats), PROLOGUE=prologue,
     )
     return (y, partials) if stats else y
 
@@ -1312,10 +1354,12 @@ def _reduce_splits(dw, db, partial):
 
 
 def conv2d_weight_grad(grad_out, x, relu_output, weight_size, stride, padding, dilation, groups, *,
-                       allow_tf32=False, bias_grad=False):
+                       allow_tf32=False, bias_grad=False, input_norm=None, input_relu=False):
     """``dw`` of shape ``weight_size``, summed over the batch and output positions; channels_last when
     ``x`` is (the memory format aten's convolution_backward gives grad_weight). ``bias_grad``: return
-    ``(dw, db)``, db[oc] = the sum of dy' over the batch and output positions, from the same launch."""
+    ``(dw, db)``, db[oc] = the sum of dy' over the batch and output positions, from the same launch.
+    ``input_norm``/``input_relu``: the forward's input was ``x'`` of :func:`conv2d`'s prologue, recomputed
+    from ``x`` as it is loaded."""
     shape, conv = _geometry(x.shape, weight_size, stride, padding, dilation, groups)
     N, C, H, W, OC, OH, OW, KH, KW, Cg, OCg = shape
     dw, db, partial, split = _weight_grad_buffers(grad_out, x, weight_size, shape, groups, bias_grad)
@@ -1333,22 +1377,24 @@ def conv2d_weight_grad(grad_out, x, relu_output, weight_size, stride, padding, d
     def grid(meta):
         return (triton.cdiv(OCg, meta["BLOCK_M"]) * triton.cdiv(KH * KW * Cg, meta["BLOCK_N"]), groups, split)
 
+    in_pointers, prologue = _prologue_args(x, input_norm, input_relu)
     conv2d_weight_grad_kernel[grid](
-        grad_out, r, x, dw, db if bias_grad else dw, partial if partial is not None else dw, *shape, *conv,
-        *grad_out.stride(), *r.stride(), *x.stride(), *dw.stride(),
+        grad_out, r, x, dw, db if bias_grad else dw, partial if partial is not None else dw, *in_pointers,
+        *shape, *conv, *grad_out.stride(), *r.stride(), *x.stride(), *dw.stride(),
         HAS_MASK=relu_output is not None, SPLIT_K=split, PADDED=any(padding),
-        PRECISION=dot_precision(x.dtype, allow_tf32), HAS_BIAS_GRAD=bool(bias_grad),
+        PRECISION=dot_precision(x.dtype, allow_tf32), HAS_BIAS_GRAD=bool(bias_grad), PROLOGUE=prologue,
     )
     _reduce_splits(dw, db, partial)
     return out
 
 
 def conv2d_backward(grad_out, x, w, relu_output, stride, padding, dilation, groups, *, allow_tf32=False,
-                    residual=None, residual_mask=None, bias_grad=False):
+                    residual=None, residual_mask=None, bias_grad=False, input_norm=None, input_relu=False):
     """``(dx, dw, db)`` in one launch (conv2d_backward_kernel): ``conv2d_input_grad`` (with its residual
-    epilogue) and ``conv2d_weight_grad`` (db None without ``bias_grad``), outputs laid out as they lay
-    them out. Two launches instead (those launchers) for a problem with nothing to compute on either
-    side (an empty dx, dw or output) and on a GPU where no config pair fits (float32 with fewer than
+    epilogue) and ``conv2d_weight_grad`` (db None without ``bias_grad``; ``input_norm``/``input_relu`` its
+    prologue, dx then the gradient of the prologue's output), outputs laid out as they lay them out. Two
+    launches instead (those launchers) for a problem with nothing to compute on either side (an empty dx,
+    dw or output) and on a GPU where no config pair fits (float32 with fewer than
     32 output channels per group: see ``backward_config_for``)."""
     shape, conv = _geometry(x.shape, w.shape, stride, padding, dilation, groups)
     N, C, H, W, OC, OH, OW, KH, KW, Cg, OCg = shape
@@ -1359,7 +1405,8 @@ def conv2d_backward(grad_out, x, w, relu_output, stride, padding, dilation, grou
         dx = conv2d_input_grad(grad_out, w, relu_output, x.shape, stride, padding, dilation, groups,
                                allow_tf32=allow_tf32, residual=residual, residual_mask=residual_mask)
         dw = conv2d_weight_grad(grad_out, x, relu_output, w.shape, stride, padding, dilation, groups,
-                                allow_tf32=allow_tf32, bias_grad=bias_grad)
+                                allow_tf32=allow_tf32, bias_grad=bias_grad, input_norm=input_norm,
+                                input_relu=input_relu)
         return (dx, *dw) if bias_grad else (dx, dw, None)
     dx = empty(tuple(x.shape), dtype=grad_out.dtype, device=grad_out.device,
                memory_format=suggest_memory_format(grad_out))
@@ -1376,13 +1423,15 @@ def conv2d_backward(grad_out, x, w, relu_output, stride, padding, dilation, grou
         dw_tiles = triton.cdiv(OCg, meta["DW_BLOCK_M"]) * triton.cdiv(KH * KW * Cg, meta["DW_BLOCK_N"])
         return (dx_programs + dw_tiles * groups * split,)
 
+    in_pointers, prologue = _prologue_args(x, input_norm, input_relu)
     conv2d_backward_kernel[grid](
         grad_out, r, w, x, dx, res, res_mask, dw, db if bias_grad else dw, partial if partial is not None else dw,
-        *shape, *conv, *_tap_steps(stride, dilation), groups, rows,
+        *in_pointers, *shape, *conv, *_tap_steps(stride, dilation), groups, rows,
         *grad_out.stride(), *r.stride(), *w.stride(), *x.stride(), *dx.stride(), *res.stride(), *res_mask.stride(),
         *dw.stride(),
         HAS_MASK=relu_output is not None, HAS_RESIDUAL=residual is not None,
-        HAS_RESIDUAL_MASK=residual_mask is not None, SPLIT_K=split, PADDED=any(padding), **flags,
+        HAS_RESIDUAL_MASK=residual_mask is not None, SPLIT_K=split, PADDED=any(padding), PROLOGUE=prologue,
+        **flags,
     )
     _reduce_splits(dw, db, partial)
     return dx, dw, db

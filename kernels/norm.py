@@ -480,27 +480,41 @@ def _grad_mask(g, y, MASK: tl.constexpr):
     return g
 
 
+@triton.jit
+def _own_output(x, mean, k, beta):
+    """The BatchNorm's output recomputed from its input x (float32): (x - mean) * k + beta, k = invstd *
+    weight, rounded to x's dtype as it was stored (``_batch_norm_apply``'s arithmetic and the conv input
+    prologue's, ``kernels.conv._apply_prologue``)."""
+    y = (x.to(tl.float32) - mean[None, :]) * k[None, :]
+    y += beta[None, :]
+    return y.to(x.dtype).to(tl.float32)
+
+
 def _bwd_reduce_signature(dtype):
     t = f"*{TRITON_TYPE[dtype]}"
-    return {"g_ptr": t, "x_ptr": t, "y_ptr": t, "mean_ptr": "*fp32", "part_ptr": "*fp32",
-            **dict.fromkeys(_VIEW_INTS, "i32"), "SPLIT": "i32", "MASK": "constexpr", "NEED_DOT": "constexpr",
-            "BLOCK_B": "constexpr", "BLOCK_C": "constexpr"}
+    return {"g_ptr": t, "x_ptr": t, "y_ptr": t, "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "w_ptr": t, "b_ptr": t,
+            "part_ptr": "*fp32", **dict.fromkeys(_VIEW_INTS, "i32"), "SPLIT": "i32", "MASK": "constexpr",
+            "NEED_DOT": "constexpr", "Y_FROM_X": "constexpr", "BLOCK_B": "constexpr", "BLOCK_C": "constexpr"}
 
 
-_BWD_FLAGS = {"MASK": ACTIVATIONS["relu"], "NEED_DOT": True}
+_BWD_FLAGS = {"MASK": ACTIVATIONS["relu"], "NEED_DOT": True, "Y_FROM_X": False}
+# A training ResNet's bn1 -> ReLU -> conv2 whose normalised activation was never stored: the ReLU mask
+# from the BN output recomputed from its input.
+_BWD_Y_FROM_X = {"relu_from_input_nhwc": lambda dtype: {**_BWD_FLAGS, "Y_FROM_X": True, **_typical("nhwc")}}
 
 
 @tuned_kernel("batch_norm_bwd_reduce", gpu_configs=_REDUCE_CONFIGS, config_for_dtype=_REDUCE_FOR,
               interp_heuristics=_REDUCE_INTERP, key=["A", "B", "C", "s_b", "s_c", "SPLIT"],
               signature=_bwd_reduce_signature, constexprs=lambda dtype: {**_BWD_FLAGS, **_typical("nchw")},
-              variants={**_nhwc_variant(_BWD_FLAGS), **_activation_nhwc_variants(_BWD_FLAGS)})
+              variants={**_nhwc_variant(_BWD_FLAGS), **_activation_nhwc_variants(_BWD_FLAGS), **_BWD_Y_FROM_X})
 @triton.jit
 def batch_norm_bwd_reduce_kernel(
-    g_ptr, x_ptr, y_ptr, mean_ptr, part_ptr,
+    g_ptr, x_ptr, y_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, part_ptr,
     A, B, C, s_a, s_b, s_c,
     SPLIT,
     MASK: tl.constexpr,  # 0: g as given; ACTIVATIONS[...]: g masked by y (:func:`_grad_mask`)
     NEED_DOT: tl.constexpr,  # also sum g * (x - mean) (else x and mean are not read)
+    Y_FROM_X: tl.constexpr,  # y is the BN output recomputed from x, mean, rstd, w and b (:func:`_own_output`)
     BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """part[s, 0, c] = sum g, part[s, 1, c] = sum g * (x - mean[c]) over the s-th run of tiles."""
@@ -513,8 +527,11 @@ def batch_norm_bwd_reduce_kernel(
     t_lo = (split.to(tl.int64) * tiles // SPLIT).to(tl.int32)
     t_hi = ((split.to(tl.int64) + 1) * tiles // SPLIT).to(tl.int32)
     mean = tl.zeros([BLOCK_C], tl.float32)
-    if NEED_DOT:
+    if NEED_DOT or Y_FROM_X:
         mean = tl.load(mean_ptr + c, mask=c_ok, other=0.0)
+    if Y_FROM_X:
+        k = tl.load(rstd_ptr + c, mask=c_ok, other=0.0) * tl.load(w_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
+        beta = tl.load(b_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
     acc_g = tl.zeros([BLOCK_B, BLOCK_C], tl.float32)
     acc_d = tl.zeros([BLOCK_B, BLOCK_C], tl.float32)
     c_off = c[None, :] * s_c
@@ -524,11 +541,16 @@ def batch_norm_bwd_reduce_kernel(
         off = a * s_a + b[:, None] * s_b + c_off
         m = (b < B)[:, None] & c_ok[None, :]
         g = tl.load(g_ptr + off, mask=m, other=0.0).to(tl.float32)
-        if MASK:
+        if Y_FROM_X:
+            x = tl.load(x_ptr + off, mask=m, other=0.0)
+            g = _grad_mask(g, _own_output(x, mean, k, beta), MASK)
+            x = x.to(tl.float32)
+        elif MASK:
             g = _grad_mask(g, tl.load(y_ptr + off, mask=m, other=1.0).to(tl.float32), MASK)
         acc_g += g
         if NEED_DOT:
-            x = tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32)
+            if not Y_FROM_X:
+                x = tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32)
             acc_d += g * (x - mean[None, :])
     out = part_ptr + split * 2 * C + c
     tl.store(out, tl.sum(acc_g, axis=0), mask=c_ok)
@@ -593,25 +615,29 @@ def batch_norm_bwd_finalize_kernel(
         tl.store(coef_ptr + 3 * C + c, c1, mask=c_ok)
 
 
-_BWD_APPLY_FLAGS = {"MASK": ACTIVATIONS["relu"], "TRAIN": True}
+_BWD_APPLY_FLAGS = {"MASK": ACTIVATIONS["relu"], "TRAIN": True, "Y_FROM_X": False}
 
 
 def _bwd_apply_signature(dtype):
     t = f"*{TRITON_TYPE[dtype]}"
-    return {"g_ptr": t, "x_ptr": t, "y_ptr": t, "coef_ptr": "*fp32", "dx_ptr": t, **dict.fromkeys(_VIEW_INTS, "i32"),
-            "MASK": "constexpr", "TRAIN": "constexpr", "BLOCK_B": "constexpr", "BLOCK_C": "constexpr"}
+    return {"g_ptr": t, "x_ptr": t, "y_ptr": t, "b_ptr": t, "coef_ptr": "*fp32", "dx_ptr": t,
+            **dict.fromkeys(_VIEW_INTS, "i32"), "MASK": "constexpr", "TRAIN": "constexpr", "Y_FROM_X": "constexpr",
+            "BLOCK_B": "constexpr", "BLOCK_C": "constexpr"}
 
 
 @tuned_kernel("batch_norm_bwd_apply", gpu_configs=_APPLY_CONFIGS, config_for_dtype=_APPLY_FOR,
               interp_heuristics=_TILE_INTERP, key=["A", "B", "C", "s_b", "s_c"], signature=_bwd_apply_signature,
               constexprs=lambda dtype: {**_BWD_APPLY_FLAGS, **_typical("nchw")},
-              variants={**_nhwc_variant(_BWD_APPLY_FLAGS), **_activation_nhwc_variants(_BWD_APPLY_FLAGS)})
+              variants={**_nhwc_variant(_BWD_APPLY_FLAGS), **_activation_nhwc_variants(_BWD_APPLY_FLAGS),
+                        "relu_from_input_nhwc": lambda dtype: {**_BWD_APPLY_FLAGS, "Y_FROM_X": True,
+                                                               **_typical("nhwc")}})
 @triton.jit
 def batch_norm_bwd_apply_kernel(
-    g_ptr, x_ptr, y_ptr, coef_ptr, dx_ptr,
+    g_ptr, x_ptr, y_ptr, b_ptr, coef_ptr, dx_ptr,
     A, B, C, s_a, s_b, s_c,
     MASK: tl.constexpr,  # as the reduction's: g masked by y (:func:`_grad_mask`) when non-zero
     TRAIN: tl.constexpr,  # eval: dx = k * g (x is not read)
+    Y_FROM_X: tl.constexpr,  # training only: y is the BN output recomputed from x, coef and b (:func:`_own_output`)
     BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """dx = k[c] * g + c1[c] * (x - mean[c]) + c0[c], g masked by y when MASK."""
@@ -627,14 +653,18 @@ def batch_norm_bwd_apply_kernel(
     m = (b < B)[:, None] & c_ok[None, :]
     k = tl.load(coef_ptr + C + c, mask=c_ok, other=0.0)
     g = tl.load(g_ptr + off, mask=m, other=0.0).to(tl.float32)
-    if MASK:
+    if TRAIN:
+        mean = tl.load(coef_ptr + c, mask=c_ok, other=0.0)
+        x = tl.load(x_ptr + off, mask=m, other=0.0)
+        if Y_FROM_X:
+            g = _grad_mask(g, _own_output(x, mean, k, tl.load(b_ptr + c, mask=c_ok, other=0.0).to(tl.float32)), MASK)
+        x = x.to(tl.float32)
+    if MASK and not Y_FROM_X:
         g = _grad_mask(g, tl.load(y_ptr + off, mask=m, other=1.0).to(tl.float32), MASK)
     dx = g * k[None, :]
     if TRAIN:
-        mean = tl.load(coef_ptr + c, mask=c_ok, other=0.0)
         c0 = tl.load(coef_ptr + 2 * C + c, mask=c_ok, other=0.0)
         c1 = tl.load(coef_ptr + 3 * C + c, mask=c_ok, other=0.0)
-        x = tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32)
         dx += (x - mean[None, :]) * c1[None, :] + c0[None, :]
     tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=m)
 
@@ -786,6 +816,21 @@ def batch_norm_train(input, weight, bias, running_mean, running_var, num_batches
     return out, *saved, pre
 
 
+def _stats_from_partials(input, partials, running_mean, running_var, num_batches_tracked, momentum, eps, split):
+    """The statistics of :func:`batch_norm_train_from_partials`: outputs as :func:`_stats`."""
+    tiles = partials.contiguous()
+    T, _, C = tiles.shape
+    split = split or reduction_split(C, T, tiles.device, 1024)
+    if split == 1:
+        part, rows = tiles, 3
+    else:
+        part, rows = empty((split, 4, C), dtype=torch.float32, device=tiles.device), 4
+        batch_norm_tiles_combine_kernel[lambda meta: (triton.cdiv(C, meta["BLOCK_C"]), split)](
+            tiles, part, C, T, split)
+    return _finalize(part, rows, split if split > 1 else T, eps, (running_mean, running_var), momentum,
+                     num_batches_tracked, save_stats_dtype(input))
+
+
 def batch_norm_train_from_partials(input, partials, weight, bias, running_mean, running_var, num_batches_tracked,
                                    momentum, eps, residual=None, relu=False, split=None, activation=None):
     """:func:`batch_norm_train` with the statistics of ``input`` (a conv output) from its conv's tiles
@@ -796,21 +841,30 @@ def batch_norm_train_from_partials(input, partials, weight, bias, running_mean, 
     finalize reads the tiles itself."""
     x, view, fmt = _layout(input)
     check_int32_indexing(x)
-    tiles = partials.contiguous()
-    T, _, C = tiles.shape
-    split = split or reduction_split(C, T, x.device, 1024)
-    if split == 1:
-        part, rows = tiles, 3
-    else:
-        part, rows = empty((split, 4, C), dtype=torch.float32, device=x.device), 4
-        batch_norm_tiles_combine_kernel[lambda meta: (triton.cdiv(C, meta["BLOCK_C"]), split)](
-            tiles, part, C, T, split)
-    save_dtype = save_stats_dtype(input)
-    mean, rstd, *saved = _finalize(part, rows, split if split > 1 else T, eps, (running_mean, running_var), momentum,
-                                   num_batches_tracked, save_dtype)
+    mean, rstd, *saved = _stats_from_partials(x, partials, running_mean, running_var, num_batches_tracked, momentum,
+                                              eps, split)
     out, pre = _apply(batch_norm_apply_kernel, x, view, fmt, mean, rstd, weight, bias, residual,
                       _activation(relu, activation), eps, False)
     return out, *saved, pre
+
+
+def batch_norm_stats_from_partials(input, partials, running_mean, running_var, num_batches_tracked, momentum, eps,
+                                   split=None):
+    """:func:`batch_norm_train_from_partials` without its apply pass, for a BatchNorm whose output its
+    consumers compute as they load it (a conv's input prologue, :func:`batch_norm_apply`): ``(save_mean,
+    save_invstd, running_mean_out, running_var_out, num_batches_tracked_out)``; ``input`` is not read."""
+    return tuple(_stats_from_partials(input, partials, running_mean, running_var, num_batches_tracked, momentum, eps,
+                                      split)[2:])
+
+
+def batch_norm_apply(input, mean, invstd, weight, bias, relu=False):
+    """``relu((input - mean[c]) * invstd[c] * weight[c] + bias[c])`` (weight, bias optional; ReLU when
+    ``relu``): a training BatchNorm's apply from given statistics, in ``input``'s dtype and the memory format
+    eager allocates, the same float32 arithmetic as the conv input prologue's."""
+    x, view, fmt = _layout(input)
+    activation = ("relu", 0.0, 0.0) if relu else None
+    return _apply(batch_norm_apply_kernel, x, view, fmt, _vec(mean).float(), _vec(invstd).float(), weight, bias, None,
+                  activation, 0.0, False)[0]
 
 
 def batch_norm_eval(input, weight, bias, running_mean, running_var, eps, residual=None, relu=False, activation=None):
@@ -822,15 +876,18 @@ def batch_norm_eval(input, weight, bias, running_mean, running_var, eps, residua
 
 
 def batch_norm_backward(grad_out, input, weight, running_mean, running_var, save_mean, save_invstd, train, eps,
-                        output_mask, relu_output=None, split=None, activation="relu"):
+                        output_mask, relu_output=None, split=None, activation="relu", output_bias=None,
+                        mask_from_output=False):
     """``aten.native_batch_norm_backward`` (+ an optional mask on ``grad_out`` by ``relu_output`` under
     ``activation``, a key of :data:`ACTIVATIONS`: module doc): ``(grad_input, grad_weight, grad_bias)``, None
-    where ``output_mask`` says so."""
+    where ``output_mask`` says so. ``mask_from_output`` (training): the mask's tensor is this BatchNorm's
+    output, recomputed from ``input``, the saved statistics, ``weight`` and ``output_bias`` (None: 0) where
+    it is read (``relu_output`` unused), for a forward that never stored it."""
     want_dx, want_gw, want_gb = (bool(m) for m in output_mask)
     x, view, fmt = _layout(input)
     A, B, C, s_a, s_b, s_c = view
     dev = x.device
-    mask_kind = ACTIVATIONS[activation] if relu_output is not None else 0
+    mask_kind = ACTIVATIONS[activation] if relu_output is not None or mask_from_output else 0
     g = _in_layout(grad_out, x, view)
     y = _in_layout(relu_output, x, view)
     check_int32_indexing(x, g, y)
@@ -838,14 +895,18 @@ def batch_norm_backward(grad_out, input, weight, running_mean, running_var, save
     mean = _vec(save_mean if train else running_mean).float()
     rstd = _vec(save_invstd if train else running_var).float()
     weight = _vec(weight)
+    from_x = bool(mask_from_output)
+    if from_x:  # the BN output's per-channel weight and bias, 1 and 0 where absent
+        w_own = weight if weight is not None else torch.ones(C, dtype=torch.float32, device=dev)
+        b_own = _vec(output_bias) if output_bias is not None else torch.zeros(C, dtype=w_own.dtype, device=dev)
     need_sum = want_gb or (want_dx and train)
     need_dot = want_gw or (want_dx and train)
     split = (split or reduction_split(C, A * B, dev, 1024)) if (need_sum or need_dot) else 0
     part = empty((max(split, 1), 2, C), dtype=torch.float32, device=dev)
     if split:
         batch_norm_bwd_reduce_kernel[lambda meta: (triton.cdiv(C, meta["BLOCK_C"]), split)](
-            g, x, y if y is not None else g, mean, part, A, B, C, s_a, s_b, s_c, split,
-            MASK=mask_kind, NEED_DOT=need_dot)
+            g, x, y if y is not None else g, mean, rstd, w_own if from_x else x, b_own if from_x else x, part,
+            A, B, C, s_a, s_b, s_c, split, MASK=mask_kind, NEED_DOT=need_dot, Y_FROM_X=from_x)
     param_dtype = weight.dtype if weight is not None else x.dtype  # float32 under autocast, as eager's
     grad_weight = empty((C,), dtype=param_dtype, device=dev) if want_gw else None
     grad_bias = empty((C,), dtype=param_dtype, device=dev) if want_gb else None
@@ -859,10 +920,10 @@ def batch_norm_backward(grad_out, input, weight, running_mean, running_var, save
     if want_dx:
         grad_input = empty(x.shape, dtype=x.dtype, device=dev, memory_format=fmt)
         batch_norm_bwd_apply_kernel[_tile_grid(C, A, B)](
-            g, x, y if y is not None else g, coef, grad_input, A, B, C, s_a, s_b, s_c,
-            MASK=mask_kind, TRAIN=bool(train))
+            g, x, y if y is not None else g, b_own if from_x else x, coef, grad_input, A, B, C, s_a, s_b, s_c,
+            MASK=mask_kind, TRAIN=bool(train), Y_FROM_X=from_x)
     return grad_input, grad_weight, grad_bias
 
 
-__all__ = ["batch_norm_backward", "batch_norm_eval", "batch_norm_stats", "batch_norm_train",
-           "batch_norm_train_from_partials", "save_stats_dtype"]
+__all__ = ["batch_norm_apply", "batch_norm_backward", "batch_norm_eval", "batch_norm_stats",
+           "batch_norm_stats_from_partials", "batch_norm_train", "batch_norm_train_from_partials", "save_stats_dtype"]

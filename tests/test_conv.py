@@ -313,16 +313,19 @@ def _batch_norm_ref(v, bn):
     return F.batch_norm(v, *up, training=False, eps=eps)
 
 
-def _input_transform(c, relu):
-    """Per-input-channel (scale, shift) with shifts mostly positive, so relu(shift) != 0: a padding tap
-    that contributed the transform of 0 instead of 0 would show."""
-    scale, shift = torch.rand(c) + 0.5, torch.randn(c) * 0.5 + 1.0
+def _input_transform(c, relu, dtype=torch.float32):
+    """A training BatchNorm's per-input-channel (mean, invstd, weight, bias), biases mostly positive so that
+    the transform of 0 is not 0 (a padding tap that contributed it instead of 0 would show), and the
+    activation it gives as eager stores it in x's dtype (read back in float32)."""
+    norm = (torch.randn(c) * 0.3, torch.rand(c) + 0.5, torch.randn(c), torch.randn(c) * 0.5 + 1.0)
+    norm = tuple(v.to(dtype) for v in norm)
 
-    def apply(x):  # the activation as eager would store it in x's dtype, in float32
-        v = x.float() * scale[None, :, None, None] + shift[None, :, None, None]
+    def apply(x):
+        mean, invstd, weight, bias = (v.float()[None, :, None, None] for v in norm)
+        v = (x.float() - mean) * (invstd * weight) + bias
         return (F.relu(v) if relu else v).to(x.dtype).float()
 
-    return scale, shift, apply
+    return norm, apply
 
 
 def _conv_batch_norm(x, w, b, bn, res, geo, relu):
@@ -572,9 +575,9 @@ def test_conv_bn_stats_half_uses_the_float32_accumulator(dtype):
 @pytest.mark.parametrize("input_relu", [True, False])
 def test_input_prologue(case, input_relu):
     x, w, b, geo = _conv_inputs(case, torch.float32, "channels_last" if input_relu else "contiguous")
-    in_scale, in_shift, transform = _input_transform(x.shape[1], input_relu)
+    norm, transform = _input_transform(x.shape[1], input_relu)
     ref = F.conv2d(transform(x), w, b, *geo)  # F.conv2d zero-pads the transformed input
-    out, partials = ops.conv2d_bn_stats(x, w, b, *geo, in_scale, in_shift, input_relu)
+    out, partials = ops.conv2d_bn_stats(x, w, b, *geo, *norm, input_relu)
     _, mean, var = _combine(partials)
     torch.testing.assert_close(mean, ref.double().mean((0, 2, 3)), rtol=1e-5, atol=1e-5)
     assert_close(out, ref)
@@ -583,22 +586,31 @@ def test_input_prologue(case, input_relu):
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
 def test_input_prologue_half(dtype):
     x, w, b, geo = _conv_inputs(BN_CASES[0], dtype, "channels_last")
-    in_scale, in_shift, _ = _input_transform(x.shape[1], True)
-    out, _ = ops.conv2d_bn_stats(x, w, b, *geo, in_scale.to(dtype), in_shift.to(dtype), True)
-    v = x.float() * in_scale.to(dtype).float()[None, :, None, None] + in_shift.to(dtype).float()[None, :, None, None]
-    ref = F.conv2d(F.relu(v).to(dtype).float(), w.float(), b.float(), *geo)
+    norm, transform = _input_transform(x.shape[1], True, dtype)
+    out, _ = ops.conv2d_bn_stats(x, w, b, *geo, *norm, True)
+    ref = F.conv2d(transform(x), w.float(), b.float(), *geo)
     assert_close(out, ref.to(dtype))
+
+
+def test_input_prologue_without_affine_and_the_standalone_apply_agree():
+    """weight/bias None mean 1 and 0; the prologue's x' is tritonkit::batch_norm_apply's, bit for bit."""
+    x, w, b, geo = _conv_inputs(BN_CASES[0], torch.float32, "channels_last")
+    (mean, invstd, _, _), _ = _input_transform(x.shape[1], True)
+    applied = ops.batch_norm_apply(x, mean, invstd, None, None, True)
+    out, _ = ops.conv2d_bn_stats(x, w, b, *geo, mean, invstd, None, None, True)
+    ref, _ = ops.conv2d_bn_stats(applied, w, b, *geo)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
 
 
 def test_fused_opcheck():
     x, w, b, geo = _conv_inputs(BN_CASES[2], torch.float32)
     weight, bias, mean, var, eps = _eval_bn(w.shape[0])
-    in_scale, in_shift, _ = _input_transform(x.shape[1], True)
+    norm, _ = _input_transform(x.shape[1], True)
     res = torch.randn(F.conv2d(x, w, None, *geo).shape)
     torch.library.opcheck(ops.conv2d_batch_norm.default, (x, w, b, weight, bias, mean, var, eps, res, *geo, True))
     torch.library.opcheck(ops.conv2d_batch_norm.default, (x, w, None, None, None, mean, var, eps, None, *geo, False))
     torch.library.opcheck(ops.conv2d_bn_stats.default, (x, w, b, *geo))
-    torch.library.opcheck(ops.conv2d_bn_stats.default, (x, w, None, *geo, in_scale, in_shift, False))
+    torch.library.opcheck(ops.conv2d_bn_stats.default, (x, w, None, *geo, *norm, False))
     args = (torch.randn(2, 3, 9, 9), torch.randn(4, 3, 3, 3), None, [1, 1], [1, 1], [1, 1], 1, [3, 3], [2, 2],
             [1, 1], [1, 1], True, *_eval_bn(4))
     torch.library.opcheck(ops.conv2d_relu_maxpool.default, args)
@@ -664,17 +676,27 @@ def test_conv_batch_norm_bad_arguments_raise(needle, bad):
 
 
 PROLOGUE_BAD = [
-    ("input_scale", dict(input_scale=torch.ones(4), input_shift=torch.ones(3))),
-    ("input_scale and input_shift", dict(input_scale=torch.ones(3))),
-    ("input_relu", dict(input_relu=True)),
+    ("input_mean should be 1-D and contain 3 elements", dict(input_mean=torch.ones(4), input_invstd=torch.ones(3))),
+    ("input_mean and input_invstd must be given together", dict(input_mean=torch.ones(3))),
+    ("input_relu, input_weight and input_bias need input_mean", dict(input_relu=True)),
+    ("input_relu, input_weight and input_bias need input_mean", dict(input_bias=torch.ones(3))),
+    ("input_weight must be float32 or the input's dtype", dict(input_mean=torch.ones(3), input_invstd=torch.ones(3),
+                                                               input_weight=torch.ones(3, dtype=torch.float64))),
 ]
 
 
 @pytest.mark.parametrize("needle,prologue", PROLOGUE_BAD, ids=[f"{n}-{i}" for i, (n, _) in enumerate(PROLOGUE_BAD)])
-def test_prologue_bad_arguments_raise(needle, prologue):
-    x, w = torch.randn(2, 3, 8, 8), torch.randn(6, 3, 3, 3)
+@pytest.mark.parametrize("op", ["conv2d_bn_stats", "conv2d_backward", "conv2d_weight_grad"])
+def test_prologue_bad_arguments_raise(needle, prologue, op):
+    x, w, g = torch.randn(2, 3, 8, 8), torch.randn(6, 3, 3, 3), torch.randn(2, 6, 6, 6)
+    geo = ([1, 1], [0, 0], [1, 1], 1)
     with pytest.raises(RuntimeError, match=needle):
-        ops.conv2d_bn_stats(x, w, None, [1, 1], [0, 0], [1, 1], 1, **prologue)
+        if op == "conv2d_bn_stats":
+            ops.conv2d_bn_stats(x, w, None, *geo, **prologue)
+        elif op == "conv2d_backward":
+            ops.conv2d_backward(g, x, w, None, *geo, **prologue)
+        else:
+            ops.conv2d_weight_grad(g, x, None, [6, 3, 3, 3], *geo, **prologue)
 
 
 # --- input gradient + residual gradient (a ResNet block's grad_x) in one launch
@@ -969,6 +991,55 @@ def test_backward_bad_arguments_raise(needle, bad):
     args.update({k: bad.pop(k) for k in ("g", "x", "y") if k in bad})
     with pytest.raises(RuntimeError, match=needle):
         ops.conv2d_backward(args["g"], args["x"], torch.randn(6, 3, 3, 3), args["y"], [1, 1], [0, 0], [1, 1], 1, **bad)
+
+
+# The input prologue in the gradients: the forward read x' = relu(bn(x)) through its prologue, so the
+# weight gradient recomputes x' from x as it loads it (dx is the gradient of x').
+PROLOGUE_BACKWARD_CASES = [SWEEP[1], SWEEP[2], SWEEP[3], SWEEP[11], BN_CASES[0]]
+
+
+@pytest.mark.parametrize("case", PROLOGUE_BACKWARD_CASES, ids=str)
+@pytest.mark.parametrize("op", ["conv2d_backward", "conv2d_weight_bias_grad", "conv2d_weight_grad"])
+@pytest.mark.parametrize("input_relu", [True, False])
+def test_backward_input_prologue_matches_eager(case, op, input_relu):
+    x, w, _, geo = _conv_inputs(case, torch.float32, "channels_last")
+    norm, transform = _input_transform(x.shape[1], input_relu)
+    xp = transform(x)
+    y = F.relu(F.conv2d(xp, w, None, *geo))
+    g = torch.randn(y.shape)
+    ref = _backward_ref(g, xp, w, y, geo)
+    prologue = dict(zip(("input_mean", "input_invstd", "input_weight", "input_bias"), norm), input_relu=input_relu)
+    if op == "conv2d_backward":
+        with conv_kernels.weight_grad_split(2):
+            got = ops.conv2d_backward(g, x, w, y, *geo, bias_grad=True, **prologue)
+        assert_close(got[0], ref[0], grad=True)
+    elif op == "conv2d_weight_bias_grad":
+        got = (None, *ops.conv2d_weight_bias_grad(g, x, y, list(w.shape), *geo, **prologue))
+    else:
+        got = (None, ops.conv2d_weight_grad(g, x, y, list(w.shape), *geo, **prologue), ref[2])
+    assert_close(got[1], ref[1], grad=True)
+    assert_close(got[2], ref[2], grad=True)
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_backward_input_prologue_half(dtype):
+    x, w, _, geo = _conv_inputs(SWEEP[2], dtype, "channels_last")
+    norm, transform = _input_transform(x.shape[1], True, dtype)
+    xp = transform(x)
+    g = torch.randn(F.conv2d(xp, w.float(), None, *geo).shape).to(dtype)
+    ref = _backward_ref(g.float(), xp, w.float(), None, geo)
+    dx, dw, _ = ops.conv2d_backward(g, x, w, None, *geo, None, None, False, *norm, True)
+    assert_close(dx, ref[0].to(dtype), grad=True)
+    assert_close(dw, ref[1].to(dtype), grad=True)
+
+
+def test_backward_input_prologue_opcheck():
+    x, w, _, geo = _conv_inputs(SWEEP[3], torch.float32, "channels_last")
+    norm, _ = _input_transform(x.shape[1], True)
+    g = torch.randn(F.conv2d(x, w, None, *geo).shape)
+    torch.library.opcheck(ops.conv2d_backward.default, (g, x, w, None, *geo, None, None, True, *norm, True))
+    torch.library.opcheck(ops.conv2d_weight_grad.default, (g, x, None, list(w.shape), *geo, *norm, True))
+    torch.library.opcheck(ops.conv2d_weight_bias_grad.default, (g, x, None, list(w.shape), *geo, *norm, False))
 
 
 def test_backward_without_a_fitting_pair_runs_two_launches(monkeypatch):

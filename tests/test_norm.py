@@ -14,6 +14,7 @@ import tritonkit.ops.conv  # noqa: F401  (conv2d_bn_stats builds the partials)
 import tritonkit.ops.norm  # noqa: F401  (registers the ops)
 from tritonkit.kernels import conv as conv_kernels
 from tritonkit.kernels import norm as kernels
+from tritonkit.kernels.pool import output_memory_format
 from tritonkit.runtime import default_device
 from tritonkit.testing import (
     BN_INVSTD_RTOL,
@@ -724,6 +725,99 @@ def test_backward_relu6_mask(layouts, train, affine, dtype):
     torch.testing.assert_close(eager_mask(g, y, "relu6"), decomposition(g, y, 0.0, 6.0), equal_nan=True, rtol=0, atol=0)
     result = check_backward(g, x, w, rm, rv, train, relu_output=y, activation="relu6")
     assert all(r.isfinite().all() for r in result)
+
+
+def own_output(x, save, w, b, relu=True):
+    """relu(bn(x)) as tritonkit::batch_norm_apply computes it (float32, rounded to x's dtype)."""
+    mean, invstd = (t.float()[None, :, None, None] for t in save)
+    k = invstd * (1.0 if w is None else w.float()[None, :, None, None])
+    v = (x.float() - mean) * k + (0.0 if b is None else b.float()[None, :, None, None])
+    return (v.relu() if relu else v).to(x.dtype)
+
+
+@pytest.mark.parametrize("layouts", [("contiguous", "contiguous"), ("channels_last", "channels_last"),
+                                     ("contiguous", "channels_last")])
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_backward_mask_from_its_output(layouts, affine, dtype):
+    """mask_from_output: the ReLU mask is the BN output recomputed from the input (the joint-graph pass's
+    batch_norm_apply) instead of a stored relu_output; the same result as passing that output, and
+    NaN gradients where it is <= 0 vanish."""
+    shape = (3, 5, 6, 7)
+    x = make(shape, layouts[1], dtype)
+    save = [t.to(dtype) if DEVICE.type == "cpu" else t
+            for t in aten._native_batch_norm_legit.no_stats(x.float(), None, None, True, 0.1, EPS)[1:]]
+    w, b, rm, rv = params(5, dtype, affine)
+    y = own_output(x, save, w, b)
+    torch.testing.assert_close(ops.batch_norm_apply(x, *save, w, b, True), y, rtol=0, atol=0)
+    g = torch.where((y == 0) & (torch.rand(shape, device=DEVICE) < 0.5), float("nan"), make(shape, layouts[0], dtype))
+    result = ops.batch_norm_backward(g, x, w, rm, rv, *save, True, EPS, [True] * 3, None, "relu", b, True)
+    ref = check_backward(g, x, w, rm, rv, True, relu_output=y, save=save)
+    for got, want in zip(result, ref):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert all(r.isfinite().all() for r in result)
+
+
+@pytest.mark.parametrize("needle,kwargs", [
+    ("mask_from_output recomputes", dict(relu_output=True, mask_from_output=True)),
+    ("mask_from_output recomputes", dict(train=False, mask_from_output=True)),
+    ("mask_from_output recomputes", dict(activation="sigmoid", mask_from_output=True)),
+    ("output_bias is read only with mask_from_output", dict(output_bias=True)),
+    ("output_bias should contain 5 elements", dict(output_bias=torch.ones(4), mask_from_output=True)),
+], ids=str)
+def test_backward_mask_from_output_bad_arguments(needle, kwargs):
+    x = make((2, 5, 3, 3))
+    save = aten._native_batch_norm_legit.no_stats(x, None, None, True, 0.1, EPS)[1:]
+    args = dict(relu_output=None, activation="relu", output_bias=None, mask_from_output=False, train=True) | kwargs
+    args["relu_output"] = x.relu() if args["relu_output"] is True else None
+    args["output_bias"] = vec(5) if args["output_bias"] is True else args["output_bias"]
+    rm, rv = vec(5), vec(5, positive=True)
+    with pytest.raises(RuntimeError, match=needle):
+        ops.batch_norm_backward(x, x, vec(5), rm, rv, *save, args["train"], EPS, [True] * 3, args["relu_output"],
+                                args["activation"], args["output_bias"], args["mask_from_output"])
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("relu", [True, False])
+def test_batch_norm_apply(layout, dtype, relu):
+    x = make((2, 6, 5, 7), layout, dtype, scale=2.0, shift=1.0)
+    save = (vec(6), vec(6, positive=True))
+    w, b, _, _ = params(6, dtype)
+    out = ops.batch_norm_apply(x, *save, w, b, relu)
+    assert out.is_contiguous(memory_format=output_memory_format(x))
+    ref = (x.float() - save[0][None, :, None, None]) * (save[1] * w.float())[None, :, None, None]
+    ref = ref + b.float()[None, :, None, None]
+    assert_close(out, (ref.relu() if relu else ref).to(dtype))
+    torch.library.opcheck(ops.batch_norm_apply.default, (x, *save, None, None, relu))
+
+
+@pytest.mark.parametrize("needle,bad", [
+    ("mean should contain 6 elements", dict(mean=torch.zeros(5))),
+    ("invstd must be float32 or the input's dtype", dict(invstd=torch.ones(6, dtype=torch.float64))),
+    ("weight", dict(weight=torch.ones(7))),
+], ids=str)
+def test_batch_norm_apply_bad_arguments(needle, bad):
+    args = dict(mean=torch.zeros(6), invstd=torch.ones(6), weight=None, bias=None) | bad
+    with pytest.raises(RuntimeError, match=needle):
+        ops.batch_norm_apply(make((2, 6, 3, 3)), *args.values())
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_stats_from_partials_are_from_partials_without_the_apply(momentum, dtype):
+    y, partials = conv_with_partials((2, 4, 9, 11), 6, "channels_last", dtype, shift=3.0)
+    _, _, rm, rv = params(6, torch.float32)
+    nbt = torch.tensor(4, device=DEVICE)
+    stats = ops.batch_norm_stats_from_partials(y, partials, rm, rv, nbt, momentum, EPS)
+    full = ops.batch_norm_train_from_partials(y, partials, None, None, rm, rv, nbt, momentum, EPS)
+    assert len(stats) == 5
+    for got, ref in zip(stats, full[1:6], strict=True):
+        assert got.dtype == ref.dtype and got.shape == ref.shape
+        torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    torch.library.opcheck(ops.batch_norm_stats_from_partials.default, (y, partials, rm, rv, nbt, momentum, EPS))
+    with pytest.raises(RuntimeError, match="partials shape"):
+        ops.batch_norm_stats_from_partials(y, partials[1:], rm, rv, nbt, momentum, EPS)
 
 
 def test_backward_relu6_matches_autograd_chain():

@@ -70,6 +70,7 @@ from typing import Any
 import torch
 from torch import fx
 
+from tritonkit.lowering.joint import partition
 from tritonkit.lowering.lower import GraphLowering
 from tritonkit.lowering.report import (
     FALLBACK_POLICIES,
@@ -148,8 +149,11 @@ def backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dict | N
 
         return compile_graph
 
+    from torch._functorch.partitioners import default_partition
+
     return aot_autograd(fw_compiler=compiler("forward"), bw_compiler=compiler("backward"),
-                        inference_compiler=compiler("inference"))(gm, example_inputs)
+                        inference_compiler=compiler("inference"),
+                        partition_fn=partition if opts.fuse_relu else default_partition)(gm, example_inputs)
 
 
 def explain(model: Callable, *example_inputs, **options) -> Report:

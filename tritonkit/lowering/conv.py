@@ -25,6 +25,8 @@ from __future__ import annotations
 import logging
 import operator
 
+import torch
+
 from tritonkit.lowering import depthwise, norm
 from tritonkit.lowering.graph import Fail, New, Rewrite, Spec, aten, bind, is_call, only_user, sum_with, val
 from tritonkit.lowering.rules import mask_consumer, rule
@@ -128,14 +130,27 @@ def _conv_bn_eval(lw, conv, x, w, b, geo):
     return None if rewrite is None else Rewrite(rewrite.specs, (conv, *rewrite.absorbed))
 
 
+def input_prologue(x) -> tuple:
+    """``(source, prologue args)``: for ``x`` a ``tritonkit::batch_norm_apply`` (the joint-graph pass's,
+    :mod:`tritonkit.lowering.joint`) its input and ``(input_mean, input_invstd, input_weight, input_bias,
+    input_relu)``, so a conv loads ``x`` through its input prologue; else ``(x, ())``."""
+    if not is_call(x, torch.ops.tritonkit.batch_norm_apply.default):
+        return x, ()
+    source, mean, invstd, weight, bias, *relu = x.args
+    return source, (mean, invstd, weight, bias, bool(relu and relu[0]))
+
+
 def _conv_bn_train(lw, conv, x, w, b, geo):
     """conv -> training BatchNorm: the conv writes the BN statistics' per-tile partials in its epilogue
-    (``conv2d_bn_stats``) and the BatchNorm call combines them instead of reading the output again."""
+    (``conv2d_bn_stats``) and the BatchNorm call combines them instead of reading the output again; an
+    input that is a recomputed BatchNorm apply is read through the conv's input prologue."""
     bn = norm.user_of(conv, norm.TRAIN)
     if bn is None:
         return None
-    return norm.from_partials_rewrite(lw, conv, bn, New(lw.tk.conv2d_bn_stats.default, (x, w, b, *geo)),
-                                      "conv2d_bn_stats")
+    source, prologue = input_prologue(x)
+    label = "conv2d_bn_stats(input prologue)" if prologue else "conv2d_bn_stats"
+    return norm.from_partials_rewrite(lw, conv, bn, New(lw.tk.conv2d_bn_stats.default, (source, w, b, *geo, *prologue)),
+                                      label)
 
 
 # ------------------------------------------------------------------------------------------ backward
@@ -154,6 +169,9 @@ def _backward_specs(lw, node, g=None, mask=None, residual=None) -> list[Spec] | 
         if not a["output_mask"][i]:
             raise Fail(f"output {i} is used but output_mask does not ask for it")
     g = grad if g is None else g
+    source, prologue = input_prologue(x)
+    if prologue and 1 not in outs:  # the input gradient alone does not read the input
+        source, prologue = x, ()
     if depthwise.is_depthwise(x, w, geo[3]):
         found = sum_with(outs[0]) if 0 in outs and residual is None else None
         specs = depthwise.backward_specs(lw, outs, g, x, w, mask, geo, residual or found and (*found, None))
@@ -174,8 +192,9 @@ def _backward_specs(lw, node, g=None, mask=None, residual=None) -> list[Spec] | 
         note = "" if not extra else "(+ masked residual)" if extra[1] is not None else "(+ residual)"
         combined = 1 in outs and all(lw.defined_before(t, first) for t in extra)
         if combined:  # one launch for all the gradients; its emission point must see the residual
-            call = New(lw.tk.conv2d_backward.default, (g, x, w, mask, *geo, *(extra or (None, None)), 2 in outs))
-            label = "conv2d_backward" + note
+            call = New(lw.tk.conv2d_backward.default,
+                       (g, source, w, mask, *geo, *(extra or (None, None)), 2 in outs, *prologue))
+            label = "conv2d_backward" + note + ("(input prologue)" if prologue else "")
             specs = [Spec(operator.getitem, (call, i), target if i == 0 else outs[i], label) for i in sorted(outs)]
             for spec in specs:
                 lw.checker.check(spec)
@@ -185,12 +204,12 @@ def _backward_specs(lw, node, g=None, mask=None, residual=None) -> list[Spec] | 
     if combined:
         pass
     elif 1 in outs and 2 in outs:
-        call = New(lw.tk.conv2d_weight_bias_grad.default, (g, x, mask, lw.sizes(w), *geo))
+        call = New(lw.tk.conv2d_weight_bias_grad.default, (g, source, mask, lw.sizes(w), *geo, *prologue))
         specs += [Spec(operator.getitem, (call, i - 1), outs[i], "conv2d_weight_bias_grad") for i in (1, 2)]
         for spec in specs[-2:]:
             lw.checker.check(spec)
     elif 1 in outs:
-        specs.append(lw.spec("conv2d_weight_grad", (g, x, mask, lw.sizes(w), *geo), outs[1]))
+        specs.append(lw.spec("conv2d_weight_grad", (g, source, mask, lw.sizes(w), *geo, *prologue), outs[1]))
     elif 2 in outs:
         specs.append(lw.spec("bias_grad", (g, mask, 1), outs[2]))
     for spec in specs:

@@ -12,6 +12,7 @@ from torch import fx
 aten = torch.ops.aten
 
 VIEWS = (aten.view.default, aten._unsafe_view.default)
+DETACH = (aten.detach.default, aten.alias.default)  # the same values: autograd's views in joint graphs
 
 # Nodes that launch nothing: getitem, views of metadata, size queries, allocations left uninitialised.
 _FREE = {operator.getitem, aten._unsafe_view.default, aten.sym_size.int, aten.sym_stride.int,

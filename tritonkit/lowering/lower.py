@@ -13,6 +13,7 @@ from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from tritonkit.lowering import rules
 from tritonkit.lowering.checks import FakeChecker
 from tritonkit.lowering.graph import VIEWS, Fail, New, Rewrite, Spec, aten, is_call, launches, only_user, val
+from tritonkit.lowering.joint import RECOMPUTED
 from tritonkit.lowering.report import Fallback, GraphReport, Lowered, LoweringError, Options
 
 log = logging.getLogger("tritonkit.lowering")
@@ -46,7 +47,8 @@ class GraphLowering:
 
     # -------------------------------------------------------------------------------- entry point
     def run(self) -> GraphReport:
-        before = sum(launches(n) for n in self.graph.nodes)
+        # eager's count: not the joint-graph pass's recomputations, which eager's backward does not run
+        before = sum(launches(n) for n in self.graph.nodes if not (self.kind == "backward" and n.meta.get(RECOMPUTED)))
         for node in list(self.graph.nodes):
             if node.op != "call_function" or node in self.consumed:
                 continue
@@ -72,7 +74,7 @@ class GraphLowering:
         self.gm.recompile()
         eager_ops: dict[str, int] = {}
         for node in self.graph.nodes:
-            if launches(node) and node not in self.created:
+            if launches(node) and node not in self.created and not _is_tritonkit(node):
                 eager_ops[str(node.target)] = eager_ops.get(str(node.target), 0) + 1
         for f in self.fallbacks:  # candidates that fell back are listed with their reason instead
             eager_ops[f.target] = eager_ops.get(f.target, 0) - 1
@@ -191,6 +193,11 @@ class GraphLowering:
             inputs = node.all_input_nodes
             self.graph.erase_node(node)
             pending.update(inputs)
+
+
+def _is_tritonkit(node: fx.Node) -> bool:
+    """A tritonkit call already in the graph before lowering (the joint-graph pass's recomputed apply)."""
+    return isinstance(node.target, torch._ops.OpOverload) and node.target.namespace == "tritonkit"
 
 
 __all__ = ["GraphLowering"]

@@ -34,7 +34,19 @@ import operator
 import torch
 
 from tritonkit.kernels.norm import SAVES_INPUT
-from tritonkit.lowering.graph import Fail, New, Rewrite, Spec, activation_after, aten, bind, is_call, only_user, val
+from tritonkit.lowering.graph import (
+    DETACH,
+    Fail,
+    New,
+    Rewrite,
+    Spec,
+    activation_after,
+    aten,
+    bind,
+    is_call,
+    only_user,
+    val,
+)
 from tritonkit.lowering.rules import mask_consumer, rule
 
 TRAIN = (aten._native_batch_norm_legit_functional.default, aten._native_batch_norm_legit.no_stats)
@@ -147,12 +159,15 @@ def train_rewrite(lw, node, partials=None) -> Rewrite:
     if counter is not None and not all(lw.defined_before(a, counter) for a in (x, w, b, rm, rv, residual)):
         counter = None  # the fused call is emitted where the increment is: its inputs must exist there
     nbt = None if counter is None else counter.args[0]
-    if partials is None:
-        name, head = "batch_norm_train", (x,)
+    shift = 0  # output i of the ATen op is output i - shift of the tritonkit call
+    if partials is not None and 0 not in outs:  # its readers apply it as they load its input (lowering.joint)
+        name, shift = "batch_norm_stats_from_partials", 1
+        call = New(lw.tk.batch_norm_stats_from_partials.default, (x, partials, rm, rv, nbt, momentum, eps))
     else:
-        name, head = "batch_norm_train_from_partials", (x, partials)
-    kind = () if act is None else act[1]
-    call = New(getattr(lw.tk, name).default, (*head, w, b, rm, rv, nbt, momentum, eps, residual, relu, *kind))
+        name, head = ("batch_norm_train", (x,)) if partials is None else \
+            ("batch_norm_train_from_partials", (x, partials))
+        kind = () if act is None else act[1]
+        call = New(getattr(lw.tk, name).default, (*head, w, b, rm, rv, nbt, momentum, eps, residual, relu, *kind))
     label = epilogue_label(name, residual, relu, *activation_label(act),
                            *["num_batches_tracked += 1"] * (counter is not None))
     replaced = {i: last if i == 0 else outs[i] for i in outs}
@@ -162,7 +177,7 @@ def train_rewrite(lw, node, partials=None) -> Rewrite:
             replaced[6] = last  # the BN output, saved for the activation's backward
     if counter is not None:
         replaced[5] = counter
-    specs = lw.in_graph_order([Spec(operator.getitem, (call, i), n, label) for i, n in replaced.items()])
+    specs = lw.in_graph_order([Spec(operator.getitem, (call, i - shift), n, label) for i, n in replaced.items()])
     for spec in specs:
         lw.checker.check(spec)
     absorbed = (node,) if last is None else (node, outs[0], *between(outs[0], last))
@@ -247,13 +262,31 @@ def backward_specs(lw, node, grad=None, relu_output=None, activation="relu"):
             raise Fail(f"output {i} is used but output_mask does not ask for it")
     mask = [i in outs for i in range(3)]  # compute only what is used
     saved = (a["save_mean"], a["save_invstd"]) if a["train"] else (None, None)  # eval: empty, unused
+    own = own_output_bias(relu_output, x, w, *saved) if activation == "relu" else None
+    tail = (relu_output, activation) if own is None else (None, activation, own[0], True)
     call = New(lw.tk.batch_norm_backward.default, (grad, x, w, a["running_mean"], a["running_var"], *saved,
-                                                   a["train"], a["eps"], mask, relu_output, activation))
+                                                   a["train"], a["eps"], mask, *tail))
     label = "batch_norm_backward" + (f"({activation} mask)" if activation != "relu" else "")
-    specs = [Spec(operator.getitem, (call, i), outs[i], label) for i in sorted(outs)]
+    label += "(mask from its output)" if own is not None else ""
+    specs = [Spec(operator.getitem, (call, i), outs[i], label, masked=own is None) for i in sorted(outs)]
     for spec in specs:
         lw.checker.check(spec)
     return specs
+
+
+def own_output_bias(y, x, weight, save_mean, save_invstd) -> tuple | None:
+    """``(bias,)`` when ``y`` (through ``detach`` views) is ``relu(bn(x))`` recomputed as
+    ``tritonkit::batch_norm_apply(x, save_mean, save_invstd, weight, bias, relu=True)`` (the joint-graph
+    pass's, :mod:`tritonkit.lowering.joint`): the BatchNorm backward of ``x`` then takes the ReLU mask from
+    its own output (``mask_from_output``) and the apply need not run. Else None."""
+    while is_call(y, *DETACH):
+        y = y.args[0]
+    if not is_call(y, torch.ops.tritonkit.batch_norm_apply.default) or save_mean is None:
+        return None
+    source, mean, invstd, w, bias, *relu = y.args
+    if (source, mean, invstd, w) != (x, save_mean, save_invstd, weight) or not (relu and relu[0]):
+        return None
+    return (bias,)
 
 
 @rule(aten.native_batch_norm_backward.default)

@@ -1,5 +1,6 @@
 """BatchNorm2d custom ops: ``tritonkit::batch_norm_stats``, ``batch_norm_train``,
-``batch_norm_train_from_partials``, ``batch_norm_eval``, ``batch_norm_backward``.
+``batch_norm_train_from_partials``, ``batch_norm_stats_from_partials``, ``batch_norm_apply``,
+``batch_norm_eval``, ``batch_norm_backward``.
 
 * ``batch_norm_stats(input, eps) -> (mean, invstd)``: per-channel float32 statistics of 4-D
   ``input`` (any float dtype), ``invstd = 1 / sqrt(biased_var + eps)``; deterministic (no atomics).
@@ -30,6 +31,16 @@
   combined with Chan's formula in a fixed order (bit-identical reruns; kernels.norm explains the
   two-level tree for large T). RuntimeError before any launch for partials of another shape, dtype or
   device.
+* ``batch_norm_stats_from_partials(input, partials, running_mean, running_var, num_batches_tracked, momentum,
+  eps) -> (save_mean, save_invstd, running_mean_out, running_var_out, num_batches_tracked_out)``: the
+  statistics of ``batch_norm_train_from_partials`` (one finalize launch; ``input``, the conv output, is not
+  read) for a BatchNorm whose output is never stored: its consumers apply it as they load ``input`` (a conv's
+  input prologue, ``tritonkit::conv2d_bn_stats``'s ``input_mean``...), or ``batch_norm_apply`` does.
+* ``batch_norm_apply(input, mean, invstd, weight, bias, relu=False) -> out``: ``relu((input - mean[c]) *
+  invstd[c] * weight[c] + bias[c])`` (weight, bias optional), a training BatchNorm's output from given
+  statistics, in float32 as the conv input prologue computes it (bit for bit: a recomputed activation is
+  the stored one). The lowering writes it into the joint graph so the partitioner recomputes the
+  normalised activation in the backward instead of saving it.
 * ``batch_norm_eval(input, weight, bias, running_mean, running_var, eps, residual=None, relu=False,
   activation="none", min_val=0., max_val=6.) -> out``: ``act((x - running_mean) / sqrt(running_var + eps) *
   weight + bias [+ residual])``, ``act`` ReLU or ``activation`` as in ``batch_norm_train``.
@@ -48,7 +59,10 @@
   backward first, as ``activation_backward(grad_out, relu_output, kind)`` computes it. Without
   ``relu_output`` ``activation`` is unused (still checked: another value is a ValueError). A residual
   branch's gradient is that masked gradient itself: a caller that needs it computes ``relu_backward``
-  once and passes it here with ``relu_output=None``.
+  once and passes it here with ``relu_output=None``. ``mask_from_output=True`` (training, any activation
+  but sigmoid, no ``relu_output``): the activation's input is this BatchNorm's own output, recomputed from
+  ``input``, ``save_mean``, ``save_invstd``, ``weight`` and ``output_bias`` (None: 0) as ``batch_norm_apply``
+  computes it, for a forward that never stored it.
 
 ``out`` and ``grad_input`` take the input's memory format (``suggest_memory_format``: channels_last in,
 channels_last out; otherwise contiguous), as eager's CPU and cuDNN kernels allocate them. Every tensor
@@ -225,8 +239,7 @@ def _(input, weight, bias, running_mean, running_var, num_batches_tracked, momen
 
 
 def _check_from_partials(input, partials, weight, bias, running_mean, running_var, momentum, residual,
-                         num_batches_tracked):
-    op = _PARTIALS
+                         num_batches_tracked, op=_PARTIALS):
     C = _check_train(input, weight, bias, running_mean, running_var, momentum, residual, num_batches_tracked, op)
     if partials.dtype != torch.float32:
         raise RuntimeError(f"{op}: partials must be float32 (conv2d_bn_stats' tiles), got {partials.dtype}")
@@ -261,6 +274,57 @@ def _(input, partials, weight, bias, running_mean, running_var, num_batches_trac
     return _train_outputs(input, C, running_mean, running_var, num_batches_tracked, act)
 
 
+_STATS_PARTIALS, _APPLY = "tritonkit::batch_norm_stats_from_partials", "tritonkit::batch_norm_apply"
+
+
+@torch.library.custom_op(
+    _STATS_PARTIALS, mutates_args=(),
+    schema="(Tensor input, Tensor partials, Tensor? running_mean, Tensor? running_var, Tensor? num_batches_tracked, "
+           "float? momentum, float eps) -> (Tensor, Tensor, Tensor?, Tensor?, Tensor?)")
+def batch_norm_stats_from_partials(input, partials, running_mean, running_var, num_batches_tracked, momentum, eps):
+    _check_from_partials(input, partials, None, None, running_mean, running_var, momentum, None, num_batches_tracked,
+                         _STATS_PARTIALS)
+    return kernels.batch_norm_stats_from_partials(input, partials, running_mean, running_var, num_batches_tracked,
+                                                  momentum, eps)
+
+
+@batch_norm_stats_from_partials.register_fake
+def _(input, partials, running_mean, running_var, num_batches_tracked, momentum, eps):
+    C = _check_from_partials(input, partials, None, None, running_mean, running_var, momentum, None,
+                             num_batches_tracked, _STATS_PARTIALS)
+    return _train_outputs(input, C, running_mean, running_var, num_batches_tracked, None)[1:6]
+
+
+# --- batch_norm_apply -------------------------------------------------------------------------------------------
+
+
+def _check_apply(input, mean, invstd, weight, bias):
+    check_float_tensors(_APPLY, input=input)
+    _check_params(_APPLY, input, weight=weight, bias=bias)
+    C = _check_input(_APPLY, input)
+    for name, t in (("mean", mean), ("invstd", invstd)):
+        if t.dtype not in (torch.float32, input.dtype):
+            raise RuntimeError(f"{_APPLY}: {name} must be float32 or the input's dtype {input.dtype}, got {t.dtype}")
+        if t.device != input.device:
+            raise RuntimeError(f"{_APPLY}: {name} is on {t.device} but input is on {input.device}; expected one "
+                               "device")
+    _check_vectors(_APPLY, C, mean=mean, invstd=invstd, weight=weight, bias=bias)
+
+
+@torch.library.custom_op(
+    _APPLY, mutates_args=(),
+    schema="(Tensor input, Tensor mean, Tensor invstd, Tensor? weight, Tensor? bias, bool relu=False) -> Tensor")
+def batch_norm_apply(input, mean, invstd, weight, bias, relu=False):
+    _check_apply(input, mean, invstd, weight, bias)
+    return kernels.batch_norm_apply(input, mean, invstd, weight, bias, relu)
+
+
+@batch_norm_apply.register_fake
+def _(input, mean, invstd, weight, bias, relu=False):
+    _check_apply(input, mean, invstd, weight, bias)
+    return _out_like(input)
+
+
 # --- batch_norm_eval ----------------------------------------------------------------------------------------
 
 
@@ -289,13 +353,20 @@ def _(input, weight, bias, running_mean, running_var, eps, residual=None, relu=F
 
 
 def _check_backward(grad_out, input, weight, running_mean, running_var, save_mean, save_invstd, train,
-                    output_mask, relu_output, activation):
+                    output_mask, relu_output, activation, output_bias, mask_from_output):
     op = _BWD
     if activation not in kernels.ACTIVATIONS:
         raise ValueError(f"{op}: activation must be one of {', '.join(map(repr, kernels.ACTIVATIONS))}, got "
                          f"{activation!r}")
+    if mask_from_output and (relu_output is not None or not train or activation == "sigmoid"):
+        raise RuntimeError(f"{op}: mask_from_output recomputes the activation's input, the training BatchNorm's "
+                           f"output: it takes no relu_output, train=True and an activation other than sigmoid "
+                           f"(got relu_output {'given' if relu_output is not None else 'None'}, train={train}, "
+                           f"activation={activation!r})")
+    if output_bias is not None and not mask_from_output:
+        raise RuntimeError(f"{op}: output_bias is read only with mask_from_output=True")
     check_float_tensors(op, input=input, grad_out=grad_out, relu_output=relu_output)
-    _check_params(op, input, weight=weight, running_mean=running_mean, running_var=running_var)
+    _check_params(op, input, weight=weight, bias=output_bias, running_mean=running_mean, running_var=running_var)
     C = _check_input(op, input)
     _check_same_shape(op, "grad_out", grad_out, input)
     _check_same_shape(op, "relu_output", relu_output, input)
@@ -312,8 +383,8 @@ def _check_backward(grad_out, input, weight, running_mean, running_var, save_mea
         raise RuntimeError(f"{op}: save_mean and save_invstd must be given when train=True")
     if not train and (running_mean is None or running_var is None):
         raise RuntimeError(f"{op}: running_mean and running_var must be given when train=False")
-    _check_vectors(op, C, weight=weight, running_mean=running_mean, running_var=running_var,
-                   save_mean=save_mean, save_invstd=save_invstd)
+    _check_vectors(op, C, weight=weight, output_bias=output_bias, running_mean=running_mean,
+                   running_var=running_var, save_mean=save_mean, save_invstd=save_invstd)
     return C
 
 
@@ -322,21 +393,23 @@ def _check_backward(grad_out, input, weight, running_mean, running_var, save_mea
     mutates_args=(),
     schema="(Tensor grad_out, Tensor input, Tensor? weight, Tensor? running_mean, Tensor? running_var, "
            "Tensor? save_mean, Tensor? save_invstd, bool train, float eps, bool[3] output_mask, "
-           "Tensor? relu_output=None, str activation=\"relu\") -> (Tensor?, Tensor?, Tensor?)",
+           "Tensor? relu_output=None, str activation=\"relu\", Tensor? output_bias=None, "
+           "bool mask_from_output=False) -> (Tensor?, Tensor?, Tensor?)",
 )
 def batch_norm_backward(grad_out, input, weight, running_mean, running_var, save_mean, save_invstd, train, eps,
-                        output_mask, relu_output=None, activation="relu"):
+                        output_mask, relu_output=None, activation="relu", output_bias=None, mask_from_output=False):
     _check_backward(grad_out, input, weight, running_mean, running_var, save_mean, save_invstd, train,
-                    output_mask, relu_output, activation)
+                    output_mask, relu_output, activation, output_bias, mask_from_output)
     return kernels.batch_norm_backward(grad_out, input, weight, running_mean, running_var, save_mean, save_invstd,
-                                       train, eps, output_mask, relu_output, activation=activation)
+                                       train, eps, output_mask, relu_output, activation=activation,
+                                       output_bias=output_bias, mask_from_output=mask_from_output)
 
 
 @batch_norm_backward.register_fake
 def _(grad_out, input, weight, running_mean, running_var, save_mean, save_invstd, train, eps, output_mask,
-      relu_output=None, activation="relu"):
+      relu_output=None, activation="relu", output_bias=None, mask_from_output=False):
     C = _check_backward(grad_out, input, weight, running_mean, running_var, save_mean, save_invstd, train,
-                        output_mask, relu_output, activation)
+                        output_mask, relu_output, activation, output_bias, mask_from_output)
     want_dx, want_gw, want_gb = output_mask
     param_dtype = weight.dtype if weight is not None else input.dtype
     return (_out_like(input) if want_dx else None,
@@ -344,5 +417,5 @@ def _(grad_out, input, weight, running_mean, running_var, save_mean, save_invstd
             input.new_empty((C,), dtype=param_dtype) if want_gb else None)
 
 
-__all__ = ["batch_norm_backward", "batch_norm_eval", "batch_norm_stats", "batch_norm_train",
-           "batch_norm_train_from_partials"]
+__all__ = ["batch_norm_apply", "batch_norm_backward", "batch_norm_eval", "batch_norm_stats",
+           "batch_norm_stats_from_partials", "batch_norm_train", "batch_norm_train_from_partials"]
