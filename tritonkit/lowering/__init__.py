@@ -1,8 +1,10 @@
 """``torch.compile(model, backend="tritonkit")``: AOTAutograd graphs lowered onto tritonkit's custom ops.
 
-How it works: AOTAutograd (no decomposition table, the default partitioner) traces the forward and
-backward ATen graphs (or one inference graph under ``torch.no_grad()``); each graph is rewritten in
-place by a manual FX pass and run as plain Python (``make_boxed_func``). Rewrites, in every graph:
+How it works: AOTAutograd (no decomposition table) traces the forward and backward ATen graphs (or one
+inference graph under ``torch.no_grad()``); before the default partitioner splits a training graph,
+:mod:`tritonkit.lowering.joint` rewrites it so that a BatchNorm + ReLU output read only by convs is
+recomputed where it is read instead of saved. Each graph is then rewritten in place by a manual FX pass
+and run as plain Python (``make_boxed_func``). Rewrites, in every graph:
 
 ==========================================================  =============================================
 ATen                                                        tritonkit
@@ -54,8 +56,9 @@ Options, ``torch.compile(model, backend="tritonkit", options={...})``:
 The package: ``rules`` (the registry, and how a rule is written), one module of rules per op family
 (``conv`` with ``depthwise``, ``linear``, ``pool``, ``norm``, ``elementwise``, ``loss``), ``graph``
 (reading nodes; ``Spec``/``Rewrite``, what a rule returns), ``checks`` (the fake-tensor check of every
-rewrite), ``lower`` (the pass over a graph and the graph edits), ``report`` (options and reports), and
-here the backend itself.
+rewrite), ``lower`` (the pass over a graph and the graph edits), ``joint`` (the joint-graph pass and the
+``partition_fn``), ``report`` (options and reports), and here the backend itself. ``fuse_relu=False``
+also skips the joint-graph pass.
 """
 
 from __future__ import annotations
