@@ -110,6 +110,9 @@ F.conv2d(x, w, padding=1); torch.cuda.synchronize()" > "$OUT/autotune_run$run.tx
         echo "autotune run $run (N=$N): exit $?, $(grep -c 'Triton autotuning for function' "$OUT/autotune_run$run.txt") kernels benchmarked"
     done
     TRITONKIT_AUTOTUNE_CACHE="$AT" $PY -m tritonkit autotune --show | head -20
+    stage "a whole training step captured in one CUDA graph, per tritonkit optimizer (bench/capturable_step.py)"
+    TRITONKIT_INTERPRET=0 timeout -k 10 120 $PY bench/capturable_step.py
+    echo "capturable step: exit $?"
     stage "tritonkit bench, full (${FAMILIES:-every family}; limit ${T_BENCH}s)"
     TRITONKIT_INTERPRET=0 timeout -k 15 "$T_BENCH" $PY -m tritonkit.bench --out "$OUT" --budget-s $((T_BENCH - 60)) \
         ${FAMILY_ARGS[@]+"${FAMILY_ARGS[@]}"}
