@@ -58,7 +58,13 @@ from tritonkit.kernels.common import (
     per_flag_configs,
     tuned_kernel,
 )
-from tritonkit.kernels.elementwise import ACTIVATIONS, apply_activation
+from tritonkit.kernels.elementwise import (
+    ACTIVATIONS,
+    apply_activation,
+    apply_prologue,
+    prologue_args,
+    prologue_coefficients,
+)
 from tritonkit.kernels.pool import pool_output_size
 from tritonkit.runtime import INTERPRET
 
@@ -301,30 +307,6 @@ def _next_chunk(c0, kw, kh, C, KW, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _prologue_coefficients(in_mean_ptr, in_rstd_ptr, in_w_ptr, in_b_ptr, channel, c_ok):
-    """(mean, k, beta) per input channel ``channel`` (1-D) of the input prologue x' = (x - mean) * k + beta,
-    k = invstd * weight: a training BatchNorm's apply, in float32 (``kernels.norm._batch_norm_apply``'s
-    arithmetic, so a recomputed x' equals the stored one bit for bit)."""
-    mean = tl.load(in_mean_ptr + channel, mask=c_ok, other=0.0).to(tl.float32)
-    k = tl.load(in_rstd_ptr + channel, mask=c_ok, other=0.0).to(tl.float32)
-    k = k * tl.load(in_w_ptr + channel, mask=c_ok, other=0.0).to(tl.float32)
-    beta = tl.load(in_b_ptr + channel, mask=c_ok, other=0.0).to(tl.float32)
-    return mean, k, beta
-
-
-@triton.jit
-def _apply_prologue(a, mask, mean, k, beta, PROLOGUE: tl.constexpr):
-    """x as the conv reads it: (x - mean[c]) * k[c] + beta[c] for the tile's columns c (float32), then
-    ReLU when PROLOGUE == 2; padding and tails (``mask`` false) stay 0, so a padding tap contributes
-    nothing. Rounded back to x's dtype for the dot, as the normalised activation would be stored."""
-    v = (a.to(tl.float32) - mean[None, :]) * k[None, :]
-    v += beta[None, :]
-    if PROLOGUE == 2:
-        v = tl.where(v < 0, 0.0, v)
-    return tl.where(mask, v, 0.0).to(a.dtype)
-
-
-@triton.jit
 def _conv_fwd_reduce(
     acc, x_row, w_ptr, ih0, iw0, m_ok, oc, n_ok,
     H, W, KH, KW, Cg, dil_h, dil_w, sxc, sxh, sxw, swn, swc, swh, sww,
@@ -339,7 +321,7 @@ def _conv_fwd_reduce(
     is masked per column. Otherwise (few channels, e.g. 3 or 6) a step is BLOCK_K consecutive k of
     the flattened reduction, spanning taps, which wastes no lanes but splits k per column.
     PROLOGUE (1: a BatchNorm apply, 2: and ReLU) transforms x per input channel ``c_base + c`` as it is
-    loaded (``_apply_prologue``).
+    loaded (``kernels.elementwise.apply_prologue``).
     """
     if CHANNEL_INNER:
         rc = tl.arange(0, BLOCK_K)
@@ -358,9 +340,9 @@ def _conv_fwd_reduce(
             a_mask = row_ok[:, None] & c_ok[None, :]
             a = tl.load(x_tile + (c0 * sxc + kh * dil_h * sxh + kw * dil_w * sxw), mask=a_mask, other=0.0)
             if PROLOGUE:
-                mean, k, beta = _prologue_coefficients(in_mean_ptr, in_rstd_ptr, in_w_ptr, in_b_ptr, c_base + c0 + rc,
+                mean, k, beta = prologue_coefficients(in_mean_ptr, in_rstd_ptr, in_w_ptr, in_b_ptr, c_base + c0 + rc,
                                                        c_ok)
-                a = _apply_prologue(a, a_mask, mean, k, beta, PROLOGUE)
+                a = apply_prologue(a, a_mask, mean, k, beta, PROLOGUE)
             b = tl.load(w_tile + (c0 * swc + kh * swh + kw * sww), mask=c_ok[:, None] & n_ok[None, :], other=0.0)
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
             c0, kw, kh = _next_chunk(c0, kw, kh, Cg, KW, BLOCK_K)
@@ -379,8 +361,8 @@ def _conv_fwd_reduce(
             x_col = c * sxc + kh * dil_h * sxh + kw * dil_w * sxw
             a = tl.load(x_row[:, None] + x_col[None, :], mask=a_mask, other=0.0)
             if PROLOGUE:
-                mean, k, beta = _prologue_coefficients(in_mean_ptr, in_rstd_ptr, in_w_ptr, in_b_ptr, c_base + c, k_ok)
-                a = _apply_prologue(a, a_mask, mean, k, beta, PROLOGUE)
+                mean, k, beta = prologue_coefficients(in_mean_ptr, in_rstd_ptr, in_w_ptr, in_b_ptr, c_base + c, k_ok)
+                a = apply_prologue(a, a_mask, mean, k, beta, PROLOGUE)
             w_off = oc[None, :] * swn + (c * swc + kh * swh + kw * sww)[:, None]
             b = tl.load(w_ptr + w_off, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
@@ -585,7 +567,7 @@ def conv2d_fwd_bn_kernel(
     from its parameters, BN(v) = (v - running_mean[oc]) * (bn_weight[oc] / sqrt(running_var[oc] + eps)) + bn_bias[oc]
     (``_bn_eval``; bn_weight/bn_bias optional: HAS_BN_WEIGHT, HAS_BN_BIAS). STATS also writes the
     BatchNorm partials of conv + bias (``_store_bn_partials``); PROLOGUE transforms x per input channel
-    as it is loaded (``_apply_prologue``)."""
+    as it is loaded (``kernels.elementwise.apply_prologue``)."""
     group = tl.program_id(2)
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     ow = rm % OW
@@ -878,7 +860,7 @@ def _wgrad_tile(
     (column blocks fastest) of ``group`` over split ``split`` of the reduction; SPLIT_K > 1 writes
     float32 partials instead: split s at partial[s * PART + i], PART = OC*Cg*KH*KW (+ OC), i the
     contiguous-dw index, then db's OC. PROLOGUE: the forward's input x' recomputed from x as it is
-    loaded (``_apply_prologue``), so a BatchNorm'd input the forward never stored is never read."""
+    loaded (``kernels.elementwise.apply_prologue``), so a BatchNorm'd input the forward never stored is never read."""
     KK = KH * KW * Cg  # GEMM columns
     P = N * OH * OW  # reduction length
     num_n = tl.cdiv(KK, BLOCK_N)
@@ -898,7 +880,7 @@ def _wgrad_tile(
     kw_d = kw * dil_w
     x_col = (group * Cg + c) * sxc + kh_d * sxh + kw_d * sxw
     if PROLOGUE:  # per column, so loaded once
-        in_mean, in_k, in_beta = _prologue_coefficients(in_mean_ptr, in_rstd_ptr, in_w_ptr, in_b_ptr, group * Cg + c,
+        in_mean, in_k, in_beta = prologue_coefficients(in_mean_ptr, in_rstd_ptr, in_w_ptr, in_b_ptr, group * Cg + c,
                                                         n_ok)
 
     # This program's slice of the reduction, in whole BLOCK_K steps.
@@ -932,7 +914,7 @@ def _wgrad_tile(
         x_row = n * sxn + (oh * stride_h - pad_h) * sxh + (ow * stride_w - pad_w) * sxw
         b = tl.load(x_ptr + x_row[:, None] + x_col[None, :], mask=b_mask, other=0.0)
         if PROLOGUE:
-            b = _apply_prologue(b, b_mask, in_mean, in_k, in_beta, PROLOGUE)
+            b = apply_prologue(b, b_mask, in_mean, in_k, in_beta, PROLOGUE)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
 
     out_mask = m_ok[:, None] & n_ok[None, :]
@@ -1180,18 +1162,6 @@ def _bn_eval_args(w, bn_weight, bn_bias, running_mean, running_var):
     return pointers, flags
 
 
-def _prologue_args(x, input_norm, input_relu) -> tuple[tuple, int]:
-    """``(the four prologue pointers, PROLOGUE)`` for ``input_norm`` = (mean, invstd, weight, bias) per input
-    channel of ``x`` (weight/bias None: 1 and 0), or None (no prologue: ``x`` stands for the pointers)."""
-    if input_norm is None:
-        return (x,) * 4, 0
-    mean, invstd, weight, bias = input_norm
-    C = x.shape[1]
-    weight = torch.ones(C, dtype=torch.float32, device=x.device) if weight is None else weight
-    bias = torch.zeros(C, dtype=torch.float32, device=x.device) if bias is None else bias
-    return tuple(v.reshape(-1).contiguous() for v in (mean, invstd, weight, bias)), 2 if input_relu else 1
-
-
 def conv2d(x, w, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1, *, activation=None,
            allow_tf32=False, bn_weight=None, bn_bias=None, running_mean=None, running_var=None, eps=1e-5,
            residual=None, stats=False, input_norm=None, input_relu=False):
@@ -1230,7 +1200,7 @@ def conv2d(x, w, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), grou
         )
         return y
     bn_pointers, bn_flags = _bn_eval_args(w, bn_weight, bn_bias, running_mean, running_var)
-    in_pointers, prologue = _prologue_args(x, input_norm, input_relu)
+    in_pointers, prologue = prologue_args(x, input_norm, input_relu)
     conv2d_fwd_bn_kernel[grid](
         x, w, bias if bias is not None else w, y, *bn_pointers, r, partials if stats else w, *in_pointers, *shape,
         *conv, *x.stride(), *w.stride(), *y.stride(), *r.stride(), float(eps), float(min_val), float(max_val),
@@ -1377,7 +1347,7 @@ def conv2d_weight_grad(grad_out, x, relu_output, weight_size, stride, padding, d
     def grid(meta):
         return (triton.cdiv(OCg, meta["BLOCK_M"]) * triton.cdiv(KH * KW * Cg, meta["BLOCK_N"]), groups, split)
 
-    in_pointers, prologue = _prologue_args(x, input_norm, input_relu)
+    in_pointers, prologue = prologue_args(x, input_norm, input_relu)
     conv2d_weight_grad_kernel[grid](
         grad_out, r, x, dw, db if bias_grad else dw, partial if partial is not None else dw, *in_pointers,
         *shape, *conv, *grad_out.stride(), *r.stride(), *x.stride(), *dw.stride(),
@@ -1423,7 +1393,7 @@ def conv2d_backward(grad_out, x, w, relu_output, stride, padding, dilation, grou
         dw_tiles = triton.cdiv(OCg, meta["DW_BLOCK_M"]) * triton.cdiv(KH * KW * Cg, meta["DW_BLOCK_N"])
         return (dx_programs + dw_tiles * groups * split,)
 
-    in_pointers, prologue = _prologue_args(x, input_norm, input_relu)
+    in_pointers, prologue = prologue_args(x, input_norm, input_relu)
     conv2d_backward_kernel[grid](
         grad_out, r, w, x, dx, res, res_mask, dw, db if bias_grad else dw, partial if partial is not None else dw,
         *in_pointers, *shape, *conv, *_tap_steps(stride, dilation), groups, rows,

@@ -602,6 +602,45 @@ def bias_grad(grad_output: torch.Tensor, relu_output: torch.Tensor | None, dim: 
     return out
 
 
+# --- the training BatchNorm input prologue: what conv and pool kernels apply to an input as they load it -----
+
+
+@triton.jit
+def prologue_coefficients(in_mean_ptr, in_rstd_ptr, in_w_ptr, in_b_ptr, channel, c_ok):
+    """(mean, k, beta) per input channel ``channel`` (1-D) of the input prologue x' = (x - mean) * k + beta,
+    k = invstd * weight: a training BatchNorm's apply, in float32 (``kernels.norm._batch_norm_apply``'s
+    arithmetic, so a recomputed x' equals the stored one bit for bit)."""
+    mean = tl.load(in_mean_ptr + channel, mask=c_ok, other=0.0).to(tl.float32)
+    k = tl.load(in_rstd_ptr + channel, mask=c_ok, other=0.0).to(tl.float32)
+    k = k * tl.load(in_w_ptr + channel, mask=c_ok, other=0.0).to(tl.float32)
+    beta = tl.load(in_b_ptr + channel, mask=c_ok, other=0.0).to(tl.float32)
+    return mean, k, beta
+
+
+@triton.jit
+def apply_prologue(a, mask, mean, k, beta, PROLOGUE: tl.constexpr):
+    """x as a conv or pool reads it: (x - mean[c]) * k[c] + beta[c] for the tile's columns c (float32), then
+    ReLU when PROLOGUE == 2; padding and tails (``mask`` false) stay 0, so a padding tap contributes
+    nothing. Rounded back to x's dtype for the dot, as the normalised activation would be stored."""
+    v = (a.to(tl.float32) - mean[None, :]) * k[None, :]
+    v += beta[None, :]
+    if PROLOGUE == 2:
+        v = tl.where(v < 0, 0.0, v)
+    return tl.where(mask, v, 0.0).to(a.dtype)
+
+
+def prologue_args(x, input_norm, input_relu) -> tuple[tuple, int]:
+    """``(the four prologue pointers, PROLOGUE)`` for ``input_norm`` = (mean, invstd, weight, bias) per input
+    channel of ``x`` (weight/bias None: 1 and 0), or None (no prologue: ``x`` stands for the pointers)."""
+    if input_norm is None:
+        return (x,) * 4, 0
+    mean, invstd, weight, bias = input_norm
+    C = x.shape[1]
+    weight = torch.ones(C, dtype=torch.float32, device=x.device) if weight is None else weight
+    bias = torch.zeros(C, dtype=torch.float32, device=x.device) if bias is None else bias
+    return tuple(v.reshape(-1).contiguous() for v in (mean, invstd, weight, bias)), 2 if input_relu else 1
+
+
 __all__ = ["ACTIVATIONS", "SAVES_OUTPUT", "activation", "activation_backward", "activation_grad", "add_output_strides",
-           "add_relu", "apply_activation", "bias_grad", "channel_scale", "channel_scale_backward", "relu",
-           "relu_backward"]
+           "add_relu", "apply_activation", "apply_prologue", "bias_grad", "channel_scale", "channel_scale_backward",
+           "prologue_args", "prologue_coefficients", "relu", "relu_backward"]

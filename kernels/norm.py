@@ -484,7 +484,7 @@ def _grad_mask(g, y, MASK: tl.constexpr):
 def _own_output(x, mean, k, beta):
     """The BatchNorm's output recomputed from its input x (float32): (x - mean) * k + beta, k = invstd *
     weight, rounded to x's dtype as it was stored (``_batch_norm_apply``'s arithmetic and the conv input
-    prologue's, ``kernels.conv._apply_prologue``)."""
+    prologue's, ``kernels.elementwise.apply_prologue``)."""
     y = (x.to(tl.float32) - mean[None, :]) * k[None, :]
     y += beta[None, :]
     return y.to(x.dtype).to(tl.float32)

@@ -58,6 +58,7 @@ from tritonkit.kernels.common import (
     interp_block,
     tuned_kernel,
 )
+from tritonkit.kernels.elementwise import apply_prologue, prologue_args, prologue_coefficients
 
 
 def _config(block_p, block_c, warps):
@@ -78,26 +79,40 @@ _INTERP_HEURISTICS = {
 }
 
 
+_PROLOGUE_POINTERS = ("in_mean_ptr", "in_rstd_ptr", "in_w_ptr", "in_b_ptr")
+
+
 def _fwd_signature(dtype):
     t = TRITON_TYPE[dtype]
     ints = ["P", "C", "H", "W", "OH", "OW", "x_sn", "x_sc", "x_sh", "x_sw", "o_sn", "o_sc", "o_sh", "o_sw",
             "KH", "KW", "SH", "SW", "PH", "PW", "DH", "DW"]
-    return {"x_ptr": f"*{t}", "out_ptr": f"*{t}", "idx_ptr": "*i64", **{k: "i32" for k in ints},
-            "BLOCK_P": "constexpr", "BLOCK_C": "constexpr"}
+    return {"x_ptr": f"*{t}", "out_ptr": f"*{t}", "idx_ptr": "*i64", **dict.fromkeys(_PROLOGUE_POINTERS, "*fp32"),
+            **{k: "i32" for k in ints}, "PROLOGUE": "constexpr", "BLOCK_P": "constexpr", "BLOCK_C": "constexpr"}
+
+
+# the ResNet stem's max-pool (3x3 stride 2 over 64 channels at 112x112, channels_last) in training, its
+# input bn1(conv1) + ReLU applied as it is loaded
+_STEM = {"P": 32 * 56 * 56, "C": 64, "H": 112, "W": 112, "OH": 56, "OW": 56, "x_sn": 112 * 112 * 64, "x_sc": 1,
+         "x_sh": 112 * 64, "x_sw": 64, "o_sn": 56 * 56 * 64, "o_sc": 1, "o_sh": 56 * 64, "o_sw": 64}
 
 
 @tuned_kernel("max_pool2d_fwd", gpu_configs=_FWD_GPU_CONFIGS, interp_heuristics=_INTERP_HEURISTICS,
-              key=["P", "C", "OH", "OW", "KH", "KW", "o_sc"], signature=_fwd_signature)
+              key=["P", "C", "OH", "OW", "KH", "KW", "o_sc", "PROLOGUE"], signature=_fwd_signature,
+              constexprs=lambda dtype: {"PROLOGUE": 0},
+              variants={"prologue_stem": lambda dtype: {"PROLOGUE": 2, **_STEM}})
 @triton.jit
 def max_pool2d_fwd_kernel(
-    x_ptr, out_ptr, idx_ptr,
+    x_ptr, out_ptr, idx_ptr, in_mean_ptr, in_rstd_ptr, in_w_ptr, in_b_ptr,
     P, C, H, W, OH, OW,
     x_sn, x_sc, x_sh, x_sw,
     o_sn, o_sc, o_sh, o_sw,  # shared by out and idx (allocated alike)
     KH, KW, SH, SW, PH, PW, DH, DW,
+    PROLOGUE: tl.constexpr,  # 1: x is a training BatchNorm's input, applied as it is loaded; 2: and ReLU'd
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """out[n, c, oh, ow] = max of x over the window, idx = its ih * W + iw (aten's tie and NaN rule)."""
+    """out[n, c, oh, ow] = max of x over the window, idx = its ih * W + iw (aten's tie and NaN rule).
+    PROLOGUE: x' = (x - mean[c]) * invstd[c] * weight[c] + bias[c] (then ReLU), rounded to x's dtype as
+    the stored activation would be (``kernels.elementwise.apply_prologue``), is pooled instead."""
     pid = tl.program_id(0)
     c_blocks = tl.cdiv(C, BLOCK_C)
     p = (pid // c_blocks) * BLOCK_P + tl.arange(0, BLOCK_P)  # flat (n, oh, ow)
@@ -113,6 +128,8 @@ def max_pool2d_fwd_kernel(
     h_first = h0 + ((tl.maximum(-h0, 0) + DH - 1) // DH) * DH
     w_first = w0 + ((tl.maximum(-w0, 0) + DW - 1) // DW) * DW
 
+    if PROLOGUE:
+        in_mean, in_k, in_beta = prologue_coefficients(in_mean_ptr, in_rstd_ptr, in_w_ptr, in_b_ptr, c, c_ok)
     best = tl.full([BLOCK_P, BLOCK_C], float("-inf"), tl.float32)
     best_idx = tl.zeros([BLOCK_P, BLOCK_C], tl.int32) + (h_first * W + w_first)[:, None]
     x_nc = x_ptr + (n * x_sn)[:, None] + (c * x_sc)[None, :]
@@ -122,7 +139,11 @@ def max_pool2d_fwd_kernel(
         for kw in range(KW):
             iw = w0 + kw * DW
             ok = (h_ok & (iw >= 0) & (iw < W))[:, None] & c_ok[None, :]
-            v = tl.load(x_nc + (ih * x_sh + iw * x_sw)[:, None], mask=ok, other=float("-inf"))
+            if PROLOGUE:  # padding and tails load 0 (finite through the prologue), then pool as -inf
+                v = tl.load(x_nc + (ih * x_sh + iw * x_sw)[:, None], mask=ok, other=0.0)
+                v = tl.where(ok, apply_prologue(v, ok, in_mean, in_k, in_beta, PROLOGUE), float("-inf"))
+            else:
+                v = tl.load(x_nc + (ih * x_sh + iw * x_sw)[:, None], mask=ok, other=float("-inf"))
             v = v.to(tl.float32)
             take = ok & ((v > best) | (v != v))  # noqa: PLR0124  (v != v: NaN)
             best = tl.where(take, v, best)
@@ -464,10 +485,13 @@ def output_memory_format(x: torch.Tensor) -> torch.memory_format:
     return torch.channels_last
 
 
-def max_pool2d_forward(x: torch.Tensor, kernel_size, stride, padding, dilation, ceil_mode: bool):
+def max_pool2d_forward(x: torch.Tensor, kernel_size, stride, padding, dilation, ceil_mode: bool, *,
+                       input_norm=None, input_relu=False):
     """Values and int64 plane-offset indices of a 2-D max pool over 4-D ``x`` (any strides).
 
     Arguments are already-validated pairs ``(h, w)``; outputs are in ``output_memory_format(x)``.
+    ``input_norm``/``input_relu``: pool ``x'``, ``x`` through a training BatchNorm's apply (and ReLU) as it
+    is loaded (``kernels.conv.conv2d``'s input prologue).
     """
     N, C, H, W = x.shape
     (KH, KW), (SH, SW), (PH, PW), (DH, DW) = kernel_size, stride, padding, dilation
@@ -484,8 +508,10 @@ def max_pool2d_forward(x: torch.Tensor, kernel_size, stride, padding, dilation, 
     def grid(meta):
         return (triton.cdiv(P, meta["BLOCK_P"]) * triton.cdiv(C, meta["BLOCK_C"]),)
 
+    in_pointers, prologue = prologue_args(x, input_norm, input_relu)
     max_pool2d_fwd_kernel[grid](
-        x, out, idx, P, C, H, W, OH, OW, *x.stride(), *out.stride(), KH, KW, SH, SW, PH, PW, DH, DW,
+        x, out, idx, *in_pointers, P, C, H, W, OH, OW, *x.stride(), *out.stride(), KH, KW, SH, SW, PH, PW, DH, DW,
+        PROLOGUE=prologue,
     )
     return out, idx
 

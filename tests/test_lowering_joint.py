@@ -21,8 +21,16 @@ def stack():
                          nn.Conv2d(8, 6, 3, bias=False), nn.BatchNorm2d(6), nn.Flatten(), nn.LazyLinear(5))
 
 
+def stem():
+    """A ResNet stem (conv -> BN -> ReLU -> max-pool, stride 2 and padding) and a conv -> BN -> ReLU -> conv
+    after it: a BN output read only by a max-pool, then one read only by a conv."""
+    return nn.Sequential(nn.Conv2d(3, 8, 5, 2, 2, bias=False), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(3, 2, 1),
+                         nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 4, 1), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(5))
+
+
 class Branches(nn.Module):
-    """bn1's ReLU output read by a conv and by a max-pool; bn2's by a conv and a residual add."""
+    """bn1's ReLU output read by a conv and by an add; bn2's only by an add."""
 
     def __init__(self):
         super().__init__()
@@ -32,7 +40,7 @@ class Branches(nn.Module):
 
     def forward(self, x):
         a = F.relu(self.bn1(self.conv1(x)))
-        b = F.relu(self.bn2(self.conv2(a))) + F.max_pool2d(a, 3, 1, 1)
+        b = F.relu(self.bn2(self.conv2(a))) + a
         return self.bn3(self.conv3(b)) + b
 
 
@@ -115,8 +123,26 @@ def test_the_stack_trains_like_eager(data):
     assert_bn_net_trains_like_eager(model, *data)
 
 
+def test_the_stem_pools_through_its_prologue_and_trains_like_eager(data):
+    """The stem's BN + ReLU is applied as the max-pool loads it; the pool's backward needs only its indices
+    and the BN backward its own recomputed output, so the apply runs nowhere."""
+    xs, ts = data
+    torch.manual_seed(0)
+    model = stem().to(DEVICE)
+    model(xs[0])
+    torch._dynamo.reset()
+    report = explain(lambda x, t: F.cross_entropy(model(x), t).backward(), xs[0], ts[0])
+    ops = labels(report)
+    assert not report.fallbacks and not any(g.eager_ops for g in report.graphs), str(report)
+    assert ops.count("max_pool2d(input prologue)") == 1 and ops.count("conv2d_bn_stats(input prologue)") == 1, ops
+    assert ops.count("batch_norm_backward(mask from its output)") == 2, ops
+    assert not any("batch_norm_apply" in op for op in ops), ops
+    torch._dynamo.reset()
+    assert_bn_net_trains_like_eager(model, *data)
+
+
 def test_activations_read_by_other_ops_are_stored_and_train_like_eager(data):
-    """A ReLU output that a max-pool or an add also reads stays stored (those kernels have no prologue)."""
+    """A ReLU output that an add also reads stays stored (the add has no prologue)."""
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = Branches().to(DEVICE)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import tritonkit.ops.norm  # noqa: F401  (batch_norm_apply)
 import tritonkit.ops.pool  # noqa: F401  (registers the ops)
 from tritonkit.runtime import default_device
 from tritonkit.testing import assert_close
@@ -225,6 +226,63 @@ def test_opcheck(layout):
     torch.library.opcheck(ops.max_pool2d, (x, *args))
     values, indices = ops.max_pool2d(x, *args)
     torch.library.opcheck(ops.max_pool2d_backward, (torch.randn_like(values), x, indices, *args))
+
+
+# --- the input prologue: a training BatchNorm (+ ReLU) applied as the pool loads its input
+def bn_transform(c, dtype, relu):
+    """Per-channel (mean, invstd, weight, bias) with mostly positive biases (a padded tap taking the
+    transform of 0 would win the max) and the activation it gives, rounded to ``dtype`` as stored."""
+    norm = (torch.randn(c) * 0.3, torch.rand(c) + 0.5, torch.randn(c), torch.randn(c) * 0.5 + 1.0)
+
+    def apply(x):
+        mean, invstd, weight, bias = (v[None, :, None, None].to(DEVICE) for v in norm)
+        v = (x.float() - mean) * (invstd * weight) + bias
+        return (F.relu(v) if relu else v).to(dtype)
+
+    return tuple(v.to(DEVICE) for v in norm), apply
+
+
+@pytest.mark.parametrize("case", SWEEP[:4] + SWEEP[7:], ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
+@pytest.mark.parametrize("relu", [True, False])
+def test_input_prologue(case, layout, relu):
+    """Values and indices those of eager's pool of the transformed input (ties, padding and all)."""
+    shape, k, s, p, d, ceil = case
+    x = make_input(shape, layout)
+    norm, transform = bn_transform(shape[1], torch.float32, relu)
+    args = (_pair(k), _pair(s), _pair(p), _pair(d), ceil)
+    values, indices = ops.max_pool2d(x, *args, *norm, relu)
+    ref_values, ref_indices, ref_stride = eager_pool(transform(x), k, s, p, d, ceil)
+    assert_close(values.cpu(), ref_values)
+    assert torch.equal(indices.cpu(), ref_indices)
+    assert values.stride() == ref_stride
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_input_prologue_half(dtype):
+    """Half input: the pooled activation is the one tritonkit::batch_norm_apply stores (indices and values
+    exactly; Triton's interpreter rounds float32 to bfloat16 toward zero, eager to nearest), within the
+    dtype's tolerance of eager's transform."""
+    shape, k, s, p, d, ceil = SWEEP[0]
+    x = make_input(shape, "channels_last", dtype)
+    norm, transform = bn_transform(shape[1], dtype, True)
+    values, indices = ops.max_pool2d(x, _pair(k), _pair(s), _pair(p), _pair(d), ceil, *norm, True)
+    stored = ops.batch_norm_apply(x, *norm, True)
+    assert_close(stored, transform(x))
+    ref_values, ref_indices, _ = eager_pool(stored, k, s, p, d, ceil)
+    torch.testing.assert_close(values.cpu(), ref_values, rtol=0, atol=0)
+    assert torch.equal(indices.cpu(), ref_indices)
+
+
+def test_input_prologue_opcheck_and_bad_arguments():
+    x = make_input((2, 3, 9, 8), "channels_last")
+    norm, _ = bn_transform(3, torch.float32, True)
+    args = ([3, 3], [2, 2], [1, 1], [1, 1], True)
+    torch.library.opcheck(ops.max_pool2d, (x, *args, *norm, True))
+    with pytest.raises(RuntimeError, match="input_mean should be 1-D and contain 3 elements"):
+        ops.max_pool2d(x, *args, norm[0][:2], *norm[1:], True)
+    with pytest.raises(RuntimeError, match="input_mean and input_invstd must be given together"):
+        ops.max_pool2d(x, *args, norm[0])
 
 
 # (what, input shape, kernel_size, stride, padding, dilation): eager refuses each with RuntimeError,

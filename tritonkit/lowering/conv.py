@@ -25,10 +25,20 @@ from __future__ import annotations
 import logging
 import operator
 
-import torch
-
 from tritonkit.lowering import depthwise, norm
-from tritonkit.lowering.graph import Fail, New, Rewrite, Spec, aten, bind, is_call, only_user, sum_with, val
+from tritonkit.lowering.graph import (
+    Fail,
+    New,
+    Rewrite,
+    Spec,
+    aten,
+    bind,
+    input_prologue,
+    is_call,
+    only_user,
+    sum_with,
+    val,
+)
 from tritonkit.lowering.rules import mask_consumer, rule
 
 log = logging.getLogger("tritonkit.lowering")
@@ -128,16 +138,6 @@ def _conv_bn_eval(lw, conv, x, w, b, geo):
 
     rewrite = norm.eval_rewrite(lw, bn, make_spec, activations=True)
     return None if rewrite is None else Rewrite(rewrite.specs, (conv, *rewrite.absorbed))
-
-
-def input_prologue(x) -> tuple:
-    """``(source, prologue args)``: for ``x`` a ``tritonkit::batch_norm_apply`` (the joint-graph pass's,
-    :mod:`tritonkit.lowering.joint`) its input and ``(input_mean, input_invstd, input_weight, input_bias,
-    input_relu)``, so a conv loads ``x`` through its input prologue; else ``(x, ())``."""
-    if not is_call(x, torch.ops.tritonkit.batch_norm_apply.default):
-        return x, ()
-    source, mean, invstd, weight, bias, *relu = x.args
-    return source, (mean, invstd, weight, bias, bool(relu and relu[0]))
 
 
 def _conv_bn_train(lw, conv, x, w, b, geo):

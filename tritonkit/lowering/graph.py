@@ -158,6 +158,16 @@ def activation_after(node: fx.Node) -> tuple[fx.Node, tuple] | None:
     return None
 
 
+def input_prologue(x) -> tuple:
+    """``(source, prologue args)``: for ``x`` a ``tritonkit::batch_norm_apply`` (the joint-graph pass's,
+    :mod:`tritonkit.lowering.joint`) its input and ``(input_mean, input_invstd, input_weight, input_bias,
+    input_relu)``, so a conv or max-pool loads ``x`` through its input prologue; else ``(x, ())``."""
+    if not is_call(x, torch.ops.tritonkit.batch_norm_apply.default):
+        return x, ()
+    source, mean, invstd, weight, bias, *relu = x.args
+    return source, (mean, invstd, weight, bias, bool(relu and relu[0]))
+
+
 def only_user(node: fx.Node) -> fx.Node | None:
     users = list(node.users)
     return users[0] if len(users) == 1 else None

@@ -4,25 +4,27 @@ AOTAutograd traces one joint forward+backward graph and a partitioner splits it;
 for the backward every forward value the backward reads. In ``conv -> BatchNorm -> ReLU -> conv``
 that is the normalised activation ``a = relu(bn(y))``, which the second conv's weight gradient and the
 ReLU's backward read, so the forward must write ``a`` even when the second conv could normalise ``y``
-as it loads it. This pass, run on the joint graph before the default partitioner
+as it loads it (the ResNet stem's max-pool too). This pass, run on the joint graph before the default partitioner
 (:func:`partition`), rewrites ``relu(getitem(bn, 0))`` as ``tritonkit::batch_norm_apply(y, save_mean,
 save_invstd, weight, bias, relu=True)`` and tags it (and the ``detach`` views of it) for recomputation,
 the tag ``torch.utils.checkpoint``'s selective checkpointing uses. The partitioner then saves ``y`` and the
 per-channel statistics, which the BatchNorm backward reads anyway, and copies the apply into the
 backward graph. The lowering of each graph folds it into what reads it:
 
-* forward: the consuming conv's input prologue (``conv2d_bn_stats(y, ..., input_mean=save_mean, ...)``);
-  the BatchNorm itself computes only its statistics (``batch_norm_stats_from_partials``);
+* forward: the consuming conv's or max-pool's input prologue (``conv2d_bn_stats(y, ...,
+  input_mean=save_mean, ...)``, ``max_pool2d(y, ..., input_mean=...)``); the BatchNorm itself computes only
+  its statistics (``batch_norm_stats_from_partials``);
 * backward: the consuming conv's weight gradient recomputes ``a`` from ``y`` as it loads it
-  (``conv2d_backward(..., input_mean=...)``), and the BatchNorm backward takes the ReLU mask from its own
-  output recomputed the same way (``batch_norm_backward(..., mask_from_output=True)``).
+  (``conv2d_backward(..., input_mean=...)``; a max-pool's backward reads only its indices), and the
+  BatchNorm backward takes the ReLU mask from its own output recomputed the same way
+  (``batch_norm_backward(..., mask_from_output=True)``).
 
-So a conv + BN + ReLU layer whose consumers are convs never writes its normalised activation. The
-rewrite is made only where every forward reader of ``a`` is a (non-depthwise) convolution whose output
-feeds a training BatchNorm (what ``conv2d_bn_stats`` fuses), and the BatchNorm's input is a convolution
-(whose epilogue gives the statistics). Where a graph's lowering then cannot fold the apply (a dtype the
-interpreter cannot run, ``fallback`` leaving a conv in ATen), it runs as its own tritonkit launch: the
-values are the same either way.
+So a conv + BN + ReLU layer whose consumers are convs or max-pools never writes its normalised
+activation. The rewrite is made only where every forward reader of ``a`` is a (non-depthwise)
+convolution whose output feeds a training BatchNorm (what ``conv2d_bn_stats`` fuses) or a max-pool, and
+the BatchNorm's input is a convolution (whose epilogue gives the statistics). Where a graph's lowering
+then cannot fold the apply (a dtype the interpreter cannot run, ``fallback`` leaving a conv in ATen), it
+runs as its own tritonkit launch: the values are the same either way.
 """
 
 from __future__ import annotations
@@ -55,9 +57,14 @@ def _convolution_reading(node: fx.Node, value: fx.Node) -> bool:
     return any(is_call(u, TRAIN_BN) and u.args[0] is node for u in node.users)
 
 
+def _max_pool_reading(node: fx.Node, value: fx.Node) -> bool:
+    return is_call(node, aten.max_pool2d_with_indices.default) and node.args[0] is value
+
+
 def _candidate(bn: fx.Node):
     """``(relu, save_mean, save_invstd)`` when ``bn``'s output is read only by a ReLU whose forward
-    readers are all convolutions that ``conv2d_bn_stats`` fuses with its input prologue, else None."""
+    readers are all convolutions that ``conv2d_bn_stats`` fuses with its input prologue or max-pools
+    (``max_pool2d``'s prologue; its backward reads only the indices), else None."""
     if not is_call(bn.args[0], aten.convolution.default) or not bn.args[5]:
         return None
     users = list(bn.users)
@@ -70,7 +77,7 @@ def _candidate(bn: fx.Node):
     if not is_call(relu, aten.relu.default) or not _forward(relu):
         return None
     readers = [u for u in relu.users if _forward(u) and not is_call(u, *DETACH)]
-    if not readers or not all(_convolution_reading(u, relu) for u in readers):
+    if not readers or not all(_convolution_reading(u, relu) or _max_pool_reading(u, relu) for u in readers):
         return None
     return relu, outs[1], outs[2]
 

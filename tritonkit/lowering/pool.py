@@ -9,24 +9,31 @@ import torch
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from tritonkit.kernels.pool import output_memory_format
-from tritonkit.lowering.graph import Fail, Rewrite, aten, bind, is_call, sum_with, val
+from tritonkit.lowering.graph import Fail, Rewrite, aten, bind, input_prologue, is_call, sum_with, val
 from tritonkit.lowering.rules import rule
 
 
 @rule(aten.max_pool2d_with_indices.default)
 def max_pool2d(lw, node):
+    """``max_pool2d_with_indices`` -> ``max_pool2d``; an input that is a recomputed BatchNorm apply (the
+    joint-graph pass's) is pooled through the pool's input prologue, never stored."""
     a = bind(node)
     lw.checker.tensors_ok(input=a["self"])
-    args = (a["self"], list(a["kernel_size"]), list(a["stride"]), list(a["padding"]),
-            list(a["dilation"]), a["ceil_mode"])
-    return Rewrite([lw.spec("max_pool2d", args, node)], (node,))
+    source, prologue = input_prologue(a["self"])
+    args = (source, list(a["kernel_size"]), list(a["stride"]), list(a["padding"]),
+            list(a["dilation"]), a["ceil_mode"], *prologue)
+    return Rewrite([lw.spec("max_pool2d", args, node, "max_pool2d(input prologue)" if prologue else None)],
+                   (node,))
 
 
 @rule(aten.max_pool2d_with_indices_backward.default)
 def max_pool2d_backward(lw, node):
+    """The gradient scattered to the indices; the input gives only its shape and layout, so a recomputed
+    BatchNorm apply there is replaced by its input (the same shape and memory format) and never runs."""
     a = bind(node)
     lw.checker.tensors_ok(grad_output=a["grad_output"], input=a["self"])
-    args = (a["grad_output"], a["self"], a["indices"], list(a["kernel_size"]), list(a["stride"]),
+    source, _ = input_prologue(a["self"])
+    args = (a["grad_output"], source, a["indices"], list(a["kernel_size"]), list(a["stride"]),
             list(a["padding"]), list(a["dilation"]), a["ceil_mode"])
     return Rewrite([lw.spec("max_pool2d_backward", args, node)], (node,))
 

@@ -53,3 +53,33 @@ def epilogue_activation(op: str, relu: bool, activation: str, min_val: float, ma
     if relu and activation != "none":
         raise ValueError(f"{op}: relu=True and activation={activation!r} both given; pass one of them")
     return ("relu", 0.0, 0.0) if relu else None if activation == "none" else (activation, min_val, max_val)
+
+
+def check_channel_vectors(op: str, input: torch.Tensor, channels: int, role: str, **vectors) -> None:
+    """1-D per-channel vectors of ``channels`` elements, float32 or ``input``'s dtype, on its device."""
+    for name, v in vectors.items():
+        if v is None:
+            continue
+        if v.dim() != 1 or v.shape[0] != channels:
+            raise RuntimeError(f"{op}: {name} should be 1-D and contain {channels} elements (one per {role}), "
+                               f"not {name} of size {list(v.shape)}")
+        if v.dtype not in (torch.float32, input.dtype):
+            raise RuntimeError(f"{op}: {name} must be float32 or the input's dtype {input.dtype}, got {v.dtype}")
+        if v.device != input.device:
+            raise RuntimeError(f"{op}: {name} is on {v.device} but input is on {input.device}; expected one device")
+
+
+def check_given_together(op, first, second, names):
+    if (first is None) != (second is None):
+        raise RuntimeError(f"{op}: {names[0]} and {names[1]} must be given together")
+
+
+def check_input_prologue(op, input, input_mean, input_invstd, input_weight, input_bias, input_relu):
+    """A conv's or pool's input prologue (a training BatchNorm applied as the input is loaded, ReLU'd with
+    ``input_relu``: ``tritonkit.ops.conv``'s doc); ``input_norm`` for the kernels, or None."""
+    check_given_together(op, input_mean, input_invstd, ("input_mean", "input_invstd"))
+    if input_mean is None and (input_relu or input_weight is not None or input_bias is not None):
+        raise RuntimeError(f"{op}: input_relu, input_weight and input_bias need input_mean and input_invstd")
+    check_channel_vectors(op, input, input.shape[1], "input channel", input_mean=input_mean,
+                          input_invstd=input_invstd, input_weight=input_weight, input_bias=input_bias)
+    return None if input_mean is None else (input_mean, input_invstd, input_weight, input_bias)

@@ -53,7 +53,13 @@ import torch
 
 from tritonkit.kernels import conv as kernels
 from tritonkit.ops import pool as pool_ops
-from tritonkit.ops.checks import check_float_tensors, check_pair, epilogue_activation
+from tritonkit.ops.checks import (
+    check_channel_vectors,
+    check_float_tensors,
+    check_input_prologue,
+    check_pair,
+    epilogue_activation,
+)
 
 Geometry = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
 
@@ -185,7 +191,7 @@ def _check_weight_grad(op, grad_output, input, relu_output, weight_size, stride,
                        prologue):
     geometry = check_conv_args(op, input.shape, weight_size, None, stride, padding, dilation, groups)
     _check_grad(op, grad_output, relu_output, _output_shape(input.shape, weight_size, *geometry), "input", input)
-    return geometry, _check_prologue(op, input, *prologue)
+    return geometry, check_input_prologue(op, input, *prologue)
 
 
 @torch.library.custom_op(
@@ -246,7 +252,7 @@ def _check_backward(grad_output, input, weight, relu_output, stride, padding, di
     check_float_tensors(op, grad_output=grad_output, input=input, weight=weight)
     geometry = _check_input_grad(grad_output, weight, relu_output, input.shape, stride, padding, dilation, groups,
                                  residual, residual_mask, op=op)
-    return geometry, _check_prologue(op, input, *prologue)
+    return geometry, check_input_prologue(op, input, *prologue)
 
 
 # torch.library cannot infer an optional output (Tensor?) from the annotations: the schema is spelled out.
@@ -328,39 +334,10 @@ def _(input, weight, bias, stride, padding, dilation, groups, pool_kernel_size, 
 
 
 # ------------------------------------------------------------------------- BatchNorm prologue / epilogue
-def check_channel_vectors(op: str, input: torch.Tensor, channels: int, role: str, **vectors) -> None:
-    """1-D per-channel vectors of ``channels`` elements, float32 or ``input``'s dtype, on its device."""
-    for name, v in vectors.items():
-        if v is None:
-            continue
-        if v.dim() != 1 or v.shape[0] != channels:
-            raise RuntimeError(f"{op}: {name} should be 1-D and contain {channels} elements (one per {role}), "
-                               f"not {name} of size {list(v.shape)}")
-        if v.dtype not in (torch.float32, input.dtype):
-            raise RuntimeError(f"{op}: {name} must be float32 or the input's dtype {input.dtype}, got {v.dtype}")
-        if v.device != input.device:
-            raise RuntimeError(f"{op}: {name} is on {v.device} but input is on {input.device}; expected one device")
-
-
-def _check_pair_given(op, first, second, names):
-    if (first is None) != (second is None):
-        raise RuntimeError(f"{op}: {names[0]} and {names[1]} must be given together")
-
-
-def _check_prologue(op, input, input_mean, input_invstd, input_weight, input_bias, input_relu):
-    """The input prologue's arguments (module doc); ``input_norm`` for the kernels, or None."""
-    _check_pair_given(op, input_mean, input_invstd, ("input_mean", "input_invstd"))
-    if input_mean is None and (input_relu or input_weight is not None or input_bias is not None):
-        raise RuntimeError(f"{op}: input_relu, input_weight and input_bias need input_mean and input_invstd")
-    check_channel_vectors(op, input, input.shape[1], "input channel", input_mean=input_mean,
-                          input_invstd=input_invstd, input_weight=input_weight, input_bias=input_bias)
-    return None if input_mean is None else (input_mean, input_invstd, input_weight, input_bias)
-
-
 def _check_fused(op, input, weight, bias, stride, padding, dilation, groups, prologue):
     check_float_tensors(op, input=input, weight=weight, bias=bias)
     geometry = check_conv_args(op, input.shape, weight.shape, bias, stride, padding, dilation, groups)
-    norm = _check_prologue(op, input, *prologue)
+    norm = check_input_prologue(op, input, *prologue)
     return geometry, _output_shape(input.shape, weight.shape, *geometry), norm
 
 

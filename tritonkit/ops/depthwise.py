@@ -39,8 +39,8 @@ import torch
 
 from tritonkit.kernels import depthwise as kernels
 from tritonkit.kernels.conv import bn_stat_tiles, output_size, suggest_memory_format
-from tritonkit.ops.checks import check_float_tensors
-from tritonkit.ops.conv import check_channel_vectors, check_conv_args
+from tritonkit.ops.checks import check_channel_vectors, check_float_tensors
+from tritonkit.ops.conv import check_conv_args
 
 _MASKS = ("relu", "relu6")
 

@@ -22,8 +22,7 @@ from typing import Optional, Sequence
 import torch
 
 from tritonkit.kernels import layer_norm as kernels
-from tritonkit.ops.checks import check_float_tensors
-from tritonkit.ops.conv import check_channel_vectors
+from tritonkit.ops.checks import check_channel_vectors, check_float_tensors
 
 
 def _check(op, input, weight, bias, **others):

@@ -4,7 +4,10 @@
 ``aten.max_pool2d_with_indices`` on 4-D input (the functional layer unsqueezes 3-D input): each of
 ``kernel_size``, ``padding``, ``dilation`` is one int or a pair, ``stride`` may also be empty
 (meaning ``kernel_size``); indices are int64 flat offsets in each ``H x W`` plane; outputs take the
-memory format eager picks (channels_last in, channels_last out).
+memory format eager picks (channels_last in, channels_last out). With ``input_mean``/``input_invstd``
+(``input_weight``/``input_bias``, ``input_relu``: ``tritonkit::conv2d_bn_stats``' input prologue) it pools
+``relu((input - input_mean) * input_invstd * input_weight + input_bias)`` computed as it loads ``input``, a
+training BatchNorm's output that is never stored (the ResNet stem's bn1 -> ReLU -> max-pool).
 
 ``max_pool2d_backward(grad_output, input, indices, ...)`` scatters (as a deterministic gather)
 ``grad_output`` to the positions ``indices`` name; the result is laid out like eager's grad_input.
@@ -35,7 +38,7 @@ from __future__ import annotations
 import torch
 
 from tritonkit.kernels import pool as kernels
-from tritonkit.ops.checks import check_float_tensors
+from tritonkit.ops.checks import check_float_tensors, check_input_prologue
 
 _FWD, _BWD = "tritonkit::max_pool2d", "tritonkit::max_pool2d_backward"
 _SCHEMA_ARGS = "int[] kernel_size, int[] stride, int[] padding, int[] dilation, bool ceil_mode"
@@ -91,17 +94,26 @@ def _pool_geometry(op: str, input: torch.Tensor, kernel_size, stride, padding, d
     return (k, s, p, d), (OH, OW)
 
 
+_PROLOGUE_SCHEMA = ("Tensor? input_mean=None, Tensor? input_invstd=None, Tensor? input_weight=None, "
+                    "Tensor? input_bias=None, bool input_relu=False")
+
+
 @torch.library.custom_op(
-    "tritonkit::max_pool2d", mutates_args=(), schema=f"(Tensor input, {_SCHEMA_ARGS}) -> (Tensor, Tensor)"
+    "tritonkit::max_pool2d", mutates_args=(),
+    schema=f"(Tensor input, {_SCHEMA_ARGS}, {_PROLOGUE_SCHEMA}) -> (Tensor, Tensor)"
 )
-def max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode):
+def max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode, input_mean=None, input_invstd=None,
+               input_weight=None, input_bias=None, input_relu=False):
     params, _ = _pool_geometry(_FWD, input, kernel_size, stride, padding, dilation, ceil_mode)
-    return kernels.max_pool2d_forward(input, *params, ceil_mode)
+    norm = check_input_prologue(_FWD, input, input_mean, input_invstd, input_weight, input_bias, input_relu)
+    return kernels.max_pool2d_forward(input, *params, ceil_mode, input_norm=norm, input_relu=input_relu)
 
 
 @max_pool2d.register_fake
-def _(input, kernel_size, stride, padding, dilation, ceil_mode):
+def _(input, kernel_size, stride, padding, dilation, ceil_mode, input_mean=None, input_invstd=None, input_weight=None,
+      input_bias=None, input_relu=False):
     _, (OH, OW) = _pool_geometry(_FWD, input, kernel_size, stride, padding, dilation, ceil_mode)
+    check_input_prologue(_FWD, input, input_mean, input_invstd, input_weight, input_bias, input_relu)
     fmt = kernels.output_memory_format(input)
     shape = (input.shape[0], input.shape[1], OH, OW)
     return (
