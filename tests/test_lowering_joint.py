@@ -152,3 +152,17 @@ def test_activations_read_by_other_ops_are_stored_and_train_like_eager(data):
     assert not any("input prologue" in op for op in labels(report)), str(report)
     torch._dynamo.reset()
     assert_bn_net_trains_like_eager(head, xs, ts)
+
+
+def test_graphs_with_an_impure_op_are_partitioned_as_they_are():
+    """The default partitioner refuses recomputation tags beside a mutation: the pass then stays out."""
+    from tritonkit.lowering.joint import _recomputation_allowed
+
+    def pure(a, b):
+        return torch.ops.aten.add.Tensor(torch.ops.aten.relu.default(a), b)
+
+    def mutating(a, b):
+        return torch.ops.aten.copy_.default(a, torch.ops.aten.relu.default(b))
+
+    assert _recomputation_allowed(torch.fx.symbolic_trace(pure).graph)
+    assert not _recomputation_allowed(torch.fx.symbolic_trace(mutating).graph)

@@ -124,11 +124,29 @@ def _tag(node: fx.Node) -> None:
             _tag(user)
 
 
+def _recomputation_allowed(graph: fx.Graph) -> bool:
+    """The default partitioner refuses recomputation tags in a graph with an impure op (a mutation, a
+    collective other than ``wait_tensor``): such graphs are partitioned as they are."""
+    wait = getattr(getattr(torch.ops, "_c10d_functional", None), "wait_tensor", None)
+    for node in graph.nodes:
+        if node.op in ("placeholder", "output") or (wait is not None and node.target is wait.default):
+            continue
+        try:
+            impure = node.is_impure(impure_random=False)
+        except TypeError:  # torch without the argument: random ops count as impure there
+            impure = node.is_impure()
+        if impure:
+            return False
+    return True
+
+
 def partition(joint: fx.GraphModule, joint_inputs, **kwargs):
-    """AOTAutograd's ``partition_fn``: :func:`recompute_batch_norm_outputs`, then the default partitioner."""
+    """AOTAutograd's ``partition_fn``: :func:`recompute_batch_norm_outputs` (where the graph allows
+    recomputation), then the default partitioner."""
     from torch._functorch.partitioners import default_partition
 
-    recompute_batch_norm_outputs(joint)
+    if _recomputation_allowed(joint.graph):
+        recompute_batch_norm_outputs(joint)
     return default_partition(joint, joint_inputs, **kwargs)
 
 
