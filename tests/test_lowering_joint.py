@@ -94,15 +94,20 @@ def test_the_normalised_activation_is_never_saved(data):
     assert plain.count(activation) >= 4, plain
 
 
-def test_explain_shows_every_fold(data):
-    xs, ts = data
+def explained(build, xs, ts):
+    """``(model, report, its tritonkit labels)`` of one training step of ``build()``, everything lowered."""
     torch.manual_seed(0)
-    model = stack().to(DEVICE)
-    model(xs[0])
+    model = build().to(DEVICE)
+    model(xs[0])  # materialise the lazy linear
     torch._dynamo.reset()
     report = explain(lambda x, t: F.cross_entropy(model(x), t).backward(), xs[0], ts[0])
-    ops = labels(report)
     assert not report.fallbacks and not any(g.eager_ops for g in report.graphs), str(report)
+    return model, report, labels(report)
+
+
+def test_explain_shows_every_fold(data):
+    xs, ts = data
+    model, report, ops = explained(stack, xs, ts)
     assert ops.count("conv2d_bn_stats(input prologue)") == 2, ops
     assert ops.count("batch_norm_stats_from_partials(num_batches_tracked += 1)") == 2, ops
     assert ops.count("conv2d_backward(input prologue)") == 2, ops
@@ -126,14 +131,7 @@ def test_the_stack_trains_like_eager(data):
 def test_the_stem_pools_through_its_prologue_and_trains_like_eager(data):
     """The stem's BN + ReLU is applied as the max-pool loads it; the pool's backward needs only its indices
     and the BN backward its own recomputed output, so the apply runs nowhere."""
-    xs, ts = data
-    torch.manual_seed(0)
-    model = stem().to(DEVICE)
-    model(xs[0])
-    torch._dynamo.reset()
-    report = explain(lambda x, t: F.cross_entropy(model(x), t).backward(), xs[0], ts[0])
-    ops = labels(report)
-    assert not report.fallbacks and not any(g.eager_ops for g in report.graphs), str(report)
+    model, _, ops = explained(stem, *data)
     assert ops.count("max_pool2d(input prologue)") == 1 and ops.count("conv2d_bn_stats(input prologue)") == 1, ops
     assert ops.count("batch_norm_backward(mask from its output)") == 2, ops
     assert not any("batch_norm_apply" in op for op in ops), ops
