@@ -283,6 +283,8 @@ def test_input_prologue_opcheck_and_bad_arguments():
         ops.max_pool2d(x, *args, norm[0][:2], *norm[1:], True)
     with pytest.raises(RuntimeError, match="input_mean and input_invstd must be given together"):
         ops.max_pool2d(x, *args, norm[0])
+    with pytest.raises(NotImplementedError, match="the input prologue .* has no autograd formula"):
+        ops.max_pool2d(x.detach().requires_grad_(), *args, *norm, True)
 
 
 # (what, input shape, kernel_size, stride, padding, dilation): eager refuses each with RuntimeError,

@@ -190,7 +190,10 @@ class MaxPool2d(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        input, kernel_size, stride, padding, dilation, ceil_mode = inputs
+        input, kernel_size, stride, padding, dilation, ceil_mode, *prologue = inputs
+        if any(t is not None and t is not False for t in prologue):
+            raise NotImplementedError("tritonkit::max_pool2d: the input prologue (input_mean, ...) has no autograd "
+                                      "formula; it is for lowered graphs, whose backward the lowering builds")
         ctx.pool = (list(kernel_size), list(stride), list(padding), list(dilation), ceil_mode)
         ctx.mark_non_differentiable(output[1])
         ctx.save_for_backward(input, output[1])
@@ -199,7 +202,7 @@ class MaxPool2d(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad, _grad_indices):
         input, indices = ctx.saved_tensors
-        return ops.max_pool2d_backward(grad, input, indices, *ctx.pool), None, None, None, None, None
+        return ops.max_pool2d_backward(grad, input, indices, *ctx.pool), *([None] * 10)
 
 
 class ReLU(torch.autograd.Function):
