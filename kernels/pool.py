@@ -141,7 +141,7 @@ def max_pool2d_fwd_kernel(
             ok = (h_ok & (iw >= 0) & (iw < W))[:, None] & c_ok[None, :]
             if PROLOGUE:  # padding and tails load 0 (finite through the prologue), then pool as -inf
                 v = tl.load(x_nc + (ih * x_sh + iw * x_sw)[:, None], mask=ok, other=0.0)
-                v = tl.where(ok, apply_prologue(v, ok, in_mean, in_k, in_beta, PROLOGUE), float("-inf"))
+                v = tl.where(ok, apply_prologue(v, ok, in_mean, in_k, in_beta, PROLOGUE).to(tl.float32), float("-inf"))
             else:
                 v = tl.load(x_nc + (ih * x_sh + iw * x_sw)[:, None], mask=ok, other=float("-inf"))
             v = v.to(tl.float32)
