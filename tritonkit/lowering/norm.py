@@ -43,6 +43,7 @@ from tritonkit.lowering.graph import (
     activation_after,
     aten,
     bind,
+    input_prologue,
     is_call,
     only_user,
     val,
@@ -281,10 +282,11 @@ def own_output_bias(y, x, weight, save_mean, save_invstd) -> tuple | None:
     its own output (``mask_from_output``) and the apply need not run. Else None."""
     while is_call(y, *DETACH):
         y = y.args[0]
-    if not is_call(y, torch.ops.tritonkit.batch_norm_apply.default) or save_mean is None:
+    source, prologue = input_prologue(y)
+    if not prologue or save_mean is None:
         return None
-    source, mean, invstd, w, bias, *relu = y.args
-    if (source, mean, invstd, w) != (x, save_mean, save_invstd, weight) or not (relu and relu[0]):
+    mean, invstd, w, bias, relu = prologue
+    if (source, mean, invstd, w) != (x, save_mean, save_invstd, weight) or not relu:
         return None
     return (bias,)
 
