@@ -229,10 +229,11 @@ FWD_INTERP = _gemm_heuristics(  # statistics tiles are whole BN_STAT_ROWS-row gr
     lambda a: (a["N"] * a["OH"] * a["OW"], a["OCg"], *_fwd_reduction(a), BN_STAT_ROWS if a.get("STATS") else 16))
 
 
-def _dgrad_shape(a):  # per phase: rows, input channels, and the phase's taps over output channels
+def _dgrad_shape(a):  # per phase: rows, input channels, the phase's taps over output channels; stats tiles
     taps = triton.cdiv(a["KH"], a["tap_h"]) * triton.cdiv(a["KW"], a["tap_w"])
     rows = a["N"] * triton.cdiv(a["H"], a["stride_h"]) * triton.cdiv(a["W"], a["stride_w"])
-    return (rows, a["Cg"], *((a["OCg"], taps) if a["CHANNEL_INNER"] else (a["OCg"] * taps, 1)))
+    return (rows, a["Cg"], *((a["OCg"], taps) if a["CHANNEL_INNER"] else (a["OCg"] * taps, 1)),
+            BN_STAT_ROWS if a.get("GRAD_STATS") else 16)
 
 
 DGRAD_INTERP = _gemm_heuristics(_dgrad_shape)
@@ -718,19 +719,22 @@ def _dgrad_step(acc, g_ptr, r_ptr, w_ptr, g_row, r_row, row_h, row_w, m_ok, rn, 
 
 @triton.jit
 def _dgrad_tile(
-    pid_m, pid_n, pid_z, g_ptr, r_ptr, w_ptr, dx_ptr, res_ptr, rmask_ptr,
-    N, H, W, OH, OW, KH, KW, Cg, OCg, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, tap_h, tap_w,
-    sgn, sgc, sgh, sgw, srn, src, srh, srw, swn, swc, swh, sww, sdxn, sdxc, sdxh, sdxw,
-    sresn, sresc, sresh, sresw, srmaskn, srmaskc, srmaskh, srmaskw,
+    pid_m, pid_n, pid_z, g_ptr, r_ptr, w_ptr, dx_ptr, res_ptr, rmask_ptr, x_ptr, stats_ptr, in_mean_ptr, in_rstd_ptr,
+    in_w_ptr, in_b_ptr, N, C, H, W, OH, OW, KH, KW, Cg, OCg, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, tap_h,
+    tap_w, sgn, sgc, sgh, sgw, srn, src, srh, srw, swn, swc, swh, sww, sdxn, sdxc, sdxh, sdxw,
+    sresn, sresc, sresh, sresw, srmaskn, srmaskc, srmaskh, srmaskw, sxn, sxc, sxh, sxw,
     HAS_MASK: tl.constexpr, CHANNEL_INNER: tl.constexpr, PRECISION: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr, HAS_RESIDUAL_MASK: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, HAS_RESIDUAL_MASK: tl.constexpr, GRAD_STATS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """The input-gradient tile of rows ``pid_m`` (BLOCK_M), input channels ``pid_n`` (BLOCK_N) and
     ``pid_z`` = group * stride_h * stride_w + phase (qh * stride_w + qw); ``tap_h`` = stride_h /
     gcd(stride_h, dil_h). dx = sum over the phase's taps (module doc) + residual (HAS_RESIDUAL), the
     residual zeroed where residual_mask <= 0 (HAS_RESIDUAL_MASK: threshold_backward), all in float32,
-    rounded once."""
+    rounded once. GRAD_STATS (the forward's input prologue's kind, 1 or 2): the conv read x' =
+    act((x - mean) * k + beta), a training BatchNorm's output; dx, the gradient of x', goes on through
+    the ReLU (2: zeroed where the recomputed BN output is <= 0) to the BN output, and the BatchNorm
+    backward's two reductions of it are written beside it (:func:`_store_grad_partials`)."""
     phases = stride_h * stride_w
     group = pid_z // phases
     qh = (pid_z % phases) // stride_w
@@ -790,23 +794,62 @@ def _dgrad_tile(
                            mask=out_mask, other=0.0)
             res = tl.where(keep.to(tl.float32) <= 0, tl.zeros_like(res), res)  # threshold_backward: NaN passes
         acc += res.to(tl.float32)
+    if GRAD_STATS:
+        mean, k, beta = prologue_coefficients(in_mean_ptr, in_rstd_ptr, in_w_ptr, in_b_ptr, c, n_ok)
+        x = tl.load(x_ptr + (n * sxn + ih * sxh + iw * sxw)[:, None] + (c * sxc)[None, :], mask=out_mask, other=0.0)
+        g = acc.to(dx_ptr.dtype.element_ty).to(tl.float32)  # dx as stored, then read by the BN backward
+        if GRAD_STATS == 2:  # threshold_backward of the ReLU output, recomputed: NaN passes the gradient
+            g = tl.where(apply_prologue(x, out_mask, mean, k, beta, 1).to(tl.float32) <= 0, 0.0, g)
+        g = tl.where(out_mask, g, 0.0)
+        _store_grad_partials(stats_ptr, g, g * (x.to(tl.float32) - mean[None, :]),
+                             (pid_z % (stride_h * stride_w)) * tl.cdiv(N * HQ * WQ, _STAT_ROWS), pid_m,
+                             tl.cdiv(N * HQ * WQ, _STAT_ROWS), c, n_ok, C, BLOCK_M, BLOCK_N)
+        acc = g
     dx_off = (n * sdxn + ih * sdxh + iw * sdxw)[:, None] + (c * sdxc)[None, :]
     tl.store(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty), mask=out_mask)
 
 
+@triton.jit
+def _store_grad_partials(stats_ptr, g, d, t0, pid_m, tiles, c, c_ok, C, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr):
+    """The BatchNorm backward's partials of a float32 input-gradient tile ``g`` (zero outside the problem)
+    and ``d`` = g * (x - mean): per _STAT_ROWS-row group t of the tile (rows pid_m * BLOCK_M + i of
+    this phase, ``tiles`` groups per phase, whose first is partial t0) and channel c, stats[t0 + t, 0,
+    c] = the sum of g, [t0 + t, 1, c] = the sum of d. Every partial is written by one program, once."""
+    TILES: tl.constexpr = BLOCK_M // _STAT_ROWS
+    if TILES == 1:
+        base = stats_ptr + (t0 + pid_m) * (2 * C) + c
+        tl.store(base, tl.sum(g, axis=0), mask=c_ok)
+        tl.store(base + C, tl.sum(d, axis=0), mask=c_ok)
+    else:
+        t = pid_m * TILES + tl.arange(0, TILES)
+        base = stats_ptr + ((t0 + t) * (2 * C))[:, None] + c[None, :]
+        ok = (t < tiles)[:, None] & c_ok[None, :]
+        tl.store(base, tl.sum(tl.reshape(g, (TILES, _STAT_ROWS, BLOCK_N)), axis=1), mask=ok)
+        tl.store(base + C, tl.sum(tl.reshape(d, (TILES, _STAT_ROWS, BLOCK_N)), axis=1), mask=ok)
+
+
+def _dgrad_config_for(config, dtype, arch=None, launch=None) -> bool:
+    """DGRAD_CONFIG_FOR_DTYPE, and for launches writing BatchNorm-backward partials (GRAD_STATS) only tiles
+    of whole BN_STAT_ROWS-row groups."""
+    if (launch or {}).get("GRAD_STATS") and config.kwargs["BLOCK_M"] % BN_STAT_ROWS:
+        return False
+    return DGRAD_CONFIG_FOR_DTYPE(config, dtype, arch, launch)
+
+
 _DGRAD_PLAIN = {"HAS_MASK": True, "CHANNEL_INNER": True, "PRECISION": "ieee", "tap_h": 1, "tap_w": 1,
-                "HAS_RESIDUAL": False, "HAS_RESIDUAL_MASK": False}
+                "HAS_RESIDUAL": False, "HAS_RESIDUAL_MASK": False, "GRAD_STATS": 0}
 
 
 @tuned_kernel(
     "conv2d_input_grad",
     gpu_configs=DGRAD_GPU_CONFIGS,
-    config_for_dtype=DGRAD_CONFIG_FOR_DTYPE,
+    config_for_dtype=_dgrad_config_for,
     interp_heuristics=DGRAD_INTERP,
-    key=["N", "C", "H", "W", "OC", "KH", "KW", "Cg", "stride_h", "stride_w", "HAS_RESIDUAL"],
-    signature=_signature(("g_ptr", "r_ptr", "w_ptr", "dx_ptr", "res_ptr", "rmask_ptr"),
-                         _strides("g", "r", "w", "dx", "res", "rmask"),
-                         ("HAS_MASK", "CHANNEL_INNER", "PRECISION", "HAS_RESIDUAL", "HAS_RESIDUAL_MASK"),
+    key=["N", "C", "H", "W", "OC", "KH", "KW", "Cg", "stride_h", "stride_w", "HAS_RESIDUAL", "GRAD_STATS"],
+    signature=_signature(("g_ptr", "r_ptr", "w_ptr", "dx_ptr", "res_ptr", "rmask_ptr", "x_ptr", "stats_ptr",
+                          *_PROLOGUE_POINTERS), _strides("g", "r", "w", "dx", "res", "rmask", "x"),
+                         ("HAS_MASK", "CHANNEL_INNER", "PRECISION", "HAS_RESIDUAL", "HAS_RESIDUAL_MASK", "GRAD_STATS"),
                          ("tap_h", "tap_w")),
     constexprs=lambda dtype: {**_DGRAD_PLAIN, **_typical(g="nhwc", r="nhwc", w="nhwc", dx="nhwc")},
     variants={
@@ -821,29 +864,35 @@ _DGRAD_PLAIN = {"HAS_MASK": True, "CHANNEL_INNER": True, "PRECISION": "ieee", "t
         "residual": lambda dtype: {
             **_DGRAD_PLAIN, "HAS_RESIDUAL": True, "HAS_RESIDUAL_MASK": True,
             **_typical(g="nhwc", r="nhwc", w="nhwc", dx="nhwc", res="nhwc", rmask="nhwc")},
+        # a training ResNet's conv2 whose input is bn1(conv1) + ReLU: dx through the ReLU, bn1's
+        # backward reductions in the epilogue
+        "bn_grad_stats": lambda dtype: {**_DGRAD_PLAIN, "HAS_MASK": False, "GRAD_STATS": 2,
+                                        **_typical(g="nhwc", w="nhwc", dx="nhwc", x="nhwc")},
     },
     tensor_core=True,
     tf32=True,
 )
 @triton.jit
 def conv2d_input_grad_kernel(
-    g_ptr, r_ptr, w_ptr, dx_ptr, res_ptr, rmask_ptr,
+    g_ptr, r_ptr, w_ptr, dx_ptr, res_ptr, rmask_ptr, x_ptr, stats_ptr, in_mean_ptr, in_rstd_ptr, in_w_ptr, in_b_ptr,
     N, C, H, W, OC, OH, OW, KH, KW, Cg, OCg,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     tap_h, tap_w,
     sgn, sgc, sgh, sgw, srn, src, srh, srw, swn, swc, swh, sww, sdxn, sdxc, sdxh, sdxw,
-    sresn, sresc, sresh, sresw, srmaskn, srmaskc, srmaskh, srmaskw,
+    sresn, sresc, sresh, sresw, srmaskn, srmaskc, srmaskh, srmaskw, sxn, sxc, sxh, sxw,
     HAS_MASK: tl.constexpr, CHANNEL_INNER: tl.constexpr, PRECISION: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr, HAS_RESIDUAL_MASK: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, HAS_RESIDUAL_MASK: tl.constexpr, GRAD_STATS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One phase (qh, qw) of one group per grid slice: ``_dgrad_tile`` at (program_id(0), program_id(1),
     program_id(2))."""
     _dgrad_tile(tl.program_id(0), tl.program_id(1), tl.program_id(2), g_ptr, r_ptr, w_ptr, dx_ptr, res_ptr, rmask_ptr,
-                N, H, W, OH, OW, KH, KW, Cg, OCg, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, tap_h, tap_w,
+                x_ptr, stats_ptr, in_mean_ptr, in_rstd_ptr, in_w_ptr, in_b_ptr,
+                N, C, H, W, OH, OW, KH, KW, Cg, OCg, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, tap_h, tap_w,
                 sgn, sgc, sgh, sgw, srn, src, srh, srw, swn, swc, swh, sww, sdxn, sdxc, sdxh, sdxw,
-                sresn, sresc, sresh, sresw, srmaskn, srmaskc, srmaskh, srmaskw,
-                HAS_MASK, CHANNEL_INNER, PRECISION, HAS_RESIDUAL, HAS_RESIDUAL_MASK, BLOCK_M, BLOCK_N, BLOCK_K)
+                sresn, sresc, sresh, sresw, srmaskn, srmaskc, srmaskh, srmaskw, sxn, sxc, sxh, sxw,
+                HAS_MASK, CHANNEL_INNER, PRECISION, HAS_RESIDUAL, HAS_RESIDUAL_MASK, GRAD_STATS, BLOCK_M, BLOCK_N,
+                BLOCK_K)
 
 
 # ------------------------------------------------------------------------------------ weight gradient
@@ -1014,21 +1063,21 @@ BACKWARD_GPU_CONFIGS = [_backward_config(_C[dx], _W[dw]) for dx, dw in _BACKWARD
 
 def backward_config_for(config, dtype, arch=None, launch=None) -> bool:
     """Whether a launch may take the pair ``config`` stands for: both tiles allowed
-    (DGRAD_CONFIG_FOR_DTYPE, wgrad_config_for) and the pair not one that spills."""
+    (_dgrad_config_for, wgrad_config_for) and the pair not one that spills."""
     launch = launch or {}
     pair = next(p for c, p in zip(BACKWARD_GPU_CONFIGS, _BACKWARD_PAIRS) if c is config)
     if not launch.get("CHANNEL_INNER", True) and pair != _BACKWARD_FLATTENED:
         return False
     if dtype == torch.float32 and launch.get("PRECISION") != "tf32" and pair in _BACKWARD_FP32_SPILLS:
         return False
-    return (DGRAD_CONFIG_FOR_DTYPE(_C[pair[0]], dtype, arch, launch)
+    return (_dgrad_config_for(_C[pair[0]], dtype, arch, launch)
             and wgrad_config_for(_W[pair[1]], dtype, arch, launch))
 
 
 # the interpreter tiles of either launch: BLOCK_* for the input gradient, DW_BLOCK_* for the weight's
 BACKWARD_INTERP = {**DGRAD_INTERP, **{f"DW_{k}": v for k, v in WGRAD_INTERP.items()}}
-_BACKWARD_FLAGS = ("HAS_MASK", "CHANNEL_INNER", "PRECISION", "HAS_RESIDUAL", "HAS_RESIDUAL_MASK", "SPLIT_K", "PADDED",
-                   "HAS_BIAS_GRAD", "PROLOGUE", "DW_BLOCK_M", "DW_BLOCK_N", "DW_BLOCK_K")
+_BACKWARD_FLAGS = ("HAS_MASK", "CHANNEL_INNER", "PRECISION", "HAS_RESIDUAL", "HAS_RESIDUAL_MASK", "GRAD_STATS",
+                   "SPLIT_K", "PADDED", "HAS_BIAS_GRAD", "PROLOGUE", "DW_BLOCK_M", "DW_BLOCK_N", "DW_BLOCK_K")
 
 
 def _backward_typical(strided=False, **flags):
@@ -1050,16 +1099,19 @@ def _backward_typical(strided=False, **flags):
     gpu_configs=BACKWARD_GPU_CONFIGS,
     config_for_dtype=backward_config_for,
     interp_heuristics=BACKWARD_INTERP,
-    key=["N", "C", "H", "W", "OC", "KH", "KW", "Cg", "stride_h", "stride_w", "HAS_RESIDUAL", "SPLIT_K",
+    key=["N", "C", "H", "W", "OC", "KH", "KW", "Cg", "stride_h", "stride_w", "HAS_RESIDUAL", "GRAD_STATS", "SPLIT_K",
          "HAS_BIAS_GRAD", "PROLOGUE"],
     signature=_signature(("g_ptr", "r_ptr", "w_ptr", "x_ptr", "dx_ptr", "res_ptr", "rmask_ptr", "dw_ptr", "db_ptr",
-                          "partial_ptr", *_PROLOGUE_POINTERS), _strides("g", "r", "w", "x", "dx", "res", "rmask", "dw"),
+                          "partial_ptr", "stats_ptr", *_PROLOGUE_POINTERS),
+                         _strides("g", "r", "w", "x", "dx", "res", "rmask", "dw"),
                          _BACKWARD_FLAGS, ("tap_h", "tap_w", "groups", "rows")),
     constexprs=lambda dtype: _backward_typical(),
     variants={
         "strided": lambda dtype: _backward_typical(strided=True),
         # a training ResNet's conv2 in layer 3, its input bn1(conv1) + ReLU recomputed from conv1's output
         "prologue": lambda dtype: _backward_typical(PROLOGUE=2),
+        # the same, dx on through bn1's ReLU and bn1's backward reductions in its epilogue
+        "bn_grad_stats": lambda dtype: _backward_typical(PROLOGUE=2, GRAD_STATS=2),
         # ResNet basic block's conv1 backward in layer 1 (64 -> 64 at 56x56: split-K) with the identity
         # branch's gradient through the block input's ReLU
         "residual": lambda dtype: {**_backward_typical(HAS_RESIDUAL=True, HAS_RESIDUAL_MASK=True, SPLIT_K=4),
@@ -1076,7 +1128,7 @@ def _backward_typical(strided=False, **flags):
 )
 @triton.jit
 def conv2d_backward_kernel(
-    g_ptr, r_ptr, w_ptr, x_ptr, dx_ptr, res_ptr, rmask_ptr, dw_ptr, db_ptr, partial_ptr,
+    g_ptr, r_ptr, w_ptr, x_ptr, dx_ptr, res_ptr, rmask_ptr, dw_ptr, db_ptr, partial_ptr, stats_ptr,
     in_mean_ptr, in_rstd_ptr, in_w_ptr, in_b_ptr,
     N, C, H, W, OC, OH, OW, KH, KW, Cg, OCg,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
@@ -1084,8 +1136,8 @@ def conv2d_backward_kernel(
     sgn, sgc, sgh, sgw, srn, src, srh, srw, swn, swc, swh, sww, sxn, sxc, sxh, sxw, sdxn, sdxc, sdxh, sdxw,
     sresn, sresc, sresh, sresw, srmaskn, srmaskc, srmaskh, srmaskw, sdwn, sdwc, sdwh, sdww,
     HAS_MASK: tl.constexpr, CHANNEL_INNER: tl.constexpr, PRECISION: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr, HAS_RESIDUAL_MASK: tl.constexpr, SPLIT_K: tl.constexpr, PADDED: tl.constexpr,
-    HAS_BIAS_GRAD: tl.constexpr, PROLOGUE: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, HAS_RESIDUAL_MASK: tl.constexpr, GRAD_STATS: tl.constexpr, SPLIT_K: tl.constexpr,
+    PADDED: tl.constexpr, HAS_BIAS_GRAD: tl.constexpr, PROLOGUE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DW_BLOCK_M: tl.constexpr, DW_BLOCK_N: tl.constexpr, DW_BLOCK_K: tl.constexpr,
 ):
@@ -1102,11 +1154,13 @@ def conv2d_backward_kernel(
     dx_programs = dx_rows * dx_cols * groups * stride_h * stride_w
     if pid < dx_programs:
         _dgrad_tile(pid % dx_rows, (pid // dx_rows) % dx_cols, pid // (dx_rows * dx_cols),
-                    g_ptr, r_ptr, w_ptr, dx_ptr, res_ptr, rmask_ptr,
-                    N, H, W, OH, OW, KH, KW, Cg, OCg, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, tap_h, tap_w,
+                    g_ptr, r_ptr, w_ptr, dx_ptr, res_ptr, rmask_ptr, x_ptr, stats_ptr, in_mean_ptr, in_rstd_ptr,
+                    in_w_ptr, in_b_ptr,
+                    N, C, H, W, OH, OW, KH, KW, Cg, OCg, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, tap_h, tap_w,
                     sgn, sgc, sgh, sgw, srn, src, srh, srw, swn, swc, swh, sww, sdxn, sdxc, sdxh, sdxw,
-                    sresn, sresc, sresh, sresw, srmaskn, srmaskc, srmaskh, srmaskw,
-                    HAS_MASK, CHANNEL_INNER, PRECISION, HAS_RESIDUAL, HAS_RESIDUAL_MASK, BLOCK_M, BLOCK_N, BLOCK_K)
+                    sresn, sresc, sresh, sresw, srmaskn, srmaskc, srmaskh, srmaskw, sxn, sxc, sxh, sxw,
+                    HAS_MASK, CHANNEL_INNER, PRECISION, HAS_RESIDUAL, HAS_RESIDUAL_MASK, GRAD_STATS, BLOCK_M, BLOCK_N,
+                    BLOCK_K)
     else:
         q = pid - dx_programs
         dw_tiles = ((OCg + DW_BLOCK_M - 1) // DW_BLOCK_M) * ((KH * KW * Cg + DW_BLOCK_N - 1) // DW_BLOCK_N)
@@ -1244,20 +1298,47 @@ def _tap_steps(stride, dilation) -> tuple[int, int]:
     return tuple(s // math.gcd(s, d) for s, d in zip(stride, dilation))
 
 
+def grad_stat_tiles(input_size, stride) -> int:
+    """T, the first dimension of an input gradient's BatchNorm-backward partials (``grad_stats``): per
+    stride phase, one per BN_STAT_ROWS of its N * ceil(H / stride_h) * ceil(W / stride_w) rows."""
+    N, _, H, W = input_size
+    return stride[0] * stride[1] * triton.cdiv(N * triton.cdiv(H, stride[0]) * triton.cdiv(W, stride[1]),
+                                               BN_STAT_ROWS)
+
+
+def _grad_stats_buffer(x, stride, grad_stats):
+    """The float32 [T, 2, C] partials of a ``grad_stats`` launch (zeros where no program writes: an empty
+    problem), or None."""
+    if not grad_stats:
+        return None
+    stats = empty((grad_stat_tiles(x.shape, stride), 2, x.shape[1]), dtype=torch.float32, device=x.device)
+    return stats.zero_() if x.numel() == 0 else stats
+
+
 def conv2d_input_grad(grad_out, w, relu_output, input_size, stride, padding, dilation, groups, *,
-                      allow_tf32=False, residual=None, residual_mask=None):
+                      allow_tf32=False, residual=None, residual_mask=None, x=None, input_norm=None, input_relu=False,
+                      grad_stats=False):
     """``dx`` of shape ``input_size``, in ``grad_out``'s memory format, plus ``residual`` (dx's shape,
-    any strides) where ``residual_mask`` > 0 (both optional; the mask only with a residual)."""
+    any strides) where ``residual_mask`` > 0 (both optional; the mask only with a residual).
+    ``grad_stats`` (no residual; ``x``, ``input_norm`` and ``input_relu`` the forward's input and prologue,
+    :func:`conv2d`'s): ``(dx, stats)``, dx taken on through the prologue's ReLU to the BatchNorm output
+    (zero where the recomputed output is <= 0) and the BatchNorm backward's partials of it, float32
+    [grad_stat_tiles(), 2, C]: the sums of dx and of dx * (x - mean) over each BN_STAT_ROWS rows of
+    a stride phase (``_store_grad_partials``; no atomics, so the same bits every run)."""
     shape, conv = _geometry(input_size, w.shape, stride, padding, dilation, groups)
     N, C, H, W, OC, OH, OW, KH, KW, Cg, OCg = shape
     dx = empty(tuple(input_size), dtype=grad_out.dtype, device=grad_out.device,
                memory_format=suggest_memory_format(grad_out))
-    check_int32_indexing(grad_out, w, dx, relu_output, residual, residual_mask)
+    stats = _grad_stats_buffer(dx, stride, grad_stats)
+    check_int32_indexing(grad_out, w, dx, relu_output, residual, residual_mask, x, stats)
+    out = (dx, stats) if grad_stats else dx
     if dx.numel() == 0:
-        return dx
+        return out
     r = relu_output if relu_output is not None else grad_out
     res = residual if residual is not None else dx
     res_mask = residual_mask if residual_mask is not None else res
+    x = x if x is not None else dx
+    in_pointers, prologue = prologue_args(x, input_norm, input_relu)
 
     sh, sw = stride
     rows = N * triton.cdiv(H, sh) * triton.cdiv(W, sw)  # per phase
@@ -1266,13 +1347,14 @@ def conv2d_input_grad(grad_out, w, relu_output, input_size, stride, padding, dil
         return (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(Cg, meta["BLOCK_N"]), groups * sh * sw)
 
     conv2d_input_grad_kernel[grid](
-        grad_out, r, w, dx, res, res_mask, *shape, *conv, *_tap_steps(stride, dilation),
-        *grad_out.stride(), *r.stride(), *w.stride(), *dx.stride(), *res.stride(), *res_mask.stride(),
+        grad_out, r, w, dx, res, res_mask, x, stats if grad_stats else dx, *in_pointers, *shape, *conv,
+        *_tap_steps(stride, dilation), *grad_out.stride(), *r.stride(), *w.stride(), *dx.stride(), *res.stride(),
+        *res_mask.stride(), *x.stride(),
         HAS_MASK=relu_output is not None, CHANNEL_INNER=channel_inner(OCg),
         PRECISION=dot_precision(grad_out.dtype, allow_tf32), HAS_RESIDUAL=residual is not None,
-        HAS_RESIDUAL_MASK=residual_mask is not None,
+        HAS_RESIDUAL_MASK=residual_mask is not None, GRAD_STATS=prologue if grad_stats else 0,
     )
-    return dx
+    return out
 
 
 _SPLIT_K = None  # set by weight_grad_split()
@@ -1359,29 +1441,35 @@ def conv2d_weight_grad(grad_out, x, relu_output, weight_size, stride, padding, d
 
 
 def conv2d_backward(grad_out, x, w, relu_output, stride, padding, dilation, groups, *, allow_tf32=False,
-                    residual=None, residual_mask=None, bias_grad=False, input_norm=None, input_relu=False):
+                    residual=None, residual_mask=None, bias_grad=False, input_norm=None, input_relu=False,
+                    grad_stats=False):
     """``(dx, dw, db)`` in one launch (conv2d_backward_kernel): ``conv2d_input_grad`` (with its residual
     epilogue) and ``conv2d_weight_grad`` (db None without ``bias_grad``; ``input_norm``/``input_relu`` its
-    prologue, dx then the gradient of the prologue's output), outputs laid out as they lay them out. Two
-    launches instead (those launchers) for a problem with nothing to compute on either side (an empty dx,
-    dw or output) and on a GPU where no config pair fits (float32 with fewer than
-    32 output channels per group: see ``backward_config_for``)."""
+    prologue, dx then the gradient of the prologue's output), outputs laid out as they lay them out;
+    ``grad_stats`` (with ``input_norm``): ``(dx, dw, db, stats)``, dx and stats as
+    :func:`conv2d_input_grad`'s. Two launches instead (those launchers) for a problem with nothing to
+    compute on either side (an empty dx, dw or output) and on a GPU where no config pair fits (float32
+    with fewer than 32 output channels per group: see ``backward_config_for``)."""
     shape, conv = _geometry(x.shape, w.shape, stride, padding, dilation, groups)
     N, C, H, W, OC, OH, OW, KH, KW, Cg, OCg = shape
     flags = {"CHANNEL_INNER": channel_inner(OCg), "PRECISION": dot_precision(grad_out.dtype, allow_tf32),
-             "HAS_BIAS_GRAD": bool(bias_grad)}
+             "HAS_BIAS_GRAD": bool(bias_grad), "GRAD_STATS": int(bool(grad_stats))}
     fits = INTERPRET or any(backward_config_for(c, grad_out.dtype, None, flags) for c in BACKWARD_GPU_CONFIGS)
     if not fits or x.numel() == 0 or w.numel() == 0 or N * OH * OW == 0:
         dx = conv2d_input_grad(grad_out, w, relu_output, x.shape, stride, padding, dilation, groups,
-                               allow_tf32=allow_tf32, residual=residual, residual_mask=residual_mask)
+                               allow_tf32=allow_tf32, residual=residual, residual_mask=residual_mask, x=x,
+                               input_norm=input_norm, input_relu=input_relu, grad_stats=grad_stats)
         dw = conv2d_weight_grad(grad_out, x, relu_output, w.shape, stride, padding, dilation, groups,
                                 allow_tf32=allow_tf32, bias_grad=bias_grad, input_norm=input_norm,
                                 input_relu=input_relu)
-        return (dx, *dw) if bias_grad else (dx, dw, None)
+        dxs = dx if grad_stats else (dx,)
+        dws = dw if bias_grad else (dw, None)
+        return (dxs[0], *dws, *dxs[1:])
     dx = empty(tuple(x.shape), dtype=grad_out.dtype, device=grad_out.device,
                memory_format=suggest_memory_format(grad_out))
+    stats = _grad_stats_buffer(dx, stride, grad_stats)
     dw, db, partial, split = _weight_grad_buffers(grad_out, x, w.shape, shape, groups, bias_grad)
-    check_int32_indexing(grad_out, x, w, dx, dw, relu_output, residual, residual_mask, partial)
+    check_int32_indexing(grad_out, x, w, dx, dw, relu_output, residual, residual_mask, partial, stats)
     r = relu_output if relu_output is not None else grad_out
     res = residual if residual is not None else dx
     res_mask = residual_mask if residual_mask is not None else res
@@ -1396,12 +1484,12 @@ def conv2d_backward(grad_out, x, w, relu_output, stride, padding, dilation, grou
     in_pointers, prologue = prologue_args(x, input_norm, input_relu)
     conv2d_backward_kernel[grid](
         grad_out, r, w, x, dx, res, res_mask, dw, db if bias_grad else dw, partial if partial is not None else dw,
-        *in_pointers, *shape, *conv, *_tap_steps(stride, dilation), groups, rows,
+        stats if grad_stats else dw, *in_pointers, *shape, *conv, *_tap_steps(stride, dilation), groups, rows,
         *grad_out.stride(), *r.stride(), *w.stride(), *x.stride(), *dx.stride(), *res.stride(), *res_mask.stride(),
         *dw.stride(),
         HAS_MASK=relu_output is not None, HAS_RESIDUAL=residual is not None,
         HAS_RESIDUAL_MASK=residual_mask is not None, SPLIT_K=split, PADDED=any(padding), PROLOGUE=prologue,
-        **flags,
+        **{**flags, "GRAD_STATS": prologue if grad_stats else 0},
     )
     _reduce_splits(dw, db, partial)
-    return dx, dw, db
+    return (dx, dw, db, stats) if grad_stats else (dx, dw, db)

@@ -875,14 +875,22 @@ def batch_norm_eval(input, weight, bias, running_mean, running_var, eps, residua
                   _activation(relu, activation), eps, True)[0]
 
 
+# Partials of a producer's epilogue (grad_partials) the backward finalize reads itself; more are summed
+# first (torch.sum: one well-spread reduction instead of a long loop per channel block).
+_FINALIZE_PARTIALS = 4096
+
+
 def batch_norm_backward(grad_out, input, weight, running_mean, running_var, save_mean, save_invstd, train, eps,
                         output_mask, relu_output=None, split=None, activation="relu", output_bias=None,
-                        mask_from_output=False):
+                        mask_from_output=False, grad_partials=None):
     """``aten.native_batch_norm_backward`` (+ an optional mask on ``grad_out`` by ``relu_output`` under
     ``activation``, a key of :data:`ACTIVATIONS`: module doc): ``(grad_input, grad_weight, grad_bias)``, None
     where ``output_mask`` says so. ``mask_from_output`` (training): the mask's tensor is this BatchNorm's
     output, recomputed from ``input``, the saved statistics, ``weight`` and ``output_bias`` (None: 0) where
-    it is read (``relu_output`` unused), for a forward that never stored it."""
+    it is read (``relu_output`` unused), for a forward that never stored it. ``grad_partials`` (training,
+    no mask): float32 [T, 2, C] whose sums over T are the two reductions, sum ``grad_out`` and sum
+    ``grad_out * (input - save_mean)``, computed where ``grad_out`` was (``kernels.conv.conv2d_input_grad``'s
+    ``grad_stats``), so ``grad_out`` and ``input`` are read once, by the apply pass."""
     want_dx, want_gw, want_gb = (bool(m) for m in output_mask)
     x, view, fmt = _layout(input)
     A, B, C, s_a, s_b, s_c = view
@@ -902,8 +910,12 @@ def batch_norm_backward(grad_out, input, weight, running_mean, running_var, save
     need_sum = want_gb or (want_dx and train)
     need_dot = want_gw or (want_dx and train)
     split = (split or reduction_split(C, A * B, dev, 1024)) if (need_sum or need_dot) else 0
-    part = empty((max(split, 1), 2, C), dtype=torch.float32, device=dev)
-    if split:
+    if grad_partials is not None:  # a few thousand partials at most go to the finalize as they are
+        part = grad_partials if grad_partials.shape[0] <= _FINALIZE_PARTIALS else grad_partials.sum(0, keepdim=True)
+        part, split = part.contiguous(), part.shape[0]
+    else:
+        part = empty((max(split, 1), 2, C), dtype=torch.float32, device=dev)
+    if split and grad_partials is None:
         batch_norm_bwd_reduce_kernel[lambda meta: (triton.cdiv(C, meta["BLOCK_C"]), split)](
             g, x, y if y is not None else g, mean, rstd, w_own if from_x else x, b_own if from_x else x, part,
             A, B, C, s_a, s_b, s_c, split, MASK=mask_kind, NEED_DOT=need_dot, Y_FROM_X=from_x)

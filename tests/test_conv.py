@@ -1042,6 +1042,79 @@ def test_backward_input_prologue_opcheck():
     torch.library.opcheck(ops.conv2d_weight_bias_grad.default, (g, x, None, list(w.shape), *geo, *norm, False))
 
 
+# --- the input gradient that starts a BatchNorm backward (conv2d_backward_bn_partials)
+def _bn_partials_ref(g, x, w, geo, norm, relu):
+    """Eager's gradient with respect to the BN output x' (through the ReLU), the two sums of the BN backward
+    over it, dw and db, for a conv of relu(x') with x' = (x - mean) * invstd * weight + bias."""
+    mean, invstd, weight, bias = (v.float()[None, :, None, None] for v in norm)
+    xp = ((x.float() - mean) * (invstd * weight) + bias).to(x.dtype).float()
+    a = (F.relu(xp) if relu else xp).to(x.dtype).float()
+    dx, dw, db = _backward_ref(g.float(), a, w.float(), None, geo)
+    dx = dx.to(x.dtype).float()  # as the unfused input gradient stores it
+    grad_bn = torch.ops.aten.threshold_backward(dx, xp, 0) if relu else dx
+    sums = torch.stack([grad_bn.sum((0, 2, 3)), (grad_bn * (x.float() - mean)).sum((0, 2, 3))])
+    return grad_bn, sums, dw, db
+
+
+BN_PARTIALS_CASES = [SWEEP[2], SWEEP[3], SWEEP[11], BN_CASES[0], (2, 6, 9, 9, 5, 3, 1, 1, 1, 1)]
+
+
+@pytest.mark.parametrize("case", BN_PARTIALS_CASES, ids=str)
+@pytest.mark.parametrize("input_relu", [True, False])
+@pytest.mark.parametrize("launch", ["one", "two"])
+def test_backward_bn_partials_matches_eager(case, input_relu, launch, monkeypatch):
+    """The gradient reaches the BN output through the recomputed ReLU's mask, and the partials' sums over
+    T are the BN backward's two reductions, in the one-launch kernel and in the two launches a GPU without
+    a fitting config pair runs; tiles of at most 64 rows in the interpreter (several stats tiles and
+    phases: SWEEP[2] and [3] are strided, the last case has 162 rows)."""
+    x, w, _, geo = _conv_inputs(case, torch.float32, "channels_last")
+    norm, _ = _input_transform(x.shape[1], input_relu)
+    g = torch.randn(F.conv2d(x, w, None, *geo).shape).to(memory_format=torch.channels_last)
+    grad_bn, sums, dw, db = _bn_partials_ref(g, x, w, geo, norm, input_relu)
+    if launch == "two":
+        monkeypatch.setattr(conv_kernels, "INTERPRET", False)
+        monkeypatch.setattr(conv_kernels, "backward_config_for", lambda *args: False)
+        monkeypatch.setattr(conv_kernels, "conv2d_backward_kernel", None)  # launching it would fail
+    with conv_kernels.interp_block_limit(64), conv_kernels.weight_grad_split(1):
+        got = ops.conv2d_backward_bn_partials(g, x, w, None, *geo, True, *norm, input_relu)
+    assert got[3].shape == (conv_kernels.grad_stat_tiles(x.shape, geo[0]), 2, x.shape[1])
+    assert_close(got[0], grad_bn, grad=True)
+    assert_close(got[3].sum(0), sums, grad=True)
+    assert_close(got[1], dw, grad=True)
+    assert_close(got[2], db, grad=True)
+
+
+def test_backward_bn_partials_half_and_same_bits_every_run():
+    """float16 (the interpreter's bfloat16 dot is wrong: triton#4972): the partials, float32, sum the
+    float16 gradient as stored; no atomics, so a second run gives the same bits."""
+    x, w, _, geo = _conv_inputs(BN_PARTIALS_CASES[-1], torch.float16, "channels_last")
+    norm, _ = _input_transform(x.shape[1], True)
+    g = torch.randn(F.conv2d(x.float(), w.float(), None, *geo).shape).to(torch.float16)
+    grad_bn, sums, dw, _ = _bn_partials_ref(g, x, w, geo, norm, True)
+    with conv_kernels.interp_block_limit(64):
+        first = ops.conv2d_backward_bn_partials(g, x, w, None, *geo, False, *norm, True)
+        second = ops.conv2d_backward_bn_partials(g, x, w, None, *geo, False, *norm, True)
+    assert_close(first[0], grad_bn.half(), grad=True)
+    assert_close(first[3].sum(0), sums, grad=True)
+    assert_close(first[1], dw.half(), grad=True)
+    assert first[2] is None
+    for a, b in zip(first, second):
+        if a is not None:
+            assert torch.equal(a.view(torch.int16 if a.dtype == torch.float16 else torch.int32),
+                               b.view(torch.int16 if b.dtype == torch.float16 else torch.int32))
+
+
+def test_backward_bn_partials_opcheck_and_bad_input():
+    x, w, _, geo = _conv_inputs(SWEEP[2], torch.float32, "channels_last")
+    norm, _ = _input_transform(x.shape[1], True)
+    g = torch.randn(F.conv2d(x, w, None, *geo).shape)
+    torch.library.opcheck(ops.conv2d_backward_bn_partials.default, (g, x, w, None, *geo, True, *norm, True))
+    with pytest.raises(RuntimeError, match="conv2d_backward_bn_partials: input_mean should be 1-D and contain 5"):
+        ops.conv2d_backward_bn_partials(g, x, w, None, *geo, True, norm[0][:3], *norm[1:], True)
+    with pytest.raises(RuntimeError, match="conv2d_backward_bn_partials: expected grad_output of size"):
+        ops.conv2d_backward_bn_partials(g[:, :, 1:], x, w, None, *geo, True, *norm, True)
+
+
 def test_backward_without_a_fitting_pair_runs_two_launches(monkeypatch):
     """On a GPU no config pair fits beside float32's flattened input-gradient tile (few output channels
     per group): the launcher runs the two gradient launches instead."""

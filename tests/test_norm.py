@@ -758,6 +758,45 @@ def test_backward_mask_from_its_output(layouts, affine, dtype):
     assert all(r.isfinite().all() for r in result)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("summed_first", [False, True])
+def test_backward_from_grad_partials(monkeypatch, layout, dtype, summed_first):
+    """grad_partials (the producer's reductions, any split of them into rows): the result eager gives,
+    and no reduction launch; past the finalize's share of partials they are summed first."""
+    shape = (3, 5, 6, 7)
+    x = make(shape, layout, dtype, scale=2.0, shift=1.0)
+    g = make(shape, layout, dtype)
+    w, _, rm, rv = params(5, dtype)
+    save = aten._native_batch_norm_legit.no_stats(x.float(), None, None, True, 0.1, EPS)[1:]
+    rows = torch.stack([g.float(), g.float() * (x.float() - save[0][None, :, None, None])], 1)  # [N, 2, C, H, W]
+    partials = rows.reshape(3, 2, 5, 42).permute(0, 3, 1, 2).reshape(3 * 42, 2, 5).contiguous()
+    if summed_first:
+        monkeypatch.setattr(kernels, "_FINALIZE_PARTIALS", 16)
+    launches = _Launches(monkeypatch)
+    got = ops.batch_norm_backward(g, x, w, rm, rv, *save, True, EPS, [True] * 3, grad_partials=partials)
+    assert {k.split("_")[3] for k in launches.count} == {"finalize", "apply"}, launches.count
+    ref = eager_backward(g, x, w, rm, rv, *save, True, [True] * 3)
+    for name, a, r in zip(["grad_input", "grad_weight", "grad_bias"], got, ref):
+        assert_close(a, r.to(dtype), grad=True, msg=name)
+
+
+@pytest.mark.parametrize("needle,kwargs", [
+    ("grad_partials are the reductions of a grad_out already", dict(relu_output=True)),
+    ("grad_partials are the reductions of a grad_out already", dict(train=False)),
+    ("grad_partials must be a float32 tensor of shape \\[T, 2, 5\\]", dict(partials=torch.zeros(4, 2, 4))),
+    ("grad_partials must be a float32 tensor", dict(partials=torch.zeros(4, 2, 5, dtype=torch.float64))),
+], ids=str)
+def test_backward_grad_partials_bad_arguments(needle, kwargs):
+    x = make((2, 5, 3, 3))
+    save = aten._native_batch_norm_legit.no_stats(x, None, None, True, 0.1, EPS)[1:]
+    partials = kwargs.get("partials", torch.zeros(4, 2, 5)).to(DEVICE)
+    relu_output = x.relu() if kwargs.get("relu_output") else None
+    with pytest.raises(RuntimeError, match=needle):
+        ops.batch_norm_backward(x, x, vec(5), vec(5), vec(5, positive=True), *save, kwargs.get("train", True), EPS,
+                                [True] * 3, relu_output, grad_partials=partials)
+
+
 @pytest.mark.parametrize("needle,kwargs", [
     ("mask_from_output recomputes", dict(relu_output=True, mask_from_output=True)),
     ("mask_from_output recomputes", dict(train=False, mask_from_output=True)),

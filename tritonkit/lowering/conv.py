@@ -15,6 +15,9 @@ ATen                                                      tritonkit
                                                           / ``conv2d_weight_bias_grad`` without the input's
   + ``add`` of the input gradient and another gradient    the sum in the input gradient's epilogue
     (a residual block's two branches)                     (``residual=``; a ReLU mask on it folded too)
+  of a recomputed BN + ReLU input, the input gradient     ``conv2d_backward_bn_partials`` (the ReLU mask and
+    read only by that BN's backward                       the BN backward's reductions in its epilogue) +
+                                                          ``batch_norm_backward(grad_partials=)``
 =======================================================  ===================================================
 
 Depthwise convolutions (``groups`` == input channels) go to :mod:`tritonkit.lowering.depthwise`.
@@ -27,12 +30,14 @@ import operator
 
 from tritonkit.lowering import depthwise, norm
 from tritonkit.lowering.graph import (
+    DETACH,
     Fail,
     New,
     Rewrite,
     Spec,
     aten,
     bind,
+    getitem_users,
     input_prologue,
     is_call,
     only_user,
@@ -217,9 +222,69 @@ def _backward_specs(lw, node, g=None, mask=None, residual=None) -> list[Spec] | 
     return lw.in_graph_order(specs)
 
 
+def _bn_backward_after(grad_input, x, source, prologue):
+    """``(mask, bn_backward)`` when the input gradient ``grad_input`` of a conv whose input ``x`` is a
+    recomputed ``relu(bn(source))`` (``prologue``: its statistics and parameters) is the gradient that
+    ``bn``'s training backward takes, through the ReLU's ``threshold_backward`` ``mask`` (None without a
+    ReLU), with nothing else reading it; else None."""
+    mean, invstd, weight, _bias, relu = prologue
+    mask, user = None, only_user(grad_input)
+    if relu:
+        if not is_call(user, aten.threshold_backward.default) or user.args[0] is not grad_input or user.args[2] != 0:
+            return None
+        y = user.args[1]
+        while is_call(y, *DETACH):
+            y = y.args[0]
+        if y is not x:
+            return None
+        mask, user = user, only_user(user)
+    if not is_call(user, aten.native_batch_norm_backward.default):
+        return None
+    b = bind(user)
+    grad = mask if relu else grad_input
+    if (b["grad_out"] is not grad or grad in user.args[1:] or b["input"] is not source or not b["train"]
+            or (b["weight"], b["save_mean"], b["save_invstd"]) != (weight, mean, invstd)):
+        return None
+    return mask, user
+
+
+def _backward_bn_partials(lw, node) -> Rewrite | None:
+    """A conv whose input is a recomputed training BatchNorm (+ ReLU) output (the joint-graph pass's) and
+    whose input gradient only that BatchNorm's backward reads: ``conv2d_backward_bn_partials`` takes the
+    gradient on through the ReLU and computes the BN backward's two reductions in its epilogue, so the BN
+    backward (``grad_partials=``) reads the activations once, in its apply pass. None where that does not
+    hold (the plain rewrite then runs)."""
+    a = bind(node)
+    grad, x, w = a["grad_output"], a["input"], a["weight"]
+    source, prologue = input_prologue(x)
+    outs = getitem_users(node)
+    if not prologue or outs is None or not {0, 1} <= set(outs) or not all(a["output_mask"][i] for i in outs):
+        return None
+    found = _bn_backward_after(outs[0], x, source, prologue)
+    if found is None:
+        return None
+    mask, bn_bwd = found
+    lw.checker.tensors_ok(gemm=True, grad_output=grad, input=x, weight=w)
+    geo = geometry(a, x)
+    if depthwise.is_depthwise(x, w, geo[3]):
+        return None
+    call = New(lw.tk.conv2d_backward_bn_partials.default, (grad, source, w, None, *geo, 2 in outs, *prologue))
+    label = "conv2d_backward_bn_partials(input prologue)"
+    grad_bn = mask if mask is not None else outs[0]
+    specs = [Spec(operator.getitem, (call, i), grad_bn if i == 0 else outs[i], label) for i in sorted(outs)]
+    for spec in specs:
+        lw.checker.check(spec)
+    specs += norm.backward_specs(lw, bn_bwd, grad=grad_bn, partials=New(operator.getitem, (call, 3)))
+    absorbed = (node, outs[0], *(() if mask is None else (mask,)), bn_bwd)
+    return Rewrite(lw.in_graph_order(specs), absorbed)
+
+
 @rule(aten.convolution_backward.default)
 def convolution_backward(lw, node):
     """``convolution_backward`` -> the gradient ops (module table)."""
+    fused = _try(_backward_bn_partials, lw, node)
+    if fused is not None:
+        return fused
     specs = _backward_specs(lw, node)
     if specs is None:
         return None

@@ -246,11 +246,12 @@ def batch_norm_eval(lw, node):
     return eval_rewrite(lw, node, make_spec, activations=True)
 
 
-def backward_specs(lw, node, grad=None, relu_output=None, activation="relu"):
+def backward_specs(lw, node, grad=None, relu_output=None, activation="relu", partials=None):
     """Specs for the used outputs of ``native_batch_norm_backward`` ``node``; ``grad``/``relu_output``: its
     gradient is ``grad`` through ``activation``'s backward from ``relu_output`` (``"relu"``: the ReLU output,
     > 0; ``"relu6"``: the hardtanh(0, 6) input, strictly inside (0, 6); the others: what aten's backward of
-    that activation saves, ``tritonkit::batch_norm_backward``'s doc)."""
+    that activation saves, ``tritonkit::batch_norm_backward``'s doc). ``partials``: the two reductions of
+    ``grad``, computed where it was (``grad_partials``)."""
     a = bind(node)
     x, w = a["input"], a["weight"]
     grad = a["grad_out"] if grad is None else grad
@@ -265,10 +266,13 @@ def backward_specs(lw, node, grad=None, relu_output=None, activation="relu"):
     saved = (a["save_mean"], a["save_invstd"]) if a["train"] else (None, None)  # eval: empty, unused
     own = own_output_bias(relu_output, x, w, *saved) if activation == "relu" else None
     tail = (relu_output, activation) if own is None else (None, activation, own[0], True)
+    if partials is not None:
+        tail = (None, activation, None, False, partials)
     call = New(lw.tk.batch_norm_backward.default, (grad, x, w, a["running_mean"], a["running_var"], *saved,
                                                    a["train"], a["eps"], mask, *tail))
     label = "batch_norm_backward" + (f"({activation} mask)" if activation != "relu" else "")
     label += "(mask from its output)" if own is not None else ""
+    label += "(reductions from the input gradient)" if partials is not None else ""
     specs = [Spec(operator.getitem, (call, i), outs[i], label, masked=own is None) for i in sorted(outs)]
     for spec in specs:
         lw.checker.check(spec)

@@ -245,10 +245,9 @@ def _(grad_output, input, relu_output, weight_size, stride, padding, dilation, g
 
 # ------------------------------------------------------------------ input, weight and bias gradient
 def _check_backward(grad_output, input, weight, relu_output, stride, padding, dilation, groups, residual,
-                    residual_mask, prologue):
+                    residual_mask, prologue, op="tritonkit.conv2d_backward"):
     """conv2d_input_grad's checks (which cover conv2d_weight_grad's) with the input as the weight
     gradient's operand: the same dtype and device as the others; ``(geometry, input_norm)``."""
-    op = "tritonkit.conv2d_backward"
     check_float_tensors(op, grad_output=grad_output, input=input, weight=weight)
     geometry = _check_input_grad(grad_output, weight, relu_output, input.shape, stride, padding, dilation, groups,
                                  residual, residual_mask, op=op)
@@ -285,6 +284,44 @@ def _(grad_output, input, weight, relu_output, stride, padding, dilation, groups
     dx = grad_output.new_empty(tuple(input.shape)).contiguous(memory_format=kernels.suggest_memory_format(grad_output))
     dw = grad_output.new_empty(tuple(weight.shape)).contiguous(memory_format=kernels.suggest_memory_format(input))
     return dx, dw, grad_output.new_empty((weight.shape[0],)) if bias_grad else None
+
+
+_BN_PARTIALS = "tritonkit.conv2d_backward_bn_partials"
+
+
+@torch.library.custom_op(
+    "tritonkit::conv2d_backward_bn_partials", mutates_args=(),
+    schema="(Tensor grad_output, Tensor input, Tensor weight, Tensor? relu_output, int[] stride, int[] padding, "
+           "int[] dilation, int groups, bool bias_grad, Tensor input_mean, Tensor input_invstd, "
+           "Tensor? input_weight=None, Tensor? input_bias=None, bool input_relu=False) "
+           "-> (Tensor, Tensor, Tensor?, Tensor)")
+def conv2d_backward_bn_partials(grad_output, input, weight, relu_output, stride, padding, dilation, groups, bias_grad,
+                                input_mean, input_invstd, input_weight=None, input_bias=None, input_relu=False):
+    """``conv2d_backward`` with its input prologue, a training BatchNorm (+ ReLU) of ``input``, whose
+    backward it starts: ``(grad_bn, grad_weight, grad_bias, partials)``, ``grad_bn`` the gradient with
+    respect to the BatchNorm's output (grad_input through the ReLU's mask, the output recomputed), and
+    ``partials`` float32 ``[T, 2, C]`` whose sums over T are sum ``grad_bn`` and sum ``grad_bn * (input -
+    input_mean)``, the two reductions ``batch_norm_backward(grad_partials=...)`` takes
+    (``kernels.conv.conv2d_input_grad``'s ``grad_stats``)."""
+    prologue = (input_mean, input_invstd, input_weight, input_bias, input_relu)
+    geometry, norm = _check_backward(grad_output, input, weight, relu_output, stride, padding, dilation, groups,
+                                     None, None, prologue, _BN_PARTIALS)
+    return kernels.conv2d_backward(grad_output, input, weight, relu_output, *geometry, groups,
+                                   allow_tf32=conv_allows_tf32(), bias_grad=bias_grad, input_norm=norm,
+                                   input_relu=input_relu, grad_stats=True)
+
+
+@conv2d_backward_bn_partials.register_fake
+def _(grad_output, input, weight, relu_output, stride, padding, dilation, groups, bias_grad, input_mean,
+      input_invstd, input_weight=None, input_bias=None, input_relu=False):
+    prologue = (input_mean, input_invstd, input_weight, input_bias, input_relu)
+    geometry, _ = _check_backward(grad_output, input, weight, relu_output, stride, padding, dilation, groups, None,
+                                  None, prologue, _BN_PARTIALS)
+    dx = grad_output.new_empty(tuple(input.shape)).contiguous(memory_format=kernels.suggest_memory_format(grad_output))
+    dw = grad_output.new_empty(tuple(weight.shape)).contiguous(memory_format=kernels.suggest_memory_format(input))
+    partials = input.new_empty((kernels.grad_stat_tiles(input.shape, geometry[0]), 2, input.shape[1]),
+                               dtype=torch.float32)
+    return dx, dw, grad_output.new_empty((weight.shape[0],)) if bias_grad else None, partials
 
 
 # ------------------------------------------------------------------- conv + ReLU + max-pool (inference)

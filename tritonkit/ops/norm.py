@@ -62,7 +62,10 @@
   once and passes it here with ``relu_output=None``. ``mask_from_output=True`` (training, any activation
   but sigmoid, no ``relu_output``): the activation's input is this BatchNorm's own output, recomputed from
   ``input``, ``save_mean``, ``save_invstd``, ``weight`` and ``output_bias`` (None: 0) as ``batch_norm_apply``
-  computes it, for a forward that never stored it.
+  computes it, for a forward that never stored it. ``grad_partials`` (training, no mask): float32 ``[T, 2,
+  C]`` whose sums over T are the backward's two reductions of ``grad_out`` (sum ``grad_out`` and sum
+  ``grad_out * (input - save_mean)``), computed by the kernel that produced ``grad_out``
+  (``conv2d_backward_bn_partials``), so only the apply pass reads the activations.
 
 ``out`` and ``grad_input`` take the input's memory format (``suggest_memory_format``: channels_last in,
 channels_last out; otherwise contiguous), as eager's CPU and cuDNN kernels allocate them. Every tensor
@@ -353,7 +356,7 @@ def _(input, weight, bias, running_mean, running_var, eps, residual=None, relu=F
 
 
 def _check_backward(grad_out, input, weight, running_mean, running_var, save_mean, save_invstd, train,
-                    output_mask, relu_output, activation, output_bias, mask_from_output):
+                    output_mask, relu_output, activation, output_bias, mask_from_output, grad_partials):
     op = _BWD
     if activation not in kernels.ACTIVATIONS:
         raise ValueError(f"{op}: activation must be one of {', '.join(map(repr, kernels.ACTIVATIONS))}, got "
@@ -385,6 +388,15 @@ def _check_backward(grad_out, input, weight, running_mean, running_var, save_mea
         raise RuntimeError(f"{op}: running_mean and running_var must be given when train=False")
     _check_vectors(op, C, weight=weight, output_bias=output_bias, running_mean=running_mean,
                    running_var=running_var, save_mean=save_mean, save_invstd=save_invstd)
+    if grad_partials is not None:
+        if not train or relu_output is not None or mask_from_output:
+            raise RuntimeError(f"{op}: grad_partials are the reductions of a grad_out already through its "
+                               f"activation: they take train=True, no relu_output and mask_from_output=False")
+        if (grad_partials.dim() != 3 or grad_partials.shape[0] < 1 or tuple(grad_partials.shape[1:]) != (2, C)
+                or grad_partials.dtype != torch.float32 or grad_partials.device != input.device):
+            raise RuntimeError(f"{op}: grad_partials must be a float32 tensor of shape [T, 2, {C}] (T >= 1) on "
+                               f"{input.device}, got {grad_partials.dtype} of shape {list(grad_partials.shape)} "
+                               f"on {grad_partials.device}")
     return C
 
 
@@ -394,22 +406,24 @@ def _check_backward(grad_out, input, weight, running_mean, running_var, save_mea
     schema="(Tensor grad_out, Tensor input, Tensor? weight, Tensor? running_mean, Tensor? running_var, "
            "Tensor? save_mean, Tensor? save_invstd, bool train, float eps, bool[3] output_mask, "
            "Tensor? relu_output=None, str activation=\"relu\", Tensor? output_bias=None, "
-           "bool mask_from_output=False) -> (Tensor?, Tensor?, Tensor?)",
+           "bool mask_from_output=False, Tensor? grad_partials=None) -> (Tensor?, Tensor?, Tensor?)",
 )
 def batch_norm_backward(grad_out, input, weight, running_mean, running_var, save_mean, save_invstd, train, eps,
-                        output_mask, relu_output=None, activation="relu", output_bias=None, mask_from_output=False):
+                        output_mask, relu_output=None, activation="relu", output_bias=None, mask_from_output=False,
+                        grad_partials=None):
     _check_backward(grad_out, input, weight, running_mean, running_var, save_mean, save_invstd, train,
-                    output_mask, relu_output, activation, output_bias, mask_from_output)
+                    output_mask, relu_output, activation, output_bias, mask_from_output, grad_partials)
     return kernels.batch_norm_backward(grad_out, input, weight, running_mean, running_var, save_mean, save_invstd,
                                        train, eps, output_mask, relu_output, activation=activation,
-                                       output_bias=output_bias, mask_from_output=mask_from_output)
+                                       output_bias=output_bias, mask_from_output=mask_from_output,
+                                       grad_partials=grad_partials)
 
 
 @batch_norm_backward.register_fake
 def _(grad_out, input, weight, running_mean, running_var, save_mean, save_invstd, train, eps, output_mask,
-      relu_output=None, activation="relu", output_bias=None, mask_from_output=False):
+      relu_output=None, activation="relu", output_bias=None, mask_from_output=False, grad_partials=None):
     C = _check_backward(grad_out, input, weight, running_mean, running_var, save_mean, save_invstd, train,
-                        output_mask, relu_output, activation, output_bias, mask_from_output)
+                        output_mask, relu_output, activation, output_bias, mask_from_output, grad_partials)
     want_dx, want_gw, want_gb = output_mask
     param_dtype = weight.dtype if weight is not None else input.dtype
     return (_out_like(input) if want_dx else None,
