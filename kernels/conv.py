@@ -830,9 +830,9 @@ def _store_grad_partials(stats_ptr, g, d, t0, pid_m, tiles, c, c_ok, C, BLOCK_M:
 
 
 def _dgrad_config_for(config, dtype, arch=None, launch=None) -> bool:
-    """DGRAD_CONFIG_FOR_DTYPE, and for launches writing BatchNorm-backward partials (GRAD_STATS) only tiles
-    of whole BN_STAT_ROWS-row groups."""
-    if (launch or {}).get("GRAD_STATS") and config.kwargs["BLOCK_M"] % BN_STAT_ROWS:
+    """DGRAD_CONFIG_FOR_DTYPE; GRAD_STATS launches (BN-backward partials) take tiles of whole BN_STAT_ROWS-row
+    groups, less 128x128 (its epilogue spills 88-144 B in half precision on sm_90)."""
+    if (launch or {}).get("GRAD_STATS") and (config.kwargs["BLOCK_M"] % BN_STAT_ROWS or config is _C["128x128w8"]):
         return False
     return DGRAD_CONFIG_FOR_DTYPE(config, dtype, arch, launch)
 
@@ -1070,8 +1070,8 @@ def backward_config_for(config, dtype, arch=None, launch=None) -> bool:
         return False
     if dtype == torch.float32 and launch.get("PRECISION") != "tf32" and pair in _BACKWARD_FP32_SPILLS:
         return False
-    return (_dgrad_config_for(_C[pair[0]], dtype, arch, launch)
-            and wgrad_config_for(_W[pair[1]], dtype, arch, launch))
+    return (_dgrad_config_for(_C[pair[0]], dtype, arch, launch) and wgrad_config_for(_W[pair[1]], dtype, arch, launch)
+            and not (launch.get("GRAD_STATS") and pair == ("128x64w8", "128x64w8")))  # GRAD_STATS: 24 B, sm_80
 
 
 # the interpreter tiles of either launch: BLOCK_* for the input gradient, DW_BLOCK_* for the weight's

@@ -71,11 +71,24 @@ _NCHW_CONFIGS = [_config(256, 1, 4), _config(512, 1, 8), _config(128, 2, 4)]
 _FWD_GPU_CONFIGS = _NCHW_CONFIGS + [_config(32, 32, 4), _config(16, 64, 4), _config(8, 128, 4),
                                     _config(16, 128, 8)]
 _BWD_GPU_CONFIGS = _NCHW_CONFIGS + [_config(32, 32, 8), _config(16, 64, 8), _config(8, 128, 8)]
+# Positions per BatchNorm-backward partial of a GRAD_STATS backward (whole groups per tile), and the
+# channels_last tiles such launches take instead of the narrower ones.
+GRAD_STAT_ROWS = 64
+_STAT_ROWS = tl.constexpr(GRAD_STAT_ROWS)
+_STATS_CONFIGS = [_config(64, 32, 8), _config(64, 64, 8)]
+
+
+def _bwd_config_for(config, dtype, arch=None, launch=None) -> bool:
+    """GRAD_STATS launches: tiles of whole GRAD_STAT_ROWS-position groups; the others: the plain list."""
+    if (launch or {}).get("GRAD_STATS"):
+        return config.kwargs["BLOCK_P"] % GRAD_STAT_ROWS == 0
+    return config not in _STATS_CONFIGS
 
 # Interpreter: one program covers as many (position, channel) pairs as numpy handles well.
 _INTERP_HEURISTICS = {
     "BLOCK_C": lambda a: interp_block(a["C"], 1, 256),
-    "BLOCK_P": lambda a: interp_block(a["P"], 1, INTERP_TILE // a["BLOCK_C"]),
+    "BLOCK_P": lambda a: interp_block(a["P"], GRAD_STAT_ROWS if a.get("GRAD_STATS") else 1,
+                                      INTERP_TILE // a["BLOCK_C"]),
 }
 
 
@@ -158,25 +171,43 @@ def max_pool2d_fwd_kernel(
 def _bwd_signature(dtype):
     t = TRITON_TYPE[dtype]
     ints = ["P", "C", "H", "W", "OH", "OW", "g_sn", "g_sc", "g_sh", "g_sw", "i_sn", "i_sc", "i_sh", "i_sw",
-            "d_sn", "d_sc", "d_sh", "d_sw", "SH", "SW", "PH", "PW", "EKH", "EKW", "WIN_H", "WIN_W"]
-    return {"grad_ptr": f"*{t}", "idx_ptr": "*i64", "dx_ptr": f"*{t}", **{k: "i32" for k in ints},
-            "BLOCK_P": "constexpr", "BLOCK_C": "constexpr"}
+            "d_sn", "d_sc", "d_sh", "d_sw", "x_sn", "x_sc", "x_sh", "x_sw", "SH", "SW", "PH", "PW", "EKH", "EKW",
+            "WIN_H", "WIN_W"]
+    return {"grad_ptr": f"*{t}", "idx_ptr": "*i64", "dx_ptr": f"*{t}", "x_ptr": f"*{t}", "stats_ptr": "*fp32",
+            **dict.fromkeys(_PROLOGUE_POINTERS, "*fp32"), **{k: "i32" for k in ints},
+            "GRAD_STATS": "constexpr", "BLOCK_P": "constexpr", "BLOCK_C": "constexpr"}
 
 
-@tuned_kernel("max_pool2d_bwd", gpu_configs=_BWD_GPU_CONFIGS, interp_heuristics=_INTERP_HEURISTICS,
-              key=["P", "C", "OH", "OW", "WIN_H", "WIN_W", "d_sc"], signature=_bwd_signature)
+# the training ResNet stem's pool backward (3x3 stride 2, 64 channels at 112x112 -> 56x56, channels_last),
+# taken on through bn1's ReLU with bn1's backward reductions
+_STEM_BWD = {"P": 32 * 112 * 112, "C": 64, "H": 112, "W": 112, "OH": 56, "OW": 56,
+             **{f"{t}_s{d}": v for t in "gi" for d, v in zip("nchw", (56 * 56 * 64, 1, 56 * 64, 64))},
+             **{f"{t}_s{d}": v for t in "dx" for d, v in zip("nchw", (112 * 112 * 64, 1, 112 * 64, 64))},
+             "SH": 2, "SW": 2, "PH": 1, "PW": 1, "EKH": 3, "EKW": 3, "WIN_H": 2, "WIN_W": 2}
+
+
+@tuned_kernel("max_pool2d_bwd", gpu_configs=_BWD_GPU_CONFIGS, config_for_dtype=_bwd_config_for,
+              interp_heuristics=_INTERP_HEURISTICS, key=["P", "C", "OH", "OW", "WIN_H", "WIN_W", "d_sc", "GRAD_STATS"],
+              signature=_bwd_signature, constexprs=lambda dtype: {"GRAD_STATS": 0},
+              variants={"bn_partials_stem": lambda dtype: {"GRAD_STATS": 2, **_STEM_BWD}})
 @triton.jit
 def max_pool2d_bwd_kernel(
-    grad_ptr, idx_ptr, dx_ptr,
+    grad_ptr, idx_ptr, dx_ptr, x_ptr, stats_ptr, in_mean_ptr, in_rstd_ptr, in_w_ptr, in_b_ptr,
     P, C, H, W, OH, OW,
     g_sn, g_sc, g_sh, g_sw,
     i_sn, i_sc, i_sh, i_sw,
     d_sn, d_sc, d_sh, d_sw,
+    x_sn, x_sc, x_sh, x_sw,
     SH, SW, PH, PW, EKH, EKW,  # EK = effective kernel extent (K - 1) * D + 1
     WIN_H, WIN_W,  # most windows covering one row / column: min(ceil(EK / S), OH / OW)
+    GRAD_STATS: tl.constexpr,  # the forward's input prologue kind (1, 2: ReLU'd) when dx starts its BN backward
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """dx[n, c, h, w] = sum of grad[n, c, oh, ow] over windows covering (h, w) with idx == h * W + w."""
+    """dx[n, c, h, w] = sum of grad[n, c, oh, ow] over windows covering (h, w) with idx == h * W + w.
+    GRAD_STATS: the pool read x' = act((x - mean) * k + beta), a training BatchNorm's output; dx goes on
+    through the ReLU (2: zero where the recomputed BN output is <= 0) to the BN output, and the BN
+    backward's partials of it are written beside it: per GRAD_STAT_ROWS positions t (flat (n, h, w)) and
+    channel c, stats[t, 0, c] = the sum of dx, stats[t, 1, c] = the sum of dx * (x - mean[c])."""
     pid = tl.program_id(0)
     c_blocks = tl.cdiv(C, BLOCK_C)
     p = (pid // c_blocks) * BLOCK_P + tl.arange(0, BLOCK_P)  # flat (n, h, w)
@@ -210,6 +241,20 @@ def max_pool2d_bwd_kernel(
         g = tl.load(grad_ptr + (g_nc + (oh * g_sh + ow * g_sw)[:, None]), mask=hit, other=0.0)
         acc += g.to(tl.float32)
 
+    if GRAD_STATS:
+        mean, k, beta = prologue_coefficients(in_mean_ptr, in_rstd_ptr, in_w_ptr, in_b_ptr, c, c_ok)
+        x = tl.load(x_ptr + (n * x_sn + h * x_sh + w * x_sw)[:, None] + (c * x_sc)[None, :], mask=tile_ok, other=0.0)
+        acc = acc.to(dx_ptr.dtype.element_ty).to(tl.float32)  # dx as stored, then read by the BN backward
+        if GRAD_STATS == 2:  # threshold_backward of the ReLU output, recomputed: NaN passes the gradient
+            acc = tl.where(apply_prologue(x, tile_ok, mean, k, beta, 1).to(tl.float32) <= 0, 0.0, acc)
+        acc = tl.where(tile_ok, acc, 0.0)
+        d = acc * (x.to(tl.float32) - mean[None, :])
+        TILES: tl.constexpr = BLOCK_P // _STAT_ROWS
+        t = (pid // c_blocks) * TILES + tl.arange(0, TILES)
+        out = stats_ptr + (t * (2 * C))[:, None] + c[None, :]
+        ok = (t < tl.cdiv(P, _STAT_ROWS))[:, None] & c_ok[None, :]
+        tl.store(out, tl.sum(tl.reshape(acc, (TILES, _STAT_ROWS, BLOCK_C)), axis=1), mask=ok)
+        tl.store(out + C, tl.sum(tl.reshape(d, (TILES, _STAT_ROWS, BLOCK_C)), axis=1), mask=ok)
     tl.store(dx_ptr + d_off, acc.to(dx_ptr.dtype.element_ty), mask=tile_ok)
 
 
@@ -516,28 +561,45 @@ def max_pool2d_forward(x: torch.Tensor, kernel_size, stride, padding, dilation, 
     return out, idx
 
 
+def grad_stat_tiles(input_size) -> int:
+    """T, the first dimension of a ``grad_stats`` pool backward's partials: one per GRAD_STAT_ROWS input
+    positions (flat (n, h, w))."""
+    N, _, H, W = input_size
+    return triton.cdiv(N * H * W, GRAD_STAT_ROWS)
+
+
 def max_pool2d_backward(grad_output: torch.Tensor, x: torch.Tensor, indices: torch.Tensor,
-                        kernel_size, stride, padding, dilation) -> torch.Tensor:
-    """Gradient w.r.t. ``x`` of a max pool whose argmax was ``indices``, in ``x``'s memory format."""
+                        kernel_size, stride, padding, dilation, *, input_norm=None, input_relu=False,
+                        grad_stats=False):
+    """Gradient w.r.t. ``x`` of a max pool whose argmax was ``indices``, in ``x``'s memory format.
+    ``grad_stats`` (``input_norm``/``input_relu``: the forward's prologue over ``x``): ``(dx, stats)``, dx
+    taken on through the prologue's ReLU to the BatchNorm output and that BN backward's float32 partials
+    [grad_stat_tiles(), 2, C] (the kernel's doc; no atomics, the same bits every run)."""
     N, C, H, W = x.shape
     OH, OW = grad_output.shape[2:]
     (KH, KW), (SH, SW), (PH, PW), (DH, DW) = kernel_size, stride, padding, dilation
     grad_input = empty(x.shape, dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
+    stats = None
+    if grad_stats:
+        stats = empty((grad_stat_tiles(x.shape), 2, C), dtype=torch.float32, device=x.device)
+    out = (grad_input, stats) if grad_stats else grad_input
     if grad_input.numel() == 0:
-        return grad_input
-    check_int32_indexing(grad_output, indices, grad_input)
+        return out
+    check_int32_indexing(grad_output, indices, grad_input, x)
     EKH, EKW = (KH - 1) * DH + 1, (KW - 1) * DW + 1
     P = N * H * W
 
     def grid(meta):
         return (triton.cdiv(P, meta["BLOCK_P"]) * triton.cdiv(C, meta["BLOCK_C"]),)
 
+    in_pointers, prologue = prologue_args(x, input_norm, input_relu)
     max_pool2d_bwd_kernel[grid](
-        grad_output, indices, grad_input, P, C, H, W, OH, OW,
-        *grad_output.stride(), *indices.stride(), *grad_input.stride(),
+        grad_output, indices, grad_input, x, stats if grad_stats else grad_input, *in_pointers, P, C, H, W, OH, OW,
+        *grad_output.stride(), *indices.stride(), *grad_input.stride(), *x.stride(),
         SH, SW, PH, PW, EKH, EKW, min(triton.cdiv(EKH, SH), OH), min(triton.cdiv(EKW, SW), OW),
+        GRAD_STATS=prologue if grad_stats else 0,
     )
-    return grad_input
+    return out
 
 
 def _plane_stride(t: torch.Tensor) -> int | None:

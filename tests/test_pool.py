@@ -287,6 +287,61 @@ def test_input_prologue_opcheck_and_bad_arguments():
         ops.max_pool2d(x.detach().requires_grad_(), *args, *norm, True)
 
 
+def _bn_partials_ref(g, x, indices, args, norm, relu):
+    """Eager's gradient with respect to the BN output (the pool's, as stored, through the recomputed ReLU's
+    mask) and the BN backward's two sums over it."""
+    mean, invstd, weight, bias = (v[None, :, None, None].to(DEVICE) for v in norm)
+    xp = ((x.float() - mean) * (invstd * weight) + bias).to(x.dtype).float()
+    dx = torch.ops.aten.max_pool2d_with_indices_backward(g.float(), xp, *args[:4], args[4], indices)
+    dx = dx.to(x.dtype).float()
+    grad_bn = torch.ops.aten.threshold_backward(dx, xp, 0) if relu else dx
+    return grad_bn, torch.stack([grad_bn.sum((0, 2, 3)), (grad_bn * (x.float() - mean)).sum((0, 2, 3))])
+
+
+@pytest.mark.parametrize("case", SWEEP[:4] + SWEEP[7:], ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
+@pytest.mark.parametrize("relu", [True, False])
+def test_backward_bn_partials(case, layout, relu):
+    """The pool backward of a prologue'd pool taken on through the ReLU to the BN output, and the partials'
+    sums over T the BN backward's reductions (poisoned outputs: every partial is written)."""
+    shape, k, s, p, d, ceil = case
+    x = make_input(shape, layout)
+    norm, _ = bn_transform(shape[1], torch.float32, relu)
+    args = (_pair(k), _pair(s), _pair(p), _pair(d), ceil)
+    values, indices = ops.max_pool2d(x, *args, *norm, relu)
+    g = torch.randn(values.shape, device=DEVICE)
+    grad_bn, partials = ops.max_pool2d_backward_bn_partials(g, x, indices, *args, *norm, relu)
+    ref, sums = _bn_partials_ref(g, x, indices, args, norm, relu)
+    n, _, h, w = shape
+    assert partials.shape == (-(-n * h * w // 64), 2, shape[1])
+    assert_close(grad_bn, ref, grad=True)
+    assert_close(partials.sum(0), sums, grad=True)
+    assert grad_bn.stride() == ops.max_pool2d_backward(g, x, indices, *args).stride()
+
+
+def test_backward_bn_partials_half_opcheck_and_bad_arguments():
+    """float16 (the BN output rounded as stored; float32 partials); the same bits on a second run; the op
+    checks its prologue as max_pool2d does."""
+    x = make_input((2, 3, 13, 11), "channels_last", torch.float16)
+    norm, _ = bn_transform(3, torch.float16, True)
+    args = ([3, 3], [2, 2], [1, 1], [1, 1], False)
+    values, indices = ops.max_pool2d(x, *args, *norm, True)
+    g = torch.randn(values.shape, device=DEVICE).half()
+    first = ops.max_pool2d_backward_bn_partials(g, x, indices, *args, *norm, True)
+    ref, sums = _bn_partials_ref(g, x, indices, args, norm, True)
+    assert_close(first[0], ref.half(), grad=True)
+    assert_close(first[1].sum(0), sums, grad=True)
+    second = ops.max_pool2d_backward_bn_partials(g, x, indices, *args, *norm, True)
+    assert torch.equal(first[0].view(torch.int16), second[0].view(torch.int16))
+    assert torch.equal(first[1].view(torch.int32), second[1].view(torch.int32))
+    x32 = x.float()
+    values, indices = ops.max_pool2d(x32, *args, *norm, True)
+    torch.library.opcheck(ops.max_pool2d_backward_bn_partials, (torch.randn_like(values), x32, indices, *args, *norm,
+                                                                True))
+    with pytest.raises(RuntimeError, match="max_pool2d_backward_bn_partials: input_mean should be 1-D and contain 3"):
+        ops.max_pool2d_backward_bn_partials(torch.randn_like(values), x32, indices, *args, norm[0][:2], *norm[1:])
+
+
 # (what, input shape, kernel_size, stride, padding, dilation): eager refuses each with RuntimeError,
 # and our message names the offending argument.
 BAD_ARGS = [

@@ -30,7 +30,6 @@ import operator
 
 from tritonkit.lowering import depthwise, norm
 from tritonkit.lowering.graph import (
-    DETACH,
     Fail,
     New,
     Rewrite,
@@ -222,32 +221,6 @@ def _backward_specs(lw, node, g=None, mask=None, residual=None) -> list[Spec] | 
     return lw.in_graph_order(specs)
 
 
-def _bn_backward_after(grad_input, x, source, prologue):
-    """``(mask, bn_backward)`` when the input gradient ``grad_input`` of a conv whose input ``x`` is a
-    recomputed ``relu(bn(source))`` (``prologue``: its statistics and parameters) is the gradient that
-    ``bn``'s training backward takes, through the ReLU's ``threshold_backward`` ``mask`` (None without a
-    ReLU), with nothing else reading it; else None."""
-    mean, invstd, weight, _bias, relu = prologue
-    mask, user = None, only_user(grad_input)
-    if relu:
-        if not is_call(user, aten.threshold_backward.default) or user.args[0] is not grad_input or user.args[2] != 0:
-            return None
-        y = user.args[1]
-        while is_call(y, *DETACH):
-            y = y.args[0]
-        if y is not x:
-            return None
-        mask, user = user, only_user(user)
-    if not is_call(user, aten.native_batch_norm_backward.default):
-        return None
-    b = bind(user)
-    grad = mask if relu else grad_input
-    if (b["grad_out"] is not grad or grad in user.args[1:] or b["input"] is not source or not b["train"]
-            or (b["weight"], b["save_mean"], b["save_invstd"]) != (weight, mean, invstd)):
-        return None
-    return mask, user
-
-
 def _backward_bn_partials(lw, node) -> Rewrite | None:
     """A conv whose input is a recomputed training BatchNorm (+ ReLU) output (the joint-graph pass's) and
     whose input gradient only that BatchNorm's backward reads: ``conv2d_backward_bn_partials`` takes the
@@ -260,7 +233,7 @@ def _backward_bn_partials(lw, node) -> Rewrite | None:
     outs = getitem_users(node)
     if not prologue or outs is None or not {0, 1} <= set(outs) or not all(a["output_mask"][i] for i in outs):
         return None
-    found = _bn_backward_after(outs[0], x, source, prologue)
+    found = norm.backward_reading(outs[0], x, source, prologue)
     if found is None:
         return None
     mask, bn_bwd = found

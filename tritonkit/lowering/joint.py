@@ -14,10 +14,13 @@ backward graph. The lowering of each graph folds it into what reads it:
 * forward: the consuming conv's or max-pool's input prologue (``conv2d_bn_stats(y, ...,
   input_mean=save_mean, ...)``, ``max_pool2d(y, ..., input_mean=...)``); the BatchNorm itself computes only
   its statistics (``batch_norm_stats_from_partials``);
-* backward: the consuming conv's weight gradient recomputes ``a`` from ``y`` as it loads it
-  (``conv2d_backward(..., input_mean=...)``; a max-pool's backward reads only its indices), and the
-  BatchNorm backward takes the ReLU mask from its own output recomputed the same way
-  (``batch_norm_backward(..., mask_from_output=True)``).
+* backward: the consuming conv's weight gradient recomputes ``a`` from ``y`` as it loads it; its input
+  gradient (or the max-pool's) goes on through the ReLU, the mask from the BN output recomputed in the
+  epilogue, and computes the BatchNorm backward's two reductions there
+  (``conv2d_backward_bn_partials``, ``max_pool2d_backward_bn_partials``), so the BatchNorm backward only
+  applies (``batch_norm_backward(..., grad_partials=...)``). Where the gradient has other readers the
+  BatchNorm backward takes the mask from its own output, recomputed the same way
+  (``mask_from_output=True``).
 
 So a conv + BN + ReLU layer whose consumers are convs or max-pools never writes its normalised
 activation. The rewrite is made only where every forward reader of ``a`` is a (non-depthwise)

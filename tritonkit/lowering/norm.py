@@ -295,6 +295,33 @@ def own_output_bias(y, x, weight, save_mean, save_invstd) -> tuple | None:
     return (bias,)
 
 
+def backward_reading(grad_input, x, source, prologue):
+    """``(mask, bn_backward)`` when the input gradient ``grad_input`` of a conv or max-pool whose input ``x``
+    is a recomputed ``relu(bn(source))`` (``prologue``: its statistics and parameters, the joint-graph pass's
+    apply) is the gradient that ``bn``'s training backward takes, through the ReLU's ``threshold_backward``
+    ``mask`` (None without a ReLU), with nothing else reading it; else None. The producer can then take the
+    gradient on through the ReLU and compute the BN backward's reductions (``grad_partials``)."""
+    mean, invstd, weight, _bias, relu = prologue
+    mask, user = None, only_user(grad_input)
+    if relu:
+        if not is_call(user, aten.threshold_backward.default) or user.args[0] is not grad_input or user.args[2] != 0:
+            return None
+        y = user.args[1]
+        while is_call(y, *DETACH):
+            y = y.args[0]
+        if y is not x:
+            return None
+        mask, user = user, only_user(user)
+    if not is_call(user, aten.native_batch_norm_backward.default):
+        return None
+    b = bind(user)
+    grad = mask if relu else grad_input
+    if (b["grad_out"] is not grad or grad in user.args[1:] or b["input"] is not source or not b["train"]
+            or (b["weight"], b["save_mean"], b["save_invstd"]) != (weight, mean, invstd)):
+        return None
+    return mask, user
+
+
 @rule(aten.native_batch_norm_backward.default)
 def batch_norm_backward(lw, node):
     specs = backward_specs(lw, node)

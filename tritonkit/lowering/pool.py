@@ -5,11 +5,14 @@ one)."""
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from tritonkit.kernels.pool import output_memory_format
-from tritonkit.lowering.graph import Fail, Rewrite, aten, bind, input_prologue, is_call, sum_with, val
+from tritonkit.lowering import norm
+from tritonkit.lowering.graph import Fail, New, Rewrite, Spec, aten, bind, input_prologue, is_call, sum_with, val
 from tritonkit.lowering.rules import rule
 
 
@@ -29,13 +32,25 @@ def max_pool2d(lw, node):
 @rule(aten.max_pool2d_with_indices_backward.default)
 def max_pool2d_backward(lw, node):
     """The gradient scattered to the indices; the input gives only its shape and layout, so a recomputed
-    BatchNorm apply there is replaced by its input (the same shape and memory format) and never runs."""
+    BatchNorm apply there is replaced by its input (the same shape and memory format) and never runs.
+    When only that BatchNorm's backward reads the gradient (through the ReLU's mask),
+    ``max_pool2d_backward_bn_partials`` takes it on through the mask and computes the BN backward's two
+    reductions, which ``batch_norm_backward(grad_partials=)`` then only applies (the ResNet stem)."""
     a = bind(node)
     lw.checker.tensors_ok(grad_output=a["grad_output"], input=a["self"])
-    source, _ = input_prologue(a["self"])
+    source, prologue = input_prologue(a["self"])
     args = (a["grad_output"], source, a["indices"], list(a["kernel_size"]), list(a["stride"]),
             list(a["padding"]), list(a["dilation"]), a["ceil_mode"])
-    return Rewrite([lw.spec("max_pool2d_backward", args, node)], (node,))
+    found = norm.backward_reading(node, a["self"], source, prologue) if prologue else None
+    if found is None:
+        return Rewrite([lw.spec("max_pool2d_backward", args, node)], (node,))
+    mask, bn_bwd = found
+    call = New(lw.tk.max_pool2d_backward_bn_partials.default, (*args, *prologue))
+    grad_bn = mask if mask is not None else node
+    spec = Spec(operator.getitem, (call, 0), grad_bn, "max_pool2d_backward_bn_partials(input prologue)")
+    lw.checker.check(spec)
+    specs = [spec, *norm.backward_specs(lw, bn_bwd, grad=grad_bn, partials=New(operator.getitem, (call, 1)))]
+    return Rewrite(specs, (node, *(() if mask is None else (mask,)), bn_bwd))
 
 
 @rule(aten.mean.dim)

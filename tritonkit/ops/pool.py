@@ -11,6 +11,9 @@ training BatchNorm's output that is never stored (the ResNet stem's bn1 -> ReLU 
 
 ``max_pool2d_backward(grad_output, input, indices, ...)`` scatters (as a deterministic gather)
 ``grad_output`` to the positions ``indices`` name; the result is laid out like eager's grad_input.
+``max_pool2d_backward_bn_partials(..., input_mean, input_invstd, input_weight=None, input_bias=None,
+input_relu=False) -> (grad_bn, partials)``: the same for a pool that read its input through the prologue,
+taken on through the ReLU to the BatchNorm's output, with that BatchNorm backward's two reductions.
 
 ``global_avg_pool2d(input) -> Tensor`` is ``aten.mean.dim(input, [-1, -2], keepdim=True)`` (what
 ``adaptive_avg_pool2d(input, 1)`` becomes in AOTAutograd's graphs) on 4-D input: ``[N, C, 1, 1]`` with
@@ -152,6 +155,46 @@ def _(grad_output, input, indices, kernel_size, stride, padding, dilation, ceil_
     _check_backward(grad_output, input, indices, kernel_size, stride, padding, dilation, ceil_mode)
     return torch.empty(input.shape, dtype=input.dtype, device=input.device,
                        memory_format=kernels.output_memory_format(input))
+
+
+_BWD_PARTIALS = "tritonkit::max_pool2d_backward_bn_partials"
+
+
+def _check_backward_bn_partials(grad_output, input, indices, kernel_size, stride, padding, dilation, ceil_mode,
+                                prologue):
+    params = _check_backward(grad_output, input, indices, kernel_size, stride, padding, dilation, ceil_mode)
+    return params, check_input_prologue(_BWD_PARTIALS, input, *prologue)
+
+
+@torch.library.custom_op(
+    _BWD_PARTIALS, mutates_args=(),
+    schema=f"(Tensor grad_output, Tensor input, Tensor indices, {_SCHEMA_ARGS}, Tensor input_mean, "
+           "Tensor input_invstd, Tensor? input_weight=None, Tensor? input_bias=None, bool input_relu=False) "
+           "-> (Tensor, Tensor)",
+)
+def max_pool2d_backward_bn_partials(grad_output, input, indices, kernel_size, stride, padding, dilation, ceil_mode,
+                                    input_mean, input_invstd, input_weight=None, input_bias=None, input_relu=False):
+    """``max_pool2d_backward`` of a pool whose input prologue was a training BatchNorm (+ ReLU) of ``input``,
+    starting that BatchNorm's backward: ``(grad_bn, partials)``, ``grad_bn`` the gradient with respect to the
+    BN output (through the ReLU's mask, the output recomputed), ``partials`` float32 ``[T, 2, C]`` whose sums
+    over T are sum ``grad_bn`` and sum ``grad_bn * (input - input_mean)`` (``batch_norm_backward``'s
+    ``grad_partials``)."""
+    prologue = (input_mean, input_invstd, input_weight, input_bias, input_relu)
+    params, norm = _check_backward_bn_partials(grad_output, input, indices, kernel_size, stride, padding, dilation,
+                                               ceil_mode, prologue)
+    return kernels.max_pool2d_backward(grad_output, input, indices, *params, input_norm=norm, input_relu=input_relu,
+                                       grad_stats=True)
+
+
+@max_pool2d_backward_bn_partials.register_fake
+def _(grad_output, input, indices, kernel_size, stride, padding, dilation, ceil_mode, input_mean, input_invstd,
+      input_weight=None, input_bias=None, input_relu=False):
+    prologue = (input_mean, input_invstd, input_weight, input_bias, input_relu)
+    _check_backward_bn_partials(grad_output, input, indices, kernel_size, stride, padding, dilation, ceil_mode,
+                                prologue)
+    dx = torch.empty(input.shape, dtype=input.dtype, device=input.device,
+                     memory_format=kernels.output_memory_format(input))
+    return dx, input.new_empty((kernels.grad_stat_tiles(input.shape), 2, input.shape[1]), dtype=torch.float32)
 
 
 _GAP, _GAP_BWD = "tritonkit::global_avg_pool2d", "tritonkit::global_avg_pool2d_backward"
