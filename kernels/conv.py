@@ -62,6 +62,7 @@ from tritonkit.kernels.elementwise import (
     ACTIVATIONS,
     apply_activation,
     apply_prologue,
+    grad_through_prologue,
     prologue_args,
     prologue_coefficients,
 )
@@ -797,13 +798,10 @@ def _dgrad_tile(
     if GRAD_STATS:
         mean, k, beta = prologue_coefficients(in_mean_ptr, in_rstd_ptr, in_w_ptr, in_b_ptr, c, n_ok)
         x = tl.load(x_ptr + (n * sxn + ih * sxh + iw * sxw)[:, None] + (c * sxc)[None, :], mask=out_mask, other=0.0)
-        g = acc.to(dx_ptr.dtype.element_ty).to(tl.float32)  # dx as stored, then read by the BN backward
-        if GRAD_STATS == 2:  # threshold_backward of the ReLU output, recomputed: NaN passes the gradient
-            g = tl.where(apply_prologue(x, out_mask, mean, k, beta, 1).to(tl.float32) <= 0, 0.0, g)
-        g = tl.where(out_mask, g, 0.0)
-        _store_grad_partials(stats_ptr, g, g * (x.to(tl.float32) - mean[None, :]),
-                             (pid_z % (stride_h * stride_w)) * tl.cdiv(N * HQ * WQ, _STAT_ROWS), pid_m,
-                             tl.cdiv(N * HQ * WQ, _STAT_ROWS), c, n_ok, C, BLOCK_M, BLOCK_N)
+        g, d = grad_through_prologue(acc, x, out_mask, mean, k, beta, dx_ptr.dtype.element_ty, GRAD_STATS)
+        tiles = tl.cdiv(N * HQ * WQ, _STAT_ROWS)  # per phase
+        _store_grad_partials(stats_ptr, g, d, (pid_z % (stride_h * stride_w)) * tiles, pid_m, tiles, c, n_ok, C,
+                             BLOCK_M, BLOCK_N)
         acc = g
     dx_off = (n * sdxn + ih * sdxh + iw * sdxw)[:, None] + (c * sdxc)[None, :]
     tl.store(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty), mask=out_mask)

@@ -629,6 +629,20 @@ def apply_prologue(a, mask, mean, k, beta, PROLOGUE: tl.constexpr):
     return tl.where(mask, v, 0.0).to(a.dtype)
 
 
+@triton.jit
+def grad_through_prologue(acc, x, mask, mean, k, beta, out_dtype: tl.constexpr, PROLOGUE: tl.constexpr):
+    """The float32 gradient ``acc`` of a tile that was read through the input prologue (loaded ``x``),
+    rounded to ``out_dtype`` as it is stored and taken on to the BatchNorm's output: zeroed where the
+    recomputed BN output is <= 0 when PROLOGUE == 2 (threshold_backward of the ReLU; NaN passes the
+    gradient), and outside ``mask``. Returns ``(g, g * (x - mean))``, the terms of the BatchNorm backward's
+    two reductions."""
+    g = acc.to(out_dtype).to(tl.float32)
+    if PROLOGUE == 2:
+        g = tl.where(apply_prologue(x, mask, mean, k, beta, 1).to(tl.float32) <= 0, 0.0, g)
+    g = tl.where(mask, g, 0.0)
+    return g, g * (x.to(tl.float32) - mean[None, :])
+
+
 def prologue_args(x, input_norm, input_relu) -> tuple[tuple, int]:
     """``(the four prologue pointers, PROLOGUE)`` for ``input_norm`` = (mean, invstd, weight, bias) per input
     channel of ``x`` (weight/bias None: 1 and 0), or None (no prologue: ``x`` stands for the pointers)."""
@@ -643,4 +657,4 @@ def prologue_args(x, input_norm, input_relu) -> tuple[tuple, int]:
 
 __all__ = ["ACTIVATIONS", "SAVES_OUTPUT", "activation", "activation_backward", "activation_grad", "add_output_strides",
            "add_relu", "apply_activation", "apply_prologue", "bias_grad", "channel_scale", "channel_scale_backward",
-           "prologue_args", "prologue_coefficients", "relu", "relu_backward"]
+           "grad_through_prologue", "prologue_args", "prologue_coefficients", "relu", "relu_backward"]

@@ -58,7 +58,7 @@ from tritonkit.kernels.common import (
     interp_block,
     tuned_kernel,
 )
-from tritonkit.kernels.elementwise import apply_prologue, prologue_args, prologue_coefficients
+from tritonkit.kernels.elementwise import apply_prologue, grad_through_prologue, prologue_args, prologue_coefficients
 
 
 def _config(block_p, block_c, warps):
@@ -244,11 +244,7 @@ def max_pool2d_bwd_kernel(
     if GRAD_STATS:
         mean, k, beta = prologue_coefficients(in_mean_ptr, in_rstd_ptr, in_w_ptr, in_b_ptr, c, c_ok)
         x = tl.load(x_ptr + (n * x_sn + h * x_sh + w * x_sw)[:, None] + (c * x_sc)[None, :], mask=tile_ok, other=0.0)
-        acc = acc.to(dx_ptr.dtype.element_ty).to(tl.float32)  # dx as stored, then read by the BN backward
-        if GRAD_STATS == 2:  # threshold_backward of the ReLU output, recomputed: NaN passes the gradient
-            acc = tl.where(apply_prologue(x, tile_ok, mean, k, beta, 1).to(tl.float32) <= 0, 0.0, acc)
-        acc = tl.where(tile_ok, acc, 0.0)
-        d = acc * (x.to(tl.float32) - mean[None, :])
+        acc, d = grad_through_prologue(acc, x, tile_ok, mean, k, beta, dx_ptr.dtype.element_ty, GRAD_STATS)
         TILES: tl.constexpr = BLOCK_P // _STAT_ROWS
         t = (pid // c_blocks) * TILES + tl.arange(0, TILES)
         out = stats_ptr + (t * (2 * C))[:, None] + c[None, :]
