@@ -255,8 +255,8 @@ def _typical(n=32, c=64, hw=56, oc=64, k=3, pad=1, **layouts):
     maps each tensor's stride prefix to "nhwc" (channels_last) or "nchw" (contiguous); weights
     (prefixes w, dw: OC x C x KH x KW) are named the same way."""
     out = hw + 2 * pad - k + 1
-    dims = {"x": (c, hw), "dx": (c, hw), "res": (c, hw), "rmask": (c, hw), "y": (oc, out), "g": (oc, out),
-            "r": (oc, out), "w": (c, k), "dw": (c, k)}
+    dims = {"x": (c, hw), "dx": (c, hw), "res": (c, hw), "rmask": (c, hw), "z": (c, hw), "z2": (c, hw),
+            "y": (oc, out), "g": (oc, out), "r": (oc, out), "w": (c, k), "dw": (c, k)}
     values = {"N": n, "C": c, "H": hw, "W": hw, "OC": oc, "OH": out, "OW": out, "KH": k, "KW": k, "Cg": c,
               "OCg": oc, "stride_h": 1, "stride_w": 1, "pad_h": pad, "pad_w": pad, "dil_h": 1, "dil_w": 1}
     for prefix, layout in layouts.items():
@@ -272,7 +272,10 @@ def _typical(n=32, c=64, hw=56, oc=64, k=3, pad=1, **layouts):
 # float32 under autocast).
 _BN_EVAL_POINTERS = ("bn_weight_ptr", "bn_bias_ptr", "mean_ptr", "var_ptr")
 _PROLOGUE_POINTERS = ("in_mean_ptr", "in_rstd_ptr", "in_w_ptr", "in_b_ptr")
-_FLOAT32_POINTERS = ("partial_ptr", "stats_ptr", *_BN_EVAL_POINTERS, *_PROLOGUE_POINTERS)
+# GRAD_STATS 3, 4: the BatchNorms' inputs and means, the second's partials
+_GRAD_BN_POINTERS = ("z_ptr", "z2_ptr", "z_mean_ptr", "z2_mean_ptr", "stats2_ptr")
+_FLOAT32_POINTERS = ("partial_ptr", "stats_ptr", "z_mean_ptr", "z2_mean_ptr", "stats2_ptr", *_BN_EVAL_POINTERS,
+                     *_PROLOGUE_POINTERS)
 
 
 def _signature(pointers, strides, constexprs, extra_ints=(), floats=()):
@@ -721,9 +724,10 @@ def _dgrad_step(acc, g_ptr, r_ptr, w_ptr, g_row, r_row, row_h, row_w, m_ok, rn, 
 @triton.jit
 def _dgrad_tile(
     pid_m, pid_n, pid_z, g_ptr, r_ptr, w_ptr, dx_ptr, res_ptr, rmask_ptr, x_ptr, stats_ptr, in_mean_ptr, in_rstd_ptr,
-    in_w_ptr, in_b_ptr, N, C, H, W, OH, OW, KH, KW, Cg, OCg, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, tap_h,
-    tap_w, sgn, sgc, sgh, sgw, srn, src, srh, srw, swn, swc, swh, sww, sdxn, sdxc, sdxh, sdxw,
-    sresn, sresc, sresh, sresw, srmaskn, srmaskc, srmaskh, srmaskw, sxn, sxc, sxh, sxw,
+    in_w_ptr, in_b_ptr, z_ptr, z2_ptr, z_mean_ptr, z2_mean_ptr, stats2_ptr, N, C, H, W, OH, OW, KH, KW, Cg, OCg,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, tap_h, tap_w, sgn, sgc, sgh, sgw, srn, src, srh, srw,
+    swn, swc, swh, sww, sdxn, sdxc, sdxh, sdxw, sresn, sresc, sresh, sresw, srmaskn, srmaskc, srmaskh, srmaskw,
+    sxn, sxc, sxh, sxw, szn, szc, szh, szw, sz2n, sz2c, sz2h, sz2w,
     HAS_MASK: tl.constexpr, CHANNEL_INNER: tl.constexpr, PRECISION: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, HAS_RESIDUAL_MASK: tl.constexpr, GRAD_STATS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -735,7 +739,11 @@ def _dgrad_tile(
     rounded once. GRAD_STATS (the forward's input prologue's kind, 1 or 2): the conv read x' =
     act((x - mean) * k + beta), a training BatchNorm's output; dx, the gradient of x', goes on through
     the ReLU (2: zeroed where the recomputed BN output is <= 0) to the BN output, and the BatchNorm
-    backward's two reductions of it are written beside it (:func:`_store_grad_partials`)."""
+    backward's two reductions of it are written beside it (:func:`_store_grad_partials`). GRAD_STATS 3 (4):
+    the conv's own input x is a ReLU's output (a residual block's end, relu(bn(z) + identity)); dx goes on
+    through that ReLU (zeroed where x <= 0) and the reductions of one BatchNorm backward (two: z2 too, a
+    downsample branch's BN reading the same gradient) are written, over z with its mean (the second's
+    into ``stats2_ptr``)."""
     phases = stride_h * stride_w
     group = pid_z // phases
     qh = (pid_z % phases) // stride_w
@@ -796,15 +804,33 @@ def _dgrad_tile(
             res = tl.where(keep.to(tl.float32) <= 0, tl.zeros_like(res), res)  # threshold_backward: NaN passes
         acc += res.to(tl.float32)
     if GRAD_STATS:
-        mean, k, beta = prologue_coefficients(in_mean_ptr, in_rstd_ptr, in_w_ptr, in_b_ptr, c, n_ok)
         x = tl.load(x_ptr + (n * sxn + ih * sxh + iw * sxw)[:, None] + (c * sxc)[None, :], mask=out_mask, other=0.0)
-        g, d = grad_through_prologue(acc, x, out_mask, mean, k, beta, dx_ptr.dtype.element_ty, GRAD_STATS)
         tiles = tl.cdiv(N * HQ * WQ, _STAT_ROWS)  # per phase
-        _store_grad_partials(stats_ptr, g, d, (pid_z % (stride_h * stride_w)) * tiles, pid_m, tiles, c, n_ok, C,
-                             BLOCK_M, BLOCK_N)
+        t0 = (pid_z % (stride_h * stride_w)) * tiles
+        if GRAD_STATS <= 2:
+            mean, k, beta = prologue_coefficients(in_mean_ptr, in_rstd_ptr, in_w_ptr, in_b_ptr, c, n_ok)
+            g, d = grad_through_prologue(acc, x, out_mask, mean, k, beta, dx_ptr.dtype.element_ty, GRAD_STATS)
+        else:
+            g = acc.to(dx_ptr.dtype.element_ty).to(tl.float32)
+            g = tl.where(x.to(tl.float32) <= 0, 0.0, g)  # threshold_backward against the input: NaN passes
+            g = tl.where(out_mask, g, 0.0)
+            d = _centred_grad(g, z_ptr, z_mean_ptr, n * szn + ih * szh + iw * szw, c * szc, c, n_ok, out_mask)
+        _store_grad_partials(stats_ptr, g, d, t0, pid_m, tiles, c, n_ok, C, BLOCK_M, BLOCK_N)
+        if GRAD_STATS == 4:
+            d = _centred_grad(g, z2_ptr, z2_mean_ptr, n * sz2n + ih * sz2h + iw * sz2w, c * sz2c, c, n_ok, out_mask)
+            _store_grad_partials(stats2_ptr, g, d, t0, pid_m, tiles, c, n_ok, C, BLOCK_M, BLOCK_N)
         acc = g
     dx_off = (n * sdxn + ih * sdxh + iw * sdxw)[:, None] + (c * sdxc)[None, :]
     tl.store(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _centred_grad(g, z_ptr, mean_ptr, row, col, c, c_ok, mask):
+    """g * (z - mean[c]) in float32 for the tile's rows (offsets ``row``) and channels (``col``), 0 outside
+    ``mask``: a BatchNorm backward's second reduction's terms over its input z."""
+    z = tl.load(z_ptr + row[:, None] + col[None, :], mask=mask, other=0.0).to(tl.float32)
+    mean = tl.load(mean_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
+    return tl.where(mask, g * (z - mean[None, :]), 0.0)
 
 
 @triton.jit
@@ -846,7 +872,8 @@ _DGRAD_PLAIN = {"HAS_MASK": True, "CHANNEL_INNER": True, "PRECISION": "ieee", "t
     interp_heuristics=DGRAD_INTERP,
     key=["N", "C", "H", "W", "OC", "KH", "KW", "Cg", "stride_h", "stride_w", "HAS_RESIDUAL", "GRAD_STATS"],
     signature=_signature(("g_ptr", "r_ptr", "w_ptr", "dx_ptr", "res_ptr", "rmask_ptr", "x_ptr", "stats_ptr",
-                          *_PROLOGUE_POINTERS), _strides("g", "r", "w", "dx", "res", "rmask", "x"),
+                          *_PROLOGUE_POINTERS, *_GRAD_BN_POINTERS), _strides("g", "r", "w", "dx", "res", "rmask", "x",
+                                                                             "z", "z2"),
                          ("HAS_MASK", "CHANNEL_INNER", "PRECISION", "HAS_RESIDUAL", "HAS_RESIDUAL_MASK", "GRAD_STATS"),
                          ("tap_h", "tap_w")),
     constexprs=lambda dtype: {**_DGRAD_PLAIN, **_typical(g="nhwc", r="nhwc", w="nhwc", dx="nhwc")},
@@ -866,6 +893,11 @@ _DGRAD_PLAIN = {"HAS_MASK": True, "CHANNEL_INNER": True, "PRECISION": "ieee", "t
         # backward reductions in the epilogue
         "bn_grad_stats": lambda dtype: {**_DGRAD_PLAIN, "HAS_MASK": False, "GRAD_STATS": 2,
                                         **_typical(g="nhwc", w="nhwc", dx="nhwc", x="nhwc")},
+        # conv1 of the block after a downsample block: + the identity branch's gradient, on through the
+        # block input's ReLU, and the reductions of both BNs reading that gradient (bn2, the downsample BN)
+        "residual_bn_grad_stats": lambda dtype: {
+            **_DGRAD_PLAIN, "HAS_MASK": False, "HAS_RESIDUAL": True, "HAS_RESIDUAL_MASK": True, "GRAD_STATS": 4,
+            **_typical(g="nhwc", w="nhwc", dx="nhwc", x="nhwc", res="nhwc", rmask="nhwc", z="nhwc", z2="nhwc")},
     },
     tensor_core=True,
     tf32=True,
@@ -873,11 +905,13 @@ _DGRAD_PLAIN = {"HAS_MASK": True, "CHANNEL_INNER": True, "PRECISION": "ieee", "t
 @triton.jit
 def conv2d_input_grad_kernel(
     g_ptr, r_ptr, w_ptr, dx_ptr, res_ptr, rmask_ptr, x_ptr, stats_ptr, in_mean_ptr, in_rstd_ptr, in_w_ptr, in_b_ptr,
+    z_ptr, z2_ptr, z_mean_ptr, z2_mean_ptr, stats2_ptr,
     N, C, H, W, OC, OH, OW, KH, KW, Cg, OCg,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     tap_h, tap_w,
     sgn, sgc, sgh, sgw, srn, src, srh, srw, swn, swc, swh, sww, sdxn, sdxc, sdxh, sdxw,
     sresn, sresc, sresh, sresw, srmaskn, srmaskc, srmaskh, srmaskw, sxn, sxc, sxh, sxw,
+    szn, szc, szh, szw, sz2n, sz2c, sz2h, sz2w,
     HAS_MASK: tl.constexpr, CHANNEL_INNER: tl.constexpr, PRECISION: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, HAS_RESIDUAL_MASK: tl.constexpr, GRAD_STATS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -885,10 +919,12 @@ def conv2d_input_grad_kernel(
     """One phase (qh, qw) of one group per grid slice: ``_dgrad_tile`` at (program_id(0), program_id(1),
     program_id(2))."""
     _dgrad_tile(tl.program_id(0), tl.program_id(1), tl.program_id(2), g_ptr, r_ptr, w_ptr, dx_ptr, res_ptr, rmask_ptr,
-                x_ptr, stats_ptr, in_mean_ptr, in_rstd_ptr, in_w_ptr, in_b_ptr,
+                x_ptr, stats_ptr, in_mean_ptr, in_rstd_ptr, in_w_ptr, in_b_ptr, z_ptr, z2_ptr, z_mean_ptr, z2_mean_ptr,
+                stats2_ptr,
                 N, C, H, W, OH, OW, KH, KW, Cg, OCg, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, tap_h, tap_w,
                 sgn, sgc, sgh, sgw, srn, src, srh, srw, swn, swc, swh, sww, sdxn, sdxc, sdxh, sdxw,
                 sresn, sresc, sresh, sresw, srmaskn, srmaskc, srmaskh, srmaskw, sxn, sxc, sxh, sxw,
+                szn, szc, szh, szw, sz2n, sz2c, sz2h, sz2w,
                 HAS_MASK, CHANNEL_INNER, PRECISION, HAS_RESIDUAL, HAS_RESIDUAL_MASK, GRAD_STATS, BLOCK_M, BLOCK_N,
                 BLOCK_K)
 
@@ -1100,8 +1136,8 @@ def _backward_typical(strided=False, **flags):
     key=["N", "C", "H", "W", "OC", "KH", "KW", "Cg", "stride_h", "stride_w", "HAS_RESIDUAL", "GRAD_STATS", "SPLIT_K",
          "HAS_BIAS_GRAD", "PROLOGUE"],
     signature=_signature(("g_ptr", "r_ptr", "w_ptr", "x_ptr", "dx_ptr", "res_ptr", "rmask_ptr", "dw_ptr", "db_ptr",
-                          "partial_ptr", "stats_ptr", *_PROLOGUE_POINTERS),
-                         _strides("g", "r", "w", "x", "dx", "res", "rmask", "dw"),
+                          "partial_ptr", "stats_ptr", *_PROLOGUE_POINTERS, *_GRAD_BN_POINTERS),
+                         _strides("g", "r", "w", "x", "dx", "res", "rmask", "dw", "z", "z2"),
                          _BACKWARD_FLAGS, ("tap_h", "tap_w", "groups", "rows")),
     constexprs=lambda dtype: _backward_typical(),
     variants={
@@ -1110,6 +1146,11 @@ def _backward_typical(strided=False, **flags):
         "prologue": lambda dtype: _backward_typical(PROLOGUE=2),
         # the same, dx on through bn1's ReLU and bn1's backward reductions in its epilogue
         "bn_grad_stats": lambda dtype: _backward_typical(PROLOGUE=2, GRAD_STATS=2),
+        # layer 3's second block's conv1: + the identity branch's gradient through the block input's ReLU,
+        # on through that ReLU, and the reductions of layer 3's first block's bn2 and downsample BN
+        "residual_bn_grad_stats": lambda dtype: {
+            **_backward_typical(HAS_RESIDUAL=True, HAS_RESIDUAL_MASK=True, GRAD_STATS=4),
+            **_typical(n=32, c=256, hw=14, oc=256, z="nhwc", z2="nhwc")},
         # ResNet basic block's conv1 backward in layer 1 (64 -> 64 at 56x56: split-K) with the identity
         # branch's gradient through the block input's ReLU
         "residual": lambda dtype: {**_backward_typical(HAS_RESIDUAL=True, HAS_RESIDUAL_MASK=True, SPLIT_K=4),
@@ -1127,12 +1168,13 @@ def _backward_typical(strided=False, **flags):
 @triton.jit
 def conv2d_backward_kernel(
     g_ptr, r_ptr, w_ptr, x_ptr, dx_ptr, res_ptr, rmask_ptr, dw_ptr, db_ptr, partial_ptr, stats_ptr,
-    in_mean_ptr, in_rstd_ptr, in_w_ptr, in_b_ptr,
+    in_mean_ptr, in_rstd_ptr, in_w_ptr, in_b_ptr, z_ptr, z2_ptr, z_mean_ptr, z2_mean_ptr, stats2_ptr,
     N, C, H, W, OC, OH, OW, KH, KW, Cg, OCg,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     tap_h, tap_w, groups, rows,
     sgn, sgc, sgh, sgw, srn, src, srh, srw, swn, swc, swh, sww, sxn, sxc, sxh, sxw, sdxn, sdxc, sdxh, sdxw,
     sresn, sresc, sresh, sresw, srmaskn, srmaskc, srmaskh, srmaskw, sdwn, sdwc, sdwh, sdww,
+    szn, szc, szh, szw, sz2n, sz2c, sz2h, sz2w,
     HAS_MASK: tl.constexpr, CHANNEL_INNER: tl.constexpr, PRECISION: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, HAS_RESIDUAL_MASK: tl.constexpr, GRAD_STATS: tl.constexpr, SPLIT_K: tl.constexpr,
     PADDED: tl.constexpr, HAS_BIAS_GRAD: tl.constexpr, PROLOGUE: tl.constexpr,
@@ -1153,10 +1195,11 @@ def conv2d_backward_kernel(
     if pid < dx_programs:
         _dgrad_tile(pid % dx_rows, (pid // dx_rows) % dx_cols, pid // (dx_rows * dx_cols),
                     g_ptr, r_ptr, w_ptr, dx_ptr, res_ptr, rmask_ptr, x_ptr, stats_ptr, in_mean_ptr, in_rstd_ptr,
-                    in_w_ptr, in_b_ptr,
+                    in_w_ptr, in_b_ptr, z_ptr, z2_ptr, z_mean_ptr, z2_mean_ptr, stats2_ptr,
                     N, C, H, W, OH, OW, KH, KW, Cg, OCg, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, tap_h, tap_w,
                     sgn, sgc, sgh, sgw, srn, src, srh, srw, swn, swc, swh, sww, sdxn, sdxc, sdxh, sdxw,
                     sresn, sresc, sresh, sresw, srmaskn, srmaskc, srmaskh, srmaskw, sxn, sxc, sxh, sxw,
+                    szn, szc, szh, szw, sz2n, sz2c, sz2h, sz2w,
                     HAS_MASK, CHANNEL_INNER, PRECISION, HAS_RESIDUAL, HAS_RESIDUAL_MASK, GRAD_STATS, BLOCK_M, BLOCK_N,
                     BLOCK_K)
     else:
@@ -1304,39 +1347,68 @@ def grad_stat_tiles(input_size, stride) -> int:
                                                BN_STAT_ROWS)
 
 
-def _grad_stats_buffer(x, stride, grad_stats):
-    """The float32 [T, 2, C] partials of a ``grad_stats`` launch (zeros where no program writes: an empty
-    problem), or None."""
-    if not grad_stats:
-        return None
-    stats = empty((grad_stat_tiles(x.shape, stride), 2, x.shape[1]), dtype=torch.float32, device=x.device)
-    return stats.zero_() if x.numel() == 0 else stats
+def _grad_stats_buffers(x, stride, count) -> list:
+    """The float32 [T, 2, C] partials of each of the ``count`` BatchNorm backwards a launch writes the
+    reductions of (zeros where no program writes: an empty problem)."""
+    shape = (grad_stat_tiles(x.shape, stride), 2, x.shape[1])
+    stats = [empty(shape, dtype=torch.float32, device=x.device) for _ in range(count)]
+    return [s.zero_() for s in stats] if x.numel() == 0 else stats
+
+
+def _stats_kind(input_norm, input_relu, grad_stats, bn_inputs) -> int:
+    """GRAD_STATS of a launch: ``grad_stats`` through the input prologue (1, 2: its ReLU), ``bn_inputs``
+    ((z, mean) of one or two BatchNorms after the input's own ReLU: 3, 4), or neither (0)."""
+    if grad_stats and bn_inputs:
+        raise ValueError("grad_stats (through the input prologue) and bn_inputs (after the input's ReLU) exclude "
+                         "each other")
+    if bn_inputs:
+        if input_norm is not None or len(bn_inputs) not in (1, 2):
+            raise ValueError("bn_inputs: one or two (input, mean) pairs, and no input prologue")
+        return 2 + len(bn_inputs)
+    return (2 if input_relu else 1) if grad_stats and input_norm is not None else 0
+
+
+def _bn_input_args(bn_inputs, dx, stats) -> tuple[tuple, tuple]:
+    """The kernels' (stats, z, z2, z_mean, z2_mean, stats2) and the strides of z and z2; ``dx`` stands in for
+    what a launch does not read."""
+    first = stats[0] if stats else dx
+    if not bn_inputs:
+        return (first, dx, dx, dx, dx, dx), (*dx.stride(), *dx.stride())
+    (z, mean), (z2, mean2) = bn_inputs[0], bn_inputs[-1]
+    return (first, z, z2, mean, mean2, stats[-1]), (*z.stride(), *z2.stride())
 
 
 def conv2d_input_grad(grad_out, w, relu_output, input_size, stride, padding, dilation, groups, *,
                       allow_tf32=False, residual=None, residual_mask=None, x=None, input_norm=None, input_relu=False,
-                      grad_stats=False):
+                      grad_stats=False, bn_inputs=None):
     """``dx`` of shape ``input_size``, in ``grad_out``'s memory format, plus ``residual`` (dx's shape,
     any strides) where ``residual_mask`` > 0 (both optional; the mask only with a residual).
     ``grad_stats`` (no residual; ``x``, ``input_norm`` and ``input_relu`` the forward's input and prologue,
     :func:`conv2d`'s): ``(dx, stats)``, dx taken on through the prologue's ReLU to the BatchNorm output
     (zero where the recomputed output is <= 0) and the BatchNorm backward's partials of it, float32
     [grad_stat_tiles(), 2, C]: the sums of dx and of dx * (x - mean) over each BN_STAT_ROWS rows of
-    a stride phase (``_store_grad_partials``; no atomics, so the same bits every run)."""
+    a stride phase (``_store_grad_partials``; no atomics, so the same bits every run).
+    ``bn_inputs`` (``x`` the conv's input, a ReLU's output: a residual block's end; residual allowed):
+    ``(dx, stats[, stats2])``, dx (+ residual) taken on through that ReLU (zero where x <= 0) and the partials
+    of the backward of each BatchNorm (z, mean) in ``bn_inputs`` (one or two) reading it: the sums of dx and
+    of dx * (z - mean), as above."""
     shape, conv = _geometry(input_size, w.shape, stride, padding, dilation, groups)
     N, C, H, W, OC, OH, OW, KH, KW, Cg, OCg = shape
     dx = empty(tuple(input_size), dtype=grad_out.dtype, device=grad_out.device,
                memory_format=suggest_memory_format(grad_out))
-    stats = _grad_stats_buffer(dx, stride, grad_stats)
-    check_int32_indexing(grad_out, w, dx, relu_output, residual, residual_mask, x, stats)
-    out = (dx, stats) if grad_stats else dx
+    kind = _stats_kind(input_norm, input_relu, grad_stats, bn_inputs)
+    if kind >= 3 and x is None:
+        raise ValueError("bn_inputs needs x, the conv's input (the ReLU output the gradient goes through)")
+    stats = _grad_stats_buffers(dx, stride, (kind > 0) + (kind == 4))
+    (stats_arg, *bn_pointers), bn_strides = _bn_input_args(bn_inputs, dx, stats)
+    check_int32_indexing(grad_out, w, dx, relu_output, residual, residual_mask, x, *stats, *bn_pointers)
     if dx.numel() == 0:
-        return out
+        return (dx, *stats) if kind else dx
     r = relu_output if relu_output is not None else grad_out
     res = residual if residual is not None else dx
     res_mask = residual_mask if residual_mask is not None else res
     x = x if x is not None else dx
-    in_pointers, prologue = prologue_args(x, input_norm, input_relu)
+    in_pointers, _ = prologue_args(x, input_norm, input_relu)
 
     sh, sw = stride
     rows = N * triton.cdiv(H, sh) * triton.cdiv(W, sw)  # per phase
@@ -1345,14 +1417,14 @@ def conv2d_input_grad(grad_out, w, relu_output, input_size, stride, padding, dil
         return (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(Cg, meta["BLOCK_N"]), groups * sh * sw)
 
     conv2d_input_grad_kernel[grid](
-        grad_out, r, w, dx, res, res_mask, x, stats if grad_stats else dx, *in_pointers, *shape, *conv,
+        grad_out, r, w, dx, res, res_mask, x, stats_arg, *in_pointers, *bn_pointers, *shape, *conv,
         *_tap_steps(stride, dilation), *grad_out.stride(), *r.stride(), *w.stride(), *dx.stride(), *res.stride(),
-        *res_mask.stride(), *x.stride(),
+        *res_mask.stride(), *x.stride(), *bn_strides,
         HAS_MASK=relu_output is not None, CHANNEL_INNER=channel_inner(OCg),
         PRECISION=dot_precision(grad_out.dtype, allow_tf32), HAS_RESIDUAL=residual is not None,
-        HAS_RESIDUAL_MASK=residual_mask is not None, GRAD_STATS=prologue if grad_stats else 0,
+        HAS_RESIDUAL_MASK=residual_mask is not None, GRAD_STATS=kind,
     )
-    return out
+    return (dx, *stats) if kind else dx
 
 
 _SPLIT_K = None  # set by weight_grad_split()
@@ -1440,34 +1512,37 @@ def conv2d_weight_grad(grad_out, x, relu_output, weight_size, stride, padding, d
 
 def conv2d_backward(grad_out, x, w, relu_output, stride, padding, dilation, groups, *, allow_tf32=False,
                     residual=None, residual_mask=None, bias_grad=False, input_norm=None, input_relu=False,
-                    grad_stats=False):
+                    grad_stats=False, bn_inputs=None):
     """``(dx, dw, db)`` in one launch (conv2d_backward_kernel): ``conv2d_input_grad`` (with its residual
     epilogue) and ``conv2d_weight_grad`` (db None without ``bias_grad``; ``input_norm``/``input_relu`` its
     prologue, dx then the gradient of the prologue's output), outputs laid out as they lay them out;
-    ``grad_stats`` (with ``input_norm``): ``(dx, dw, db, stats)``, dx and stats as
-    :func:`conv2d_input_grad`'s. Two launches instead (those launchers) for a problem with nothing to
+    ``grad_stats`` (with ``input_norm``) or ``bn_inputs``: ``(dx, dw, db, stats[, stats2])``, dx and the
+    partials as :func:`conv2d_input_grad`'s. Two launches instead (those launchers) for a problem with nothing to
     compute on either side (an empty dx, dw or output) and on a GPU where no config pair fits (float32
     with fewer than 32 output channels per group: see ``backward_config_for``)."""
     shape, conv = _geometry(x.shape, w.shape, stride, padding, dilation, groups)
     N, C, H, W, OC, OH, OW, KH, KW, Cg, OCg = shape
+    kind = _stats_kind(input_norm, input_relu, grad_stats, bn_inputs)
     flags = {"CHANNEL_INNER": channel_inner(OCg), "PRECISION": dot_precision(grad_out.dtype, allow_tf32),
-             "HAS_BIAS_GRAD": bool(bias_grad), "GRAD_STATS": int(bool(grad_stats))}
+             "HAS_BIAS_GRAD": bool(bias_grad), "GRAD_STATS": kind}
     fits = INTERPRET or any(backward_config_for(c, grad_out.dtype, None, flags) for c in BACKWARD_GPU_CONFIGS)
     if not fits or x.numel() == 0 or w.numel() == 0 or N * OH * OW == 0:
         dx = conv2d_input_grad(grad_out, w, relu_output, x.shape, stride, padding, dilation, groups,
                                allow_tf32=allow_tf32, residual=residual, residual_mask=residual_mask, x=x,
-                               input_norm=input_norm, input_relu=input_relu, grad_stats=grad_stats)
+                               input_norm=input_norm, input_relu=input_relu, grad_stats=grad_stats,
+                               bn_inputs=bn_inputs)
         dw = conv2d_weight_grad(grad_out, x, relu_output, w.shape, stride, padding, dilation, groups,
                                 allow_tf32=allow_tf32, bias_grad=bias_grad, input_norm=input_norm,
                                 input_relu=input_relu)
-        dxs = dx if grad_stats else (dx,)
+        dxs = dx if kind else (dx,)
         dws = dw if bias_grad else (dw, None)
         return (dxs[0], *dws, *dxs[1:])
     dx = empty(tuple(x.shape), dtype=grad_out.dtype, device=grad_out.device,
                memory_format=suggest_memory_format(grad_out))
-    stats = _grad_stats_buffer(dx, stride, grad_stats)
+    stats = _grad_stats_buffers(dx, stride, (kind > 0) + (kind == 4))
+    (stats_arg, *bn_pointers), bn_strides = _bn_input_args(bn_inputs, dx, stats)
     dw, db, partial, split = _weight_grad_buffers(grad_out, x, w.shape, shape, groups, bias_grad)
-    check_int32_indexing(grad_out, x, w, dx, dw, relu_output, residual, residual_mask, partial, stats)
+    check_int32_indexing(grad_out, x, w, dx, dw, relu_output, residual, residual_mask, partial, *stats, *bn_pointers)
     r = relu_output if relu_output is not None else grad_out
     res = residual if residual is not None else dx
     res_mask = residual_mask if residual_mask is not None else res
@@ -1482,12 +1557,12 @@ def conv2d_backward(grad_out, x, w, relu_output, stride, padding, dilation, grou
     in_pointers, prologue = prologue_args(x, input_norm, input_relu)
     conv2d_backward_kernel[grid](
         grad_out, r, w, x, dx, res, res_mask, dw, db if bias_grad else dw, partial if partial is not None else dw,
-        stats if grad_stats else dw, *in_pointers, *shape, *conv, *_tap_steps(stride, dilation), groups, rows,
-        *grad_out.stride(), *r.stride(), *w.stride(), *x.stride(), *dx.stride(), *res.stride(), *res_mask.stride(),
-        *dw.stride(),
+        stats_arg, *in_pointers, *bn_pointers, *shape, *conv, *_tap_steps(stride, dilation), groups,
+        rows, *grad_out.stride(), *r.stride(), *w.stride(), *x.stride(), *dx.stride(), *res.stride(),
+        *res_mask.stride(), *dw.stride(), *bn_strides,
         HAS_MASK=relu_output is not None, HAS_RESIDUAL=residual is not None,
         HAS_RESIDUAL_MASK=residual_mask is not None, SPLIT_K=split, PADDED=any(padding), PROLOGUE=prologue,
-        **{**flags, "GRAD_STATS": prologue if grad_stats else 0},
+        **flags,
     )
     _reduce_splits(dw, db, partial)
-    return (dx, dw, db, stats) if grad_stats else (dx, dw, db)
+    return (dx, dw, db, *stats)

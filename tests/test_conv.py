@@ -1115,6 +1115,98 @@ def test_backward_bn_partials_opcheck_and_bad_input():
         ops.conv2d_backward_bn_partials(g[:, :, 1:], x, w, None, *geo, True, *norm, True)
 
 
+# --- the input gradient at a residual block's end (conv2d_backward_residual_bn_partials)
+def _residual_bn_inputs(x, dual, layout):
+    """A block output x (ReLU'd, with zeros and a NaN), the identity gradient and its mask, and the inputs and
+    means of the one or two BatchNorms that read the gradient at x."""
+    x = F.relu(x)
+    x[0, 0, 0, 1] = float("nan")  # threshold_backward passes the gradient where its output is NaN
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    residual, residual_mask = (torch.randn(x.shape).to(x.dtype).contiguous(memory_format=fmt) for _ in range(2))
+    bns = [(torch.randn(x.shape).to(x.dtype) + 3, torch.randn(x.shape[1]) + 3) for _ in range(1 + dual)]
+    return x, residual, residual_mask, bns
+
+
+def _residual_bn_ref(g, x, w, geo, residual, residual_mask, bns):
+    dx, dw, db = _backward_ref(g.float(), x.float(), w.float(), None, geo)
+    s = (dx + torch.ops.aten.threshold_backward(residual.float(), residual_mask.float(), 0)).to(x.dtype).float()
+    grad_bn = torch.ops.aten.threshold_backward(s, x.float(), 0)
+    sums = [torch.stack([grad_bn.sum((0, 2, 3)), (grad_bn * (z.float() - m[:, None, None])).sum((0, 2, 3))])
+            for z, m in bns]
+    return grad_bn, sums, dw, db
+
+
+@pytest.mark.parametrize("case", BN_PARTIALS_CASES, ids=str)
+@pytest.mark.parametrize("dual", [False, True], ids=["one_bn", "two_bns"])
+@pytest.mark.parametrize("launch", ["one", "two"])
+def test_backward_residual_bn_partials_matches_eager(case, dual, launch, monkeypatch):
+    """At a residual block's end: the input gradient plus the identity branch's (masked) gradient goes on
+    through the block input's ReLU, and each BatchNorm reading it gets its two reductions as partials, in the
+    one-launch kernel and in the two launches; tiles of at most 64 rows (several stats tiles, strided
+    phases); inputs of a third layout (the BN inputs NCHW beside a channels_last conv)."""
+    x, w, _, geo = _conv_inputs(case, torch.float32, "channels_last")
+    x, residual, residual_mask, bns = _residual_bn_inputs(x, dual, "contiguous")
+    g = torch.randn(F.conv2d(x, w, None, *geo).shape).to(memory_format=torch.channels_last)
+    grad_bn, sums, dw, db = _residual_bn_ref(g, x, w, geo, residual, residual_mask, bns)
+    if launch == "two":
+        monkeypatch.setattr(conv_kernels, "INTERPRET", False)
+        monkeypatch.setattr(conv_kernels, "backward_config_for", lambda *args: False)
+        monkeypatch.setattr(conv_kernels, "conv2d_backward_kernel", None)  # launching it would fail
+    bn_args = [t for z, m in bns for t in (z, m)]
+    with conv_kernels.interp_block_limit(64), conv_kernels.weight_grad_split(1):
+        got = ops.conv2d_backward_residual_bn_partials(g, x, w, None, *geo, residual, residual_mask, True, *bn_args)
+    tiles = conv_kernels.grad_stat_tiles(x.shape, geo[0])
+    assert_close(got[0], grad_bn, grad=True)
+    assert grad_bn[0, 0, 0, 1] != 0  # NaN in the block output: the gradient passed (and matched, above)
+    for partials, ref in zip(got[3:], sums):
+        assert partials.shape == (tiles, 2, x.shape[1])
+        assert_close(partials.sum(0), ref, grad=True)
+    assert (got[4] is None) != dual
+    assert_close(got[1], dw, grad=True)
+    assert_close(got[2], db, grad=True)
+
+
+def test_backward_residual_bn_partials_half_unmasked_residual_same_bits():
+    """float16, an unmasked residual (the other conv gradient at a downsample block's input) and no bias
+    gradient; a second run gives the same bits (no atomics)."""
+    x, w, _, geo = _conv_inputs(BN_PARTIALS_CASES[0], torch.float16, "channels_last")
+    x, residual, _, bns = _residual_bn_inputs(x, True, "channels_last")
+    g = torch.randn(F.conv2d(x.float(), w.float(), None, *geo).shape).to(torch.float16)
+    grad_bn, sums, dw, _ = _residual_bn_ref(g, x, w, geo, residual, torch.ones_like(residual), bns)
+    args = (g, x, w, None, *geo, residual, None, False, *[t for z, m in bns for t in (z, m)])
+    with conv_kernels.interp_block_limit(64):
+        first = ops.conv2d_backward_residual_bn_partials(*args)
+        second = ops.conv2d_backward_residual_bn_partials(*args)
+    assert_close(first[0], grad_bn.half(), grad=True)
+    assert_close(first[3].sum(0), sums[0], grad=True)
+    assert_close(first[4].sum(0), sums[1], grad=True)
+    assert_close(first[1], dw.half(), grad=True)
+    assert first[2] is None
+    for a, b in zip(first, second):
+        if a is not None:
+            assert torch.equal(a.view(torch.int16 if a.dtype == torch.float16 else torch.int32),
+                               b.view(torch.int16 if b.dtype == torch.float16 else torch.int32))
+
+
+def test_backward_residual_bn_partials_opcheck_and_bad_input():
+    x, w, _, geo = _conv_inputs(SWEEP[2], torch.float32, "channels_last")
+    _, residual, residual_mask, bns = _residual_bn_inputs(x, True, "channels_last")
+    x = F.relu(x)  # no NaN: opcheck compares the weight gradient, which the NaN would make NaN
+    g = torch.randn(F.conv2d(x, w, None, *geo).shape)
+    (z, mean), (z2, mean2) = bns
+    op = ops.conv2d_backward_residual_bn_partials
+    torch.library.opcheck(op.default, (g, x, w, None, *geo, residual, residual_mask, True, z, mean, z2, mean2))
+    torch.library.opcheck(op.default, (g, x, w, None, *geo, None, None, False, z, mean))
+    with pytest.raises(RuntimeError, match="residual_bn_partials: expected bn_input2 of size"):
+        op(g, x, w, None, *geo, None, None, False, z, mean, z2[:, :, 1:], mean2)
+    with pytest.raises(RuntimeError, match="residual_bn_partials: bn_mean should be 1-D and contain 5"):
+        op(g, x, w, None, *geo, None, None, False, z, mean[:4])
+    with pytest.raises(RuntimeError, match="residual_bn_partials: bn_input2 and bn_mean2 must be given together"):
+        op(g, x, w, None, *geo, None, None, False, z, mean, z2)
+    with pytest.raises(RuntimeError, match="residual_bn_partials: bn_input dtype torch.float16 must match"):
+        op(g, x, w, None, *geo, None, None, False, z.half(), mean)
+
+
 def test_backward_without_a_fitting_pair_runs_two_launches(monkeypatch):
     """On a GPU no config pair fits beside float32's flattened input-gradient tile (few output channels
     per group): the launcher runs the two gradient launches instead."""

@@ -56,6 +56,7 @@ from tritonkit.ops import pool as pool_ops
 from tritonkit.ops.checks import (
     check_channel_vectors,
     check_float_tensors,
+    check_given_together,
     check_input_prologue,
     check_pair,
     epilogue_activation,
@@ -322,6 +323,66 @@ def _(grad_output, input, weight, relu_output, stride, padding, dilation, groups
     partials = input.new_empty((kernels.grad_stat_tiles(input.shape, geometry[0]), 2, input.shape[1]),
                                dtype=torch.float32)
     return dx, dw, grad_output.new_empty((weight.shape[0],)) if bias_grad else None, partials
+
+
+_RESIDUAL_BN_PARTIALS = "tritonkit.conv2d_backward_residual_bn_partials"
+
+
+def _check_bn_inputs(op, input, bn_input, bn_mean, bn_input2, bn_mean2) -> tuple:
+    """The BatchNorms whose backward reductions a residual block's conv backward computes: each input of
+    ``input``'s shape, dtype and device, each mean per channel; ``((z, mean), ...)`` for the kernels."""
+    check_given_together(op, bn_input2, bn_mean2, ("bn_input2", "bn_mean2"))
+    pairs = [("bn_input", bn_input, "bn_mean", bn_mean)] + [("bn_input2", bn_input2, "bn_mean2", bn_mean2)] * (
+        bn_input2 is not None)
+    for name, z, mean_name, mean in pairs:
+        check_float_tensors(op, input=input, **{name: z})
+        if tuple(z.shape) != tuple(input.shape):
+            raise RuntimeError(f"{op}: expected {name} of size {list(input.shape)} (the input's), but got "
+                               f"{name} of size {list(z.shape)}")
+        check_channel_vectors(op, input, input.shape[1], "input channel", **{mean_name: mean})
+    return tuple((z, mean) for _, z, _, mean in pairs)
+
+
+@torch.library.custom_op(
+    "tritonkit::conv2d_backward_residual_bn_partials", mutates_args=(),
+    schema="(Tensor grad_output, Tensor input, Tensor weight, Tensor? relu_output, int[] stride, int[] padding, "
+           "int[] dilation, int groups, Tensor? residual, Tensor? residual_mask, bool bias_grad, Tensor bn_input, "
+           "Tensor bn_mean, Tensor? bn_input2=None, Tensor? bn_mean2=None) "
+           "-> (Tensor, Tensor, Tensor?, Tensor, Tensor?)")
+def conv2d_backward_residual_bn_partials(grad_output, input, weight, relu_output, stride, padding, dilation, groups,
+                                         residual, residual_mask, bias_grad, bn_input, bn_mean, bn_input2=None,
+                                         bn_mean2=None):
+    """``conv2d_backward`` of a conv whose ``input`` is a ReLU's output, ``relu(bn(bn_input) + identity)``
+    (a residual block's end), on through that ReLU: ``(grad_bn, grad_weight, grad_bias, partials,
+    partials2)`` with ``grad_bn = threshold_backward(grad_input, input, 0)``, ``grad_input`` as
+    ``conv2d_backward``'s (``residual``/``residual_mask`` epilogue included), the gradient both the
+    BatchNorm's backward and the identity branch take, and ``partials`` float32 ``[T, 2, C]`` whose sums
+    over T are sum ``grad_bn`` and sum ``grad_bn * (bn_input - bn_mean)``, that BatchNorm backward's two
+    reductions (``batch_norm_backward(grad_partials=...)``); ``partials2`` the same for ``bn_input2`` /
+    ``bn_mean2`` (a downsample branch's BatchNorm reading the same gradient), else None."""
+    op = _RESIDUAL_BN_PARTIALS
+    geometry, _ = _check_backward(grad_output, input, weight, relu_output, stride, padding, dilation, groups,
+                                  residual, residual_mask, (None, None, None, None, False), op)
+    bn_inputs = _check_bn_inputs(op, input, bn_input, bn_mean, bn_input2, bn_mean2)
+    out = kernels.conv2d_backward(grad_output, input, weight, relu_output, *geometry, groups,
+                                  allow_tf32=conv_allows_tf32(), residual=residual, residual_mask=residual_mask,
+                                  bias_grad=bias_grad, bn_inputs=bn_inputs)
+    return (*out, None) if bn_input2 is None else out
+
+
+@conv2d_backward_residual_bn_partials.register_fake
+def _(grad_output, input, weight, relu_output, stride, padding, dilation, groups, residual, residual_mask, bias_grad,
+      bn_input, bn_mean, bn_input2=None, bn_mean2=None):
+    op = _RESIDUAL_BN_PARTIALS
+    geometry, _ = _check_backward(grad_output, input, weight, relu_output, stride, padding, dilation, groups,
+                                  residual, residual_mask, (None, None, None, None, False), op)
+    _check_bn_inputs(op, input, bn_input, bn_mean, bn_input2, bn_mean2)
+    dx = grad_output.new_empty(tuple(input.shape)).contiguous(memory_format=kernels.suggest_memory_format(grad_output))
+    dw = grad_output.new_empty(tuple(weight.shape)).contiguous(memory_format=kernels.suggest_memory_format(input))
+    size = (kernels.grad_stat_tiles(input.shape, geometry[0]), 2, input.shape[1])
+    partials = [input.new_empty(size, dtype=torch.float32) for _ in range(1 + (bn_input2 is not None))]
+    return (dx, dw, grad_output.new_empty((weight.shape[0],)) if bias_grad else None, partials[0],
+            partials[1] if len(partials) == 2 else None)
 
 
 # ------------------------------------------------------------------- conv + ReLU + max-pool (inference)
