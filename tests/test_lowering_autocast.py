@@ -54,10 +54,12 @@ def test_autocast_training_lowers_every_batch_norm(data):
     # the block's bn1 -> ReLU -> conv2: conv2 normalises its input as it loads it (lowering.joint)
     assert ops.count("batch_norm_train_from_partials") == 2 and ops.count("batch_norm_stats_from_partials") == 1, ops
     assert ops.count("conv2d_bn_stats(input prologue)") == 1, ops
-    # conv2's input gradient goes on through bn1's ReLU and gives bn1's backward its reductions
+    # conv2's input gradient goes on through bn1's ReLU and gives bn1's backward its reductions; conv1's
+    # (+ the identity branch's) goes on through the stem's ReLU and gives the stem BN's backward its own
     assert ops.count("conv2d_backward_bn_partials(input prologue)") == 1, ops
+    assert ops.count("conv2d_backward_residual_bn_partials") == 1, ops
     assert ops.count("batch_norm_backward") == 3, ops
-    assert ops.count("batch_norm_backward(reductions from the input gradient)") == 1, ops
+    assert ops.count("batch_norm_backward(reductions from the input gradient)") == 2, ops
     # what is left is autocast's casts of the float32 weights and input to half
     assert {op for g in report.graphs for op in g.eager_ops} == {"aten._to_copy.default"}, str(report)
 

@@ -169,7 +169,7 @@ def test_explain_lowers_every_block_layer(name, data):
     labels = "\n".join(op for g in train.graphs for entry in g.lowered for op in entry.tritonkit)
     expected = {"mobilenet_v3": ("depthwise_conv2d_weight_grad", "batch_norm_backward(hardswish mask)"),
                 "efficientnet": ("depthwise_conv2d_weight_grad", "batch_norm_backward(silu mask)"),
-                "regnet": ("conv2d_backward(+ residual)",),
+                "regnet": ("conv2d_backward_residual_bn_partials",),
                 "convnext": ("depthwise_conv2d_weight_grad", "layer_norm", "layer_norm_backward")}[name]
     if name != "convnext":  # the squeeze-excitation gate's backward, its add in the pool's gradient
         expected += ("channel_scale_backward", "global_avg_pool2d_backward(+ residual)")

@@ -109,11 +109,15 @@ def test_explain_lowers_every_layer_of_a_resnet(data):
     assert not report.fallbacks and not any(g.eager_ops for g in report.graphs), str(report)
     labels = _labels(report)
     # training: every conv before a BN writes the BN statistics' partials; the counter increment, the
-    # block-end add + ReLU, the log-softmax and the sum of a block's two branch gradients are fused
+    # block-end add + ReLU, the log-softmax and the sum of a block's two branch gradients are fused; the
+    # conv reading a block's output takes the gradient on through its ReLU and computes the reductions of
+    # the BN backwards there (the basic block's bn2; the downsample block's bn2 and downsample BN)
     assert "conv2d_bn_stats" in labels and "conv2d_batch_norm" not in labels
     assert "batch_norm_train_from_partials(residual, relu=True, num_batches_tracked += 1)" in labels
     assert "cross_entropy(write_log_probs=True)" in labels
-    assert "conv2d_backward(+ masked residual)" in labels and "conv2d_backward(+ residual)" in labels
+    assert "conv2d_backward(+ residual)" in labels  # the first block's conv1, its input the max-pool's output
+    assert "conv2d_backward_residual_bn_partials\n" in labels + "\n"
+    assert "conv2d_backward_residual_bn_partials(two BatchNorms)" in labels
     assert "relu_backward" not in labels
 
     torch._dynamo.reset()

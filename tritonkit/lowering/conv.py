@@ -195,6 +195,10 @@ def _backward_specs(lw, node, g=None, mask=None, residual=None) -> list[Spec] | 
         target, extra = (outs[0], ()) if residual is None else (residual[0], residual[1:])
         note = "" if not extra else "(+ masked residual)" if extra[1] is not None else "(+ residual)"
         combined = 1 in outs and all(lw.defined_before(t, first) for t in extra)
+        fused = None if not combined or residual is None or prologue else _try(
+            _residual_bn_partials, lw, node, outs, g, mask, geo, residual)
+        if fused is not None:
+            return fused
         if combined:  # one launch for all the gradients; its emission point must see the residual
             call = New(lw.tk.conv2d_backward.default,
                        (g, source, w, mask, *geo, *(extra or (None, None)), 2 in outs, *prologue))
@@ -216,6 +220,39 @@ def _backward_specs(lw, node, g=None, mask=None, residual=None) -> list[Spec] | 
         specs.append(lw.spec("conv2d_weight_grad", (g, source, mask, lw.sizes(w), *geo, *prologue), outs[1]))
     elif 2 in outs:
         specs.append(lw.spec("bias_grad", (g, mask, 1), outs[2]))
+    for spec in specs:
+        spec.masked = mask is not None
+    return lw.in_graph_order(specs)
+
+
+def _residual_bn_partials(lw, node, outs, g, mask, geo, residual) -> list[Spec] | None:
+    """A conv whose input x is a residual block's output, ``relu(bn(z) + identity)``, and whose input
+    gradient summed with ``residual`` (``(add, tensor, its mask)``) is read only by that ReLU's
+    ``threshold_backward`` against x: ``conv2d_backward_residual_bn_partials`` takes the sum on through
+    the ReLU and computes the reductions of the one or two training BatchNorm backwards reading the
+    masked gradient (bn2, and a downsample branch's BN), which then only apply (``grad_partials``); the
+    identity branch reads the masked gradient as stored. Specs, or None where that does not hold."""
+    a = bind(node)
+    x, w = a["input"], a["weight"]
+    add = residual[0]
+    relu_bwd = only_user(add)
+    if (not is_call(relu_bwd, aten.threshold_backward.default) or relu_bwd.args[0] is not add
+            or relu_bwd.args[1] is not x or relu_bwd.args[2] != 0):
+        return None
+    bns = [u for u in relu_bwd.users if is_call(u, aten.native_batch_norm_backward.default)
+           and u.args[0] is relu_bwd and relu_bwd not in u.args[1:] and bind(u)["train"]]
+    if not bns or len(bns) > 2 or tuple(val(relu_bwd).shape) != tuple(val(x).shape):
+        return None
+    bn_args = [t for bn in bns for t in (bind(bn)["input"], bind(bn)["save_mean"])]
+    call = New(lw.tk.conv2d_backward_residual_bn_partials.default,
+               (g, x, w, mask, *geo, *residual[1:], 2 in outs, *bn_args))
+    label = "conv2d_backward_residual_bn_partials" + ("(two BatchNorms)" if len(bns) == 2 else "")
+    specs = [Spec(operator.getitem, (call, 0), relu_bwd, label, absorbs=(add, *bns))]
+    specs += [Spec(operator.getitem, (call, i), outs[i], label) for i in sorted(outs) if i]
+    for spec in specs:
+        lw.checker.check(spec)
+    for i, bn in enumerate(bns):
+        specs += norm.backward_specs(lw, bn, grad=relu_bwd, partials=New(operator.getitem, (call, 3 + i)))
     for spec in specs:
         spec.masked = mask is not None
     return lw.in_graph_order(specs)
@@ -261,7 +298,7 @@ def convolution_backward(lw, node):
     specs = _backward_specs(lw, node)
     if specs is None:
         return None
-    return Rewrite(specs, tuple(dict.fromkeys((node, *(s.replaces for s in specs)))))
+    return Rewrite(specs, tuple(dict.fromkeys((node, *(n for s in specs for n in (s.replaces, *s.absorbs))))))
 
 
 @mask_consumer(aten.convolution_backward.default)

@@ -48,6 +48,7 @@ class Spec:
     post: list = dataclasses.field(default_factory=list)
     note: str = ""  # what the post steps add, for the report
     masked: bool = True  # False: a folded ReLU mask reaches this spec only as something else (a residual)
+    absorbs: tuple = ()  # other nodes the rewrite leaves without a use (erased, their rules not run)
 
     def describe(self, relu_output: str | None = None) -> str:
         mask = f"(relu_output={relu_output})" if relu_output else ""

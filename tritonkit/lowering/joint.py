@@ -143,14 +143,40 @@ def _recomputation_allowed(graph: fx.Graph) -> bool:
     return True
 
 
+def read_masks_directly(joint: fx.GraphModule) -> int:
+    """Point every ``threshold_backward(g, detach(...detach(y)), t)`` of the joint graph at ``y`` itself
+    (``detach`` is the identity on values there); returns how many. The partitioner then saves ``y`` once
+    instead of ``y`` and its ``detach`` as two backward inputs, so the backward graph shows where the ReLU
+    output a gradient goes through is also a conv's input (a residual block's output:
+    ``conv2d_backward_residual_bn_partials``)."""
+    graph, count = joint.graph, 0
+    for node in list(graph.nodes):
+        if not is_call(node, aten.threshold_backward.default) or not is_call(node.args[1], *DETACH):
+            continue
+        views, root = [], node.args[1]
+        while is_call(root, *DETACH):
+            views.append(root)
+            root = root.args[0]
+        node.update_arg(1, root)
+        for view in views:
+            if not view.users:
+                graph.erase_node(view)
+        count += 1
+    if count:
+        graph.lint()
+        joint.recompile()
+    return count
+
+
 def partition(joint: fx.GraphModule, joint_inputs, **kwargs):
     """AOTAutograd's ``partition_fn``: :func:`recompute_batch_norm_outputs` (where the graph allows
-    recomputation), then the default partitioner."""
+    recomputation) and :func:`read_masks_directly`, then the default partitioner."""
     from torch._functorch.partitioners import default_partition
 
     if _recomputation_allowed(joint.graph):
         recompute_batch_norm_outputs(joint)
+    read_masks_directly(joint)
     return default_partition(joint, joint_inputs, **kwargs)
 
 
-__all__ = ["RECOMPUTED", "partition", "recompute_batch_norm_outputs"]
+__all__ = ["RECOMPUTED", "partition", "read_masks_directly", "recompute_batch_norm_outputs"]

@@ -172,6 +172,8 @@ class GraphLowering:
             self.replaced[spec.replaces] = new
             self.touched.add(spec.replaces)
             self.consumed.add(spec.replaces)  # its own rule must not run on it later
+            self.touched.update(spec.absorbs)
+            self.consumed.update(spec.absorbs)
         if rewrite.report and rewrite.specs:
             labels = tuple(dict.fromkeys(s.describe() for s in rewrite.specs if s.op is not None))
             self.lowered.append(Lowered(tuple(n.name for n in rewrite.absorbed), labels))
