@@ -171,3 +171,34 @@ def test_graphs_with_an_impure_op_are_partitioned_as_they_are():
 
     assert _recomputation_allowed(torch.fx.symbolic_trace(pure).graph)
     assert not _recomputation_allowed(torch.fx.symbolic_trace(mutating).graph)
+
+
+@pytest.mark.parametrize("pass_on", [True, False], ids=["read_masks_directly", "default_partition"])
+def test_relu_backward_reads_the_relu_output_itself(pass_on):
+    """``read_masks_directly``: the backward graph's ReLU backward reads the saved ReLU output itself, the
+    same input the next conv's backward reads (with the default partitioner alone it reads a ``detach`` of
+    a second saved copy, which the test tells apart)."""
+    from functorch.compile import make_boxed_func
+    from torch._functorch.aot_autograd import aot_module_simplified
+    from torch._functorch.partitioners import default_partition
+
+    from tritonkit.lowering.joint import partition
+
+    aten, graphs = torch.ops.aten, []
+
+    def keep(gm, _):
+        graphs.append(gm)
+        return make_boxed_func(gm.forward)
+
+    def backend(gm, inputs):
+        return aot_module_simplified(gm, inputs, fw_compiler=keep, bw_compiler=keep,
+                                     partition_fn=partition if pass_on else default_partition)
+
+    torch._dynamo.reset()
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3))
+    torch.compile(model, backend=backend)(torch.randn(2, 3, 8, 8)).sum().backward()
+    nodes = list(graphs[-1].graph.nodes)
+    (relu_bwd,) = [n for n in nodes if n.target is aten.threshold_backward.default]
+    conv_input = next(n for n in nodes if n.target is aten.convolution_backward.default
+                      and n.args[1].op == "placeholder" and "relu" in n.args[1].name).args[1]
+    assert (relu_bwd.args[1] is conv_input) == pass_on

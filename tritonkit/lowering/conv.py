@@ -18,6 +18,9 @@ ATen                                                      tritonkit
   of a recomputed BN + ReLU input, the input gradient     ``conv2d_backward_bn_partials`` (the ReLU mask and
     read only by that BN's backward                       the BN backward's reductions in its epilogue) +
                                                           ``batch_norm_backward(grad_partials=)``
+  of a residual block's output, the input gradient (+     ``conv2d_backward_residual_bn_partials`` (the ReLU
+    residual) read only by that block's ReLU backward,    mask from its own input, the reductions of the 1-2
+    itself read by 1-2 BN backwards (bn2, downsample)     BN backwards) + ``batch_norm_backward(grad_partials=)``
 =======================================================  ===================================================
 
 Depthwise convolutions (``groups`` == input channels) go to :mod:`tritonkit.lowering.depthwise`.

@@ -22,6 +22,10 @@ backward graph. The lowering of each graph folds it into what reads it:
   BatchNorm backward takes the mask from its own output, recomputed the same way
   (``mask_from_output=True``).
 
+The pass also points every ReLU backward of the joint graph at the ReLU output itself rather than at
+``detach`` views of it (:func:`read_masks_directly`), so the backward graph shows where the mask of a
+residual block's ReLU is the next conv's input (``conv2d_backward_residual_bn_partials``).
+
 So a conv + BN + ReLU layer whose consumers are convs or max-pools never writes its normalised
 activation. The rewrite is made only where every forward reader of ``a`` is a (non-depthwise)
 convolution whose output feeds a training BatchNorm (what ``conv2d_bn_stats`` fuses) or a max-pool, and

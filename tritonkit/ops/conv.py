@@ -19,6 +19,10 @@ or building blocks for a lowering):
   and channel c, ``partials[t, 0, c]`` = the number of output pixels in the tile (64, fewer in the last),
   ``partials[t, 1, c]`` = their mean, ``partials[t, 2, c]`` = M2, the sum of squared deviations from
   that tile mean. Combining the tiles with Chan's formula gives the batch mean and biased variance.
+* ``conv2d_backward_bn_partials`` and ``conv2d_backward_residual_bn_partials``: ``conv2d_backward`` whose
+  input gradient starts a training BatchNorm's backward, through the input prologue's ReLU or through the
+  ReLU whose output is the conv's input (a residual block's end), with that backward's two reductions as
+  float32 partials (their docstrings).
 * ``conv2d_relu_maxpool(..., bn_weight=None, bn_bias=None, running_mean=None, running_var=None,
   eps=1e-5)``: the fused inference conv + ReLU + max-pool, with the same eval-mode BatchNorm of
   ``conv + bias`` before the ReLU when ``running_mean``/``running_var`` are given (together): the
