@@ -804,17 +804,17 @@ def _dgrad_tile(
             res = tl.where(keep.to(tl.float32) <= 0, tl.zeros_like(res), res)  # threshold_backward: NaN passes
         acc += res.to(tl.float32)
     if GRAD_STATS:
-        x = tl.load(x_ptr + (n * sxn + ih * sxh + iw * sxw)[:, None] + (c * sxc)[None, :], mask=out_mask, other=0.0)
-        tiles = tl.cdiv(N * HQ * WQ, _STAT_ROWS)  # per phase
-        t0 = (pid_z % (stride_h * stride_w)) * tiles
-        if GRAD_STATS <= 2:
+        if GRAD_STATS <= 2:  # through the prologue: its coefficients, then x (this order spills nothing)
             mean, k, beta = prologue_coefficients(in_mean_ptr, in_rstd_ptr, in_w_ptr, in_b_ptr, c, n_ok)
+            x = tl.load(x_ptr + (n * sxn + ih * sxh + iw * sxw)[:, None] + (c * sxc)[None, :], mask=out_mask, other=0.0)
             g, d = grad_through_prologue(acc, x, out_mask, mean, k, beta, dx_ptr.dtype.element_ty, GRAD_STATS)
         else:
-            g = acc.to(dx_ptr.dtype.element_ty).to(tl.float32)
-            g = tl.where(x.to(tl.float32) <= 0, 0.0, g)  # threshold_backward against the input: NaN passes
-            g = tl.where(out_mask, g, 0.0)
+            # threshold_backward against the input (NaN passes; x loads as 0 outside the problem: g is 0 there)
+            x = tl.load(x_ptr + (n * sxn + ih * sxh + iw * sxw)[:, None] + (c * sxc)[None, :], mask=out_mask, other=0.0)
+            g = tl.where(x.to(tl.float32) <= 0, 0.0, acc.to(dx_ptr.dtype.element_ty).to(tl.float32))
             d = _centred_grad(g, z_ptr, z_mean_ptr, n * szn + ih * szh + iw * szw, c * szc, c, n_ok, out_mask)
+        tiles = tl.cdiv(N * HQ * WQ, _STAT_ROWS)  # per phase
+        t0 = (pid_z % (stride_h * stride_w)) * tiles
         _store_grad_partials(stats_ptr, g, d, t0, pid_m, tiles, c, n_ok, C, BLOCK_M, BLOCK_N)
         if GRAD_STATS == 4:
             d = _centred_grad(g, z2_ptr, z2_mean_ptr, n * sz2n + ih * sz2h + iw * sz2w, c * sz2c, c, n_ok, out_mask)
