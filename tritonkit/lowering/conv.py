@@ -247,6 +247,9 @@ def _residual_bn_partials(lw, node, outs, g, mask, geo, residual) -> list[Spec] 
     if not bns or len(bns) > 2 or tuple(val(relu_bwd).shape) != tuple(val(x).shape):
         return None
     bn_args = [t for bn in bns for t in (bind(bn)["input"], bind(bn)["save_mean"])]
+    first = min(outs.values(), key=lw.order)  # where the call is emitted
+    if not all(lw.defined_before(t, first) for t in bn_args):
+        return None
     call = New(lw.tk.conv2d_backward_residual_bn_partials.default,
                (g, x, w, mask, *geo, *residual[1:], 2 in outs, *bn_args))
     label = "conv2d_backward_residual_bn_partials" + ("(two BatchNorms)" if len(bns) == 2 else "")
