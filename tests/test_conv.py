@@ -1084,6 +1084,14 @@ def test_backward_bn_partials_matches_eager(case, input_relu, launch, monkeypatc
     assert_close(got[2], db, grad=True)
 
 
+def _assert_same_bits(first, second):
+    """Two runs' outputs (None where an output is absent) are equal bit for bit."""
+    for a, b in zip(first, second):
+        if a is not None:
+            assert torch.equal(a.view(torch.int16 if a.dtype == torch.float16 else torch.int32),
+                               b.view(torch.int16 if b.dtype == torch.float16 else torch.int32))
+
+
 def test_backward_bn_partials_half_and_same_bits_every_run():
     """float16 (the interpreter's bfloat16 dot is wrong: triton#4972): the partials, float32, sum the
     float16 gradient as stored; no atomics, so a second run gives the same bits."""
@@ -1098,10 +1106,7 @@ def test_backward_bn_partials_half_and_same_bits_every_run():
     assert_close(first[3].sum(0), sums, grad=True)
     assert_close(first[1], dw.half(), grad=True)
     assert first[2] is None
-    for a, b in zip(first, second):
-        if a is not None:
-            assert torch.equal(a.view(torch.int16 if a.dtype == torch.float16 else torch.int32),
-                               b.view(torch.int16 if b.dtype == torch.float16 else torch.int32))
+    _assert_same_bits(first, second)
 
 
 def test_backward_bn_partials_opcheck_and_bad_input():
@@ -1182,10 +1187,7 @@ def test_backward_residual_bn_partials_half_unmasked_residual_same_bits():
     assert_close(first[4].sum(0), sums[1], grad=True)
     assert_close(first[1], dw.half(), grad=True)
     assert first[2] is None
-    for a, b in zip(first, second):
-        if a is not None:
-            assert torch.equal(a.view(torch.int16 if a.dtype == torch.float16 else torch.int32),
-                               b.view(torch.int16 if b.dtype == torch.float16 else torch.int32))
+    _assert_same_bits(first, second)
 
 
 def test_backward_residual_bn_partials_opcheck_and_bad_input():
