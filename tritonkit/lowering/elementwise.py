@@ -123,8 +123,8 @@ def threshold_backward(lw, node):
     if lw.opts.fuse_relu:
         planned = {}
         if _fold(lw, node, g, y, planned):
-            names = [node.name] + [c.name for c in planned]
             specs = [s for specs in planned.values() for s in specs]
+            names = dict.fromkeys([node.name, *(c.name for c in planned), *(n.name for s in specs for n in s.absorbs)])
             labels = dict.fromkeys(s.describe(y.name if s.masked else None) for s in specs)
             lw.lowered.append(Lowered(tuple(names), tuple(labels)))
             return Rewrite([], planned=planned, report=False)
