@@ -259,6 +259,14 @@ def _check_backward(grad_output, input, weight, relu_output, stride, padding, di
     return geometry, check_input_prologue(op, input, *prologue)
 
 
+def _fake_gradients(grad_output, input, weight, bias_grad) -> tuple:
+    """The fake ``(grad_input, grad_weight, grad_bias)`` of the conv backward ops, laid out as
+    ``kernels.conv2d_backward`` lays them out (grad_bias None without ``bias_grad``)."""
+    dx = grad_output.new_empty(tuple(input.shape)).contiguous(memory_format=kernels.suggest_memory_format(grad_output))
+    dw = grad_output.new_empty(tuple(weight.shape)).contiguous(memory_format=kernels.suggest_memory_format(input))
+    return dx, dw, grad_output.new_empty((weight.shape[0],)) if bias_grad else None
+
+
 # torch.library cannot infer an optional output (Tensor?) from the annotations: the schema is spelled out.
 @torch.library.custom_op(
     "tritonkit::conv2d_backward", mutates_args=(),
@@ -286,9 +294,7 @@ def _(grad_output, input, weight, relu_output, stride, padding, dilation, groups
       bias_grad=False, input_mean=None, input_invstd=None, input_weight=None, input_bias=None, input_relu=False):
     _check_backward(grad_output, input, weight, relu_output, stride, padding, dilation, groups, residual,
                     residual_mask, (input_mean, input_invstd, input_weight, input_bias, input_relu))
-    dx = grad_output.new_empty(tuple(input.shape)).contiguous(memory_format=kernels.suggest_memory_format(grad_output))
-    dw = grad_output.new_empty(tuple(weight.shape)).contiguous(memory_format=kernels.suggest_memory_format(input))
-    return dx, dw, grad_output.new_empty((weight.shape[0],)) if bias_grad else None
+    return _fake_gradients(grad_output, input, weight, bias_grad)
 
 
 _BN_PARTIALS = "tritonkit.conv2d_backward_bn_partials"
@@ -322,11 +328,9 @@ def _(grad_output, input, weight, relu_output, stride, padding, dilation, groups
     prologue = (input_mean, input_invstd, input_weight, input_bias, input_relu)
     geometry, _ = _check_backward(grad_output, input, weight, relu_output, stride, padding, dilation, groups, None,
                                   None, prologue, _BN_PARTIALS)
-    dx = grad_output.new_empty(tuple(input.shape)).contiguous(memory_format=kernels.suggest_memory_format(grad_output))
-    dw = grad_output.new_empty(tuple(weight.shape)).contiguous(memory_format=kernels.suggest_memory_format(input))
     partials = input.new_empty((kernels.grad_stat_tiles(input.shape, geometry[0]), 2, input.shape[1]),
                                dtype=torch.float32)
-    return dx, dw, grad_output.new_empty((weight.shape[0],)) if bias_grad else None, partials
+    return (*_fake_gradients(grad_output, input, weight, bias_grad), partials)
 
 
 _RESIDUAL_BN_PARTIALS = "tritonkit.conv2d_backward_residual_bn_partials"
@@ -381,11 +385,9 @@ def _(grad_output, input, weight, relu_output, stride, padding, dilation, groups
     geometry, _ = _check_backward(grad_output, input, weight, relu_output, stride, padding, dilation, groups,
                                   residual, residual_mask, (None, None, None, None, False), op)
     _check_bn_inputs(op, input, bn_input, bn_mean, bn_input2, bn_mean2)
-    dx = grad_output.new_empty(tuple(input.shape)).contiguous(memory_format=kernels.suggest_memory_format(grad_output))
-    dw = grad_output.new_empty(tuple(weight.shape)).contiguous(memory_format=kernels.suggest_memory_format(input))
     size = (kernels.grad_stat_tiles(input.shape, geometry[0]), 2, input.shape[1])
     partials = [input.new_empty(size, dtype=torch.float32) for _ in range(1 + (bn_input2 is not None))]
-    return (dx, dw, grad_output.new_empty((weight.shape[0],)) if bias_grad else None, partials[0],
+    return (*_fake_gradients(grad_output, input, weight, bias_grad), partials[0],
             partials[1] if len(partials) == 2 else None)
 
 
